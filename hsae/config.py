@@ -1,0 +1,148 @@
+"""Configuration dataclasses, validated once at construction.
+
+Every bad value raises ``ValueError`` naming the field, the value and what would be valid, before any
+compute starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def check_finite_nonneg(name: str, value: Any) -> None:
+    """Coefficients: a finite number >= 0 (NaN, inf and negatives are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Temperatures, learning rates: a finite number > 0."""
+    check_finite_nonneg(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_divides(name: str, groups: int, d_sae: int) -> None:
+    if d_sae % groups != 0:
+        divisors = [g for g in range(2, min(d_sae, 256) + 1) if d_sae % g == 0]
+        raise ValueError(
+            f"{name}={groups} does not divide the dictionary size d_sae={d_sae}; "
+            f"choose one of {divisors[:16]}{' ...' if len(divisors) > 16 else ''}"
+        )
+
+
+def build_params(params_cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """Instantiate a variant's parameter dataclass, refusing unknown keys by name."""
+    known = {f.name for f in dataclasses.fields(params_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {unknown} for {where}; valid parameters: {sorted(known)}"
+        )
+    return params_cls(**values)
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What SAE to build: the variant's name, its sizes and its own parameters.
+
+    ``params`` holds the variant's parameters (see ``docs/variants.md``); missing ones take the
+    paper's defaults. After construction ``resolved`` is the variant's validated parameter dataclass.
+    """
+
+    variant: str = "relu"
+    d_in: int = 640
+    d_sae: int = 2048
+    # Compared through ``resolved``: {} and the explicit defaults are the same configuration.
+    params: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    resolved: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from hsae.variants import VARIANTS
+
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; valid variants: {sorted(VARIANTS)}")
+        check_positive_int("d_in", self.d_in)
+        check_positive_int("d_sae", self.d_sae)
+        if not isinstance(self.params, Mapping):
+            raise ValueError(f"params must be a mapping of parameter names to values, got {self.params!r}")
+        cls = VARIANTS[self.variant]
+        resolved = build_params(cls.Params, dict(self.params), f"variant {self.variant!r}")
+        resolved.validate(self.d_sae)
+        object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "resolved", resolved)
+
+    def flat(self) -> dict[str, Any]:
+        """Every value as one flat, typed mapping (the ``cfg_*`` columns of the results)."""
+        out: dict[str, Any] = {"variant": self.variant, "d_in": self.d_in, "d_sae": self.d_sae}
+        for f in dataclasses.fields(self.resolved):
+            value = getattr(self.resolved, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "params": {
+                f.name: (list(v) if isinstance(v := getattr(self.resolved, f.name), tuple) else v)
+                for f in dataclasses.fields(self.resolved)
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SAEConfig:
+        return cls(variant=data["variant"], d_in=data["d_in"], d_sae=data["d_sae"],
+                   params=dict(data.get("params", {})))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: the paper's protocol by default (AdamW, lr 3e-4, wd 0.01, batch 2048, seed 42)."""
+
+    steps: int = 1000
+    batch_size: int = 2048
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    seed: int = 42
+    grad_clip: float = 1.0
+    # Scale inputs so that E||x||^2 = d_in; the scale is folded back into the weights on export.
+    normalize_activations: bool = True
+    # Sparsity coefficients ramp linearly from 0 over these steps (0: no warm-up).
+    l1_warmup_steps: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_positive_int("steps", self.steps)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive("lr", self.lr)
+        check_finite_nonneg("weight_decay", self.weight_decay)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_positive("grad_clip", self.grad_clip)
+        check_positive_int("l1_warmup_steps", self.l1_warmup_steps, minimum=0)
+        check_positive_int("log_every", self.log_every)
+        check_positive_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be one of 'cpu', 'cuda', 'cuda:N', 'auto', got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

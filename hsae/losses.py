@@ -1,0 +1,122 @@
+"""Loss terms as pure functions of tensors. Variants compose them; nothing here holds state.
+
+Shapes: ``x`` (B, d), ``f`` feature activations (B, n), ``assignment`` a (soft or one-hot) map from
+features to groups (n, K) whose rows sum to 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-8
+
+
+def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per element (inputs are normalised, so 1.0 ~ predicting zero)."""
+    return (x_hat - x).pow(2).mean()
+
+
+def l1_sparsity(f: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the L1 norm of the features (decoder rows are unit-norm)."""
+    return f.abs().sum(dim=-1).mean()
+
+
+def activation_cosine_gram(f: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity between features' activation vectors over the batch (n, n).
+
+    Scale-free, so the orthogonality coefficients mean the same at any activation scale.
+    """
+    norms = f.pow(2).sum(dim=0).add(_EPS).sqrt()
+    fn = f / norms
+    return fn.T @ fn
+
+
+def group_block_rms(gram: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """RMS of ``gram``'s entries inside each (group, group) block, (K, K).
+
+    With a one-hot assignment this is ||G[g_i, g_j]||_F / sqrt(|g_i||g_j|); a soft assignment weights
+    each feature pair by its membership. One (n,n)x(n,K) product serves every block.
+    """
+    block_sq = assignment.T @ gram.pow(2) @ assignment
+    sizes = assignment.sum(dim=0)
+    return (block_sq / (sizes[:, None] * sizes[None, :]).clamp_min(_EPS) + _EPS).sqrt()
+
+
+def pairwise_penalty(block_rms: torch.Tensor, pair_weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of the block RMS over the pairs ``pair_weight`` selects (zero weight: ignored)."""
+    return (block_rms * pair_weight).sum() / pair_weight.gt(0).sum().clamp_min(1)
+
+
+def off_diagonal(k: int, device: torch.device | None = None) -> torch.Tensor:
+    return 1.0 - torch.eye(k, device=device)
+
+
+def group_orthogonality(f: torch.Tensor, assignment: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """alpha * mean over pairs i != j of the RMS cross-group activation cosine.
+
+    ``alpha`` is a scalar or a (K, K) matrix of per-pair coefficients (adaptive variants).
+    """
+    k = assignment.shape[1]
+    rms = group_block_rms(activation_cosine_gram(f), assignment)
+    return pairwise_penalty(rms, off_diagonal(k, f.device) * alpha)
+
+
+def hierarchical_orthogonality(
+    f: torch.Tensor,
+    assignment_l2: torch.Tensor,
+    n_groups_l1: int,
+    alpha_l1: float,
+    alpha_l2: float,
+) -> torch.Tensor:
+    """Eq. (4): alpha_L1 over pairs of coarse groups + alpha_L2 over sibling sub-groups.
+
+    ``assignment_l2`` maps features to the K1*K2 fine groups, ordered parent-major (fine group
+    i*K2 + j is sub-group j of coarse group i). One Gram matrix serves both levels.
+    """
+    k_all = assignment_l2.shape[1]
+    k2 = k_all // n_groups_l1
+    gram_sq = activation_cosine_gram(f).pow(2)
+    block_sq_l2 = assignment_l2.T @ gram_sq @ assignment_l2
+    sizes_l2 = assignment_l2.sum(dim=0)
+    parent = torch.arange(k_all, device=f.device) // k2
+    parent_map = F.one_hot(parent, n_groups_l1).to(f.dtype)
+    block_sq_l1 = parent_map.T @ block_sq_l2 @ parent_map
+    sizes_l1 = parent_map.T @ sizes_l2
+    rms_l1 = (block_sq_l1 / (sizes_l1[:, None] * sizes_l1[None, :]).clamp_min(_EPS) + _EPS).sqrt()
+    rms_l2 = (block_sq_l2 / (sizes_l2[:, None] * sizes_l2[None, :]).clamp_min(_EPS) + _EPS).sqrt()
+    siblings = (parent[:, None] == parent[None, :]).to(f.dtype) * off_diagonal(k_all, f.device)
+    return alpha_l1 * pairwise_penalty(rms_l1, off_diagonal(n_groups_l1, f.device)) + alpha_l2 * pairwise_penalty(
+        rms_l2, siblings
+    )
+
+
+def group_usage_entropy(f: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of how the batch's activation mass is spread over groups.
+
+    0 when every activation falls in one group, log K when groups are used equally.
+    """
+    mass = (f.abs() @ assignment).sum(dim=0)
+    p = mass / mass.sum().clamp_min(_EPS)
+    return -(p * (p + _EPS).log()).sum()
+
+
+def info_nce(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised InfoNCE: each token's positives are the other tokens with its label.
+
+    loss_b = -log( sum_{p in pos(b)} exp(s_bp / t) / sum_{a != b} exp(s_ba / t) ), averaged over
+    tokens that have at least one positive; ``z`` is L2-normalised inside. Zero when every token of the
+    batch shares one label (all others are positives).
+    """
+    z = F.normalize(z, dim=-1, eps=_EPS)
+    logits = (z @ z.T) / temperature
+    n = z.shape[0]
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    has_pos = positives.any(dim=1)
+    if not bool(has_pos.any()):
+        return z.sum() * 0.0
+    log_all = torch.logsumexp(logits, dim=1)
+    log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+    return (log_all - log_pos)[has_pos].mean()

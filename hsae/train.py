@@ -1,0 +1,340 @@
+"""The trainer: pure torch, no Ray. Steps, optimiser, normalisation, checkpoints and sanity guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from hsae import metrics as M
+from hsae.config import SAEConfig, TrainConfig
+from hsae.variants import SAE, build_sae
+
+
+class DegenerateRunError(RuntimeError):
+    """A run that cannot have learned anything: its scores must never be reported.
+
+    The seed paper's unlearning scores were 0.0 because every SAE trained for zero steps; this error
+    makes that outcome a loud failure instead of a number.
+    """
+
+    def __init__(self, reason: str, metrics: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.metrics = metrics or {}
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+def to_batch(x: Any, labels: Any = None) -> Batch:
+    """Numpy or torch (any float dtype) to a float32 Batch; labels to int64."""
+    xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    lt = None
+    if labels is not None:
+        lt = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long()
+    return Batch(xt, lt)
+
+
+class BatchSource(Protocol):
+    def batch_at(self, step: int) -> Batch: ...
+
+
+class ArrayBatches:
+    """Shuffled mini-batches over in-memory arrays; ``batch_at(step)`` depends only on (seed, step).
+
+    That purity is what lets a resumed run see exactly the batches the uninterrupted run saw.
+    """
+
+    def __init__(self, x: Any, labels: Any = None, batch_size: int = 2048, seed: int = 42) -> None:
+        self.x = x
+        self.labels = labels
+        self.n = len(x)
+        if self.n < batch_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {self.n} activations available")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = self.n // batch_size
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def batch_at(self, step: int) -> Batch:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        assert self._perm is not None
+        idx = np.sort(self._perm[i * self.batch_size : (i + 1) * self.batch_size])
+        labels = None if self.labels is None else self.labels[idx]
+        return to_batch(self.x[idx], labels)
+
+
+class IteratorBatches:
+    """Adapts a plain iterator of (x, labels) or x; on resume the first ``step`` items are skipped."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._it: Iterator[Any] = iter(items)
+        self._pos = 0
+        self._last: tuple[int, Batch] | None = None
+
+    def batch_at(self, step: int) -> Batch:
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
+        if step < self._pos:
+            raise ValueError(f"an iterator source cannot rewind to step {step} (at {self._pos})")
+        while True:
+            try:
+                item = next(self._it)
+            except StopIteration:
+                msg = f"the batch iterator ran out at step {self._pos}; training needs more batches"
+                raise ValueError(msg) from None
+            self._pos += 1
+            if self._pos - 1 == step:
+                break
+        batch = to_batch(*item) if isinstance(item, tuple) else to_batch(item)
+        self._last = (step, batch)
+        return batch
+
+
+def as_source(data: Any) -> BatchSource:
+    return data if hasattr(data, "batch_at") else IteratorBatches(data)
+
+
+@dataclass
+class TrainResult:
+    sae: SAE
+    scale: float
+    steps: int
+    tokens: int
+    wall_s: float
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+def check_trained(steps: int, final_loss: float, metrics: dict[str, float]) -> None:
+    """Raise DegenerateRunError unless the run trained and its SAE reconstructs with live features."""
+    if steps <= 0:
+        raise DegenerateRunError(f"trained {steps} steps: an untrained SAE has no scores", metrics)
+    if not math.isfinite(final_loss):
+        raise DegenerateRunError(f"final training loss is not finite ({final_loss})", metrics)
+    ev, l0, dead = metrics.get("explained_variance"), metrics.get("l0"), metrics.get("dead_fraction")
+    if l0 is None or not math.isfinite(l0) or l0 <= 0:
+        raise DegenerateRunError(f"L0 = {l0}: no feature fires on the evaluation batch", metrics)
+    if dead is None or not dead < 1.0:
+        raise DegenerateRunError(f"dead fraction = {dead}: every feature is dead", metrics)
+    if ev is None or not math.isfinite(ev) or ev <= 0:
+        raise DegenerateRunError(f"explained variance = {ev} <= 0: the SAE reconstructs worse than the mean", metrics)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[int, Path], None]
+
+
+class Trainer:
+    """Trains one SAE on a batch source. Knows nothing of Ray: callbacks are the only way out."""
+
+    def __init__(
+        self,
+        sae_cfg: SAEConfig,
+        train_cfg: TrainConfig,
+        on_metrics: MetricsCallback | None = None,
+        checkpoint_dir: str | Path | None = None,
+        on_checkpoint: CheckpointCallback | None = None,
+    ) -> None:
+        self.sae_cfg = sae_cfg
+        self.cfg = train_cfg
+        self.device = resolve_device(train_cfg.device)
+        self.on_metrics = on_metrics
+        self.on_checkpoint = on_checkpoint
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        generator = torch.Generator().manual_seed(train_cfg.seed)
+        self.sae = build_sae(sae_cfg, generator=generator).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.sae.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+        )
+        self.step = 0
+        self.scale: float | None = None
+        self.wall_s = 0.0
+        self.history: list[dict[str, float]] = []
+        self.last_loss = float("nan")
+
+    # -- data ----------------------------------------------------------------------------------
+    def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = batch.x.to(self.device, non_blocking=True).float()
+        if self.scale is not None:
+            x = x * self.scale
+        labels = batch.labels.to(self.device) if batch.labels is not None else None
+        if self.sae.needs_labels and labels is None:
+            raise ValueError(f"variant {self.sae_cfg.variant!r} needs domain labels with every batch")
+        return x, labels
+
+    @torch.no_grad()
+    def _initialise_from(self, first: Batch) -> None:
+        """Normalisation scale and b_dec from the first batch (the step-0 batch, so resume sees the same)."""
+        x = first.x.to(self.device).float()
+        mean_sq = float(x.pow(2).sum(dim=1).mean())
+        if not math.isfinite(mean_sq) or mean_sq <= 0:
+            raise ValueError(f"the first activation batch has mean squared norm {mean_sq}: cannot train on it")
+        self.scale = math.sqrt(self.sae_cfg.d_in / mean_sq) if self.cfg.normalize_activations else 1.0
+        self.sae.b_dec.copy_((x * self.scale).mean(dim=0))
+
+    # -- training ------------------------------------------------------------------------------
+    def fit(
+        self,
+        data: Any,
+        eval_batch: Batch | None = None,
+        resume: bool = True,
+        guard: bool = True,
+    ) -> TrainResult:
+        """Train to ``cfg.steps``; resume from the latest checkpoint in ``checkpoint_dir`` if asked."""
+        source = as_source(data)
+        if resume and self.checkpoint_dir is not None:
+            latest = latest_checkpoint(self.checkpoint_dir)
+            if latest is not None:
+                self.load_checkpoint(latest)
+        if self.scale is None:
+            self._initialise_from(source.batch_at(0))
+        sae, cfg = self.sae, self.cfg
+        sae.train()
+        t_start = time.perf_counter() - self.wall_s
+        while self.step < cfg.steps:
+            x, labels = self._prepare(source.batch_at(self.step))
+            warm = min(1.0, (self.step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
+            out = sae.loss(x, labels, self.step, sparsity_scale=warm)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            sae.after_step(self.step, out.f.detach())
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                pending = {"loss": out.total.detach(), **{k: v.detach() for k, v in out.terms.items()}}
+                pending["l0"] = (out.f.detach() != 0).sum(dim=-1).float().mean()
+                self.wall_s = time.perf_counter() - t_start
+                record = {"step": float(self.step), "tokens": float(self.step * x.shape[0]),
+                          "wall_s": self.wall_s}
+                record.update({k: float(v) for k, v in pending.items()})
+                record["tokens_per_s"] = record["tokens"] / max(self.wall_s, 1e-9)
+                self.last_loss = record["loss"]
+                self.history.append(record)
+                if self.on_metrics is not None:
+                    self.on_metrics(self.step, record)
+            if cfg.checkpoint_every and self.checkpoint_dir is not None and self.step % cfg.checkpoint_every == 0:
+                self.wall_s = time.perf_counter() - t_start
+                path = self.save_checkpoint(self.checkpoint_dir / f"step_{self.step:08d}")
+                prune_checkpoints(self.checkpoint_dir, cfg.keep_checkpoints)
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(self.step, path)
+        self.wall_s = time.perf_counter() - t_start
+        if guard and not math.isfinite(self.last_loss):
+            raise DegenerateRunError(f"final training loss is not finite ({self.last_loss})")
+        if eval_batch is None:
+            eval_batch = source.batch_at(0)
+        x_eval, labels_eval = self._prepare(eval_batch)
+        nce_t = getattr(sae.p, "nce_temperature", 0.1)
+        final = M.evaluate(sae, x_eval, labels_eval, nce_temperature=nce_t)
+        if guard:
+            check_trained(self.step, self.last_loss, final)
+        return TrainResult(
+            sae=sae,
+            scale=float(self.scale if self.scale is not None else 1.0),
+            steps=self.step,
+            tokens=self.step * cfg.batch_size,
+            wall_s=self.wall_s,
+            metrics=final,
+            history=list(self.history),
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Everything a bit-exact resume needs, written to a temp dir and renamed into place."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        state = {k: v.detach().contiguous().clone() for k, v in self.sae.state_dict().items()}
+        save_file(state, str(tmp / "sae.safetensors"))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+            tmp / "optimizer.pt",
+        )
+        meta = {
+            "step": self.step,
+            "scale": self.scale,
+            "wall_s": self.wall_s,
+            "last_loss": self.last_loss,
+            "sae_config": self.sae_cfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "history": self.history,
+        }
+        (tmp / "state.json").write_text(json.dumps(meta))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        meta = json.loads((path / "state.json").read_text())
+        saved = SAEConfig.from_dict(meta["sae_config"])
+        if saved.to_dict() != self.sae_cfg.to_dict():
+            raise ValueError(f"checkpoint {path} is for {saved.to_dict()}, not {self.sae_cfg.to_dict()}")
+        self.sae.load_state_dict(load_file(str(path / "sae.safetensors"), device=str(self.device)))
+        blob = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["torch_rng"].cpu())
+        self.step = int(meta["step"])
+        self.scale = meta["scale"]
+        self.wall_s = float(meta["wall_s"])
+        self.last_loss = float(meta["last_loss"])
+        self.history = list(meta["history"])
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    done = sorted(p for p in directory.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    done = sorted(p for p in directory.glob("step_*") if (p / "state.json").is_file())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train(
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    data: Any,
+    eval_batch: Batch | None = None,
+    **kwargs: Any,
+) -> TrainResult:
+    """One call: build a Trainer and fit it."""
+    return Trainer(sae_cfg, train_cfg, **kwargs).fit(data, eval_batch=eval_batch)

@@ -1,0 +1,38 @@
+"""`topk`: keep each token's k largest pre-activations (ReLU'd); sparsity comes from k, no L1 term."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hsae.config import check_positive_int
+from hsae.variants.base import SAE
+
+
+@dataclass(frozen=True)
+class TopKParams:
+    k: int = 32
+
+    def validate(self, d_sae: int) -> None:
+        check_positive_int("k", self.k)
+        if self.k > d_sae:
+            raise ValueError(f"k={self.k} must be <= d_sae={d_sae}")
+
+
+class TopKSAE(SAE):
+    name = "topk"
+    Params = TopKParams
+    saelens_architecture = "topk"
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.pre_activation(x))
+        values, indices = pre.topk(self.p.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, values)
+
+    def sparsity_terms(self, f, scale) -> dict[str, torch.Tensor]:
+        return {}
+
+    def saelens_extra_cfg(self) -> dict:
+        return {"activation_fn_kwargs": {"k": self.p.k}}
