@@ -1,7 +1,8 @@
 """`hsae-train`: train one SAE and save it (hsae format + SAELens export + metrics.json).
 
-Data: ``synthetic`` (a known sparse dictionary, seconds) or an activation source added by the
-activation service. Every value is validated before any compute starts; bad input exits with code 2.
+Data: ``embedded`` (Gemma-3-270M layer-13 activations on Wikipedia summaries, harvested once and
+cached), ``tiny`` (a random tiny Gemma-2 on a toy corpus) or ``synthetic`` (a known sparse
+dictionary). Every value is validated before any compute starts; bad input exits with code 2.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hsae.activations import HarvestConfig, harvest
 from hsae.config import SAEConfig, TrainConfig
+from hsae.corpora import CorpusSpec
 from hsae.export import export_saelens, save_sae
+from hsae.models import ModelSpec, validate_layer
 from hsae.synthetic import sparse_dictionary_data
 from hsae.train import ArrayBatches, DegenerateRunError, Trainer, to_batch
 from hsae.variants import VARIANTS
@@ -39,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hsae-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="relu", help=f"one of {sorted(VARIANTS)}")
-    p.add_argument("--data", default="synthetic", choices=["synthetic"])
+    p.add_argument("--data", default="embedded", choices=["embedded", "tiny", "synthetic"])
+    p.add_argument("--layer", type=int, default=None, help="residual layer to read (default: the model's)")
+    p.add_argument("--n-ctxs", type=int, default=256, help="contexts of 128 tokens to harvest for training")
     p.add_argument("--d-sae", type=int, default=None, help="dictionary size (default 8 x d_in)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="variant parameter, e.g. --param alpha=0.2 (repeatable)")
@@ -55,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        d_in = 64
-        sae_cfg = SAEConfig(args.variant, d_in, args.d_sae or 8 * d_in, parse_params(args.param))
+        harvest_cfg = None
+        if args.data == "synthetic":
+            d_in = 64
+        else:
+            corpus = CorpusSpec("embedded" if args.data == "embedded" else "toy")
+            harvest_cfg = HarvestConfig(model=ModelSpec(args.data, layer=args.layer), corpus=corpus,
+                                        n_ctxs=args.n_ctxs, n_eval_ctxs=32, seed=args.seed)
+            validate_layer(harvest_cfg.model)
+            d_in = {"embedded": 640, "tiny": 64}[args.data]
+        sae_cfg = SAEConfig(args.variant, d_in, args.d_sae or 4 * d_in, parse_params(args.param))
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                 checkpoint_every=max(args.steps // 4, 1))
         out = Path(args.out)
@@ -65,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hsae-train: error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    data = sparse_dictionary_data(train_cfg.batch_size * 16 + 4096, d=d_in, n_atoms=4 * d_in, seed=args.seed)
-    train_x, train_y = data.x[:-4096], data.labels[:-4096]
-    eval_batch = to_batch(data.x[-4096:], data.labels[-4096:])
+    if harvest_cfg is None:
+        data = sparse_dictionary_data(train_cfg.batch_size * 16 + 4096, d=d_in, n_atoms=4 * d_in, seed=args.seed)
+        train_x, train_y = data.x[:-4096], data.labels[:-4096]
+        eval_batch = to_batch(data.x[-4096:], data.labels[-4096:])
+    else:
+        acts = harvest(harvest_cfg)
+        train_x, train_y = acts.arrays("train")
+        eval_batch = to_batch(*acts.arrays("eval"))
     bar = tqdm(total=train_cfg.steps, desc=f"train {args.variant}", unit="step")
 
     def on_metrics(step: int, record: dict) -> None:
@@ -84,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     bar.close()
     save_sae(result.sae, out / "sae", scale=result.scale)
-    export_saelens(result.sae, out / "saelens", scale=result.scale, model_name=f"synthetic-d{d_in}")
+    model_name = f"synthetic-d{d_in}" if harvest_cfg is None else harvest_cfg.model.source
+    layer = 0 if harvest_cfg is None else harvest_cfg.model.resolved_layer
+    export_saelens(result.sae, out / "saelens", scale=result.scale, model_name=model_name, hook_layer=layer)
     summary = {"variant": args.variant, "steps": result.steps, "tokens": result.tokens,
                "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, **result.metrics}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -120,7 +120,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 42
     grad_clip: float = 1.0
-    # Scale inputs so that E||x||^2 = d_in; the scale is folded back into the weights on export.
+    # Scale inputs so that E||x - mean||^2 = d_in; the scale is folded back into the weights on export.
     normalize_activations: bool = True
     # Sparsity coefficients ramp linearly from 0 over these steps (0: no warm-up).
     l1_warmup_steps: int = 0

@@ -193,13 +193,19 @@ class Trainer:
 
     @torch.no_grad()
     def _initialise_from(self, first: Batch) -> None:
-        """Normalisation scale and b_dec from the first batch (the step-0 batch, so resume sees the same)."""
+        """Normalisation scale and b_dec from the first batch (the step-0 batch, so resume sees the same).
+
+        The scale makes the *centred* per-element variance 1: residual streams carry large, nearly
+        constant directions (Gemma's massive activations) that b_dec absorbs and that must not set
+        the unit the sparsity penalty is measured in.
+        """
         x = first.x.to(self.device).float()
-        mean_sq = float(x.pow(2).sum(dim=1).mean())
-        if not math.isfinite(mean_sq) or mean_sq <= 0:
-            raise ValueError(f"the first activation batch has mean squared norm {mean_sq}: cannot train on it")
-        self.scale = math.sqrt(self.sae_cfg.d_in / mean_sq) if self.cfg.normalize_activations else 1.0
-        self.sae.b_dec.copy_((x * self.scale).mean(dim=0))
+        mean = x.mean(dim=0)
+        var = float((x - mean).pow(2).sum(dim=1).mean())
+        if not math.isfinite(var) or var <= 0:
+            raise ValueError(f"the first activation batch has variance {var}: cannot train on it")
+        self.scale = math.sqrt(self.sae_cfg.d_in / var) if self.cfg.normalize_activations else 1.0
+        self.sae.b_dec.copy_(mean * self.scale)
 
     # -- training ------------------------------------------------------------------------------
     def fit(

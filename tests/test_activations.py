@@ -1,0 +1,141 @@
+import hashlib
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from hsae.activations import HarvestConfig, Harvester, harvest
+from hsae.corpora import FORGET, CorpusSpec
+from hsae.models import ModelNotFoundError, ModelSpec, load_model, validate_layer
+from hsae.server import ShardedRows, create_activation_server, fetch
+
+
+def test_served_activations_equal_hidden_states_at_layer(tiny_harvest_cfg, tmp_path):
+    h = harvest(tiny_harvest_cfg, root=tmp_path, progress=None)
+    loaded = load_model(tiny_harvest_cfg.model)
+    tokens = np.load(h.dir / "tokens_train.npy")
+    with torch.no_grad():
+        out = loaded.model(input_ids=torch.from_numpy(tokens), output_hidden_states=True)
+    layer = tiny_harvest_cfg.model.resolved_layer
+    expected = out.hidden_states[layer + 1][:, 1:, :].reshape(-1, loaded.d_model).numpy()  # BOS excluded
+    x, _ = h.arrays("train")
+    assert x.shape == (40 * 31, 64) and x.dtype == np.float32
+    np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tiny_harvest_cfg, tmp_path):
+    a = harvest(tiny_harvest_cfg, root=tmp_path / "a", progress=None)
+    b = harvest(tiny_harvest_cfg, root=tmp_path / "b", progress=None)
+    assert a.key == b.key
+    np.testing.assert_array_equal(a.arrays("train")[0], b.arrays("train")[0])
+    from dataclasses import replace
+
+    c = harvest(replace(tiny_harvest_cfg, seed=7), root=tmp_path / "c", progress=None)
+    assert c.key != a.key
+    assert not np.array_equal(c.arrays("train")[0], a.arrays("train")[0])
+
+
+def test_truncated_shard_is_rebuilt_not_served(tiny_harvest_cfg, tmp_path):
+    first = harvest(tiny_harvest_cfg, root=tmp_path, progress=None)
+    victim = first.dir / "train_00001.npy"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    harvester = Harvester(tiny_harvest_cfg, tmp_path, progress=None)
+    assert not harvester.cache.shard_is_valid("train", 1)
+    assert harvester.cache.shard_is_valid("train", 0)
+    second = harvester.run()
+    assert harvester.forwards == 2  # only shard 1 (16 contexts, 8 per forward) was recomputed
+    np.testing.assert_array_equal(second.arrays("train")[0], first.arrays("train")[0])
+    # A flipped byte (same size) fails the checksum too.
+    raw = bytearray(victim.read_bytes())
+    raw[-5] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    assert not Harvester(tiny_harvest_cfg, tmp_path, progress=None).cache.shard_is_valid("train", 1)
+
+
+def test_domain_labels_line_up_with_their_tokens(tiny_harvest_cfg, tmp_path):
+    h = harvest(tiny_harvest_cfg, root=tmp_path, progress=None)
+    tok = load_model(tiny_harvest_cfg.model).tokenizer
+    forget_words = {"cell", "gene", "virus", "enzyme", "protein", "tissue"}
+    retain_words = {"city", "river", "king", "music", "bridge", "poem"}
+    for split in ("train", "eval"):
+        for shard in h.shards[split]:
+            assert len(shard.labels) == len(shard.tokens) == len(shard.x)
+            contexts = shard.tokens.reshape(-1, 31)
+            context_labels = shard.labels.reshape(-1, 31)
+            for ids, labels in zip(contexts, context_labels, strict=True):
+                assert len(set(labels.tolist())) == 1  # a context never mixes domains
+                # Contexts cut words at their edges: judge only the complete words inside.
+                words = re.findall(r"[a-z]+", tok.decode(ids).lower().replace("<eos>", " "))[1:-1]
+                own, other = (forget_words, retain_words) if labels[0] == FORGET else (retain_words, forget_words)
+                assert words and set(words) <= own, (labels[0], set(words) - own)
+                assert not set(words) & other
+    labels = h.arrays("train")[1]
+    assert set(np.unique(labels)) == {0, 1}
+    assert (labels == FORGET).sum() == 20 * 31  # balanced: half the 40 contexts are forget
+
+
+def test_server_serves_refs_and_second_server_reads_disk_only(ray_session, tiny_harvest_cfg, tmp_path):
+    ray = ray_session
+    server = create_activation_server(tiny_harvest_cfg, name="test-acts-1", cache_root=str(tmp_path), num_cpus=0)
+    info = ray.get(server.prepare.remote())
+    assert ray.get(server.forwards.remote()) == 6  # 40 train + 8 eval contexts, 8 per forward
+    served = fetch(info)
+    assert len(served.x) == 40 * 31 and served.d_model == 64
+    direct = harvest(tiny_harvest_cfg, root=tmp_path, progress=None)
+    np.testing.assert_array_equal(served.x[np.arange(len(served.x))], direct.arrays("train")[0])
+    ray.kill(server)
+
+    again = create_activation_server(tiny_harvest_cfg, name="test-acts-2", cache_root=str(tmp_path), num_cpus=0)
+    info2 = ray.get(again.prepare.remote())
+    assert ray.get(again.forwards.remote()) == 0
+    assert ray.get(again.model_loaded.remote()) is False  # served from disk: the model never loaded
+    assert info2["key"] == info["key"]
+    ray.kill(again)
+
+
+def test_two_concurrent_consumers_get_identical_data(ray_session, tiny_harvest_cfg, tmp_path):
+    ray = ray_session
+    server = create_activation_server(tiny_harvest_cfg, name="test-acts-3", cache_root=str(tmp_path), num_cpus=0)
+    info = ray.get(server.prepare.remote())
+
+    @ray.remote(num_cpus=1)
+    def consume(info):
+        served = fetch(info)
+        idx = np.arange(len(served.x))
+        return hashlib.sha256(served.x[idx].tobytes() + served.labels[idx].tobytes()).hexdigest()
+
+    digests = ray.get([consume.remote(info), consume.remote(info)])
+    served = fetch(info)
+    idx = np.arange(len(served.x))
+    local = hashlib.sha256(served.x[idx].tobytes() + served.labels[idx].tobytes()).hexdigest()
+    assert digests[0] == digests[1] == local
+    ray.kill(server)
+
+
+def test_sharded_rows_match_concatenation():
+    parts = [np.arange(i * 10, i * 10 + n, dtype=np.float32)[:, None] for i, n in enumerate([3, 5, 4])]
+    rows = ShardedRows(parts)
+    full = np.concatenate(parts)
+    idx = np.array([0, 2, 3, 7, 8, 11])
+    np.testing.assert_array_equal(rows[idx], full[idx])
+    assert len(rows) == 12
+
+
+def test_bad_model_inputs_have_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"layer 9 is out of range for 'tiny': it has 4 layers \(0..3\)"):
+        validate_layer(ModelSpec("tiny", layer=9))
+    with pytest.raises(ValueError, match=r"layer 40 is out of range for 'embedded': it has 18 layers"):
+        validate_layer(ModelSpec("embedded", layer=40))
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp8'; valid dtypes"):
+        ModelSpec("tiny", dtype="fp8")
+    with pytest.raises(ModelNotFoundError, match=r"cannot be found offline"):
+        load_model(ModelSpec(str(tmp_path / "no-such-model")))
+    with pytest.raises(ModelNotFoundError, match=r"cannot be found offline"):
+        validate_layer(ModelSpec("nobody/no-such-model-xyz"))
+    with pytest.raises(ValueError, match=r"unknown corpus 'wiki'; valid corpora"):
+        CorpusSpec("wiki")
+    with pytest.raises(ValueError, match=r"needs forget_path"):
+        CorpusSpec("wmdp")
+    with pytest.raises(ValueError, match=r"store_dtype"):
+        HarvestConfig(store_dtype="int8")
