@@ -87,6 +87,7 @@ def _embedded() -> Any:
 
 
 def _toy(n_docs: int = 240, seed: int = 0) -> Any:
+    """Two vocabularies; each document opens "<Name> is a <word> ..." like a Wikipedia lead."""
     import datasets
 
     rng = np.random.default_rng(seed)
@@ -95,8 +96,8 @@ def _toy(n_docs: int = 240, seed: int = 0) -> Any:
     rows = []
     for i in range(n_docs):
         domain = i % 2
-        text = " ".join(rng.choice(words[domain], size=int(rng.integers(20, 60))))
-        rows.append({"title": f"doc{i}", "text": text.capitalize() + ".", "domain": domain})
+        body = " ".join(rng.choice(words[domain], size=int(rng.integers(20, 60))))
+        rows.append({"title": f"Item{i}", "text": f"Item{i} is a {body}.", "domain": domain})
     return datasets.Dataset.from_list(rows)
 
 

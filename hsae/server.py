@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from hsae.activations import HarvestConfig, Harvester
+from hsae.activations import Harvest, HarvestConfig, Harvester
+from hsae.corpora import corpus_identity
+from hsae.evaluation.evaluator import EvalConfig, Evaluator
+from hsae.evaluation.questions import BankConfig, bank_source, build_bank
+from hsae.models import spec_identity
 from hsae.train import Batch, to_batch
 
 DEFAULT_NAME = "hsae-activations"
@@ -22,21 +26,33 @@ DEFAULT_NAME = "hsae-activations"
 class ActivationServer:
     """Plain class; ``create_activation_server`` wraps it as a named Ray actor."""
 
-    def __init__(self, cfg: HarvestConfig, cache_root: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: HarvestConfig,
+        cache_root: str | None = None,
+        threads: int | None = None,
+        eval_cfg: EvalConfig | None = None,
+        bank_cfg: BankConfig | None = None,
+    ) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
+        self.cache_root = Path(cache_root) if cache_root else None
         self.cfg = cfg
         self.harvester = Harvester(cfg, Path(cache_root) if cache_root else None)
+        self.eval_cfg = eval_cfg or EvalConfig()
+        self.bank_cfg = bank_cfg or BankConfig()
         self._info: dict[str, Any] | None = None
+        self._harvest: Harvest | None = None
+        self._evaluator: Evaluator | None = None
 
     def prepare(self) -> dict[str, Any]:
         """Harvest (or read the cache) once; later calls return the same refs."""
         import ray
 
         if self._info is None:
-            harvest = self.harvester.run()
+            harvest = self._harvest = self.harvester.run()
             refs = {
                 split: [(ray.put(s.x), ray.put(s.labels), ray.put(s.tokens)) for s in shards]
                 for split, shards in harvest.shards.items()
@@ -51,6 +67,32 @@ class ActivationServer:
                 "refs": refs,
             }
         return self._info
+
+    def evaluator(self) -> Evaluator:
+        """Built on first use: the model (loaded only now if the harvest came from disk), the question
+        bank (cached on disk by content hash) and the questions' layer-L residuals."""
+        if self._evaluator is None:
+            self.prepare()
+            assert self._harvest is not None
+            loaded = self.harvester.loaded
+            bank = build_bank(loaded, self.bank_cfg, bank_source(loaded, self.cfg.corpus, self.bank_cfg),
+                              {"model": spec_identity(self.cfg.model), "corpus": corpus_identity(self.cfg.corpus)},
+                              root=self.cache_root)
+            x, labels = self._harvest.arrays("train")
+            tokens, domains = self.harvester.cache.contexts("eval")
+            self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg)
+        return self._evaluator
+
+    def evaluate(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray], ce: bool = True) -> dict[str, Any]:
+        """Unlearning grid (+ CE/KL scores) of one SAE passed by value (folded weights, raw activations)."""
+        ev = self.evaluator()
+        out = {"unlearning": ev.unlearning(sae_cfg, state)}
+        if ce:
+            out["ce"] = ev.ce_scores(sae_cfg, state)
+        return out
+
+    def controls(self) -> dict[str, Any]:
+        return self.evaluator().controls()
 
     def forwards(self) -> int:
         """Model forwards run by this server process (0 when everything came from disk)."""
@@ -67,6 +109,8 @@ def create_activation_server(
     num_cpus: float = 1,
     num_gpus: float | None = None,
     max_restarts: int = -1,
+    eval_cfg: EvalConfig | None = None,
+    bank_cfg: BankConfig | None = None,
 ) -> Any:
     """Create (or get, if one with this name is alive) the named server actor.
 
@@ -85,7 +129,7 @@ def create_activation_server(
         num_gpus=num_gpus,
         max_restarts=max_restarts,
         max_task_retries=-1 if max_restarts else 0,
-    ).remote(cfg, cache_root, threads=max(int(num_cpus), 1))
+    ).remote(cfg, cache_root, threads=max(int(num_cpus), 1), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
 
 
 class ShardedRows:

@@ -68,7 +68,8 @@ def test_domain_labels_line_up_with_their_tokens(tiny_harvest_cfg, tmp_path):
                 # Contexts cut words at their edges: judge only the complete words inside.
                 words = re.findall(r"[a-z]+", tok.decode(ids).lower().replace("<eos>", " "))[1:-1]
                 own, other = (forget_words, retain_words) if labels[0] == FORGET else (retain_words, forget_words)
-                assert words and set(words) <= own, (labels[0], set(words) - own)
+                shared = {"item", "is", "a"}  # every toy document opens "Item<i> is a ..."
+                assert words and set(words) <= own | shared, (labels[0], set(words) - own - shared)
                 assert not set(words) & other
     labels = h.arrays("train")[1]
     assert set(np.unique(labels)) == {0, 1}

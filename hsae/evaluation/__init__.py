@@ -1,0 +1,1 @@
+"""Evaluation: question banks, interventions, the SAEBench unlearning score, CE/KL scores, controls."""

@@ -1,0 +1,240 @@
+"""The evaluator: lives where the model lives (inside the activation server), scores SAEs by value.
+
+Built once per sweep: question residuals at layer L are computed once and kept; every setting of
+every SAE re-runs only the layers after L, only for the questions its intervention changes, and
+computes logits only for the answer tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from hsae.config import SAEConfig
+from hsae.corpora import FORGET, RETAIN
+from hsae.evaluation.interventions import ConditionalProjection, SAEClamp
+from hsae.evaluation.questions import QuestionBank, option_scores, pad_prompts, require_bank_sizes
+from hsae.evaluation.tail import full_log_probs, tail_hidden
+from hsae.evaluation.unlearning import UnlearningConfig, firing_frequencies, run_grid, select_features
+from hsae.models import LoadedModel, stopped_forward
+from hsae.train import DegenerateRunError
+from hsae.variants import build_sae
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+    ce_contexts_per_domain: int = 4
+    control_percentiles: tuple[float, ...] = (99.0, 99.9)
+    control_strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
+    random_feature_control: bool = True
+    batch: int = 64
+    seed: int = 0
+
+
+def sae_from_weights(cfg: dict[str, Any], state: dict[str, np.ndarray]) -> Any:
+    """An SAE (eval mode, raw-activation weights) from its config dict and folded state arrays."""
+    sae = build_sae(SAEConfig.from_dict(cfg))
+    sae.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    return sae.eval()
+
+
+def eval_cache_key(cfg: dict[str, Any], state: dict[str, np.ndarray], eval_cfg: EvalConfig, extra: Any) -> str:
+    """Content hash of weights + configs: results are never cached under a name."""
+    h = hashlib.sha256(json.dumps({"sae": cfg, "eval": asdict(eval_cfg), "extra": extra}, sort_keys=True,
+                                  default=str).encode())
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(state[k]).tobytes())
+    return h.hexdigest()
+
+
+class Evaluator:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        bank: QuestionBank,
+        train_x: Any,
+        train_labels: np.ndarray,
+        eval_tokens: np.ndarray,
+        eval_domains: np.ndarray,
+        cfg: EvalConfig | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.cfg = cfg or EvalConfig()
+        require_bank_sizes(bank, self.cfg.unlearning.min_forget_questions, self.cfg.unlearning.min_retain_questions)
+        self.bank = bank
+        self.train_x = train_x
+        self.train_labels = np.asarray(train_labels)
+        self.n_forget, self.n_retain = bank.count(FORGET), bank.count(RETAIN)
+        self._prepare_questions()
+        self._prepare_ce(eval_tokens, eval_domains)
+        self._results: dict[str, dict[str, Any]] = {}
+
+    # -- question residuals (once) --------------------------------------------------------------
+    def _prepare_questions(self) -> None:
+        bank, loaded = self.bank, self.loaded
+        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        order = np.argsort([len(p) for p in bank.prompts], kind="stable")
+        self.batches = []
+        for start in range(0, len(bank), self.cfg.batch):
+            idx = order[start : start + self.cfg.batch]
+            ids, last = pad_prompts([bank.prompts[i] for i in idx], pad)
+            valid = (torch.arange(ids.shape[1])[None, :] <= last[:, None]).float()
+            resid = stopped_forward(loaded, ids).float().cpu()
+            self.batches.append({
+                "idx": idx, "resid": resid, "last": last, "valid": valid,
+                "options": [bank.options[i] for i in idx],
+                "answer": torch.tensor([bank.answer[i] for i in idx]),
+                "domain": np.array([bank.domain[i] for i in idx]),
+            })
+
+    def accuracy(self, intervention: Any) -> tuple[float, float, int]:
+        """Forget and retain accuracy under ``intervention``; untouched questions keep their (correct)
+        baseline answer, so only changed prompts are re-run."""
+        wrong = {FORGET: 0, RETAIN: 0}
+        touched = 0
+        for b in self.batches:
+            edited, changed = intervention.apply(b["resid"], b["valid"])
+            if not bool(changed.any()):
+                continue
+            rows = torch.nonzero(changed).flatten()
+            touched += len(rows)
+            hidden = tail_hidden(self.loaded, edited[rows])
+            last = hidden[torch.arange(len(rows)), b["last"][rows]]
+            scores = option_scores(self.loaded, last, [b["options"][int(r)] for r in rows])
+            bad = (scores.argmax(dim=-1).cpu() != b["answer"][rows]).numpy()
+            for r, is_bad in zip(rows.tolist(), bad, strict=True):
+                wrong[int(b["domain"][r])] += int(is_bad)
+        return 1 - wrong[FORGET] / self.n_forget, 1 - wrong[RETAIN] / self.n_retain, touched
+
+    # -- unlearning -------------------------------------------------------------------------------
+    def unlearning(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
+        """SAEBench unlearning grid for one SAE given by value (folded weights, raw activations)."""
+        key = eval_cache_key(sae_cfg, state, self.cfg, "unlearning")
+        if key in self._results:
+            return self._results[key]
+        t0 = time.perf_counter()
+        sae = sae_from_weights(sae_cfg, state)
+        forget_freq, retain_freq = firing_frequencies(sae.encode, self.train_x, self.train_labels)
+        if forget_freq.max() <= 0 and retain_freq.max() <= 0:
+            raise DegenerateRunError("no SAE feature fires on forget or retain text: nothing to select, no score")
+        w_dec = sae.W_dec.detach()
+        ucfg = self.cfg.unlearning
+        selections = {(t, n): select_features(forget_freq, retain_freq, t, n)
+                      for t in ucfg.retain_thresholds for n in ucfg.n_features}
+        settings = [{"retain_threshold": t, "n_features": n, "multiplier": m} for t, n, m in ucfg.settings()]
+
+        def clamp(features_for):
+            return lambda s: SAEClamp(sae.encode, w_dec, torch.as_tensor(features_for(s), dtype=torch.long),
+                                      float(s["multiplier"]))
+
+        result = run_grid(settings, clamp(lambda s: selections[(s["retain_threshold"], s["n_features"])]),
+                          self.accuracy, self.n_forget, self.n_retain, ucfg.retain_bar)
+        for g in result.grid:
+            g["features_selected"] = int(len(selections[(g["retain_threshold"], g["n_features"])]))
+        out = result.as_dict()
+        if self.cfg.random_feature_control:
+            rng = np.random.default_rng(self.cfg.seed)
+            live = np.flatnonzero((forget_freq > 0) | (retain_freq > 0))
+            randoms = {n: rng.choice(live, size=min(n, len(live)), replace=False) for n in ucfg.n_features}
+            neg = run_grid(settings, clamp(lambda s: randoms[s["n_features"]]), self.accuracy,
+                           self.n_forget, self.n_retain, ucfg.retain_bar)
+            out["random_feature_score"] = neg.score
+            out["random_feature_grid"] = neg.grid
+        out["forget_freq_max"] = float(forget_freq.max())
+        out["eval_s"] = time.perf_counter() - t0
+        self._results[key] = out
+        return out
+
+    # -- controls -------------------------------------------------------------------------------------
+    def controls(self) -> dict[str, Any]:
+        """Positive control (difference-of-means direction, conditional removal) and its negative twin
+        (a random direction through the same code). Independent of any SAE: computed once."""
+        if "controls" in self._results:
+            return self._results["controls"]
+        t0 = time.perf_counter()
+        labels = self.train_labels
+        idx = np.arange(len(labels))
+        x = torch.as_tensor(np.asarray(self.train_x[idx]), dtype=torch.float32)
+        mu_f, mu_r = x[labels == FORGET].mean(0), x[labels == RETAIN].mean(0)
+        center = 0.5 * (mu_f + mu_r)
+        dom = mu_f - mu_r
+        dom = dom / dom.norm()
+        rand = torch.randn(dom.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))
+        rand = rand / rand.norm()
+        out: dict[str, Any] = {}
+        for name, direction in (("positive", dom), ("negative", rand)):
+            retain_proj = ((x[labels == RETAIN] - center) @ direction).numpy()
+            thresholds = {q: float(np.percentile(retain_proj, q)) for q in self.cfg.control_percentiles}
+            settings = [{"percentile": q, "strength": s} for q in self.cfg.control_percentiles
+                        for s in self.cfg.control_strengths]
+            res = run_grid(settings, lambda s, d=direction, th=thresholds: ConditionalProjection(
+                d, center, th[s["percentile"]], s["strength"]), self.accuracy, self.n_forget, self.n_retain,
+                self.cfg.unlearning.retain_bar)
+            out[name] = res.as_dict()
+        out["eval_s"] = time.perf_counter() - t0
+        self._results["controls"] = out
+        return out
+
+    # -- CE / KL --------------------------------------------------------------------------------------
+    def _prepare_ce(self, tokens: np.ndarray, domains: np.ndarray) -> None:
+        k = self.cfg.ce_contexts_per_domain
+        self.ce_sets = {}
+        for d in (FORGET, RETAIN):
+            pick = np.flatnonzero(domains == d)[:k]
+            if len(pick) == 0:
+                continue
+            ids = torch.as_tensor(tokens[pick], dtype=torch.long)
+            resid = stopped_forward(self.loaded, ids).float().cpu()
+            self.ce_sets[d] = {"ids": ids, "resid": resid}
+
+    def _ce_kl(self, resid: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor | None
+               ) -> tuple[float, float | None]:
+        """Mean next-token CE from positions 1..T-2 (position 0, BOS, is never edited) and KL to ``reference``."""
+        hidden = tail_hidden(self.loaded, resid)[:, 1:-1]
+        targets = ids[:, 2:].to(hidden.device)
+        ce_sum, kl_sum, count = 0.0, 0.0, 0
+        for b in range(hidden.shape[0]):
+            logp = full_log_probs(self.loaded, hidden[b])
+            ce_sum += float(-logp.gather(1, targets[b][:, None]).sum())
+            if reference is not None:
+                ref = full_log_probs(self.loaded, reference[b])
+                kl_sum += float((ref.exp() * (ref - logp)).sum())
+            count += targets.shape[1]
+        return ce_sum / count, (kl_sum / count if reference is not None else None)
+
+    def ce_scores(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
+        """CE-loss score (CE_zero - CE_sae)/(CE_zero - CE_clean) and KL(clean || sae), per domain."""
+        key = eval_cache_key(sae_cfg, state, self.cfg, "ce")
+        if key in self._results:
+            return self._results[key]
+        sae = sae_from_weights(sae_cfg, state)
+        out: dict[str, Any] = {}
+        for d, data in self.ce_sets.items():
+            name = "forget" if d == FORGET else "retain"
+            resid, ids = data["resid"], data["ids"]
+            if "clean" not in data:
+                data["clean"] = self._ce_kl(resid, ids, None)[0]
+                zero = resid.clone()
+                zero[:, 1:] = 0.0
+                data["zero"] = self._ce_kl(zero, ids, None)[0]
+                data["clean_hidden"] = tail_hidden(self.loaded, resid)[:, 1:-1]
+            spliced = resid.clone()
+            with torch.no_grad():
+                spliced[:, 1:] = sae(resid[:, 1:])[0]
+            ce_sae, kl = self._ce_kl(spliced, ids, data["clean_hidden"])
+            denom = data["zero"] - data["clean"]
+            out[f"ce_clean_{name}"] = data["clean"]
+            out[f"ce_zero_{name}"] = data["zero"]
+            out[f"ce_sae_{name}"] = ce_sae
+            out[f"ce_score_{name}"] = (data["zero"] - ce_sae) / denom if denom else float("nan")
+            out[f"kl_{name}"] = kl
+        self._results[key] = out
+        return out

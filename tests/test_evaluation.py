@@ -1,0 +1,148 @@
+import numpy as np
+import pytest
+import torch
+
+from hsae.activations import harvest
+from hsae.config import SAEConfig
+from hsae.corpora import FORGET, RETAIN, CorpusSpec, load_corpus
+from hsae.evaluation.evaluator import EvalConfig, Evaluator, eval_cache_key
+from hsae.evaluation.interventions import SAEClamp
+from hsae.evaluation.questions import BankConfig, build_bank, cloze_source
+from hsae.evaluation.tail import full_log_probs, tail_hidden, token_logits
+from hsae.evaluation.unlearning import UnlearningConfig, select_features, unlearning_score
+from hsae.models import load_model, stopped_forward
+from hsae.train import DegenerateRunError
+
+SMALL = EvalConfig(unlearning=UnlearningConfig(min_forget_questions=10, min_retain_questions=10),
+                   ce_contexts_per_domain=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from hsae.activations import HarvestConfig
+    from hsae.models import ModelSpec
+
+    root = tmp_path_factory.mktemp("cache")
+    cfg = HarvestConfig(model=ModelSpec("tiny"), corpus=CorpusSpec("toy"), ctx_len=32, n_ctxs=40, n_eval_ctxs=8,
+                        shard_ctxs=16)
+    h = harvest(cfg, root=root, progress=None)
+    loaded = load_model(cfg.model)
+    bank_cfg = BankConfig(max_forget=1000, max_retain=1000)
+    bank = build_bank(loaded, bank_cfg, cloze_source(loaded.tokenizer, load_corpus(cfg.corpus), bank_cfg),
+                      {"test": "tiny"}, progress=None, root=root)
+    x, labels = h.arrays("train")
+    tokens, domains = np.load(h.dir / "tokens_eval.npy"), np.load(h.dir / "domains_eval.npy")
+    return loaded, bank, Evaluator(loaded, bank, x, labels, tokens, domains, SMALL)
+
+
+def identity_sae(d=64):
+    """A ReLU SAE that reconstructs exactly: features +x and -x."""
+    eye = torch.eye(d)
+    state = {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),
+             "W_dec": torch.cat([eye, -eye], 0), "b_dec": torch.zeros(d)}
+    return SAEConfig("relu", d, 2 * d).to_dict(), {k: v.numpy() for k, v in state.items()}
+
+
+def test_selection_follows_the_procedure_on_a_constructed_example():
+    forget = np.array([0.50, 0.40, 0.40, 0.30, 0.20, 0.00, 0.90])
+    retain = np.array([0.02, 0.00, 0.005, 0.00, 0.00, 0.00, 0.01])
+    # threshold 0.01 drops features 0 and 6 (retain >= 0.01); 5 never fires on forget text.
+    assert select_features(forget, retain, 0.01, 3).tolist() == [1, 2, 3]  # 1 and 2 tie: lower index first
+    assert select_features(forget, retain, 0.001, 10).tolist() == [1, 3, 4]
+    assert select_features(forget, retain, 0.5, 2).tolist() == [6, 0]
+
+
+def test_score_formula_matches_a_hand_computed_grid():
+    grid = [
+        {"forget_acc": 0.40, "retain_acc": 0.95},  # retain too low: effect 1
+        {"forget_acc": 0.70, "retain_acc": 0.99},  # counts: effect 0.70
+        {"forget_acc": 0.80, "retain_acc": 1.00},
+    ]
+    assert unlearning_score(grid) == pytest.approx(0.30)
+    assert unlearning_score([{"forget_acc": 0.1, "retain_acc": 0.5}]) == 0.0
+
+
+def test_bank_is_answered_correctly_by_the_unmodified_model(tiny_world):
+    loaded, bank, ev = tiny_world
+    assert bank.count(FORGET) >= 10 and bank.count(RETAIN) >= 10
+    b = ev.batches[0]
+    hidden = tail_hidden(loaded, b["resid"])
+    ids = torch.tensor([[o[0] for o in q] for q in b["options"]])
+    scores = token_logits(loaded, hidden[torch.arange(len(ids)), b["last"]], ids)
+    assert torch.equal(scores.argmax(-1), b["answer"])
+
+
+def test_no_features_or_zero_multiplier_leaves_logits_unchanged(tiny_world):
+    loaded, bank, ev = tiny_world
+    cfg, state = identity_sae()
+    from hsae.evaluation.evaluator import sae_from_weights
+
+    sae = sae_from_weights(cfg, state)
+    b = ev.batches[0]
+    noop = SAEClamp(sae.encode, sae.W_dec.detach(), torch.tensor([], dtype=torch.long), 0.0)
+    edited, changed = noop.apply(b["resid"], b["valid"])
+    assert torch.equal(edited, b["resid"]) and not changed.any()
+    assert ev.accuracy(noop) == (1.0, 1.0, 0)
+    # The re-run path itself: layer-L residual -> later layers equals the model's own full forward.
+    ids = torch.tensor([bank.prompts[int(i)] + [0] * (b["resid"].shape[1] - len(bank.prompts[int(i)]))
+                        for i in b["idx"]])
+    with torch.no_grad():
+        full = torch.log_softmax(loaded.model(input_ids=ids).logits, dim=-1)
+    hidden = tail_hidden(loaded, stopped_forward(loaded, ids))
+    rerun = full_log_probs(loaded, hidden.reshape(-1, hidden.shape[-1])).reshape(full.shape)
+    torch.testing.assert_close(rerun, full, rtol=1e-5, atol=1e-5)
+
+
+def test_sae_with_no_firing_features_is_degenerate_not_zero(tiny_world):
+    _, _, ev = tiny_world
+    cfg, state = identity_sae()
+    state["b_enc"] = np.full_like(state["b_enc"], -1e9)
+    with pytest.raises(DegenerateRunError, match="no SAE feature fires"):
+        ev.unlearning(cfg, state)
+
+
+def test_unlearning_returns_grid_counts_baselines_and_controls(tiny_world):
+    _, bank, ev = tiny_world
+    cfg, state = identity_sae()
+    out = ev.unlearning(cfg, state)
+    assert len(out["grid"]) == 16 and len(out["random_feature_grid"]) == 16
+    assert out["n_forget"] == bank.count(FORGET) and out["n_retain"] == bank.count(RETAIN)
+    assert out["baseline_forget_acc"] == 1.0 and out["baseline_retain_acc"] == 1.0
+    assert 0.0 <= out["score"] <= 1.0
+    assert {"retain_threshold", "n_features", "multiplier", "forget_acc", "retain_acc", "features_selected"} <= set(
+        out["grid"][0])
+    assert ev.unlearning(cfg, state) is out  # same weights + config: served from the content-keyed cache
+    controls = ev.controls()
+    assert {"positive", "negative"} <= set(controls) and len(controls["positive"]["grid"]) == 6
+
+
+def test_identity_sae_recovers_all_of_the_ce_loss(tiny_world):
+    _, _, ev = tiny_world
+    cfg, state = identity_sae()
+    ce = ev.ce_scores(cfg, state)
+    for name in ("forget", "retain"):
+        assert ce[f"ce_score_{name}"] == pytest.approx(1.0, abs=1e-4)
+        assert ce[f"kl_{name}"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_eval_cache_keys_are_content_hashes():
+    cfg, state = identity_sae(8)
+    other = {k: v.copy() for k, v in state.items()}
+    other["b_dec"][0] = 1e-6
+    assert eval_cache_key(cfg, state, SMALL, "u") == eval_cache_key(cfg, {k: v.copy() for k, v in state.items()},
+                                                                    SMALL, "u")
+    assert eval_cache_key(cfg, state, SMALL, "u") != eval_cache_key(cfg, other, SMALL, "u")
+    assert eval_cache_key(cfg, state, SMALL, "u") != eval_cache_key(cfg, state, EvalConfig(), "u")
+
+
+def test_server_evaluates_sae_by_value(ray_session, tiny_harvest_cfg, tmp_path):
+    from hsae.server import create_activation_server
+
+    ray = ray_session
+    server = create_activation_server(tiny_harvest_cfg, name="test-eval", cache_root=str(tmp_path), num_cpus=0,
+                                      eval_cfg=SMALL, bank_cfg=BankConfig(max_forget=1000, max_retain=1000))
+    cfg, state = identity_sae()
+    out = ray.get(server.evaluate.remote(cfg, state))
+    assert len(out["unlearning"]["grid"]) == 16
+    assert out["ce"]["ce_score_retain"] == pytest.approx(1.0, abs=1e-4)
+    ray.kill(server)
