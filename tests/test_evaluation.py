@@ -105,7 +105,7 @@ def test_unlearning_returns_grid_counts_baselines_and_controls(tiny_world):
     _, bank, ev = tiny_world
     cfg, state = identity_sae()
     out = ev.unlearning(cfg, state)
-    assert len(out["grid"]) == 16 and len(out["random_feature_grid"]) == 16
+    assert len(out["grid"]) == 16 and len(out["random_feature_grid"]) == 8  # thresholds don't apply
     assert out["n_forget"] == bank.count(FORGET) and out["n_retain"] == bank.count(RETAIN)
     assert out["baseline_forget_acc"] == 1.0 and out["baseline_retain_acc"] == 1.0
     assert 0.0 <= out["score"] <= 1.0

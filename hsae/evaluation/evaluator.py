@@ -144,7 +144,9 @@ class Evaluator:
             rng = np.random.default_rng(self.cfg.seed)
             live = np.flatnonzero((forget_freq > 0) | (retain_freq > 0))
             randoms = {n: rng.choice(live, size=min(n, len(live)), replace=False) for n in ucfg.n_features}
-            neg = run_grid(settings, clamp(lambda s: randoms[s["n_features"]]), self.accuracy,
+            # Random features ignore the retain threshold: one threshold's settings cover the grid.
+            random_settings = [s for s in settings if s["retain_threshold"] == ucfg.retain_thresholds[0]]
+            neg = run_grid(random_settings, clamp(lambda s: randoms[s["n_features"]]), self.accuracy,
                            self.n_forget, self.n_retain, ucfg.retain_bar)
             out["random_feature_score"] = neg.score
             out["random_feature_grid"] = neg.grid

@@ -14,11 +14,11 @@ import torch
 from hsae import losses
 from hsae.config import check_divides, check_finite_nonneg, check_positive_int
 from hsae.grouping import balanced_regroup, rank_scaled_alpha
-from hsae.variants.base import SAE, L1Params, assignment_from_labels
+from hsae.variants.base import SAE, GramParams, assignment_from_labels
 
 
 @dataclass(frozen=True)
-class AdaptiveOrthoParams(L1Params):
+class AdaptiveOrthoParams(GramParams):
     n_groups: int = 32
     alpha_min: float = 0.05
     alpha_max: float = 0.15
@@ -47,7 +47,7 @@ class AdaptiveOrthoSAE(SAE):
         self.register_buffer("pair_alpha", torch.full((k, k), mid) * losses.off_diagonal(k))
 
     def structure_terms(self, x, f, labels, step) -> dict[str, torch.Tensor]:
-        rms = losses.group_block_rms(losses.activation_cosine_gram(f), self.group_assignment())
+        rms = losses.group_block_rms(losses.activation_cosine_gram(self.gram_rows(f)), self.group_assignment())
         return {"ortho": losses.pairwise_penalty(rms, self.pair_alpha)}
 
     @torch.no_grad()
@@ -55,7 +55,7 @@ class AdaptiveOrthoSAE(SAE):
         super().after_step(step, f)
         # `step` counts completed steps: regroup after steps R, 2R, ...
         if step % self.p.regroup_every == 0:
-            gram = losses.activation_cosine_gram(f)
+            gram = losses.activation_cosine_gram(self.gram_rows(f))
             self.group_of.copy_(balanced_regroup(gram, self.group_of, self.p.n_groups))
             rms = losses.group_block_rms(gram, self.group_assignment())
             self.pair_alpha.copy_(rank_scaled_alpha(rms, self.p.alpha_min, self.p.alpha_max))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsae import losses
-from hsae.config import check_finite_nonneg
+from hsae.config import check_finite_nonneg, check_positive_int
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig
@@ -26,6 +26,22 @@ class L1Params:
 
     def validate(self, d_sae: int) -> None:
         check_finite_nonneg("l1_coeff", self.l1_coeff)
+
+
+@dataclass(frozen=True)
+class GramParams(L1Params):
+    """Shared by the orthogonality variants: how many tokens of each batch estimate the activation Gram.
+
+    The (n, n) Gram costs as much as the encoder and decoder together at n = 2d; its cosines are
+    averages over tokens, so a random subset of the batch (batches are shuffled: the first rows)
+    estimates them. 0 uses the whole batch.
+    """
+
+    gram_tokens: int = 512
+
+    def validate(self, d_sae: int) -> None:
+        super().validate(d_sae)
+        check_positive_int("gram_tokens", self.gram_tokens, minimum=0)
 
 
 @dataclass
@@ -95,6 +111,11 @@ class SAE(nn.Module):
     def after_step(self, step: int, f: torch.Tensor) -> None:
         """Called after each optimizer step with the step's (detached) features: keep decoder rows unit-norm."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def gram_rows(self, f: torch.Tensor) -> torch.Tensor:
+        """The rows of ``f`` the orthogonality Gram is estimated on (see GramParams)."""
+        k = getattr(self.p, "gram_tokens", 0)
+        return f[:k] if k and k < f.shape[0] else f
 
     # -- structure exposed to metrics ----------------------------------------------------------
     def group_assignment(self) -> torch.Tensor | None:

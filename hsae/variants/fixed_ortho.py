@@ -8,11 +8,11 @@ import torch
 
 from hsae import losses
 from hsae.config import check_divides, check_finite_nonneg, check_positive_int
-from hsae.variants.base import SAE, L1Params, contiguous_assignment
+from hsae.variants.base import SAE, GramParams, contiguous_assignment
 
 
 @dataclass(frozen=True)
-class FixedOrthoParams(L1Params):
+class FixedOrthoParams(GramParams):
     n_groups: int = 32
     alpha: float = 0.1
 
@@ -32,7 +32,7 @@ class FixedOrthoSAE(SAE):
         self.register_buffer("assignment", contiguous_assignment(cfg.d_sae, self.p.n_groups))
 
     def structure_terms(self, x, f, labels, step) -> dict[str, torch.Tensor]:
-        return {"ortho": losses.group_orthogonality(f, self.assignment, self.p.alpha)}
+        return {"ortho": losses.group_orthogonality(self.gram_rows(f), self.assignment, self.p.alpha)}
 
     def group_assignment(self) -> torch.Tensor:
         return self.assignment

@@ -8,11 +8,11 @@ import torch
 
 from hsae import losses
 from hsae.config import check_divides, check_finite_nonneg, check_positive_int
-from hsae.variants.base import SAE, L1Params, contiguous_assignment
+from hsae.variants.base import SAE, GramParams, contiguous_assignment
 
 
 @dataclass(frozen=True)
-class HierParams(L1Params):
+class HierParams(GramParams):
     n_groups_l1: int = 8
     n_groups_l2: int = 8
     alpha_l1: float = 0.4
@@ -49,7 +49,8 @@ class StaticHierSAE(SAE):
 
     def hierarchy_terms(self, f, fine, labels) -> dict[str, torch.Tensor]:
         p = self.p
-        return {"ortho": losses.hierarchical_orthogonality(f, fine, p.n_groups_l1, p.alpha_l1, p.alpha_l2)}
+        return {"ortho": losses.hierarchical_orthogonality(self.gram_rows(f), fine, p.n_groups_l1, p.alpha_l1,
+                                                           p.alpha_l2)}
 
     def group_assignment(self) -> torch.Tensor:
         return self.coarse(self.fine_assignment())

@@ -1,0 +1,168 @@
+"""Results on disk: one Parquet row per trial, per-step curves, written atomically (no Ray here).
+
+Layout under the results directory (``--out``):
+
+    parts/trials/<experiment>/<trial_id>.parquet   one row, written by the trial when it ends
+    parts/curves/<experiment>/<trial_id>.parquet   that trial's per-step metrics
+    trials.parquet, curves.parquet                 every part, consolidated (rebuilt after each sweep)
+
+Every file is written to a temp name in the same directory and renamed into place, so a reader sees
+a whole file or none; consolidation holds a lock so two sweeps sharing a directory never interleave.
+Columns are documented in ``docs/results-schema.md``; ``TRIAL_COLUMNS`` fixes their order and types.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+STATUSES = ("completed", "early_stopped", "failed", "degenerate")
+FINISHED = ("completed", "degenerate")  # a re-run skips these; failed and early-stopped trials run again
+
+# (name, pandas dtype). cfg_* columns follow, one per configuration value.
+TRIAL_COLUMNS: list[tuple[str, str]] = [
+    ("experiment", "string"), ("space", "string"), ("variant", "string"), ("trial_id", "string"),
+    ("seed", "Int64"), ("status", "string"), ("error", "string"), ("profile", "string"), ("model", "string"),
+    ("layer", "Int64"), ("steps", "Int64"), ("tokens", "Int64"), ("wall_s", "float64"), ("tokens_per_s", "float64"),
+    ("mse", "float64"), ("explained_variance", "float64"), ("fvu", "float64"), ("l0", "float64"), ("l1", "float64"),
+    ("dead_fraction", "float64"), ("cosine", "float64"), ("l2_ratio", "float64"),
+    ("decoder_norm_min", "float64"), ("decoder_norm_max", "float64"),
+    ("condition_number", "float64"), ("condition_number_max", "float64"), ("group_entropy", "float64"),
+    ("inter_group_correlation", "float64"), ("inter_group_cosine", "float64"), ("nce", "float64"),
+    ("final_loss", "float64"), ("val_loss", "float64"),
+    ("unlearning_score", "float64"), ("random_feature_score", "float64"), ("unlearning_tied_settings", "Int64"),
+    ("n_forget_questions", "Int64"), ("n_retain_questions", "Int64"),
+    ("ce_score_forget", "float64"), ("ce_score_retain", "float64"), ("kl_forget", "float64"), ("kl_retain", "float64"),
+    ("eval_s", "float64"), ("unlearning_grid", "string"), ("finished_at", "string"),
+]
+CURVE_COLUMNS = ["experiment", "trial_id", "variant", "step", "tokens", "wall_s", "loss", "mse", "l1", "ortho",
+                 "entropy", "nce", "matryoshka", "l0", "val_loss"]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+def trial_frame(row: dict[str, Any]) -> pd.DataFrame:
+    """One row with the fixed columns (typed, missing -> null) followed by the row's cfg_* columns."""
+    data = {name: [_clean(row.get(name))] for name, _ in TRIAL_COLUMNS}
+    df = pd.DataFrame(data).astype({name: dtype for name, dtype in TRIAL_COLUMNS})
+    for key in sorted(k for k in row if k.startswith("cfg_")):
+        value = row[key]
+        if isinstance(value, (list, tuple, dict)):
+            value = json.dumps(value)
+        df[key] = [value]
+    unknown = sorted(set(row) - {n for n, _ in TRIAL_COLUMNS} - {k for k in row if k.startswith("cfg_")})
+    if unknown:
+        raise ValueError(f"trial row has undocumented column(s) {unknown}: add them to TRIAL_COLUMNS and the docs")
+    return df
+
+
+def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    df.to_parquet(tmp, index=False)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ResultsStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def check_writable(self) -> None:
+        """Fail before any compute if rows could not be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"results directory {str(self.root)!r} is not writable: {exc.strerror or exc}") from exc
+
+    def _part(self, kind: str, experiment: str, trial_id: str) -> Path:
+        return self.root / "parts" / kind / experiment / f"{trial_id}.parquet"
+
+    def write_trial(self, row: dict[str, Any], curves: list[dict[str, Any]] | None = None) -> None:
+        """Write the trial's curves, then its row (the row's presence means the trial is recorded)."""
+        if row.get("status") not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
+        exp, tid = str(row["experiment"]), str(row["trial_id"])
+        if curves:
+            df = pd.DataFrame([{c: rec.get(c) for c in CURVE_COLUMNS} for rec in curves])
+            _atomic_parquet(df, self._part("curves", exp, tid))
+        _atomic_parquet(trial_frame(row), self._part("trials", exp, tid))
+
+    def finished_ids(self, experiment: str) -> set[str]:
+        directory = self.root / "parts" / "trials" / experiment
+        done = set()
+        for path in directory.glob("*.parquet"):
+            try:
+                status = pd.read_parquet(path, columns=["status"])["status"].iloc[0]
+            except Exception:  # an unreadable part is not a finished trial
+                continue
+            if status in FINISHED:
+                done.add(path.stem)
+        return done
+
+    def row(self, experiment: str, trial_id: str) -> dict[str, Any] | None:
+        path = self._part("trials", experiment, trial_id)
+        if not path.is_file():
+            return None
+        return pd.read_parquet(path).iloc[0].to_dict()
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".consolidate.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def consolidate(self) -> tuple[Path, Path]:
+        """Rebuild trials.parquet and curves.parquet from every part (all experiments)."""
+        with self._lock():
+            trials = self._concat("trials")
+            curves = self._concat("curves")
+            if trials is None:
+                trials = pd.DataFrame({n: pd.Series(dtype=t) for n, t in TRIAL_COLUMNS})
+            if curves is None:
+                curves = pd.DataFrame({c: [] for c in CURVE_COLUMNS})
+            _atomic_parquet(trials, self.root / "trials.parquet")
+            _atomic_parquet(curves, self.root / "curves.parquet")
+        return self.root / "trials.parquet", self.root / "curves.parquet"
+
+    def _concat(self, kind: str) -> pd.DataFrame | None:
+        frames = []
+        for path in sorted((self.root / "parts" / kind).glob("*/*.parquet")):
+            try:
+                frames.append(pd.read_parquet(path))
+            except Exception:  # a part being renamed into place right now: the next consolidation has it
+                continue
+        frames = [f for f in frames if not f.empty]
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def load_trials(root: str | Path) -> pd.DataFrame:
+    path = Path(root) / "trials.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"no trials.parquet in {root}: run a sweep first (python tune/ablate.py --out {root})")
+    return pd.read_parquet(path)
+
+
+def load_curves(root: str | Path) -> pd.DataFrame:
+    path = Path(root) / "curves.parquet"
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame({c: [] for c in CURVE_COLUMNS})

@@ -1,0 +1,247 @@
+"""Sweep spaces and profiles: parsed and validated before any compute starts (no Ray here).
+
+A space file (``tune/spaces/<name>.yaml``) lists blocks, each a variant with parameter values:
+
+    description: alpha swept 0.1 -> 0.4 (the paper's linear sweep)
+    scheduler: asha            # asha | fifo (default asha)
+    trials:
+      - variant: fixed_ortho
+        params:
+          alpha: {grid: [0.1, 0.2, 0.3, 0.4]}   # grid: every value (grid search)
+          n_groups: 32                          # a plain value: fixed
+      - variant: dynamic_hier
+        params:
+          temperature_init: {loguniform: [0.1, 10.0]}   # sampled (Optuna only)
+
+Grid search expands every block's grid values into a cartesian product; Optuna samples ``uniform``,
+``loguniform``, ``int`` and ``choice`` ranges (and takes grid lists as choices). Every expanded
+configuration is validated through ``SAEConfig`` before the sweep starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hsae.config import SAEConfig, TrainConfig
+
+
+def default_spaces_dir() -> Path:
+    """``tune/spaces`` of the installed (or checked-out) project."""
+    spec = importlib.util.find_spec("tune")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / "spaces"
+    return Path(__file__).resolve().parent.parent / "tune" / "spaces"
+
+
+SPACE_NAMES = ("variants", "ortho", "groups", "dynamic", "hier", "contrast", "baselines")
+SAMPLERS = ("grid", "uniform", "loguniform", "int", "choice")
+SCHEDULERS = ("asha", "fifo")
+
+
+class SpaceError(ValueError):
+    """A malformed or invalid space file; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything about a sweep that is not the searched space: model, data, sizes, budget."""
+
+    name: str
+    model: str
+    layer: int
+    corpus: str
+    n_ctxs: int
+    n_eval_ctxs: int
+    ctx_len: int
+    d_in: int
+    d_sae: int
+    steps: int
+    batch_size: int
+    lr: float
+    log_every: int
+    checkpoint_every: int
+    bank_kind: str = "cloze"
+    min_forget_questions: int = 150
+    min_retain_questions: int = 300
+    ce_contexts_per_domain: int = 4
+    eval_model: str | None = None
+    forget_path: str | None = None
+    evaluate: bool = True
+
+    def train_config(self, seed: int) -> TrainConfig:
+        # "auto": the GPU Ray gave the trial (--gpus-per-trial), else the CPU.
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                           log_every=self.log_every, checkpoint_every=self.checkpoint_every, device="auto")
+
+
+PROFILES: dict[str, Profile] = {
+    # The paper's protocol on Gemma-2-2B (GPU cluster): 2048 contexts x 128 tokens, 1000 steps.
+    "real": Profile(name="real", model="google/gemma-2-2b", layer=19, corpus="wmdp", n_ctxs=2048, n_eval_ctxs=64,
+                    ctx_len=128, d_in=2304, d_sae=16384, steps=1000, batch_size=2048, lr=3e-4, log_every=10,
+                    checkpoint_every=100, bank_kind="letter", eval_model="google/gemma-2-2b-it"),
+    # What runs here offline on 2 CPU cores in minutes: Gemma-3-270M layer 13 (same relative depth),
+    # 512 contexts (~65k tokens, ~70 s to harvest), a 2x dictionary and 150 steps at lr 1e-3.
+    "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=512, n_eval_ctxs=32,
+                        ctx_len=128, d_in=640, d_sae=1280, steps=150, batch_size=2048, lr=1e-3, log_every=10,
+                        checkpoint_every=50),
+    # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
+    "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
+                    d_in=64, d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
+                    min_forget_questions=10, min_retain_questions=10, ce_contexts_per_domain=2),
+}
+
+
+def get_profile(name: str, **overrides: Any) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {sorted(PROFILES)}")
+    fields = {f for f in asdict(PROFILES[name])}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown profile field(s) {unknown}; valid: {sorted(fields)}")
+    return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Block:
+    variant: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    description: str
+    scheduler: str
+    blocks: tuple[Block, ...]
+    source: str = ""
+
+    def has_samplers(self) -> bool:
+        return any(isinstance(v, dict) and next(iter(v)) != "grid" for b in self.blocks for v in b.params.values())
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One concrete trial: what to train, with which seed, in which sweep."""
+
+    experiment: str
+    space: str
+    variant: str
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 42
+
+    @property
+    def key(self) -> str:
+        doc = {"experiment": self.experiment, "space": self.space, "variant": self.variant,
+               "params": self.params, "seed": self.seed}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"experiment": self.experiment, "space": self.space, "variant": self.variant,
+                "params": dict(self.params), "seed": self.seed}
+
+
+def _check_sampler(where: str, name: str, spec: Any) -> None:
+    if not isinstance(spec, dict):
+        return
+    if len(spec) != 1:
+        raise SpaceError(f"{where}: parameter {name!r} must be a value or one of {{{', '.join(SAMPLERS)}: ...}}, "
+                         f"got {spec!r}")
+    kind, arg = next(iter(spec.items()))
+    if kind not in SAMPLERS:
+        raise SpaceError(f"{where}: parameter {name!r} uses unknown sampler {kind!r}; valid samplers: {list(SAMPLERS)}")
+    if kind in ("grid", "choice"):
+        if not isinstance(arg, list) or not arg:
+            raise SpaceError(f"{where}: {name}.{kind} must be a non-empty list, got {arg!r}")
+    else:
+        if (not isinstance(arg, list) or len(arg) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)):
+            raise SpaceError(f"{where}: {name}.{kind} must be [low, high] numbers, got {arg!r}")
+        lo, hi = arg
+        if not lo < hi or (kind == "loguniform" and lo <= 0):
+            raise SpaceError(f"{where}: {name}.{kind} needs low < high{' and low > 0' if kind == 'loguniform' else ''}"
+                             f", got {arg!r}")
+
+
+def parse_space(name: str, text: str, source: str = "<string>") -> Space:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{source}: malformed YAML: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("trials"), list) or not doc["trials"]:
+        raise SpaceError(f"{source}: a space file needs a non-empty 'trials' list of {{variant, params}} blocks")
+    unknown = sorted(set(doc) - {"description", "scheduler", "trials"})
+    if unknown:
+        raise SpaceError(f"{source}: unknown top-level key(s) {unknown}; valid: ['description', 'scheduler', 'trials']")
+    scheduler = doc.get("scheduler", "asha")
+    if scheduler not in SCHEDULERS:
+        raise SpaceError(f"{source}: scheduler {scheduler!r} is not one of {list(SCHEDULERS)}")
+    blocks = []
+    for i, raw in enumerate(doc["trials"]):
+        where = f"{source}: trials[{i}]"
+        if not isinstance(raw, dict) or "variant" not in raw:
+            raise SpaceError(f"{where}: each block needs a 'variant' (and optional 'params')")
+        extra = sorted(set(raw) - {"variant", "params"})
+        if extra:
+            raise SpaceError(f"{where}: unknown key(s) {extra}; valid: ['variant', 'params']")
+        params = raw.get("params") or {}
+        if not isinstance(params, dict):
+            raise SpaceError(f"{where}: 'params' must be a mapping, got {params!r}")
+        for pname, spec in params.items():
+            _check_sampler(where, pname, spec)
+        blocks.append(Block(str(raw["variant"]), dict(params)))
+    return Space(name, str(doc.get("description", "")), scheduler, tuple(blocks), source)
+
+
+def load_space(name: str, spaces_dir: Path | None = None) -> Space:
+    directory = spaces_dir or default_spaces_dir()
+    available = sorted(p.stem for p in directory.glob("*.yaml"))
+    if name not in available:
+        raise SpaceError(f"unknown space {name!r}; valid spaces: {available + ['all']}")
+    path = directory / f"{name}.yaml"
+    return parse_space(name, path.read_text(), str(path))
+
+
+def grid_trials(space: Space, experiment: str, seeds: list[int]) -> list[TrialSpec]:
+    """Every grid configuration x seed, in file order; sampler entries are refused (grid search only)."""
+    if space.has_samplers():
+        raise SpaceError(f"{space.source}: space {space.name!r} has sampled parameters: use --search optuna")
+    out = []
+    for block in space.blocks:
+        names = list(block.params)
+        choices = [v["grid"] if isinstance(v, dict) else [v] for v in block.params.values()]
+        for combo in itertools.product(*choices):
+            for seed in seeds:
+                out.append(TrialSpec(experiment, space.name, block.variant, dict(zip(names, combo, strict=True)), seed))
+    return out
+
+
+def validate_trials(trials: list[TrialSpec], profile: Profile) -> None:
+    """Build every SAEConfig now, so a bad value fails before Ray starts; name the trial that is wrong."""
+    for t in trials:
+        try:
+            SAEConfig(t.variant, profile.d_in, profile.d_sae, t.params)
+        except ValueError as exc:
+            raise SpaceError(f"space {t.space!r}, variant {t.variant!r}, params {t.params}: {exc}") from exc
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of a t-based 95% confidence interval (NaN half-width for one value)."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    n = len(vals)
+    mean = sum(vals) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    t975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+    return mean, t975.get(n, 1.96) * sd / math.sqrt(n)

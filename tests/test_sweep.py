@@ -1,0 +1,122 @@
+"""The sweep service end to end on the tiny model: Ray Tune, Parquet rows, report, re-runs, failures."""
+
+import pandas as pd
+import pytest
+
+from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
+from hsae.spaces import SpaceError, grid_trials, load_space, parse_space
+from tune import ablate
+from tune.report import build_report
+
+
+@pytest.fixture
+def sweep(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("HSAE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+
+    def run(*args):
+        return ablate.main(["--profile", "tiny", "--out", str(out), *args])
+
+    return run, out
+
+
+def test_sweep_with_asha_writes_documented_parquet_and_report(sweep):
+    run, out = sweep
+    assert run("--space", "ortho", "--scheduler", "asha") == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    curves = pd.read_parquet(out / "curves.parquet")
+    assert len(trials) == 5
+    for name, dtype in TRIAL_COLUMNS:
+        assert name in trials.columns, name
+        assert str(trials[name].dtype) == dtype or trials[name].isna().all(), (name, trials[name].dtype)
+    assert "cfg_alpha" in trials and trials["cfg_alpha"].notna().all() and trials["cfg_lr"].notna().all()
+    assert set(trials["status"]) <= {"completed", "early_stopped"}
+    completed = trials[trials.status == "completed"]
+    assert len(completed) >= 1
+    assert (completed["steps"] == 40).all() and completed["unlearning_score"].notna().all()
+    assert completed["explained_variance"].gt(0).all() and completed["l0"].gt(0).all()
+    assert set(CURVE_COLUMNS) <= set(curves.columns)
+    assert set(curves["trial_id"]) == set(trials["trial_id"])  # early-stopped trials keep their curves
+    assert list((out / "ray_results").rglob("events.out.tfevents*"))  # Tune's TensorBoard output
+    report = build_report(out)
+    text = report.read_text()
+    assert "## Ablation: orthogonality α" in text and "| fixed_ortho |" in text
+    for png in ("fig1a_unlearning.png", "fig1b_loss_curves.png", "alpha_vs_correlation.png", "l0_vs_ev.png"):
+        assert (report.parent / png).stat().st_size > 1000, png
+
+
+def test_rerun_with_same_experiment_skips_finished_trials(sweep, capsys):
+    run, out = sweep
+    assert run("--space", "groups") == 0
+    first = pd.read_parquet(out / "trials.parquet").set_index("trial_id")["finished_at"]
+    assert run("--space", "groups") == 0
+    assert "already finished" in capsys.readouterr().out
+    second = pd.read_parquet(out / "trials.parquet").set_index("trial_id")["finished_at"]
+    assert len(second) == 2 and second.sort_index().equals(first.sort_index())
+
+
+def test_failing_trial_is_recorded_as_failed_and_exit_is_nonzero(sweep, capsys):
+    run, out = sweep
+    assert run("--space", "groups", "--fault", "raise:adaptive_ortho") == 1
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert set(trials["status"]) == {"failed"}
+    assert trials["error"].str.contains("injected fault").all()
+    assert "2 trial(s) failed" in capsys.readouterr().err
+    # The failed trials are not "finished": a later run retries them.
+    assert ResultsStore(out).finished_ids("tiny-groups") == set()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--space", "nope"], "unknown space 'nope'; valid spaces: ["),
+    (["--space", "ortho", "--layer", "9"], "layer 9 is out of range for 'tiny': it has 4 layers"),
+    (["--space", "ortho", "--model", "/no/such/model"], "cannot be found offline"),
+    (["--space", "ortho", "--seeds", "0"], "--seeds must be >= 1"),
+    (["--space", "ortho", "--n-ctxs", "2"], "fewer than one batch"),
+    (["--space", "ortho", "--profile", "huge"], "unknown profile 'huge'"),
+])
+def test_bad_input_exits_2_before_compute(args, message, tmp_path, capsys):
+    rc = ablate.main([*args, "--out", str(tmp_path / "r"), *(["--profile", "tiny"] if "--profile" not in args else [])])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "trials.parquet").exists()
+
+
+def test_unwritable_results_directory_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert ablate.main(["--space", "ortho", "--profile", "tiny", "--out", str(blocker / "sub")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_space_files_parse_and_validate():
+    for name in ("variants", "ortho", "groups", "dynamic", "hier", "contrast", "baselines"):
+        space = load_space(name)
+        assert grid_trials(space, "e", [42]), name
+    assert {t.variant for t in grid_trials(load_space("variants"), "e", [42])} == {
+        "relu", "fixed_ortho", "adaptive_ortho", "enhanced_adaptive", "static_hier", "dynamic_hier",
+        "contrastive_hier"}
+    alphas = [t.params["alpha"] for t in grid_trials(load_space("ortho"), "e", [42, 43])]
+    assert sorted(set(alphas)) == [0.0, 0.1, 0.2, 0.3, 0.4] and len(alphas) == 10
+
+
+@pytest.mark.parametrize("text,message", [
+    ("trials: [variant: relu", "malformed YAML"),
+    ("trials: []", "non-empty 'trials' list"),
+    ("trials:\n  - variant: fixed_ortho\n    params: {alpha: {grid: 0.1}}", "alpha.grid must be a non-empty list"),
+    ("trials:\n  - variant: fixed_ortho\n    params: {alpha: {beta: [1, 2]}}", "unknown sampler 'beta'"),
+    ("trials:\n  - variant: fixed_ortho\n    params: {alpha: {uniform: [a, b]}}", "must be [low, high] numbers"),
+    ("trials:\n  - variant: relu\nschedule: asha", "unknown top-level key(s) ['schedule']"),
+    ("trials:\n  - params: {alpha: 1}", "each block needs a 'variant'"),
+])
+def test_malformed_space_files_are_refused_with_the_field_named(text, message):
+    with pytest.raises(SpaceError) as info:
+        parse_space("x", text, "x.yaml")
+    assert message in str(info.value) and "x.yaml" in str(info.value)
+
+
+def test_grid_value_of_wrong_type_names_the_trial():
+    from hsae.spaces import PROFILES, validate_trials
+
+    space = parse_space("x", "trials:\n  - variant: fixed_ortho\n    params: {alpha: {grid: [0.1, high]}}")
+    with pytest.raises(SpaceError, match=r"variant 'fixed_ortho', params \{'alpha': 'high'\}: alpha must be a number"):
+        validate_trials(grid_trials(space, "e", [42]), PROFILES["tiny"])
