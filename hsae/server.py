@@ -21,6 +21,9 @@ from hsae.models import spec_identity
 from hsae.train import Batch, to_batch
 
 DEFAULT_NAME = "hsae-activations"
+# Handles of the servers this driver created. A non-detached actor dies when its last handle goes, so
+# keeping one here makes a server live as long as its driver process, across several sweeps in it.
+_HANDLES: dict[str, Any] = {}
 
 
 class ActivationServer:
@@ -122,7 +125,7 @@ def create_activation_server(
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     actor_cls = ray.remote(ActivationServer)
-    return actor_cls.options(
+    handle = actor_cls.options(
         name=name,
         get_if_exists=True,
         num_cpus=num_cpus,
@@ -130,6 +133,8 @@ def create_activation_server(
         max_restarts=max_restarts,
         max_task_retries=-1 if max_restarts else 0,
     ).remote(cfg, cache_root, threads=max(int(num_cpus), 1), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
+    _HANDLES.setdefault(name, handle)  # the creating handle owns the actor: keep that one
+    return handle
 
 
 class ShardedRows:

@@ -3,7 +3,7 @@
 A space file (``tune/spaces/<name>.yaml``) lists blocks, each a variant with parameter values:
 
     description: alpha swept 0.1 -> 0.4 (the paper's linear sweep)
-    scheduler: asha            # asha | fifo (default asha)
+    scheduler: fifo            # fifo | asha (default fifo, see docs/sweeps.md)
     trials:
       - variant: fixed_ortho
         params:
@@ -181,7 +181,7 @@ def parse_space(name: str, text: str, source: str = "<string>") -> Space:
     unknown = sorted(set(doc) - {"description", "scheduler", "trials"})
     if unknown:
         raise SpaceError(f"{source}: unknown top-level key(s) {unknown}; valid: ['description', 'scheduler', 'trials']")
-    scheduler = doc.get("scheduler", "asha")
+    scheduler = doc.get("scheduler", "fifo")
     if scheduler not in SCHEDULERS:
         raise SpaceError(f"{source}: scheduler {scheduler!r} is not one of {list(SCHEDULERS)}")
     blocks = []
@@ -202,6 +202,12 @@ def parse_space(name: str, text: str, source: str = "<string>") -> Space:
 
 
 def load_space(name: str, spaces_dir: Path | None = None) -> Space:
+    """A space by name (``tune/spaces/<name>.yaml``) or by the path of a YAML file of your own."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise SpaceError(f"space file {name!r} does not exist")
+        return parse_space(path.stem, path.read_text(), str(path))
     directory = spaces_dir or default_spaces_dir()
     available = sorted(p.stem for p in directory.glob("*.yaml"))
     if name not in available:

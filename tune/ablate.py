@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -135,11 +136,26 @@ def eval_config(profile: Profile) -> tuple[EvalConfig, BankConfig]:
     return EvalConfig(unlearning=ucfg, ce_contexts_per_domain=profile.ce_contexts_per_domain), bank
 
 
+def check_reachable(address: str) -> None:
+    """Refuse an address nothing listens on, in seconds (ray.init would retry for minutes)."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"no Ray cluster answers at {address!r} ({exc}); start one with `ray start --head` "
+                              f"or leave out --address to start a local cluster") from exc
+
+
 def connect(address: str | None) -> Any:
     import ray
 
     if ray.is_initialized():
         return ray
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -291,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         failed += run_space(space, trials[space.name], profile, args, server_name)
     trials_path, curves_path = ResultsStore(args.out).consolidate()
     print(f"[hsae] results: {trials_path} and {curves_path} ({time.perf_counter() - t0:.0f} s)")
+    import pandas as pd
+
+    rows = pd.read_parquet(trials_path)
+    mine = rows[rows["experiment"].isin({t.experiment for ts in trials.values() for t in ts})]
+    for r in mine[mine["status"] == "degenerate"].itertuples():
+        print(f"[hsae] degenerate (no scores): {r.variant} seed {r.seed}: {r.error}", file=sys.stderr)
     if failed:
         print(f"[hsae] {len(failed)} trial(s) failed:", file=sys.stderr)
         for spec, reason in failed:
