@@ -92,7 +92,7 @@ PROFILES: dict[str, Profile] = {
     # 512 contexts (~65k tokens, ~70 s to harvest), a 2x dictionary and 150 steps at lr 1e-3.
     "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=512, n_eval_ctxs=32,
                         ctx_len=128, d_in=640, d_sae=1280, steps=150, batch_size=2048, lr=1e-3, log_every=10,
-                        checkpoint_every=50),
+                        checkpoint_every=50, ce_contexts_per_domain=2),
     # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
                     d_in=64, d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,

@@ -82,7 +82,7 @@ def test_no_features_or_zero_multiplier_leaves_logits_unchanged(tiny_world):
     noop = SAEClamp(sae.encode, sae.W_dec.detach(), torch.tensor([], dtype=torch.long), 0.0)
     edited, changed = noop.apply(b["resid"], b["valid"])
     assert torch.equal(edited, b["resid"]) and not changed.any()
-    assert ev.accuracy(noop) == (1.0, 1.0, 0)
+    assert ev.accuracy(noop) == (1.0, 1.0, 0, True)
     # The re-run path itself: layer-L residual -> later layers equals the model's own full forward.
     ids = torch.tensor([bank.prompts[int(i)] + [0] * (b["resid"].shape[1] - len(bank.prompts[int(i)]))
                         for i in b["idx"]])
@@ -146,3 +146,23 @@ def test_server_evaluates_sae_by_value(ray_session, tiny_harvest_cfg, tmp_path):
     assert len(out["unlearning"]["grid"]) == 16
     assert out["ce"]["ce_score_retain"] == pytest.approx(1.0, abs=1e-4)
     ray.kill(server)
+
+
+def test_stopping_retain_early_keeps_the_score_and_forget_accuracy_exact(tiny_world):
+    from dataclasses import replace
+
+    from hsae.evaluation.interventions import ConditionalProjection
+
+    loaded, bank, ev = tiny_world
+    exact_cfg = replace(SMALL, unlearning=replace(SMALL.unlearning, stop_retain_early=False))
+    exact = Evaluator(loaded, bank, ev.train_x, ev.train_labels, np.zeros((1, 32), dtype=np.int64),
+                      np.zeros(1, dtype=np.int64), exact_cfg)
+    d = ev.batches[0]["resid"].shape[-1]
+    direction = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0)
+    wrecking = ConditionalProjection(direction, torch.zeros(d), threshold=-1e9, strength=50.0)
+    f_fast, r_fast, _, exact_flag = ev.accuracy(wrecking)
+    f_exact, r_exact, _, exact_flag2 = exact.accuracy(wrecking)
+    assert exact_flag2 and r_exact < 0.99  # the edit breaks retain answers
+    assert not exact_flag and f_fast == f_exact and r_fast >= r_exact  # an upper bound, flagged
+    grid = lambda acc: [{"forget_acc": acc[0], "retain_acc": acc[1]}]  # noqa: E731
+    assert unlearning_score(grid((f_fast, r_fast))) == unlearning_score(grid((f_exact, r_exact)))

@@ -26,8 +26,26 @@ def test_group_block_rms_matches_loop_reference():
     g = torch.Generator().manual_seed(0)
     f = torch.relu(torch.randn(50, 12, generator=g, dtype=torch.float64))
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
-    fast = losses.group_block_rms(losses.activation_cosine_gram(f), F.one_hot(groups, 4).double())
+    fast = losses.group_block_rms(f, F.one_hot(groups, 4).double())
     torch.testing.assert_close(fast, _reference_block_rms(f, groups, 4), atol=1e-6, rtol=1e-6)
+
+
+def test_token_space_blocks_equal_feature_space_blocks_and_gradients():
+    # More features than tokens with hard equal-size groups: the (B, B) per-group path is taken.
+    g = torch.Generator().manual_seed(3)
+    f = torch.relu(torch.randn(16, 48, generator=g, dtype=torch.float64) - 0.3).requires_grad_(True)
+    groups = torch.randperm(48, generator=g) % 6
+    onehot = F.one_hot(groups, 6).double()
+    token = losses.block_cosine_sq(f, onehot, groups)
+    feature = losses.block_cosine_sq(f, onehot, None)
+    torch.testing.assert_close(token, feature, rtol=1e-10, atol=1e-10)
+    w = torch.rand(6, 6, generator=g, dtype=torch.float64)
+    (grad_token,) = torch.autograd.grad((token * w).sum(), f)
+    (grad_feature,) = torch.autograd.grad((feature * w).sum(), f)
+    torch.testing.assert_close(grad_token, grad_feature, rtol=1e-9, atol=1e-10)
+    hier_token = losses.hierarchical_orthogonality(f, onehot, 2, 0.4, 0.2, groups)
+    hier_feature = losses.hierarchical_orthogonality(f, onehot, 2, 0.4, 0.2, None)
+    torch.testing.assert_close(hier_token, hier_feature, rtol=1e-10, atol=1e-10)
 
 
 def _two_features_firing(n, a, b, tokens=32):

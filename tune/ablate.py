@@ -161,7 +161,9 @@ def connect(address: str | None) -> Any:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+            # One logical CPU more than the machine has: a trial spends about half its life waiting for
+            # the activation server to evaluate its SAE, and a third trial keeps both cores busy then.
+            ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConnectionError(f"cannot connect to a Ray cluster at {address!r}: {exc}") from exc
     return ray

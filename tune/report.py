@@ -73,6 +73,11 @@ def describe(row: object) -> str:
     return f"{row.variant} ({row.status}{reason})"
 
 
+def half_widths(stats: list[tuple[float, float]]) -> list[float]:
+    """Error-bar half-widths from (mean, CI half-width) pairs; a single seed has none (0)."""
+    return [0.0 if half != half else half for _, half in stats]
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.tight_layout()
@@ -90,9 +95,9 @@ def fig_unlearning(done: pd.DataFrame, controls: dict, path: Path) -> bool:
     rand = [mean_ci95(df[df.variant == v]["random_feature_score"].dropna().tolist()) for v in variants]
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(variants))
-    ax.bar([x - 0.2 for x in xs], [s[0] for s in stats], 0.4, yerr=[0 if s[1] != s[1] else s[1] for s in stats],
+    ax.bar([x - 0.2 for x in xs], [s[0] for s in stats], 0.4, yerr=half_widths(stats),
            label="SAE feature clamp", color="#4C72B0", capsize=3)
-    ax.bar([x + 0.2 for x in xs], [s[0] for s in rand], 0.4, yerr=[0 if s[1] != s[1] else s[1] for s in rand],
+    ax.bar([x + 0.2 for x in xs], [s[0] for s in rand], 0.4, yerr=half_widths(rand),
            label="random features (negative control)", color="#BBBBBB", capsize=3)
     if controls.get("positive"):
         ax.axhline(controls["positive"]["score"], color="#C44E52", ls="--", label="positive control (diff. of means)")
@@ -100,6 +105,32 @@ def fig_unlearning(done: pd.DataFrame, controls: dict, path: Path) -> bool:
     ax.set_ylabel("unlearning score")
     ax.set_title("Unlearning score per variant (paper Fig. 1a)")
     ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def fig_tradeoff(done: pd.DataFrame, path: Path, retain_bar: float = 0.99) -> bool:
+    """Every grid setting as (retain accuracy, forget accuracy removed): why a score is what it is.
+
+    A setting counts towards the score only right of the retain bar; hollow markers are settings
+    stopped early once they failed the bar (their retain accuracy is an upper bound)."""
+    rows = done.dropna(subset=["unlearning_grid"])
+    if rows.empty:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in [v for v in VARIANT_ORDER if v in set(rows["variant"])]:
+        points = [g for grid in rows[rows.variant == variant]["unlearning_grid"] for g in json.loads(grid)]
+        exact = [g for g in points if g.get("retain_acc_exact", True)]
+        bound = [g for g in points if not g.get("retain_acc_exact", True)]
+        sc = ax.scatter([g["retain_acc"] for g in exact], [1 - g["forget_acc"] for g in exact], s=18, label=variant)
+        ax.scatter([g["retain_acc"] for g in bound], [1 - g["forget_acc"] for g in bound], s=18,
+                   facecolors="none", edgecolors=sc.get_facecolor())
+    ax.axvline(retain_bar, color="black", ls=":", lw=1)
+    ax.text(retain_bar, ax.get_ylim()[1] * 0.95, f" retain bar {retain_bar}", fontsize=8, va="top")
+    ax.set_xlabel("retain accuracy (1.0 = no collateral damage)")
+    ax.set_ylabel("forget accuracy removed (1 - forget acc)")
+    ax.set_title("Unlearning grid: removal vs collateral damage, every setting")
+    ax.legend(fontsize=7)
     _save(fig, path)
     return True
 
@@ -128,7 +159,7 @@ def fig_alpha(df: pd.DataFrame, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5, 4))
     alphas = sorted(df["cfg_alpha"].dropna().unique())
     stats = [mean_ci95(df[df.cfg_alpha == a]["inter_group_correlation"].dropna().tolist()) for a in alphas]
-    ax.errorbar(alphas, [s[0] for s in stats], yerr=[0 if s[1] != s[1] else s[1] for s in stats], marker="o",
+    ax.errorbar(alphas, [s[0] for s in stats], yerr=half_widths(stats), marker="o",
                 capsize=3)
     ax.set_xlabel("α (orthogonality coefficient)")
     ax.set_ylabel("mean inter-group activation correlation")
@@ -198,6 +229,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     main = done[done["space"] == "variants"] if (done["space"] == "variants").any() else done
     if fig_unlearning(main, controls, out / "fig1a_unlearning.png"):
         figures.append(("Unlearning score per variant", "fig1a_unlearning.png"))
+    if fig_tradeoff(main, out / "unlearning_tradeoff.png"):
+        figures.append(("Removal vs collateral damage per grid setting", "unlearning_tradeoff.png"))
     if fig_loss_curves(curves, main, out / "fig1b_loss_curves.png"):
         figures.append(("Total loss curves", "fig1b_loss_curves.png"))
     if fig_alpha(done[done["space"] == "ortho"], out / "alpha_vs_correlation.png"):

@@ -95,13 +95,22 @@ class Evaluator:
                 "domain": np.array([bank.domain[i] for i in idx]),
             })
 
-    def accuracy(self, intervention: Any) -> tuple[float, float, int]:
-        """Forget and retain accuracy under ``intervention``; untouched questions keep their (correct)
-        baseline answer, so only changed prompts are re-run."""
+    def accuracy(self, intervention: Any) -> tuple[float, float, int, bool]:
+        """Forget and retain accuracy under ``intervention``, prompts touched, and whether the retain
+        accuracy is exact.
+
+        Untouched questions keep their (correct) baseline answer, so only changed prompts are re-run.
+        Forget accuracy is always exact. Once retain errors exceed what the retain bar allows, the
+        setting cannot count towards the score, so its remaining retain prompts are skipped and the
+        reported retain accuracy is an upper bound (exact = False).
+        """
+        budget = int(np.floor((1 - self.cfg.unlearning.retain_bar) * self.n_retain + 1e-9))
         wrong = {FORGET: 0, RETAIN: 0}
         touched = 0
         for b in self.batches:
             edited, changed = intervention.apply(b["resid"], b["valid"])
+            if wrong[RETAIN] > budget and self.cfg.unlearning.stop_retain_early:
+                changed = changed & torch.as_tensor(b["domain"] == FORGET)
             if not bool(changed.any()):
                 continue
             rows = torch.nonzero(changed).flatten()
@@ -112,7 +121,8 @@ class Evaluator:
             bad = (scores.argmax(dim=-1).cpu() != b["answer"][rows]).numpy()
             for r, is_bad in zip(rows.tolist(), bad, strict=True):
                 wrong[int(b["domain"][r])] += int(is_bad)
-        return 1 - wrong[FORGET] / self.n_forget, 1 - wrong[RETAIN] / self.n_retain, touched
+        exact = not (self.cfg.unlearning.stop_retain_early and wrong[RETAIN] > budget)
+        return 1 - wrong[FORGET] / self.n_forget, 1 - wrong[RETAIN] / self.n_retain, touched, exact
 
     # -- unlearning -------------------------------------------------------------------------------
     def unlearning(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -197,17 +207,21 @@ class Evaluator:
             resid = stopped_forward(self.loaded, ids).float().cpu()
             self.ce_sets[d] = {"ids": ids, "resid": resid}
 
-    def _ce_kl(self, resid: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor | None
-               ) -> tuple[float, float | None]:
-        """Mean next-token CE from positions 1..T-2 (position 0, BOS, is never edited) and KL to ``reference``."""
+    def _log_probs(self, resid: torch.Tensor) -> list[torch.Tensor]:
+        """Next-token log-probabilities from positions 1..T-2 (position 0, BOS, is never edited)."""
         hidden = tail_hidden(self.loaded, resid)[:, 1:-1]
-        targets = ids[:, 2:].to(hidden.device)
+        return [full_log_probs(self.loaded, hidden[b]) for b in range(hidden.shape[0])]
+
+    @staticmethod
+    def _ce_kl(log_probs: list[torch.Tensor], ids: torch.Tensor, reference: list[torch.Tensor] | None
+               ) -> tuple[float, float | None]:
+        """Mean CE of the next tokens and mean KL(reference || log_probs) per token."""
+        targets = ids[:, 2:]
         ce_sum, kl_sum, count = 0.0, 0.0, 0
-        for b in range(hidden.shape[0]):
-            logp = full_log_probs(self.loaded, hidden[b])
-            ce_sum += float(-logp.gather(1, targets[b][:, None]).sum())
+        for b, logp in enumerate(log_probs):
+            ce_sum += float(-logp.gather(1, targets[b].to(logp.device)[:, None]).sum())
             if reference is not None:
-                ref = full_log_probs(self.loaded, reference[b])
+                ref = reference[b]
                 kl_sum += float((ref.exp() * (ref - logp)).sum())
             count += targets.shape[1]
         return ce_sum / count, (kl_sum / count if reference is not None else None)
@@ -223,15 +237,16 @@ class Evaluator:
             name = "forget" if d == FORGET else "retain"
             resid, ids = data["resid"], data["ids"]
             if "clean" not in data:
-                data["clean"] = self._ce_kl(resid, ids, None)[0]
+                # SAE-independent: computed once, the clean distributions kept for every SAE's KL.
+                data["clean_log_probs"] = self._log_probs(resid)
+                data["clean"] = self._ce_kl(data["clean_log_probs"], ids, None)[0]
                 zero = resid.clone()
                 zero[:, 1:] = 0.0
-                data["zero"] = self._ce_kl(zero, ids, None)[0]
-                data["clean_hidden"] = tail_hidden(self.loaded, resid)[:, 1:-1]
+                data["zero"] = self._ce_kl(self._log_probs(zero), ids, None)[0]
             spliced = resid.clone()
             with torch.no_grad():
                 spliced[:, 1:] = sae(resid[:, 1:])[0]
-            ce_sae, kl = self._ce_kl(spliced, ids, data["clean_hidden"])
+            ce_sae, kl = self._ce_kl(self._log_probs(spliced), ids, data["clean_log_probs"])
             denom = data["zero"] - data["clean"]
             out[f"ce_clean_{name}"] = data["clean"]
             out[f"ce_zero_{name}"] = data["zero"]

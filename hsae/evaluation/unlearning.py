@@ -29,6 +29,9 @@ class UnlearningConfig:
     retain_bar: float = RETAIN_BAR
     min_forget_questions: int = 150
     min_retain_questions: int = 300
+    # Stop re-answering retain questions once a setting has failed the retain bar: the score is the
+    # same, forget accuracy stays exact, the retain accuracy becomes an upper bound (flagged).
+    stop_retain_early: bool = True
 
     def __post_init__(self) -> None:
         for name in ("retain_thresholds", "multipliers"):
@@ -81,7 +84,7 @@ class GridResult:
 def run_grid(
     settings: Sequence[dict[str, Any]],
     make_intervention: Callable[[dict[str, Any]], Any],
-    accuracy: Callable[[Any], tuple[float, float, int]],
+    accuracy: Callable[[Any], tuple[float, float, int, bool]],
     n_forget: int,
     n_retain: int,
     retain_bar: float = RETAIN_BAR,
@@ -89,8 +92,9 @@ def run_grid(
     """Score every setting with one accuracy function; report the grid and how many settings tie."""
     grid = []
     for setting in settings:
-        forget_acc, retain_acc, touched = accuracy(make_intervention(setting))
-        grid.append({**setting, "forget_acc": forget_acc, "retain_acc": retain_acc, "questions_touched": touched})
+        forget_acc, retain_acc, touched, exact = accuracy(make_intervention(setting))
+        grid.append({**setting, "forget_acc": forget_acc, "retain_acc": retain_acc, "retain_acc_exact": exact,
+                     "questions_touched": touched})
     outcomes = [(g["forget_acc"], g["retain_acc"]) for g in grid]
     ties = len(outcomes) - len(set(outcomes))
     return GridResult(unlearning_score(grid, retain_bar), grid, n_forget, n_retain, 1.0, 1.0, ties)

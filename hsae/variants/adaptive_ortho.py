@@ -47,7 +47,7 @@ class AdaptiveOrthoSAE(SAE):
         self.register_buffer("pair_alpha", torch.full((k, k), mid) * losses.off_diagonal(k))
 
     def structure_terms(self, x, f, labels, step) -> dict[str, torch.Tensor]:
-        rms = losses.group_block_rms(losses.activation_cosine_gram(self.gram_rows(f)), self.group_assignment())
+        rms = losses.group_block_rms(self.gram_rows(f), self.group_assignment(), self.group_of)
         return {"ortho": losses.pairwise_penalty(rms, self.pair_alpha)}
 
     @torch.no_grad()
@@ -57,7 +57,8 @@ class AdaptiveOrthoSAE(SAE):
         if step % self.p.regroup_every == 0:
             gram = losses.activation_cosine_gram(self.gram_rows(f))
             self.group_of.copy_(balanced_regroup(gram, self.group_of, self.p.n_groups))
-            rms = losses.group_block_rms(gram, self.group_assignment())
+            a = self.group_assignment()
+            rms = losses.block_rms(a.T @ gram.pow(2) @ a, a)
             self.pair_alpha.copy_(rank_scaled_alpha(rms, self.p.alpha_min, self.p.alpha_max))
 
     def group_assignment(self) -> torch.Tensor:

@@ -36,5 +36,7 @@ class ContrastiveHierSAE(DynamicHierSAE):
         if labels is None:
             raise ValueError("variant 'contrastive_hier' needs domain labels with every batch (forget/retain)")
         terms = super().hierarchy_terms(f, fine, labels)
-        terms["nce"] = self.p.nce_weight * losses.info_nce(f @ fine, labels, self.p.nce_temperature)
+        # Estimated on the same token subset as the Gram: (B, B) similarities cost B^2 x 64.
+        rows = self.gram_rows(f)
+        terms["nce"] = self.p.nce_weight * losses.info_nce(rows @ fine, labels[: rows.shape[0]], self.p.nce_temperature)
         return terms

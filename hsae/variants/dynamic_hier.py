@@ -65,6 +65,9 @@ class DynamicHierSAE(StaticHierSAE):
         p2 = torch.softmax(torch.einsum("nd,ijd->nij", keys, self.query_l2) / tau, dim=-1)
         return (p1[:, :, None] * p2).reshape(keys.shape[0], -1)
 
+    def fine_groups(self) -> None:
+        return None  # soft assignments: the feature-space Gram
+
     def fine_assignment(self) -> torch.Tensor:
         live = self.attention_assignment()
         # Straight-through: the value of the last refresh, the gradient of the live attention.

@@ -30,9 +30,10 @@ class FixedOrthoSAE(SAE):
     def __init__(self, cfg, generator=None) -> None:
         super().__init__(cfg, generator)
         self.register_buffer("assignment", contiguous_assignment(cfg.d_sae, self.p.n_groups))
+        self.register_buffer("group_of", self.assignment.argmax(dim=1))
 
     def structure_terms(self, x, f, labels, step) -> dict[str, torch.Tensor]:
-        return {"ortho": losses.group_orthogonality(self.gram_rows(f), self.assignment, self.p.alpha)}
+        return {"ortho": losses.group_orthogonality(self.gram_rows(f), self.assignment, self.p.alpha, self.group_of)}
 
     def group_assignment(self) -> torch.Tensor:
         return self.assignment

@@ -62,8 +62,11 @@ class MatryoshkaBatchTopKSAE(SAE):
         if not self.training and self.threshold >= 0:
             return pre * (pre > self.threshold)
         flat = pre.flatten()
-        values, indices = flat.topk(min(self.p.k * pre.shape[0], flat.numel()))
-        return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
+        keep = min(self.p.k * pre.shape[0], flat.numel())
+        # The k*B-th largest value by selection (linear time) instead of a k*B-element top-k sort;
+        # ties at the threshold may keep a few more.
+        threshold = flat.detach().kthvalue(flat.numel() - keep + 1).values
+        return pre * (pre >= threshold).to(pre.dtype)
 
     def loss(self, x, labels, step, sparsity_scale: float = 1.0) -> LossOutput:
         f = self.encode(x)

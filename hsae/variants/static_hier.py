@@ -36,6 +36,10 @@ class StaticHierSAE(SAE):
         k_all = self.p.n_groups_l1 * self.p.n_groups_l2
         self.register_buffer("assignment_l2", contiguous_assignment(cfg.d_sae, k_all))
 
+    def fine_groups(self) -> torch.Tensor | None:
+        """Hard fine-group index per feature (lets the loss take the token-space path); None if soft."""
+        return self.assignment_l2.argmax(dim=1)
+
     def fine_assignment(self) -> torch.Tensor:
         return self.assignment_l2
 
@@ -50,7 +54,7 @@ class StaticHierSAE(SAE):
     def hierarchy_terms(self, f, fine, labels) -> dict[str, torch.Tensor]:
         p = self.p
         return {"ortho": losses.hierarchical_orthogonality(self.gram_rows(f), fine, p.n_groups_l1, p.alpha_l1,
-                                                           p.alpha_l2)}
+                                                           p.alpha_l2, self.fine_groups())}
 
     def group_assignment(self) -> torch.Tensor:
         return self.coarse(self.fine_assignment())

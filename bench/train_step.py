@@ -1,0 +1,156 @@
+"""Training-step cost of every variant against the floor, a plain PyTorch SAE and SAELens.
+
+    python bench/train_step.py [--steps 5] [--sizes 640x640,640x5120,2304x2304] [--threads 1]
+
+For each (variant, d, n) at batch 2048, fp32 on the CPU, it prints the time of one training step of
+our Trainer loop (loss, backward, clipping, AdamW, decoder renormalisation, regrouping) and the floor:
+the same step's dense matmuls alone (encoder forward, decoder forward, and their backward: 5 GEMMs),
+timed in the same run. Then our `relu` step against an independent plain-PyTorch SAE step written
+here as simply as possible, and against SAELens' own training step for its standard SAE when
+`sae-lens` is installed (`pip install -e ".[bench]"`). Ratios, not absolute times, are the result:
+this machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from hsae.config import SAEConfig, TrainConfig
+from hsae.synthetic import sparse_dictionary_data
+from hsae.train import ArrayBatches, Trainer
+from hsae.variants import VARIANTS
+
+BATCH = 2048
+
+
+def timed(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs (after ``warmup``)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def floor_seconds(d: int, n: int, reps: int) -> float:
+    """The five dense GEMMs of one SAE step, each timed on its own."""
+    x, g_out = torch.randn(BATCH, d), torch.randn(BATCH, d)
+    w_enc, w_dec = torch.randn(d, n), torch.randn(n, d)
+    f, g_pre = torch.randn(BATCH, n), torch.randn(BATCH, n)
+    gemms = [
+        lambda: x @ w_enc,  # encoder forward
+        lambda: f @ w_dec,  # decoder forward
+        lambda: g_out @ w_dec.T,  # decoder backward: grad wrt f
+        lambda: f.T @ g_out,  # decoder backward: grad wrt W_dec
+        lambda: x.T @ g_pre,  # encoder backward: grad wrt W_enc (x needs no grad)
+    ]
+    return sum(timed(g, reps) for g in gemms)
+
+
+def bench_params(variant: str, n: int) -> dict:
+    return {"topk": {"k": 64}, "matryoshka_batchtopk": {"k": 64}}.get(variant, {})
+
+
+def our_step_seconds(variant: str, d: int, n: int, data, steps: int) -> float:
+    """Seconds per step of the real Trainer loop, from its own step clock (evaluation excluded)."""
+    cfg = SAEConfig(variant, d, n, bench_params(variant, n))
+    warm = 2
+    records = []
+    trainer = Trainer(cfg, TrainConfig(steps=warm + steps, batch_size=BATCH, log_every=1),
+                      on_metrics=lambda step, rec: records.append(rec))
+    trainer.fit(ArrayBatches(data.x, data.labels, BATCH, 0), guard=False)
+    walls = [r["wall_s"] for r in records]
+    return (walls[-1] - walls[warm - 1]) / steps
+
+
+def plain_step_seconds(d: int, n: int, data, steps: int) -> float:
+    """The simplest SAE step: ReLU encoder, linear decoder, MSE + L1, AdamW."""
+    x = torch.as_tensor(data.x[:BATCH])
+    w_enc = torch.nn.Parameter(torch.randn(d, n) * 0.01)
+    b_enc = torch.nn.Parameter(torch.zeros(n))
+    w_dec = torch.nn.Parameter(torch.randn(n, d) * 0.01)
+    b_dec = torch.nn.Parameter(torch.zeros(d))
+    opt = torch.optim.AdamW([w_enc, b_enc, w_dec, b_dec], lr=3e-4, weight_decay=0.01)
+
+    def step() -> None:
+        f = torch.relu(x @ w_enc + b_enc)
+        loss = (f @ w_dec + b_dec - x).pow(2).mean() + 1e-3 * f.abs().sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return timed(step, steps, warmup=2)
+
+
+def saelens_step_seconds(d: int, n: int, data, steps: int) -> float | None:
+    """SAELens' training step for its standard SAE, as its SAETrainer._train_step runs it: the SAE's own
+    training_forward_pass, the firing statistics, backward, grad clipping 1.0, Adam, zero_grad."""
+    try:
+        from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+    except ImportError:
+        return None
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=n, l1_coefficient=1e-3, device="cpu"))
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
+    x = torch.as_tensor(data.x[:BATCH])
+    since_fired = torch.zeros(n)
+    act_freq = torch.zeros(n)
+
+    def step() -> None:
+        sae.train()
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 1e-3}, dead_neuron_mask=None,
+                                                       n_training_steps=0, is_logging_step=False))
+        with torch.no_grad():
+            firing = out.feature_acts.bool().float()
+            did_fire = firing.sum(-2).bool()
+            since_fired.add_(1)
+            since_fired[did_fire] = 0
+            act_freq.add_(firing.sum(0))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    return timed(step, steps, warmup=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--sizes", default="640x640,640x5120,2304x2304")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    print(f"batch {BATCH}, fp32, CPU, {args.threads} thread(s), median/mean of {args.steps} steps")
+    print(f"{'variant':22s} {'d':>5s} {'n':>5s} {'step_ms':>8s} {'floor_ms':>8s} {'ratio':>6s}")
+    for d, n in sizes:
+        data = sparse_dictionary_data(BATCH * 4, d=d, n_atoms=4 * d, seed=0)
+        floor = floor_seconds(d, n, args.steps)
+        for variant in args.variants.split(","):
+            ours = our_step_seconds(variant, d, n, data, args.steps)
+            print(f"{variant:22s} {d:5d} {n:5d} {ours * 1e3:8.1f} {floor * 1e3:8.1f} {ours / floor:6.2f}", flush=True)
+    print()
+    print(f"{'relu vs':22s} {'d':>5s} {'n':>5s} {'ours_ms':>8s} {'other_ms':>8s} {'ratio':>6s}")
+    for d, n in sizes:
+        data = sparse_dictionary_data(BATCH * 4, d=d, n_atoms=4 * d, seed=0)
+        ours = our_step_seconds("relu", d, n, data, args.steps)
+        plain = plain_step_seconds(d, n, data, args.steps)
+        print(f"{'plain PyTorch SAE':22s} {d:5d} {n:5d} {ours * 1e3:8.1f} {plain * 1e3:8.1f} {ours / plain:6.2f}")
+        lens = saelens_step_seconds(d, n, data, args.steps)
+        if lens is None:
+            print(f"{'SAELens':22s} {d:5d} {n:5d}  (not installed: pip install -e '.[bench]')")
+        else:
+            print(f"{'SAELens standard':22s} {d:5d} {n:5d} {ours * 1e3:8.1f} {lens * 1e3:8.1f} {ours / lens:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
