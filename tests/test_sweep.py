@@ -120,3 +120,14 @@ def test_grid_value_of_wrong_type_names_the_trial():
     space = parse_space("x", "trials:\n  - variant: fixed_ortho\n    params: {alpha: {grid: [0.1, high]}}")
     with pytest.raises(SpaceError, match=r"variant 'fixed_ortho', params \{'alpha': 'high'\}: alpha must be a number"):
         validate_trials(grid_trials(space, "e", [42]), PROFILES["tiny"])
+
+
+def test_optuna_search_samples_the_space(sweep, tmp_path):
+    run, out = sweep
+    space = tmp_path / "search.yaml"
+    space.write_text("trials:\n  - variant: fixed_ortho\n    params:\n      alpha: {uniform: [0.0, 0.4]}\n"
+                     "      n_groups: {choice: [4, 8]}\n")
+    assert run("--space", str(space), "--search", "optuna", "--samples", "2") == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 2 and trials["trial_id"].is_unique
+    assert trials["cfg_alpha"].between(0.0, 0.4).all() and set(trials["cfg_n_groups"]) <= {4, 8}

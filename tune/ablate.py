@@ -183,7 +183,8 @@ def run_space(space: Space, trials: list[TrialSpec], profile: Profile, args: arg
     ctx = {"profile": asdict(profile), "out": out, "server": server_name, "fault": args.fault}
     storage = str(Path(args.out).resolve() / "ray_results")
     name = experiment
-    scheduler_name = args.scheduler or space.scheduler
+    # Searches prune (ASHA); ablation grids keep every arm (the space file says, FIFO by default).
+    scheduler_name = args.scheduler or ("asha" if args.search == "optuna" else space.scheduler)
     # ASHA: time = training step, metric = validation MSE. Grace period: a third of training (early
     # losses of sparse, orthogonality-penalised SAEs cross); halving at each rung (reduction factor 2);
     # max_t one past the last step so the final report (evaluation) is never cut.
