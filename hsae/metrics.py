@@ -119,10 +119,6 @@ def info_nce_value(f: torch.Tensor, assignment: torch.Tensor, labels: torch.Tens
     return float(losses.info_nce((f @ assignment).double(), labels, temperature))
 
 
-def finite_or_nan(value: float) -> float:
-    return value if math.isfinite(value) else float("nan")
-
-
 @torch.no_grad()
 def evaluate(
     sae,

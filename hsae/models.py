@@ -12,8 +12,6 @@ The model runs only up to the hooked layer (``stopped_forward``): nothing after 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -273,9 +271,6 @@ def stopped_forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask
         raise RuntimeError(f"layer {layer} never ran: the forward finished without reaching the hook")
     return captured[0]
 
-
-def identity_hash(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def spec_identity(spec: ModelSpec) -> dict[str, Any]:

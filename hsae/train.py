@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from hsae import metrics as M
 from hsae.config import SAEConfig, TrainConfig
+from hsae.models import resolve_device
 from hsae.variants import SAE, build_sae
 
 
@@ -141,12 +142,6 @@ def check_trained(steps: int, final_loss: float, metrics: dict[str, float]) -> N
         raise DegenerateRunError(f"dead fraction = {dead}: every feature is dead", metrics)
     if ev is None or not math.isfinite(ev) or ev <= 0:
         raise DegenerateRunError(f"explained variance = {ev} <= 0: the SAE reconstructs worse than the mean", metrics)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
