@@ -7,7 +7,7 @@ Trials only ever fetch refs (numpy arrays are zero-copy, read-only); they never 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from hsae.activations import Harvest, HarvestConfig, Harvester
 from hsae.corpora import corpus_identity
 from hsae.evaluation.evaluator import EvalConfig, Evaluator
 from hsae.evaluation.questions import BankConfig, bank_source, build_bank
-from hsae.models import spec_identity
+from hsae.models import load_model, spec_identity
 from hsae.train import Batch, to_batch
 
 DEFAULT_NAME = "hsae-activations"
@@ -36,6 +36,7 @@ class ActivationServer:
         threads: int | None = None,
         eval_cfg: EvalConfig | None = None,
         bank_cfg: BankConfig | None = None,
+        eval_model: str | None = None,
     ) -> None:
         import torch
 
@@ -46,6 +47,8 @@ class ActivationServer:
         self.harvester = Harvester(cfg, Path(cache_root) if cache_root else None)
         self.eval_cfg = eval_cfg or EvalConfig()
         self.bank_cfg = bank_cfg or BankConfig()
+        # SAEBench evaluates base-model SAEs on the instruction-tuned twin (gemma-2-2b-it for gemma-2-2b).
+        self.eval_model = eval_model
         self._info: dict[str, Any] | None = None
         self._harvest: Harvest | None = None
         self._evaluator: Evaluator | None = None
@@ -77,9 +80,14 @@ class ActivationServer:
         if self._evaluator is None:
             self.prepare()
             assert self._harvest is not None
-            loaded = self.harvester.loaded
+            spec = self.cfg.model
+            if self.eval_model:
+                spec = replace(spec, source=self.eval_model)
+                loaded = load_model(spec)
+            else:
+                loaded = self.harvester.loaded
             bank = build_bank(loaded, self.bank_cfg, bank_source(loaded, self.cfg.corpus, self.bank_cfg),
-                              {"model": spec_identity(self.cfg.model), "corpus": corpus_identity(self.cfg.corpus)},
+                              {"model": spec_identity(spec), "corpus": corpus_identity(self.cfg.corpus)},
                               root=self.cache_root)
             x, labels = self._harvest.arrays("train")
             tokens, domains = self.harvester.cache.contexts("eval")
@@ -114,6 +122,7 @@ def create_activation_server(
     max_restarts: int = -1,
     eval_cfg: EvalConfig | None = None,
     bank_cfg: BankConfig | None = None,
+    eval_model: str | None = None,
 ) -> Any:
     """Create (or get, if one with this name is alive) the named server actor.
 
@@ -132,7 +141,8 @@ def create_activation_server(
         num_gpus=num_gpus,
         max_restarts=max_restarts,
         max_task_retries=-1 if max_restarts else 0,
-    ).remote(cfg, cache_root, threads=max(int(num_cpus), 1), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
+    ).remote(cfg, cache_root, threads=max(int(num_cpus), 1), eval_cfg=eval_cfg, bank_cfg=bank_cfg,
+             eval_model=eval_model)
     _HANDLES.setdefault(name, handle)  # the creating handle owns the actor: keep that one
     return handle
 

@@ -166,3 +166,24 @@ def test_stopping_retain_early_keeps_the_score_and_forget_accuracy_exact(tiny_wo
     assert not exact_flag and f_fast == f_exact and r_fast >= r_exact  # an upper bound, flagged
     grid = lambda acc: [{"forget_acc": acc[0], "retain_acc": acc[1]}]  # noqa: E731
     assert unlearning_score(grid((f_fast, r_fast))) == unlearning_score(grid((f_exact, r_exact)))
+
+
+def test_letter_bank_keeps_only_questions_right_under_all_orderings(tiny_world):
+    from hsae.evaluation.questions import answers_correct, keep_answered, letter_candidates
+
+    loaded, _, _ = tiny_world
+    rows = [{"question": "Which is a gene?", "choices": ["cell", "city", "king", "poem"], "answer": 0},
+            {"question": "Which is a river?", "choices": ["gene", "virus", "river", "cell"], "answer": 2}]
+    bank = letter_candidates(loaded.tokenizer, rows, FORGET, "biology")
+    assert len(bank) == 48  # 24 orderings each
+    assert sorted(bank.text[i]["question_id"] for i in range(48)) == [0] * 24 + [1] * 24
+    # The answer letter follows the correct choice through every ordering.
+    for i in range(48):
+        text = loaded.tokenizer.decode(bank.prompts[i])
+        right = "cell" if i < 24 else "river"
+        assert f"{'ABCD'[bank.answer[i]]}. {right}\n" in text
+    assert len({tuple(p) for p in bank.prompts}) == 48
+    correct = answers_correct(loaded, bank)
+    kept = keep_answered(bank, correct, BankConfig(max_forget=10, max_retain=10), group_size=24)
+    expected = int(correct[:24].all()) + int(correct[24:].all())
+    assert len(kept) == expected

@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     server_name = f"hsae-activations-{profile.name}-{harvest_key(hcfg)}"
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     server = create_activation_server(hcfg, name=server_name, cache_root=os.environ.get("HSAE_CACHE"),
-                                      num_cpus=1 if has_gpu else 0, eval_cfg=eval_cfg, bank_cfg=bank_cfg)
+                                      num_cpus=1 if has_gpu else 0, eval_cfg=eval_cfg, bank_cfg=bank_cfg,
+                                      eval_model=profile.eval_model)
     info = ray.get(server.prepare.remote())
     print(f"[hsae] activations ready: {info['rows']} rows x {info['d_model']} at layer {profile.layer} of "
           f"{profile.model}; cache {info['cache_dir']}")

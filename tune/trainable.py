@@ -113,14 +113,20 @@ def run_trial(config: dict[str, Any]) -> None:
     source = ArrayBatches(train.x, train.labels, train_cfg.batch_size, train_cfg.seed)
     curves_of = lambda: [{"experiment": spec.experiment, "trial_id": spec.key, "variant": spec.variant, **h}  # noqa: E731
                          for h in trainer.history]
+
+    def finish_degenerate(reason: str, metrics: dict[str, float]) -> None:
+        """A guard tripped (in training or at evaluation): the row says why and carries no scores."""
+        tokens = trainer.step * train_cfg.batch_size
+        row = trial_row(spec, profile, sae_cfg, "degenerate", error=reason, steps=trainer.step, tokens=tokens,
+                        wall_s=trainer.wall_s, tokens_per_s=tokens / max(trainer.wall_s, 1e-9),
+                        final_loss=trainer.last_loss, **_metric_values(metrics))
+        store.write_trial(row, curves_of())
+        tune.report({"step": train_cfg.steps + 1, "val_loss": float("nan"), "degenerate": 1})
+
     try:
         result = trainer.fit(source, eval_batch=eval_batch, resume=False)
     except DegenerateRunError as exc:
-        row = trial_row(spec, profile, sae_cfg, "degenerate", error=exc.reason, steps=trainer.step,
-                        tokens=trainer.step * train_cfg.batch_size, wall_s=trainer.wall_s,
-                        final_loss=trainer.last_loss, **_metric_values(exc.metrics))
-        store.write_trial(row, curves_of())
-        tune.report({"step": train_cfg.steps + 1, "val_loss": float("nan"), "degenerate": 1})
+        finish_degenerate(exc.reason, exc.metrics)
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -133,11 +139,7 @@ def run_trial(config: dict[str, Any]) -> None:
             out = ray.get(server.evaluate.remote(sae_cfg.to_dict(), state))
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, DegenerateRunError):
-                row = trial_row(spec, profile, sae_cfg, "degenerate", error=str(exc.cause), steps=result.steps,
-                                tokens=result.tokens, wall_s=result.wall_s, tokens_per_s=result.tokens_per_s,
-                                final_loss=trainer.last_loss, **_metric_values(result.metrics))
-                store.write_trial(row, curves_of())
-                tune.report({"step": train_cfg.steps + 1, "val_loss": float("nan"), "degenerate": 1})
+                finish_degenerate(str(exc.cause), result.metrics)
                 return
             raise
         u, ce = out["unlearning"], out.get("ce", {})
