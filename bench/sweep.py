@@ -6,14 +6,16 @@
    model and harvest the same activations themselves (same steps, same Tune settings);
 2. Ray Tune's fixed overhead per trial: a K-trial experiment of trials that report once and return.
 
-Trials per hour for `--space variants` on the embedded default come from a real sweep
-(`python tune/ablate.py --space variants`): see docs/performance.md.
+3. with --embedded: trials per hour of `python tune/ablate.py --space variants` on the embedded
+   default (a real sweep with evaluation: 4-6 minutes more; a warm cache makes it the warm number).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -75,6 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--embedded", action="store_true", help="also time --space variants on the embedded default")
     args = ap.parse_args()
     profile = replace(PROFILES["tiny"], steps=args.steps, evaluate=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -92,6 +95,16 @@ def main() -> None:
     print(f"  each trial runs the model  {own:6.1f} s   ratio {own / shared:.2f}x")
     print(f"  Tune fixed overhead        {noop:6.1f} s for {args.k} no-op trials = {noop / args.k:.2f} s/trial")
     ray.shutdown()
+    if args.embedded:
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "tune" / "ablate.py"),
+                            "--space", "variants", "--out", out], check=True, capture_output=True)
+            wall = time.perf_counter() - t0
+            n = len(pd.read_parquet(Path(out) / "trials.parquet"))
+        print(f"  --space variants, embedded: {n} trials in {wall:.0f} s = {3600 * n / wall:.0f} trials/hour")
 
 
 if __name__ == "__main__":

@@ -121,15 +121,55 @@ def saelens_step_seconds(d: int, n: int, data, steps: int) -> float | None:
     return timed(step, steps, warmup=2)
 
 
+def compile_ratio(variant: str, d: int, n: int, data, steps: int) -> tuple[float, float, float]:
+    """Eager vs torch.compile'd loss in the Trainer's step (compile time reported separately)."""
+    from hsae.variants import build_sae
+
+    x = torch.as_tensor(data.x[:BATCH])
+    labels = torch.as_tensor(data.labels[:BATCH])
+
+    def make(compiled: bool):
+        sae = build_sae(SAEConfig(variant, d, n, bench_params(variant, n)))
+        opt = torch.optim.AdamW(sae.parameters(), lr=3e-4, weight_decay=0.01)
+        loss_fn = torch.compile(sae.loss) if compiled else sae.loss
+
+        def step() -> None:
+            out = loss_fn(x, labels, 1)
+            opt.zero_grad(set_to_none=True)
+            out.total.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            opt.step()
+            sae.after_step(1, out.f.detach())
+
+        return step
+
+    eager = timed(make(False), steps, warmup=2)
+    compiled_step = make(True)
+    t0 = time.perf_counter()
+    compiled_step()
+    compile_s = time.perf_counter() - t0
+    return eager, timed(compiled_step, steps, warmup=1), compile_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--sizes", default="640x640,640x5120,2304x2304")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="only measure torch.compile of the loss vs eager")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    if args.compile:
+        print(f"{'variant':22s} {'d':>5s} {'n':>5s} {'eager_ms':>8s} {'compiled':>8s} {'ratio':>6s} {'compile_s':>9s}")
+        for d, n in sizes:
+            data = sparse_dictionary_data(BATCH * 4, d=d, n_atoms=4 * d, seed=0)
+            for variant in args.variants.split(","):
+                eager, comp, compile_s = compile_ratio(variant, d, n, data, args.steps)
+                print(f"{variant:22s} {d:5d} {n:5d} {eager * 1e3:8.1f} {comp * 1e3:8.1f} {comp / eager:6.2f} "
+                      f"{compile_s:9.1f}", flush=True)
+        return
     print(f"batch {BATCH}, fp32, CPU, {args.threads} thread(s), median/mean of {args.steps} steps")
     print(f"{'variant':22s} {'d':>5s} {'n':>5s} {'step_ms':>8s} {'floor_ms':>8s} {'ratio':>6s}")
     for d, n in sizes:

@@ -144,8 +144,10 @@ def info_nce(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch
     logits = logits.masked_fill(self_mask, float("-inf"))
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     has_pos = positives.any(dim=1)
-    if not bool(has_pos.any()):
-        return z.sum() * 0.0
     log_all = torch.logsumexp(logits, dim=1)
-    log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
-    return (log_all - log_pos)[has_pos].mean()
+    # A finite fill: a row with no positives must give a zero gradient, and logsumexp over all -inf
+    # would back-propagate NaN (0 * exp(-inf + inf)).
+    log_pos = torch.logsumexp(logits.masked_fill(~positives, -1e9), dim=1)
+    # Masked mean without a data-dependent branch (torch.compile traces it whole); 0 with no positives.
+    per_token = torch.where(has_pos, log_all - log_pos, torch.zeros_like(log_all))
+    return per_token.sum() / has_pos.sum().clamp_min(1)

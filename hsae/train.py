@@ -170,11 +170,17 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.sae.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
         )
+        self._loss = torch.compile(self.sae.loss) if train_cfg.compile else self.sae.loss
         self.step = 0
         self.scale: float | None = None
         self.wall_s = 0.0
         self.history: list[dict[str, float]] = []
         self.last_loss = float("nan")
+
+    def _autocast(self) -> Any:
+        mode = self.cfg.autocast
+        enabled = mode == "bf16" or (mode == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # -- data ----------------------------------------------------------------------------------
     def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -224,7 +230,8 @@ class Trainer:
         while self.step < cfg.steps:
             x, labels = self._prepare(source.batch_at(self.step))
             warm = min(1.0, (self.step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
-            out = sae.loss(x, labels, self.step, sparsity_scale=warm)
+            with self._autocast():
+                out = self._loss(x, labels, self.step, sparsity_scale=warm)
             self.optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)

@@ -124,3 +124,11 @@ def test_usage_entropy_bounds():
     one_group[:, 0] = 1.0
     assert abs(float(losses.group_usage_entropy(f, one_group))) < 1e-6
     assert float(losses.group_usage_entropy(torch.ones(30, 8), uniform)) > math.log(4) - 1e-4
+
+
+def test_info_nce_gradient_is_finite_when_a_label_occurs_once():
+    z = torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])  # token 5 has no positive
+    losses.info_nce(z, labels, 0.1).backward()
+    assert torch.isfinite(z.grad).all()
+    assert z.grad[5].abs().sum() > 0  # still a negative for the others

@@ -117,3 +117,27 @@ def test_contrastive_variant_requires_labels(synthetic):
                       TrainConfig(steps=2, batch_size=256))
     with pytest.raises(ValueError, match="needs domain labels"):
         trainer.fit(ArrayBatches(synthetic.x, None, 256))
+
+
+def test_bf16_autocast_trains_and_refuses_unknown_modes(synthetic):
+    from hsae.config import TrainConfig
+    from hsae.train import Trainer
+
+    cfg = SAEConfig("static_hier", 32, 256, {"n_groups_l1": 4, "n_groups_l2": 4})
+    result = Trainer(cfg, TrainConfig(steps=100, batch_size=256, lr=3e-3, autocast="bf16")).fit(
+        ArrayBatches(synthetic.x, synthetic.labels, 256))
+    assert result.metrics["explained_variance"] > 0.7 and result.sae.W_dec.dtype == torch.float32
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        TrainConfig(autocast="fp8")
+
+
+@pytest.mark.slow
+def test_compiled_loss_gives_the_eager_numbers(synthetic):
+    from hsae.config import TrainConfig
+    from hsae.train import Trainer
+
+    cfg = SAEConfig("fixed_ortho", 32, 256, {"n_groups": 8})
+    runs = [Trainer(cfg, TrainConfig(steps=20, batch_size=256, lr=3e-3, compile=c)).fit(
+        ArrayBatches(synthetic.x, synthetic.labels, 256), guard=False) for c in (False, True)]
+    for name, value in runs[0].sae.state_dict().items():
+        torch.testing.assert_close(runs[1].sae.state_dict()[name], value, rtol=1e-4, atol=1e-5)
