@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsae.atomic import atomic_file, atomic_write_text
 from hsae.config import check_positive_int
 from hsae.corpora import CorpusSpec, corpus_identity, load_corpus, pack_contexts, split_documents
 from hsae.models import LoadedModel, ModelSpec, cache_root, load_model, spec_identity, stopped_forward
@@ -90,18 +90,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -145,7 +135,7 @@ class ActivationCache:
         _atomic_save_npy(self._labels_path(split, i), labels)
         meta = {"sha256": file_sha256(self.shard_path(split, i)), "rows": int(x.shape[0]),
                 "labels_sha256": file_sha256(self._labels_path(split, i))}
-        _atomic_write_text(self._sidecar(split, i), json.dumps(meta))
+        atomic_write_text(self._sidecar(split, i), json.dumps(meta))
 
     def read_shard(self, split: str, i: int, tokens: np.ndarray) -> Shard:
         x = np.load(self.shard_path(split, i))
@@ -273,7 +263,7 @@ class Harvester:
         d_model = int(shards["train"][0].x.shape[1])
         manifest = {"key": cache.key, "config": asdict(cfg), "d_model": d_model,
                     "rows": {s: int(sum(len(sh.x) for sh in shards[s])) for s in SPLITS}}
-        _atomic_write_text(cache.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+        atomic_write_text(cache.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
         tps = computed_tokens / elapsed if computed_tokens else float("nan")
         return Harvest(cache.key, cache.dir, d_model, shards, self.forwards, elapsed, tps)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from hsae.atomic import atomic_dir
 from hsae.config import SAEConfig
 from hsae.variants import SAE, build_sae
 
@@ -47,31 +46,15 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _atomic_dir(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 def save_sae(sae: SAE, path: str | Path, scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``hsae_config.json`` + ``sae.safetensors`` (folded weights) to the directory ``path``."""
     path = Path(path)
-    tmp = _atomic_dir(path)
     state = folded_state(sae, scale)
-    save_file(state, str(tmp / WEIGHTS_FILE))
     doc = {"sae_config": sae.cfg.to_dict(), "folded_scale": scale, "digest": weights_digest(state),
            "metadata": metadata or {}}
-    (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
-    _publish(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
     return path
 
 
@@ -102,11 +85,9 @@ def export_saelens(
     export as ``standard``; TopK as ``topk``; Matryoshka BatchTopK as ``jumprelu`` with its threshold.
     """
     path = Path(path)
-    tmp = _atomic_dir(path)
     state = folded_state(sae, scale)
     tensors = {name: state[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in sae.extra_export_tensors().items()})
-    save_file(tensors, str(tmp / SAELENS_WEIGHTS))
     cfg = {
         "architecture": sae.saelens_architecture,
         "d_in": sae.cfg.d_in,
@@ -130,6 +111,7 @@ def export_saelens(
         "metadata": {"hsae_variant": sae.cfg.variant, "hsae_config": sae.cfg.to_dict(), "folded_scale": scale},
     }
     cfg.update(sae.saelens_extra_cfg())
-    (tmp / SAELENS_CONFIG).write_text(json.dumps(cfg, indent=2))
-    _publish(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / SAELENS_WEIGHTS))
+        (tmp / SAELENS_CONFIG).write_text(json.dumps(cfg, indent=2))
     return path

@@ -13,13 +13,13 @@ The model runs only up to the hooked layer (``stopped_forward``): nothing after 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hsae.atomic import atomic_dir
 from hsae.config import check_positive_int
 
 EMBEDDED = "embedded"
@@ -162,14 +162,9 @@ def embedded_model_dir(root: Path | None = None) -> Path:
         delattr(config, "quantization_config")
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     gguf_path.unlink(missing_ok=True)
     print(f"[hsae] embedded model cached at {target}", flush=True)
     return target

@@ -24,6 +24,8 @@ from typing import Any
 
 import pandas as pd
 
+from hsae.atomic import atomic_file
+
 STATUSES = ("completed", "early_stopped", "failed", "degenerate")
 FINISHED = ("completed", "degenerate")  # a re-run skips these; failed and early-stopped trials run again
 
@@ -69,12 +71,8 @@ def trial_frame(row: dict[str, Any]) -> pd.DataFrame:
 
 
 def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 class ResultsStore:

@@ -44,7 +44,7 @@ class ActivationServer:
             torch.set_num_threads(threads)
         self.cache_root = Path(cache_root) if cache_root else None
         self.cfg = cfg
-        self.harvester = Harvester(cfg, Path(cache_root) if cache_root else None)
+        self.harvester = Harvester(cfg, self.cache_root)
         self.eval_cfg = eval_cfg or EvalConfig()
         self.bank_cfg = bank_cfg or BankConfig()
         # SAEBench evaluates base-model SAEs on the instruction-tuned twin (gemma-2-2b-it for gemma-2-2b).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hsae import metrics as M
+from hsae.atomic import atomic_dir
 from hsae.config import SAEConfig, TrainConfig
 from hsae.models import resolve_device
 from hsae.variants import SAE, build_sae
@@ -280,17 +280,7 @@ class Trainer:
     def save_checkpoint(self, path: str | Path) -> Path:
         """Everything a bit-exact resume needs, written to a temp dir and renamed into place."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         state = {k: v.detach().contiguous().clone() for k, v in self.sae.state_dict().items()}
-        save_file(state, str(tmp / "sae.safetensors"))
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-            tmp / "optimizer.pt",
-        )
         meta = {
             "step": self.step,
             "scale": self.scale,
@@ -300,10 +290,11 @@ class Trainer:
             "train_config": self.cfg.to_dict(),
             "history": self.history,
         }
-        (tmp / "state.json").write_text(json.dumps(meta))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            save_file(state, str(tmp / "sae.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                       tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(meta))
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -323,17 +314,21 @@ class Trainer:
         self.history = list(meta["history"])
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
+def complete_checkpoints(directory: str | Path) -> list[Path]:
+    """Finished checkpoint directories, oldest first (step numbers are zero-padded)."""
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    done = sorted(p for p in directory.glob("step_*") if (p / "state.json").is_file())
+        return []
+    return sorted(p for p in directory.glob("step_*") if (p / "state.json").is_file())
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    done = complete_checkpoints(directory)
     return done[-1] if done else None
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
-    done = sorted(p for p in directory.glob("step_*") if (p / "state.json").is_file())
-    for old in done[:-keep]:
+    for old in complete_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 

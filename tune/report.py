@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hsae.atomic import atomic_file, atomic_write_text  # noqa: E402
 from hsae.results import load_curves, load_trials  # noqa: E402
 from hsae.spaces import mean_ci95  # noqa: E402
 from hsae.variants import PAPER_VARIANTS  # noqa: E402
@@ -79,11 +79,10 @@ def half_widths(stats: list[tuple[float, float]]) -> list[float]:
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def fig_unlearning(done: pd.DataFrame, controls: dict, path: Path) -> bool:
@@ -241,9 +240,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         parts.append("## Figures\n")
         parts += [f"![{title}]({name})\n" for title, name in figures]
     report = out / "report.md"
-    tmp = report.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, report)
+    atomic_write_text(report, "\n".join(parts))
     return report
 
 

@@ -28,7 +28,7 @@ from hsae.export import folded_state
 from hsae.results import ResultsStore
 from hsae.server import fetch
 from hsae.spaces import Profile, TrialSpec
-from hsae.train import ArrayBatches, DegenerateRunError, Trainer
+from hsae.train import ArrayBatches, DegenerateRunError, Trainer, prune_checkpoints
 
 EVAL_ROWS = 4096
 
@@ -81,9 +81,9 @@ def run_trial(config: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix="hsae-trial-"))
     trainer: Trainer | None = None
 
+    restored = tune.get_checkpoint()
     # --fault kill:N: die like an OOM-killed worker at step N, on the first attempt only (no checkpoint yet).
-    first_attempt = tune.get_checkpoint() is None
-    kill_at = int(fault.split(":")[1]) if fault and fault.startswith("kill:") and first_attempt else None
+    kill_at = int(fault.split(":")[1]) if fault and fault.startswith("kill:") and restored is None else None
 
     def on_metrics(step: int, record: dict[str, float]) -> None:
         assert trainer is not None
@@ -99,14 +99,11 @@ def run_trial(config: dict[str, Any]) -> None:
         if step % profile.checkpoint_every == 0 or step == train_cfg.steps:
             path = trainer.save_checkpoint(work / f"step_{step:08d}")
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(path)))
-            for old in work.glob("step_*"):
-                if old != path:
-                    shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(work, keep=1)
         else:
             tune.report(report)
 
     trainer = Trainer(sae_cfg, train_cfg, on_metrics=on_metrics)
-    restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             trainer.load_checkpoint(d)

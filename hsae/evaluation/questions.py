@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hsae.atomic import atomic_write_text
 from hsae.corpora import FORGET, RETAIN
 from hsae.evaluation.tail import token_logits
 from hsae.models import LoadedModel, cache_root, stopped_forward
@@ -265,10 +265,7 @@ def build_bank(
         progress(f"[hsae] question bank: scoring {len(bank)} candidate prompts (once; cached at {path})")
     correct = answers_correct(loaded, bank)
     kept = keep_answered(bank, correct, cfg, group_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(kept.to_json())
-    os.replace(tmp, path)
+    atomic_write_text(path, kept.to_json())
     if progress:
         progress(f"[hsae] question bank: {kept.count(FORGET)} forget, {kept.count(RETAIN)} retain questions kept")
     return kept
