@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from hsae.activations import HarvestConfig, Harvester  # noqa: E402
 from hsae.corpora import CorpusSpec  # noqa: E402
-from hsae.models import ModelSpec, load_model, stopped_forward  # noqa: E402
+from hsae.models import ModelSpec, load_model, stopped_forward, with_layer  # noqa: E402
 
 
 def forward_rates(spec: ModelSpec, batch: int = 8, ctx_len: int = 128, reps: int = 3) -> tuple[float, float]:
@@ -51,11 +51,11 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, default=32, help="contexts of 128 tokens each trial needs")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    spec = ModelSpec(args.model)
+    spec = with_layer(ModelSpec(args.model))
     corpus = CorpusSpec("embedded" if args.model == "embedded" else "toy")
 
     stopped, full = forward_rates(spec)
-    print(f"forward tokens/s: stopped at layer {spec.resolved_layer} = {stopped:.0f}, full = {full:.0f}, "
+    print(f"forward tokens/s: stopped at layer {spec.layer} = {stopped:.0f}, full = {full:.0f}, "
           f"ratio = {stopped / full:.2f}x")
 
     import ray

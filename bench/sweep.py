@@ -40,14 +40,14 @@ from tune.ablate import harvest_config  # noqa: E402
 def train_on(x, labels, d: int, profile: Profile, seed: int) -> None:
     cfg = SAEConfig("relu", d, profile.d_sae)
     trainer = Trainer(cfg, profile.train_config(seed),
-                      on_metrics=lambda step, rec: tune.report({"step": step, "loss": rec["loss"]}))
+                      on_progress=lambda p: tune.report({"step": p.step, "loss": p.record["loss"]}))
     trainer.fit(ArrayBatches(x, labels, profile.batch_size, seed), guard=False)
 
 
 def shared_trial(config: dict) -> None:
     torch.set_num_threads(1)
     served = fetch(ray.get(ray.get_actor(config["server"]).prepare.remote()))
-    train_on(served.x, served.labels, served.d_model, Profile(**config["profile"]), config["seed"])
+    train_on(served.x, served.labels, served.model.d_model, Profile(**config["profile"]), config["seed"])
 
 
 def own_model_trial(config: dict) -> None:

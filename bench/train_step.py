@@ -64,7 +64,7 @@ def our_step_seconds(variant: str, d: int, n: int, data, steps: int) -> float:
     warm = 2
     records = []
     trainer = Trainer(cfg, TrainConfig(steps=warm + steps, batch_size=BATCH, log_every=1),
-                      on_metrics=lambda step, rec: records.append(rec))
+                      on_progress=lambda p: records.append(p.record))
     trainer.fit(ArrayBatches(data.x, data.labels, BATCH, 0), guard=False)
     walls = [r["wall_s"] for r in records]
     return (walls[-1] - walls[warm - 1]) / steps
@@ -123,7 +123,7 @@ def saelens_step_seconds(d: int, n: int, data, steps: int) -> float | None:
 
 def compile_ratio(variant: str, d: int, n: int, data, steps: int) -> tuple[float, float, float]:
     """Eager vs torch.compile'd loss in the Trainer's step (compile time reported separately)."""
-    from hsae.variants import build_sae
+    from hsae.variants import StepInput, build_sae
 
     x = torch.as_tensor(data.x[:BATCH])
     labels = torch.as_tensor(data.labels[:BATCH])
@@ -134,12 +134,12 @@ def compile_ratio(variant: str, d: int, n: int, data, steps: int) -> tuple[float
         loss_fn = torch.compile(sae.loss) if compiled else sae.loss
 
         def step() -> None:
-            out = loss_fn(x, labels, 1)
+            out = loss_fn(StepInput(x, labels, 1))
             opt.zero_grad(set_to_none=True)
             out.total.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             opt.step()
-            sae.after_step(1, out.f.detach())
+            sae.on_step_end(1, out.f.detach())
 
         return step
 

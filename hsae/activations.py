@@ -15,7 +15,6 @@ Every file is written to a temp name and renamed, so nothing half-written is eve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -26,9 +25,20 @@ import numpy as np
 import torch
 
 from hsae.atomic import atomic_file, atomic_write_text
-from hsae.config import check_positive_int
+from hsae.checks import check_positive_int
 from hsae.corpora import CorpusSpec, corpus_identity, load_corpus, pack_contexts, split_documents
-from hsae.models import LoadedModel, ModelSpec, cache_root, load_model, spec_identity, stopped_forward
+from hsae.keys import content_key, file_sha256
+from hsae.models import (
+    LoadedModel,
+    ModelInfo,
+    ModelSpec,
+    cache_root,
+    describe_model,
+    load_model,
+    spec_identity,
+    stopped_forward,
+    with_layer,
+)
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 SPLITS = ("train", "eval")
@@ -50,6 +60,8 @@ class HarvestConfig:
     forward_batch: int = 8
 
     def __post_init__(self) -> None:
+        if self.model.layer is None:  # resolved once, here: the cache key and every reader need it
+            object.__setattr__(self, "model", with_layer(self.model))
         check_positive_int("ctx_len", self.ctx_len, minimum=2)
         check_positive_int("n_ctxs", self.n_ctxs)
         check_positive_int("n_eval_ctxs", self.n_eval_ctxs)
@@ -73,20 +85,12 @@ def harvest_key(cfg: HarvestConfig) -> str:
     doc = {
         "version": FORMAT_VERSION,
         "model": spec_identity(cfg.model),
-        "layer": cfg.model.resolved_layer,
+        "layer": cfg.model.layer,
         "corpus": corpus_identity(cfg.corpus),
         **{k: v for k, v in asdict(cfg).items() if k not in ("model", "corpus", "shard_ctxs", "forward_batch")},
         "shard_ctxs": cfg.shard_ctxs,
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return content_key(doc)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -198,6 +202,14 @@ class Harvester:
             self._loaded = load_model(self.cfg.model)
         return self._loaded
 
+    @property
+    def model_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def info(self) -> ModelInfo:
+        """The model's facts: from the loaded model, or from its config alone when the cache served everything."""
+        return self._loaded.info if self._loaded is not None else describe_model(self.cfg.model)
+
     def _say(self, msg: str) -> None:
         if self.progress is not None:
             self.progress(f"[hsae] {msg}")
@@ -248,7 +260,7 @@ class Harvester:
             total = sum(tokens[shard_context_slice(cfg, i, len(tokens))].size for i in missing)
             if missing:
                 self._say(f"harvesting {split}: {len(missing)}/{n_shards} shards, {total} tokens at layer "
-                          f"{cfg.model.resolved_layer} of {cfg.model.source}")
+                          f"{cfg.model.layer} of {cfg.model.source}")
             done, t_split = 0, time.perf_counter()
             for i in missing:
                 sl = shard_context_slice(cfg, i, len(tokens))

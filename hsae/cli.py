@@ -11,17 +11,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from hsae.activations import HarvestConfig, harvest
+from hsae.atomic import atomic_write_text
 from hsae.config import SAEConfig, TrainConfig
 from hsae.corpora import CorpusSpec
 from hsae.export import export_saelens, save_sae
-from hsae.models import ModelSpec, validate_layer
+from hsae.models import ModelSpec, describe_model
 from hsae.synthetic import sparse_dictionary_data
-from hsae.train import ArrayBatches, DegenerateRunError, Trainer, to_batch
+from hsae.train import ArrayBatches, Batch, DegenerateRunError, Progress, Trainer, TrainResult, to_batch
 from hsae.variants import VARIANTS
 
 
@@ -58,57 +60,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The synthetic data's width: a property of that generated data set, not of any model.
+SYNTHETIC_D_IN = 64
+
+
+def plan(args: argparse.Namespace) -> tuple[HarvestConfig | None, SAEConfig, TrainConfig, Path]:
+    """Every value validated (the model's width read from the model) before any compute."""
+    harvest_cfg, d_in = None, SYNTHETIC_D_IN
+    if args.data != "synthetic":
+        corpus = CorpusSpec("embedded" if args.data == "embedded" else "toy")
+        harvest_cfg = HarvestConfig(model=ModelSpec(args.data, layer=args.layer), corpus=corpus,
+                                    n_ctxs=args.n_ctxs, n_eval_ctxs=32, seed=args.seed)
+        d_in = describe_model(harvest_cfg.model).d_model
+    sae_cfg = SAEConfig(args.variant, d_in, args.d_sae or 4 * d_in, parse_params(args.param))
+    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            checkpoint_every=max(args.steps // 4, 1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return harvest_cfg, sae_cfg, train_cfg, out
+
+
+def load_data(harvest_cfg: HarvestConfig | None, train_cfg: TrainConfig) -> tuple[Any, Any, Batch]:
+    """Training rows, their labels, and a held-out evaluation batch."""
+    if harvest_cfg is None:
+        data = sparse_dictionary_data(train_cfg.batch_size * 16 + 4096, d=SYNTHETIC_D_IN,
+                                      n_atoms=4 * SYNTHETIC_D_IN, seed=train_cfg.seed)
+        return data.x[:-4096], data.labels[:-4096], to_batch(data.x[-4096:], data.labels[-4096:])
+    acts = harvest(harvest_cfg)
+    train_x, train_y = acts.arrays("train")
+    return train_x, train_y, to_batch(*acts.arrays("eval"))
+
+
+def train_with_progress(sae_cfg: SAEConfig, train_cfg: TrainConfig, out: Path, data: tuple[Any, Any, Batch]
+                        ) -> TrainResult:
+    """Train (resuming from out/checkpoints if a previous run left some) with a progress bar."""
+    train_x, train_y, eval_batch = data
+    bar = tqdm(total=train_cfg.steps, desc=f"train {sae_cfg.variant}", unit="step")
+
+    def on_progress(progress: Progress) -> None:
+        bar.n = progress.step
+        bar.set_postfix(loss=f"{progress.record['loss']:.4f}", l0=f"{progress.record['l0']:.1f}")
+        bar.refresh()
+
+    trainer = Trainer(sae_cfg, train_cfg, on_progress=on_progress, checkpoint_dir=out / "checkpoints")
+    try:
+        return trainer.fit(ArrayBatches(train_x, train_y, train_cfg.batch_size, train_cfg.seed), eval_batch)
+    finally:
+        bar.close()
+
+
+def save_outputs(result: TrainResult, out: Path, harvest_cfg: HarvestConfig | None) -> dict[str, Any]:
+    """hsae format, SAELens export and metrics.json; returns the summary written."""
+    save_sae(result.sae, out / "sae", scale=result.scale)
+    model_name = f"synthetic-d{SYNTHETIC_D_IN}" if harvest_cfg is None else harvest_cfg.model.source
+    layer = 0 if harvest_cfg is None else harvest_cfg.model.layer
+    export_saelens(result.sae, out / "saelens", scale=result.scale, model_name=model_name, hook_layer=layer)
+    summary = {"variant": result.sae.cfg.variant, "steps": result.steps, "tokens": result.tokens,
+               "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, **result.metrics}
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        harvest_cfg = None
-        if args.data == "synthetic":
-            d_in = 64
-        else:
-            corpus = CorpusSpec("embedded" if args.data == "embedded" else "toy")
-            harvest_cfg = HarvestConfig(model=ModelSpec(args.data, layer=args.layer), corpus=corpus,
-                                        n_ctxs=args.n_ctxs, n_eval_ctxs=32, seed=args.seed)
-            validate_layer(harvest_cfg.model)
-            d_in = {"embedded": 640, "tiny": 64}[args.data]
-        sae_cfg = SAEConfig(args.variant, d_in, args.d_sae or 4 * d_in, parse_params(args.param))
-        train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                checkpoint_every=max(args.steps // 4, 1))
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        harvest_cfg, sae_cfg, train_cfg, out = plan(args)
     except (ValueError, OSError) as exc:
         print(f"hsae-train: error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    if harvest_cfg is None:
-        data = sparse_dictionary_data(train_cfg.batch_size * 16 + 4096, d=d_in, n_atoms=4 * d_in, seed=args.seed)
-        train_x, train_y = data.x[:-4096], data.labels[:-4096]
-        eval_batch = to_batch(data.x[-4096:], data.labels[-4096:])
-    else:
-        acts = harvest(harvest_cfg)
-        train_x, train_y = acts.arrays("train")
-        eval_batch = to_batch(*acts.arrays("eval"))
-    bar = tqdm(total=train_cfg.steps, desc=f"train {args.variant}", unit="step")
-
-    def on_metrics(step: int, record: dict) -> None:
-        bar.n = step
-        bar.set_postfix(loss=f"{record['loss']:.4f}", l0=f"{record['l0']:.1f}")
-        bar.refresh()
-
-    trainer = Trainer(sae_cfg, train_cfg, on_metrics=on_metrics, checkpoint_dir=out / "checkpoints")
     try:
-        result = trainer.fit(ArrayBatches(train_x, train_y, train_cfg.batch_size, train_cfg.seed), eval_batch)
+        result = train_with_progress(sae_cfg, train_cfg, out, load_data(harvest_cfg, train_cfg))
     except DegenerateRunError as exc:
-        bar.close()
         print(f"hsae-train: degenerate run, no scores written: {exc}", file=sys.stderr)
         return 1
-    bar.close()
-    save_sae(result.sae, out / "sae", scale=result.scale)
-    model_name = f"synthetic-d{d_in}" if harvest_cfg is None else harvest_cfg.model.source
-    layer = 0 if harvest_cfg is None else harvest_cfg.model.resolved_layer
-    export_saelens(result.sae, out / "saelens", scale=result.scale, model_name=model_name, hook_layer=layer)
-    summary = {"variant": args.variant, "steps": result.steps, "tokens": result.tokens,
-               "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, **result.metrics}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    summary = save_outputs(result, out, harvest_cfg)
     for key in ("steps", "explained_variance", "l0", "dead_fraction", "inter_group_correlation", "tokens_per_s"):
         print(f"{key:>24s}: {summary[key]:.4g}")
     print(f"saved to {out}/ (sae/, saelens/, metrics.json)")

@@ -7,52 +7,12 @@ compute starts.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def check_finite_nonneg(name: str, value: Any) -> None:
-    """Coefficients: a finite number >= 0 (NaN, inf and negatives are refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_positive(name: str, value: Any) -> None:
-    """Temperatures, learning rates: a finite number > 0."""
-    check_finite_nonneg(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_divides(name: str, groups: int, d_sae: int) -> None:
-    if d_sae % groups != 0:
-        divisors = [g for g in range(2, min(d_sae, 256) + 1) if d_sae % g == 0]
-        raise ValueError(
-            f"{name}={groups} does not divide the dictionary size d_sae={d_sae}; "
-            f"choose one of {divisors[:16]}{' ...' if len(divisors) > 16 else ''}"
-        )
-
-
-def build_params(params_cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """Instantiate a variant's parameter dataclass, refusing unknown keys by name."""
-    known = {f.name for f in dataclasses.fields(params_cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {unknown} for {where}; valid parameters: {sorted(known)}"
-        )
-    return params_cls(**values)
+from hsae.checks import build_params, check_finite_nonneg, check_positive, check_positive_int
+from hsae.variants import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -71,8 +31,6 @@ class SAEConfig:
     resolved: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from hsae.variants import VARIANTS
-
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; valid variants: {sorted(VARIANTS)}")
         check_positive_int("d_in", self.d_in)

@@ -13,7 +13,6 @@ that start with BOS, so every token of a context has its document's domain.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hsae.keys import file_sha256
 
 RETAIN, FORGET = 0, 1
 DOMAIN_NAMES = {RETAIN: "retain", FORGET: "forget"}
@@ -130,9 +131,9 @@ def corpus_identity(spec: CorpusSpec) -> dict[str, Any]:
     """What the cache key needs to know about the corpus (file content hashes where there are files)."""
     ident: dict[str, Any] = {"name": spec.name}
     if spec.name == "embedded":
-        ident["sha256"] = hashlib.sha256(wiki_summaries_path().read_bytes()).hexdigest()[:16]
+        ident["sha256"] = file_sha256(wiki_summaries_path())[:16]
     elif spec.name == "wmdp":
-        ident["sha256"] = hashlib.sha256(Path(spec.forget_path).read_bytes()).hexdigest()[:16]
+        ident["sha256"] = file_sha256(spec.forget_path)[:16]
         ident["retain"] = spec.retain_name
     return ident
 

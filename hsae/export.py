@@ -7,7 +7,6 @@ W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s. Feature activations ke
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from hsae.atomic import atomic_dir
 from hsae.config import SAEConfig
+from hsae.keys import content_key
 from hsae.variants import SAE, build_sae
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -36,14 +36,7 @@ def folded_state(sae: SAE, scale: float) -> dict[str, torch.Tensor]:
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
     """Content hash of a state dict (names, dtypes, shapes and bytes): the key for any cache of results."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return content_key({}, arrays=state, length=None)
 
 
 def save_sae(sae: SAE, path: str | Path, scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:

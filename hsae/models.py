@@ -12,22 +12,29 @@ The model runs only up to the hooked layer (``stopped_forward``): nothing after 
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hsae.atomic import atomic_dir
-from hsae.config import check_positive_int
+from hsae.checks import check_positive_int
+from hsae.keys import content_key, file_sha256
 
 EMBEDDED = "embedded"
 TINY = "tiny"
 REAL_DEFAULT = "google/gemma-2-2b"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Same relative depth as layer 19 of Gemma-2-2B's 26 layers.
-DEFAULT_LAYERS = {EMBEDDED: 13, TINY: 2, REAL_DEFAULT: 19}
+# The paper reads layer 19 of Gemma-2-2B's 26 layers; other models default to the same relative depth.
+PAPER_LAYER, PAPER_LAYERS = 19, 26
+
+
+def default_layer(n_layers: int) -> int:
+    """The paper's relative depth on a model with ``n_layers`` blocks (13 of 18, 2 of 4, 19 of 26)."""
+    return (n_layers * PAPER_LAYER) // PAPER_LAYERS
 
 
 def cache_root() -> Path:
@@ -37,7 +44,7 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model to load and which layer's residual stream to read."""
+    """Which model to load and which layer's residual stream to read (None: ``default_layer``)."""
 
     source: str = EMBEDDED
     layer: int | None = None
@@ -55,28 +62,44 @@ class ModelSpec:
         if self.layer is not None:
             check_positive_int("layer", self.layer, minimum=0)
 
-    @property
-    def resolved_layer(self) -> int:
-        return self.layer if self.layer is not None else DEFAULT_LAYERS.get(self.source, 19)
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model is, read from its config and tokenizer once: every other place asks this."""
+
+    source: str
+    family: str  # the config's model_type: gemma2, gemma3_text, llama, ...
+    layer: int  # the residual stream read: the output of decoder block ``layer``
+    d_model: int
+    n_layers: int
+    bos_id: int | None
+    eos_id: int | None
+    dtype: str
+    identity: dict[str, Any] = field(hash=False)  # spec_identity: weights' hashes where there are files
 
 
 @dataclass
 class LoadedModel:
     model: Any
     tokenizer: Any
-    layer: int
-    d_model: int
-    n_layers: int
-    identity: dict[str, Any]
+    info: ModelInfo
     device: torch.device
 
     @property
-    def bos_id(self) -> int:
-        return int(self.tokenizer.bos_token_id)
+    def layer(self) -> int:
+        return self.info.layer
 
     @property
-    def eos_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
+    def d_model(self) -> int:
+        return self.info.d_model
+
+    @property
+    def n_layers(self) -> int:
+        return self.info.n_layers
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.info.bos_id)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -120,17 +143,27 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
-def tiny_gemma2(spec: ModelSpec, vocab_size: int) -> Any:
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+TINY_DEFAULTS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=64,
+                     query_pre_attn_scalar=16)
 
-    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=64,
-               query_pre_attn_scalar=16)
-    cfg.update(spec.tiny_config)
-    config = Gemma2Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2, **cfg)
+
+def tiny_config(spec: ModelSpec) -> Any:
+    """The Gemma-2 config of the tiny test model (byte vocabulary, ``spec.tiny_config`` overrides)."""
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(vocab_size=len(byte_tokenizer()), pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                          **{**TINY_DEFAULTS, **spec.tiny_config})
     config._attn_implementation = "eager"
+    return config
+
+
+def tiny_gemma2(spec: ModelSpec) -> Any:
+    from transformers import Gemma2ForCausalLM
+
+    config = tiny_config(spec)
     torch.manual_seed(spec.seed)
-    return Gemma2ForCausalLM(config), cfg
+    return Gemma2ForCausalLM(config)
 
 
 # -- embedded ---------------------------------------------------------------------------------------
@@ -171,71 +204,84 @@ def embedded_model_dir(root: Path | None = None) -> Path:
 
 
 # -- loading ----------------------------------------------------------------------------------------
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load tokenizer + model for ``spec``; validates the layer before returning."""
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+def _not_found(spec: ModelSpec, exc: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {spec.source!r} cannot be found offline: pass a local directory, or download it first "
+        f"(huggingface-cli download {spec.source}) on a machine with network access; "
+        f"'embedded' runs the packaged Gemma-3-270M ({exc.__class__.__name__}: {str(exc)[:200]})"
+    )
+
+
+def _hf_path(spec: ModelSpec) -> str:
+    return str(embedded_model_dir()) if spec.source == EMBEDDED else spec.source
+
+
+def model_config(spec: ModelSpec) -> Any:
+    """The model's transformers config, read without loading weights."""
     if spec.source == TINY:
-        tokenizer = byte_tokenizer()
-        model, cfg = tiny_gemma2(spec, len(tokenizer))
-        identity = {"source": TINY, "config": cfg, "seed": spec.seed}
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if spec.source == EMBEDDED:
-            path = str(embedded_model_dir())
-            identity = {"source": EMBEDDED, "dir": Path(path).name}
-        else:
-            path = spec.source
-            identity = {"source": spec.source, "revision": spec.revision}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision)
-            model = AutoModelForCausalLM.from_pretrained(path, revision=spec.revision, dtype=dtype)
-        except OSError as exc:
-            raise ModelNotFoundError(
-                f"model {spec.source!r} cannot be found offline: pass a local directory, or download it first "
-                f"(huggingface-cli download {spec.source}) on a machine with network access; "
-                f"'embedded' runs the packaged Gemma-3-270M ({exc.__class__.__name__}: {str(exc)[:200]})"
-            ) from exc
-        commit = getattr(model.config, "_commit_hash", None)
-        if commit:
-            identity["commit"] = commit
-    model = model.to(device=device, dtype=dtype).eval()
-    model.requires_grad_(False)
-    n_layers = len(decoder_layers(model))
-    layer = spec.resolved_layer
-    check_layer(spec, layer, n_layers)
-    identity.update({"dtype": str(dtype).replace("torch.", "")})
-    return LoadedModel(model, tokenizer, layer, int(model.config.hidden_size), n_layers, identity, device)
-
-
-def model_layer_count(spec: ModelSpec) -> int:
-    """Layer count from the config alone (cheap validation before any weights load)."""
-    if spec.source == TINY:
-        return int({"num_hidden_layers": 4, **spec.tiny_config}["num_hidden_layers"])
-    if spec.source == EMBEDDED:
-        return 18
+        return tiny_config(spec)
     from transformers import AutoConfig
 
     try:
-        return int(AutoConfig.from_pretrained(spec.source, revision=spec.revision).num_hidden_layers)
+        return AutoConfig.from_pretrained(_hf_path(spec), revision=spec.revision)
     except OSError as exc:
-        raise ModelNotFoundError(
-            f"model {spec.source!r} cannot be found offline: pass a local directory or download it first"
-        ) from exc
+        raise _not_found(spec, exc) from exc
 
 
-def validate_layer(spec: ModelSpec) -> int:
-    layer = spec.resolved_layer
-    check_layer(spec, layer, model_layer_count(spec))
-    return layer
+def load_tokenizer(spec: ModelSpec) -> Any:
+    if spec.source == TINY:
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(_hf_path(spec), revision=spec.revision)
+    except OSError as exc:
+        raise _not_found(spec, exc) from exc
 
 
-def check_layer(spec: ModelSpec, layer: int, n_layers: int) -> None:
+def describe_model(spec: ModelSpec, config: Any = None, tokenizer: Any = None) -> ModelInfo:
+    """Facts of the model ``spec`` names, from its config and tokenizer; refuses a layer out of range."""
+    config = model_config(spec) if config is None else config
+    tokenizer = load_tokenizer(spec) if tokenizer is None else tokenizer
+    text = config.get_text_config()
+    n_layers = int(text.num_hidden_layers)
+    layer = default_layer(n_layers) if spec.layer is None else spec.layer
     if not 0 <= layer < n_layers:
         raise ValueError(
             f"layer {layer} is out of range for {spec.source!r}: it has {n_layers} layers (0..{n_layers - 1})"
         )
+    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
+    return ModelInfo(source=spec.source, family=str(config.model_type), layer=layer, d_model=int(text.hidden_size),
+                     n_layers=n_layers, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                     dtype=str(dtype).replace("torch.", ""), identity=spec_identity(spec))
+
+
+def with_layer(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with its layer resolved (the default rule when unset) and checked against the model."""
+    return replace(spec, layer=describe_model(spec).layer)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load tokenizer + model for ``spec``; validates the layer before returning."""
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    tokenizer = load_tokenizer(spec)
+    if spec.source == TINY:
+        model = tiny_gemma2(spec)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(_hf_path(spec), revision=spec.revision, dtype=dtype)
+        except OSError as exc:
+            raise _not_found(spec, exc) from exc
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    info = describe_model(spec, model.config, tokenizer)
+    if len(decoder_layers(model)) != info.n_layers:
+        raise ValueError(f"{spec.source!r}: the config says {info.n_layers} layers, the model has "
+                         f"{len(decoder_layers(model))}")
+    return LoadedModel(model, tokenizer, info, device)
 
 
 class _StopForward(Exception):
@@ -269,7 +315,11 @@ def stopped_forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask
 
 
 def spec_identity(spec: ModelSpec) -> dict[str, Any]:
-    """What identifies the activations a spec produces, known before any weights load (cache keys)."""
+    """What identifies the activations a spec produces, known before any weights load (cache and trial keys).
+
+    Files count by content: the packaged GGUF's sha256, a local directory's file hashes, a hub snapshot's
+    blob hashes; replacing the files at a path therefore changes the identity.
+    """
     device = resolve_device(spec.device)
     ident: dict[str, Any] = {"source": spec.source, "dtype": str(resolve_dtype(spec.dtype, device))}
     if spec.source == TINY:
@@ -282,4 +332,35 @@ def spec_identity(spec: ModelSpec) -> dict[str, Any]:
         ident["sha256"] = packaged.EXPECTED_SHA256
     else:
         ident["revision"] = spec.revision
+        folder = _model_folder(spec)
+        if folder is not None:
+            ident["files"] = folder_digest(folder)
     return ident
+
+
+def _model_folder(spec: ModelSpec) -> Path | None:
+    """The local directory, or the hub snapshot already in the local HF cache; None if neither."""
+    if Path(spec.source).is_dir():
+        return Path(spec.source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.source, revision=spec.revision, local_files_only=True))
+    except Exception:  # not cached (or not a valid repo id): the revision is all that is known
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    resolved = Path(path).resolve()
+    # A hub cache stores large files as blobs named by their sha256: the name is the hash.
+    if resolved != Path(path).absolute() and len(resolved.name) == 64:
+        return resolved.name
+    return file_sha256(resolved)
+
+
+def folder_digest(folder: Path) -> str:
+    """One key over every (non-hidden) file of a model folder: names and content hashes."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+    doc = {str(p.relative_to(folder)): _file_digest(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+    return content_key(doc)

@@ -8,7 +8,7 @@ Layout under the results directory (``--out``):
 
 Every file is written to a temp name in the same directory and renamed into place, so a reader sees
 a whole file or none; consolidation holds a lock so two sweeps sharing a directory never interleave.
-Columns are documented in ``docs/results-schema.md``; ``TRIAL_COLUMNS`` fixes their order and types.
+Columns, their order and types come from ``hsae/schema.py`` (documented in ``docs/results-schema.md``).
 """
 
 from __future__ import annotations
@@ -17,36 +17,30 @@ import fcntl
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from hsae import schema
 from hsae.atomic import atomic_file
+from hsae.schema import SAE_METRICS
+
+if TYPE_CHECKING:
+    from hsae.config import SAEConfig, TrainConfig
+    from hsae.models import ModelInfo
+    from hsae.spaces import Profile, TrialSpec
 
 STATUSES = ("completed", "early_stopped", "failed", "degenerate")
 FINISHED = ("completed", "degenerate")  # a re-run skips these; failed and early-stopped trials run again
 
-# (name, pandas dtype). cfg_* columns follow, one per configuration value.
-TRIAL_COLUMNS: list[tuple[str, str]] = [
-    ("experiment", "string"), ("space", "string"), ("variant", "string"), ("trial_id", "string"),
-    ("seed", "Int64"), ("status", "string"), ("error", "string"), ("profile", "string"), ("model", "string"),
-    ("layer", "Int64"), ("steps", "Int64"), ("tokens", "Int64"), ("wall_s", "float64"), ("tokens_per_s", "float64"),
-    ("mse", "float64"), ("explained_variance", "float64"), ("fvu", "float64"), ("l0", "float64"), ("l1", "float64"),
-    ("dead_fraction", "float64"), ("cosine", "float64"), ("l2_ratio", "float64"),
-    ("decoder_norm_min", "float64"), ("decoder_norm_max", "float64"),
-    ("condition_number", "float64"), ("condition_number_max", "float64"), ("group_entropy", "float64"),
-    ("inter_group_correlation", "float64"), ("inter_group_cosine", "float64"), ("nce", "float64"),
-    ("final_loss", "float64"), ("val_loss", "float64"),
-    ("unlearning_score", "float64"), ("random_feature_score", "float64"), ("unlearning_tied_settings", "Int64"),
-    ("n_forget_questions", "Int64"), ("n_retain_questions", "Int64"),
-    ("ce_score_forget", "float64"), ("ce_score_retain", "float64"), ("kl_forget", "float64"), ("kl_retain", "float64"),
-    ("eval_s", "float64"), ("unlearning_grid", "string"), ("finished_at", "string"),
-]
-CURVE_COLUMNS = ["experiment", "trial_id", "variant", "step", "tokens", "wall_s", "loss", "mse", "l1", "ortho",
-                 "entropy", "nce", "matryoshka", "l0", "val_loss"]
+# (name, pandas dtype) in file order, from hsae/schema.py. cfg_* columns follow, one per configuration value.
+TRIAL_COLUMNS: list[tuple[str, str]] = [(c.name, c.dtype) for c in schema.TRIAL_COLUMNS]
+CURVE_COLUMNS: list[str] = [c.name for c in schema.CURVE_COLUMNS]
 
 
 def _clean(value: Any) -> Any:
@@ -164,3 +158,43 @@ def load_trials(root: str | Path) -> pd.DataFrame:
 def load_curves(root: str | Path) -> pd.DataFrame:
     path = Path(root) / "curves.parquet"
     return pd.read_parquet(path) if path.is_file() else pd.DataFrame({c: [] for c in CURVE_COLUMNS})
+
+
+# -- rows ---------------------------------------------------------------------------------------------
+def trial_row(spec: TrialSpec, profile: Profile, model: ModelInfo, sae_cfg: SAEConfig, train_cfg: TrainConfig,
+              status: str, **values: Any) -> dict[str, Any]:
+    """A trial's Parquet row: identity, status, the given values, and every config value as cfg_* columns."""
+    row: dict[str, Any] = {
+        "experiment": spec.experiment, "space": spec.space, "variant": spec.variant, "trial_id": spec.key,
+        "seed": spec.seed, "status": status, "profile": profile.name, "model": model.source,
+        "layer": model.layer, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    row.update({f"cfg_{k}": v for k, v in sae_cfg.flat().items()})
+    row.update({f"cfg_{k}": v for k, v in asdict(train_cfg).items() if k != "seed"})
+    row.update(values)
+    return row
+
+
+def training_values(steps: int, batch_size: int, wall_s: float, final_loss: float,
+                    metrics: dict[str, float]) -> dict[str, Any]:
+    """The training columns of a row: extent, speed, last loss and the SAE metrics of the schema."""
+    tokens = steps * batch_size
+    return {"steps": steps, "tokens": tokens, "wall_s": wall_s, "tokens_per_s": tokens / max(wall_s, 1e-9),
+            "final_loss": final_loss, **{name: metrics.get(name) for name in SAE_METRICS}}
+
+
+def evaluation_values(out: dict[str, Any], eval_s: float) -> dict[str, Any]:
+    """The evaluation columns of a row from the activation server's ``evaluate`` answer."""
+    u, ce = out["unlearning"], out.get("ce", {})
+    return {
+        "unlearning_score": u["score"], "random_feature_score": u.get("random_feature_score"),
+        "unlearning_tied_settings": u["tied_settings"], "n_forget_questions": u["n_forget"],
+        "n_retain_questions": u["n_retain"], "unlearning_grid": json.dumps(u["grid"]),
+        "ce_score_forget": ce.get("ce_score_forget"), "ce_score_retain": ce.get("ce_score_retain"),
+        "kl_forget": ce.get("kl_forget"), "kl_retain": ce.get("kl_retain"), "eval_s": eval_s,
+    }
+
+
+def curve_rows(spec: TrialSpec, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A trial's per-step records as curves.parquet rows."""
+    return [{"experiment": spec.experiment, "trial_id": spec.key, "variant": spec.variant, **h} for h in history]

@@ -17,13 +17,27 @@ from hsae.activations import Harvest, HarvestConfig, Harvester
 from hsae.corpora import corpus_identity
 from hsae.evaluation.evaluator import EvalConfig, Evaluator
 from hsae.evaluation.questions import BankConfig, bank_source, build_bank
-from hsae.models import load_model, spec_identity
+from hsae.models import ModelInfo, load_model, spec_identity
 from hsae.train import Batch, to_batch
 
 DEFAULT_NAME = "hsae-activations"
 # Handles of the servers this driver created. A non-detached actor dies when its last handle goes, so
 # keeping one here makes a server live as long as its driver process, across several sweeps in it.
 _HANDLES: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class ServedInfo:
+    """What the server serves, typed: the model's facts, where the activations came from, and their refs."""
+
+    model: ModelInfo
+    harvest_key: str  # content key of (model identity, layer, corpus, split, context settings)
+    corpus: dict[str, Any]  # corpus identity and the document split that keeps evaluation held out
+    cache_dir: str
+    rows: dict[str, int]  # activation rows per split
+    harvest_s: float
+    tokens_per_s: float
+    refs: dict[str, list[tuple[Any, Any, Any]]]  # split -> [(x, labels, tokens) ObjectRef per shard]
 
 
 class ActivationServer:
@@ -49,11 +63,11 @@ class ActivationServer:
         self.bank_cfg = bank_cfg or BankConfig()
         # SAEBench evaluates base-model SAEs on the instruction-tuned twin (gemma-2-2b-it for gemma-2-2b).
         self.eval_model = eval_model
-        self._info: dict[str, Any] | None = None
+        self._info: ServedInfo | None = None
         self._harvest: Harvest | None = None
         self._evaluator: Evaluator | None = None
 
-    def prepare(self) -> dict[str, Any]:
+    def prepare(self) -> ServedInfo:
         """Harvest (or read the cache) once; later calls return the same refs."""
         import ray
 
@@ -63,15 +77,15 @@ class ActivationServer:
                 split: [(ray.put(s.x), ray.put(s.labels), ray.put(s.tokens)) for s in shards]
                 for split, shards in harvest.shards.items()
             }
-            self._info = {
-                "key": harvest.key,
-                "cache_dir": str(harvest.dir),
-                "d_model": harvest.d_model,
-                "rows": {split: int(sum(len(s.x) for s in shards)) for split, shards in harvest.shards.items()},
-                "harvest_s": harvest.harvest_s,
-                "tokens_per_s": harvest.tokens_per_s,
-                "refs": refs,
-            }
+            model = self.harvester.info()
+            if model.d_model != harvest.d_model:
+                raise ValueError(f"the cached activations are {harvest.d_model} wide, the model {model.d_model}")
+            corpus = {**corpus_identity(self.cfg.corpus), "holdout_fraction": self.cfg.holdout_fraction,
+                      "split_seed": self.cfg.seed}
+            rows = {split: int(sum(len(s.x) for s in shards)) for split, shards in harvest.shards.items()}
+            self._info = ServedInfo(model=model, harvest_key=harvest.key, corpus=corpus, cache_dir=str(harvest.dir),
+                                    rows=rows, harvest_s=harvest.harvest_s, tokens_per_s=harvest.tokens_per_s,
+                                    refs=refs)
         return self._info
 
     def evaluator(self) -> Evaluator:
@@ -110,7 +124,7 @@ class ActivationServer:
         return self.harvester.forwards
 
     def model_loaded(self) -> bool:
-        return self.harvester._loaded is not None
+        return self.harvester.model_loaded
 
 
 def create_activation_server(
@@ -174,7 +188,7 @@ class ServedActivations:
     x: ShardedRows
     labels: ShardedRows
     tokens: ShardedRows
-    d_model: int
+    model: ModelInfo
 
     def eval_batch(self, max_rows: int | None = None) -> Batch:
         n = len(self.x) if max_rows is None else min(max_rows, len(self.x))
@@ -182,12 +196,12 @@ class ServedActivations:
         return to_batch(self.x[idx], self.labels[idx])
 
 
-def fetch(info: dict[str, Any], split: str = "train") -> ServedActivations:
+def fetch(info: ServedInfo, split: str = "train") -> ServedActivations:
     """Resolve a server's refs for ``split`` into arrays (zero-copy views of the object store)."""
     import ray
 
-    triples = info["refs"][split]
+    triples = info.refs[split]
     xs = ray.get([t[0] for t in triples])
     labels = ray.get([t[1] for t in triples])
     tokens = ray.get([t[2] for t in triples])
-    return ServedActivations(ShardedRows(xs), ShardedRows(labels), ShardedRows(tokens), info["d_model"])
+    return ServedActivations(ShardedRows(xs), ShardedRows(labels), ShardedRows(tokens), info.model)

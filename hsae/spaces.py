@@ -20,10 +20,8 @@ configuration is validated through ``SAEConfig`` before the sweep starts.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import itertools
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 import yaml
 
 from hsae.config import SAEConfig, TrainConfig
+from hsae.keys import content_key
 
 
 def default_spaces_dir() -> Path:
@@ -62,7 +61,6 @@ class Profile:
     n_ctxs: int
     n_eval_ctxs: int
     ctx_len: int
-    d_in: int
     d_sae: int
     steps: int
     batch_size: int
@@ -86,16 +84,16 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # The paper's protocol on Gemma-2-2B (GPU cluster): 2048 contexts x 128 tokens, 1000 steps.
     "real": Profile(name="real", model="google/gemma-2-2b", layer=19, corpus="wmdp", n_ctxs=2048, n_eval_ctxs=64,
-                    ctx_len=128, d_in=2304, d_sae=16384, steps=1000, batch_size=2048, lr=3e-4, log_every=10,
+                    ctx_len=128, d_sae=16384, steps=1000, batch_size=2048, lr=3e-4, log_every=10,
                     checkpoint_every=100, bank_kind="letter", eval_model="google/gemma-2-2b-it"),
     # What runs here offline on 2 CPU cores in minutes: Gemma-3-270M layer 13 (same relative depth),
     # 512 contexts (~65k tokens, ~70 s to harvest), a 2x dictionary and 150 steps at lr 1e-3.
     "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=512, n_eval_ctxs=32,
-                        ctx_len=128, d_in=640, d_sae=1280, steps=150, batch_size=2048, lr=1e-3, log_every=10,
+                        ctx_len=128, d_sae=1280, steps=150, batch_size=2048, lr=1e-3, log_every=10,
                         checkpoint_every=50, ce_contexts_per_domain=2),
     # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
-                    d_in=64, d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
+                    d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
                     min_forget_questions=10, min_retain_questions=10, ce_contexts_per_domain=2),
 }
 
@@ -130,23 +128,32 @@ class Space:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One concrete trial: what to train, with which seed, in which sweep."""
+    """One concrete trial: what to train, with which seed, in which sweep, on what.
+
+    ``context`` is the content key of everything outside the space entry that changes the result
+    (``sweep_context``: model identity with its weights' hashes, layer, corpus and split, profile and
+    training settings), so the same entry on another model or budget is another trial.
+    """
 
     experiment: str
     space: str
     variant: str
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 42
+    context: str = ""
 
     @property
     def key(self) -> str:
-        doc = {"experiment": self.experiment, "space": self.space, "variant": self.variant,
-               "params": self.params, "seed": self.seed}
-        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return content_key(self.as_dict(), length=16)
 
     def as_dict(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "space": self.space, "variant": self.variant,
-                "params": dict(self.params), "seed": self.seed}
+                "params": dict(self.params), "seed": self.seed, "context": self.context}
+
+
+def sweep_context(profile: Profile, harvest_key: str) -> str:
+    """The key of a sweep's fixed part: the profile (budget, sizes, evaluation) and the activations' key."""
+    return content_key({"profile": asdict(profile), "activations": harvest_key}, length=16)
 
 
 def _check_sampler(where: str, name: str, spec: Any) -> None:
@@ -216,7 +223,7 @@ def load_space(name: str, spaces_dir: Path | None = None) -> Space:
     return parse_space(name, path.read_text(), str(path))
 
 
-def grid_trials(space: Space, experiment: str, seeds: list[int]) -> list[TrialSpec]:
+def grid_trials(space: Space, experiment: str, seeds: list[int], context: str = "") -> list[TrialSpec]:
     """Every grid configuration x seed, in file order; sampler entries are refused (grid search only)."""
     if space.has_samplers():
         raise SpaceError(f"{space.source}: space {space.name!r} has sampled parameters: use --search optuna")
@@ -226,15 +233,16 @@ def grid_trials(space: Space, experiment: str, seeds: list[int]) -> list[TrialSp
         choices = [v["grid"] if isinstance(v, dict) else [v] for v in block.params.values()]
         for combo in itertools.product(*choices):
             for seed in seeds:
-                out.append(TrialSpec(experiment, space.name, block.variant, dict(zip(names, combo, strict=True)), seed))
+                params = dict(zip(names, combo, strict=True))
+                out.append(TrialSpec(experiment, space.name, block.variant, params, seed, context))
     return out
 
 
-def validate_trials(trials: list[TrialSpec], profile: Profile) -> None:
+def validate_trials(trials: list[TrialSpec], profile: Profile, d_in: int) -> None:
     """Build every SAEConfig now, so a bad value fails before Ray starts; name the trial that is wrong."""
     for t in trials:
         try:
-            SAEConfig(t.variant, profile.d_in, profile.d_sae, t.params)
+            SAEConfig(t.variant, d_in, profile.d_sae, t.params)
         except ValueError as exc:
             raise SpaceError(f"space {t.space!r}, variant {t.variant!r}, params {t.params}: {exc}") from exc
 

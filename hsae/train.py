@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from hsae import metrics as M
 from hsae.atomic import atomic_dir
 from hsae.config import SAEConfig, TrainConfig
 from hsae.models import resolve_device
-from hsae.variants import SAE, build_sae
+from hsae.variants import SAE, LossOutput, StepInput, build_sae
 
 
 class DegenerateRunError(RuntimeError):
@@ -50,7 +50,10 @@ def to_batch(x: Any, labels: Any = None) -> Batch:
     return Batch(xt, lt)
 
 
+@runtime_checkable
 class BatchSource(Protocol):
+    """Anything that gives the batch of a step; resume needs ``batch_at`` to be a function of the step."""
+
     def batch_at(self, step: int) -> Batch: ...
 
 
@@ -111,7 +114,7 @@ class IteratorBatches:
 
 
 def as_source(data: Any) -> BatchSource:
-    return data if hasattr(data, "batch_at") else IteratorBatches(data)
+    return data if isinstance(data, BatchSource) else IteratorBatches(data)
 
 
 @dataclass
@@ -144,26 +147,37 @@ def check_trained(steps: int, final_loss: float, metrics: dict[str, float]) -> N
         raise DegenerateRunError(f"explained variance = {ev} <= 0: the SAE reconstructs worse than the mean", metrics)
 
 
-MetricsCallback = Callable[[int, dict[str, float]], None]
-CheckpointCallback = Callable[[int, Path], None]
+@dataclass
+class Progress:
+    """What the trainer reports at a log step: the step's record, and the checkpoint saved at it, if any."""
+
+    step: int
+    record: dict[str, float]
+    checkpoint: Path | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
 
 
 class Trainer:
-    """Trains one SAE on a batch source. Knows nothing of Ray: callbacks are the only way out."""
+    """Trains one SAE on a batch source. Knows nothing of Ray: ``on_progress`` is the only way out.
+
+    It alone owns checkpoints and resume: every ``checkpoint_every`` steps (and at the last step) it
+    saves into ``checkpoint_dir``, keeps the newest ``keep_checkpoints``, and reports the path; a
+    checkpoint step is also a log step.
+    """
 
     def __init__(
         self,
         sae_cfg: SAEConfig,
         train_cfg: TrainConfig,
-        on_metrics: MetricsCallback | None = None,
+        on_progress: ProgressCallback | None = None,
         checkpoint_dir: str | Path | None = None,
-        on_checkpoint: CheckpointCallback | None = None,
     ) -> None:
         self.sae_cfg = sae_cfg
         self.cfg = train_cfg
         self.device = resolve_device(train_cfg.device)
-        self.on_metrics = on_metrics
-        self.on_checkpoint = on_checkpoint
+        self.on_progress = on_progress
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         generator = torch.Generator().manual_seed(train_cfg.seed)
         self.sae = build_sae(sae_cfg, generator=generator).to(self.device)
@@ -216,7 +230,10 @@ class Trainer:
         resume: bool = True,
         guard: bool = True,
     ) -> TrainResult:
-        """Train to ``cfg.steps``; resume from the latest checkpoint in ``checkpoint_dir`` if asked."""
+        """Train to ``cfg.steps`` (resuming from ``checkpoint_dir`` if asked) and score on ``eval_batch``.
+
+        ``eval_batch`` (held-out rows) also gives the validation MSE (``val_loss``) of every log step.
+        """
         source = as_source(data)
         if resume and self.checkpoint_dir is not None:
             latest = latest_checkpoint(self.checkpoint_dir)
@@ -224,57 +241,78 @@ class Trainer:
                 self.load_checkpoint(latest)
         if self.scale is None:
             self._initialise_from(source.batch_at(0))
-        sae, cfg = self.sae, self.cfg
-        sae.train()
         t_start = time.perf_counter() - self.wall_s
-        while self.step < cfg.steps:
-            x, labels = self._prepare(source.batch_at(self.step))
-            warm = min(1.0, (self.step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
-            with self._autocast():
-                out = self._loss(x, labels, self.step, sparsity_scale=warm)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.step += 1
-            sae.after_step(self.step, out.f.detach())
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                pending = {"loss": out.total.detach(), **{k: v.detach() for k, v in out.terms.items()}}
-                pending["l0"] = (out.f.detach() != 0).sum(dim=-1).float().mean()
+        self.sae.train()
+        while self.step < self.cfg.steps:
+            out, batch_size = self._train_step(source.batch_at(self.step))
+            if self._is_log_step():
                 self.wall_s = time.perf_counter() - t_start
-                record = {"step": float(self.step), "tokens": float(self.step * x.shape[0]),
-                          "wall_s": self.wall_s}
-                record.update({k: float(v) for k, v in pending.items()})
-                record["tokens_per_s"] = record["tokens"] / max(self.wall_s, 1e-9)
-                self.last_loss = record["loss"]
-                self.history.append(record)
-                if self.on_metrics is not None:
-                    self.on_metrics(self.step, record)
-            if cfg.checkpoint_every and self.checkpoint_dir is not None and self.step % cfg.checkpoint_every == 0:
-                self.wall_s = time.perf_counter() - t_start
-                path = self.save_checkpoint(self.checkpoint_dir / f"step_{self.step:08d}")
-                prune_checkpoints(self.checkpoint_dir, cfg.keep_checkpoints)
-                if self.on_checkpoint is not None:
-                    self.on_checkpoint(self.step, path)
+                self._log(out, batch_size, eval_batch)
         self.wall_s = time.perf_counter() - t_start
+        return self._result(eval_batch if eval_batch is not None else source.batch_at(0), guard)
+
+    def _train_step(self, batch: Batch) -> tuple[LossOutput, int]:
+        x, labels = self._prepare(batch)
+        cfg = self.cfg
+        warm = min(1.0, (self.step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
+        with self._autocast():
+            out = self._loss(StepInput(x, labels, self.step, sparsity_scale=warm))
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.sae.on_step_end(self.step, out.f.detach())
+        return out, x.shape[0]
+
+    def _is_checkpoint_step(self) -> bool:
+        every = self.cfg.checkpoint_every
+        return bool(every and self.checkpoint_dir is not None
+                    and (self.step % every == 0 or self.step == self.cfg.steps))
+
+    def _is_log_step(self) -> bool:
+        return self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps or self._is_checkpoint_step()
+
+    def _log(self, out: LossOutput, batch_size: int, eval_batch: Batch | None) -> None:
+        """Record the step (loss terms, L0, validation MSE), checkpoint if due, and report both."""
+        record = {"step": float(self.step), "tokens": float(self.step * batch_size), "wall_s": self.wall_s}
+        record["loss"] = float(out.total.detach())
+        record.update({k: float(v.detach()) for k, v in out.terms.items()})
+        record["l0"] = float((out.f.detach() != 0).sum(dim=-1).float().mean())
+        record["tokens_per_s"] = record["tokens"] / max(self.wall_s, 1e-9)
+        if eval_batch is not None:
+            record["val_loss"] = self.validation_mse(eval_batch)
+        self.last_loss = record["loss"]
+        self.history.append(record)
+        checkpoint = None
+        if self._is_checkpoint_step():
+            assert self.checkpoint_dir is not None
+            checkpoint = self.save_checkpoint(self.checkpoint_dir / f"step_{self.step:08d}")
+            prune_checkpoints(self.checkpoint_dir, self.cfg.keep_checkpoints)
+        if self.on_progress is not None:
+            self.on_progress(Progress(self.step, record, checkpoint))
+
+    @torch.no_grad()
+    def validation_mse(self, batch: Batch) -> float:
+        """MSE of the SAE (eval mode) on held-out rows, in training units."""
+        x, _ = self._prepare(batch)
+        self.sae.eval()
+        try:
+            return M.mse(x, self.sae(x)[0])
+        finally:
+            self.sae.train()
+
+    def _result(self, eval_batch: Batch, guard: bool) -> TrainResult:
+        """Final metrics on ``eval_batch``; with ``guard``, a DegenerateRunError if the SAE did not train."""
         if guard and not math.isfinite(self.last_loss):
             raise DegenerateRunError(f"final training loss is not finite ({self.last_loss})")
-        if eval_batch is None:
-            eval_batch = source.batch_at(0)
         x_eval, labels_eval = self._prepare(eval_batch)
-        nce_t = getattr(sae.p, "nce_temperature", 0.1)
-        final = M.evaluate(sae, x_eval, labels_eval, nce_temperature=nce_t)
+        final = M.evaluate(self.sae, x_eval, labels_eval, nce_temperature=self.sae.metric_nce_temperature())
         if guard:
             check_trained(self.step, self.last_loss, final)
-        return TrainResult(
-            sae=sae,
-            scale=float(self.scale if self.scale is not None else 1.0),
-            steps=self.step,
-            tokens=self.step * cfg.batch_size,
-            wall_s=self.wall_s,
-            metrics=final,
-            history=list(self.history),
-        )
+        return TrainResult(sae=self.sae, scale=float(self.scale if self.scale is not None else 1.0), steps=self.step,
+                           tokens=self.step * self.cfg.batch_size, wall_s=self.wall_s, metrics=final,
+                           history=list(self.history))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
@@ -330,14 +368,3 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 def prune_checkpoints(directory: Path, keep: int) -> None:
     for old in complete_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def train(
-    sae_cfg: SAEConfig,
-    train_cfg: TrainConfig,
-    data: Any,
-    eval_batch: Batch | None = None,
-    **kwargs: Any,
-) -> TrainResult:
-    """One call: build a Trainer and fit it."""
-    return Trainer(sae_cfg, train_cfg, **kwargs).fit(data, eval_batch=eval_batch)

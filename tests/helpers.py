@@ -21,11 +21,11 @@ SMALL_PARAMS = {
 
 
 def train_small(data, variant, steps=200, lr=3e-3, checkpoint_dir=None, checkpoint_every=0,
-                on_metrics=None, log_every=50, guard=True, **params):
+                on_progress=None, log_every=50, guard=True, **params):
     cfg = SAEConfig(variant, D_IN, D_SAE, {**SMALL_PARAMS.get(variant, {}), **params})
     tcfg = TrainConfig(steps=steps, batch_size=BATCH, lr=lr, log_every=log_every,
                        checkpoint_every=checkpoint_every)
-    trainer = Trainer(cfg, tcfg, on_metrics=on_metrics, checkpoint_dir=checkpoint_dir)
+    trainer = Trainer(cfg, tcfg, on_progress=on_progress, checkpoint_dir=checkpoint_dir)
     n_train = len(data.x) - 2048
     source = ArrayBatches(data.x[:n_train], data.labels[:n_train], BATCH, tcfg.seed)
     result = trainer.fit(source, eval_batch=to_batch(data.x[n_train:], data.labels[n_train:]), guard=guard)

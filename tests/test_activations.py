@@ -7,7 +7,7 @@ import torch
 
 from hsae.activations import HarvestConfig, Harvester, harvest
 from hsae.corpora import FORGET, CorpusSpec
-from hsae.models import ModelNotFoundError, ModelSpec, load_model, validate_layer
+from hsae.models import ModelNotFoundError, ModelSpec, describe_model, load_model
 from hsae.server import ShardedRows, create_activation_server, fetch
 
 
@@ -17,7 +17,7 @@ def test_served_activations_equal_hidden_states_at_layer(tiny_harvest_cfg, tmp_p
     tokens = np.load(h.dir / "tokens_train.npy")
     with torch.no_grad():
         out = loaded.model(input_ids=torch.from_numpy(tokens), output_hidden_states=True)
-    layer = tiny_harvest_cfg.model.resolved_layer
+    layer = tiny_harvest_cfg.model.layer
     expected = out.hidden_states[layer + 1][:, 1:, :].reshape(-1, loaded.d_model).numpy()  # BOS excluded
     x, _ = h.arrays("train")
     assert x.shape == (40 * 31, 64) and x.dtype == np.float32
@@ -82,7 +82,7 @@ def test_server_serves_refs_and_second_server_reads_disk_only(ray_session, tiny_
     info = ray.get(server.prepare.remote())
     assert ray.get(server.forwards.remote()) == 6  # 40 train + 8 eval contexts, 8 per forward
     served = fetch(info)
-    assert len(served.x) == 40 * 31 and served.d_model == 64
+    assert len(served.x) == 40 * 31 and served.model.d_model == 64
     direct = harvest(tiny_harvest_cfg, root=tmp_path, progress=None)
     np.testing.assert_array_equal(served.x[np.arange(len(served.x))], direct.arrays("train")[0])
     ray.kill(server)
@@ -91,7 +91,7 @@ def test_server_serves_refs_and_second_server_reads_disk_only(ray_session, tiny_
     info2 = ray.get(again.prepare.remote())
     assert ray.get(again.forwards.remote()) == 0
     assert ray.get(again.model_loaded.remote()) is False  # served from disk: the model never loaded
-    assert info2["key"] == info["key"]
+    assert info2.harvest_key == info.harvest_key and info2.model == info.model
     ray.kill(again)
 
 
@@ -125,15 +125,15 @@ def test_sharded_rows_match_concatenation():
 
 def test_bad_model_inputs_have_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"layer 9 is out of range for 'tiny': it has 4 layers \(0..3\)"):
-        validate_layer(ModelSpec("tiny", layer=9))
+        describe_model(ModelSpec("tiny", layer=9))
     with pytest.raises(ValueError, match=r"layer 40 is out of range for 'embedded': it has 18 layers"):
-        validate_layer(ModelSpec("embedded", layer=40))
+        describe_model(ModelSpec("embedded", layer=40))
     with pytest.raises(ValueError, match=r"unknown dtype 'fp8'; valid dtypes"):
         ModelSpec("tiny", dtype="fp8")
     with pytest.raises(ModelNotFoundError, match=r"cannot be found offline"):
         load_model(ModelSpec(str(tmp_path / "no-such-model")))
     with pytest.raises(ModelNotFoundError, match=r"cannot be found offline"):
-        validate_layer(ModelSpec("nobody/no-such-model-xyz"))
+        describe_model(ModelSpec("nobody/no-such-model-xyz"))
     with pytest.raises(ValueError, match=r"unknown corpus 'wiki'; valid corpora"):
         CorpusSpec("wiki")
     with pytest.raises(ValueError, match=r"needs forget_path"):

@@ -14,7 +14,7 @@ def test_embedded_harvest_shapes_dtype_finiteness_and_labels(tmp_path):
     cfg = HarvestConfig(model=ModelSpec("embedded"), corpus=CorpusSpec("embedded"), n_ctxs=24, n_eval_ctxs=8,
                         shard_ctxs=12, forward_batch=6)
     h = harvest(cfg, root=tmp_path)
-    assert cfg.model.resolved_layer == 13 and h.d_model == 640
+    assert cfg.model.layer == 13 and h.d_model == 640
     x, labels = h.arrays("train")
     assert x.shape == (24 * 127, 640) and x.dtype == np.float32
     assert np.isfinite(x).all()

@@ -23,8 +23,8 @@ COMPARED = ["explained_variance", "l0", "mse", "dead_fraction", "inter_group_cor
 def tiny(ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("HSAE_CACHE", str(tmp_path / "cache"))
 
-    def run(out, *args):
-        return ablate.main(["--profile", "tiny", "--out", str(out), *args])
+    def run(out, *args, hooks=()):
+        return ablate.main(["--profile", "tiny", "--out", str(out), *args], trial_hooks=hooks)
 
     return run
 
@@ -36,7 +36,8 @@ def rows(out):
 def test_killed_trial_resumes_from_checkpoint_to_the_same_numbers(tiny, tmp_path):
     assert tiny(tmp_path / "clean", "--space", "groups", "--experiment", "e") == 0
     # Each trial's first attempt is SIGKILLed at step 25; Tune retries it from its step-20 checkpoint.
-    assert tiny(tmp_path / "killed", "--space", "groups", "--experiment", "e", "--fault", "kill:25") == 0
+    assert tiny(tmp_path / "killed", "--space", "groups", "--experiment", "e",
+                hooks=["tests.faults:kill_first_attempt_at_step_25"]) == 0
     clean, killed = rows(tmp_path / "clean"), rows(tmp_path / "killed")
     assert list(clean.index) == list(killed.index) and (killed["status"] == "completed").all()
     pd.testing.assert_frame_equal(clean[COMPARED], killed[COMPARED])

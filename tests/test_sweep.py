@@ -14,8 +14,8 @@ def sweep(ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("HSAE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "results"
 
-    def run(*args):
-        return ablate.main(["--profile", "tiny", "--out", str(out), *args])
+    def run(*args, hooks=()):
+        return ablate.main(["--profile", "tiny", "--out", str(out), *args], trial_hooks=hooks)
 
     return run, out
 
@@ -57,7 +57,7 @@ def test_rerun_with_same_experiment_skips_finished_trials(sweep, capsys):
 
 def test_failing_trial_is_recorded_as_failed_and_exit_is_nonzero(sweep, capsys):
     run, out = sweep
-    assert run("--space", "groups", "--fault", "raise:adaptive_ortho") == 1
+    assert run("--space", "groups", hooks=["tests.faults:raise_in_adaptive_ortho"]) == 1
     trials = pd.read_parquet(out / "trials.parquet")
     assert set(trials["status"]) == {"failed"}
     assert trials["error"].str.contains("injected fault").all()
@@ -119,7 +119,7 @@ def test_grid_value_of_wrong_type_names_the_trial():
 
     space = parse_space("x", "trials:\n  - variant: fixed_ortho\n    params: {alpha: {grid: [0.1, high]}}")
     with pytest.raises(SpaceError, match=r"variant 'fixed_ortho', params \{'alpha': 'high'\}: alpha must be a number"):
-        validate_trials(grid_trials(space, "e", [42]), PROFILES["tiny"])
+        validate_trials(grid_trials(space, "e", [42]), PROFILES["tiny"], 64)
 
 
 def test_optuna_search_samples_the_space(sweep, tmp_path):

@@ -21,13 +21,13 @@ def test_resume_from_checkpoint_reproduces_final_weights_exactly(synthetic, tmp_
     _, uninterrupted = train_small(synthetic, variant, steps=30, checkpoint_dir=tmp_path / "a",
                                    checkpoint_every=10, log_every=1)
 
-    def crash_at_17(step, _):
-        if step == 17:
+    def crash_at_17(progress):
+        if progress.step == 17:
             raise Crash
 
     with pytest.raises(Crash):
         train_small(synthetic, variant, steps=30, checkpoint_dir=tmp_path / "b", checkpoint_every=10,
-                    on_metrics=crash_at_17, log_every=1)
+                    on_progress=crash_at_17, log_every=1)
     assert latest_checkpoint(tmp_path / "b").name == "step_00000010"
     _, resumed = train_small(synthetic, variant, steps=30, checkpoint_dir=tmp_path / "b", checkpoint_every=10,
                              log_every=1)
@@ -84,7 +84,7 @@ def test_non_finite_loss_is_degenerate(synthetic):
 def test_metrics_callback_and_history(synthetic):
     seen = []
     _, result = train_small(synthetic, "fixed_ortho", steps=30, log_every=10,
-                            on_metrics=lambda step, rec: seen.append((step, rec)))
+                            on_progress=lambda p: seen.append((p.step, p.record)))
     assert [s for s, _ in seen] == [10, 20, 30]
     assert {"loss", "mse", "l1", "ortho", "l0", "tokens_per_s"} <= set(seen[-1][1])
     assert result.tokens == 30 * 256 and result.wall_s > 0

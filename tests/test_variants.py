@@ -35,8 +35,8 @@ def test_ortho_penalty_lowers_inter_group_correlation(synthetic):
 def _assignment_trace(synthetic, variant, buffer, every, steps=12):
     trace = {}
 
-    def record(step, _metrics):
-        trace[step] = getattr(trainer_box[0].sae, buffer).detach().clone()
+    def record(progress):
+        trace[progress.step] = getattr(trainer_box[0].sae, buffer).detach().clone()
 
     trainer_box = []
     from hsae.config import SAEConfig, TrainConfig
@@ -45,7 +45,7 @@ def _assignment_trace(synthetic, variant, buffer, every, steps=12):
     params = {"adaptive_ortho": {"n_groups": 8, "regroup_every": every},
               "dynamic_hier": {"n_groups_l1": 4, "n_groups_l2": 4, "refresh_every": every}}[variant]
     trainer = Trainer(SAEConfig(variant, 32, 256, params), TrainConfig(steps=steps, batch_size=256, lr=3e-3,
-                                                                          log_every=1), on_metrics=record)
+                                                                          log_every=1), on_progress=record)
     trainer_box.append(trainer)
     initial = getattr(trainer.sae, buffer).detach().clone()
     trainer.fit(ArrayBatches(synthetic.x, synthetic.labels, 256, 42), guard=False)

@@ -14,7 +14,9 @@ import os
 import socket
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
-from hsae.activations import HarvestConfig  # noqa: E402
-from hsae.config import SAEConfig  # noqa: E402
+from hsae.activations import HarvestConfig, harvest_key  # noqa: E402
+from hsae.atomic import atomic_write_text  # noqa: E402
 from hsae.corpora import CorpusSpec  # noqa: E402
 from hsae.evaluation.evaluator import EvalConfig  # noqa: E402
 from hsae.evaluation.questions import BankConfig  # noqa: E402
 from hsae.evaluation.unlearning import UnlearningConfig  # noqa: E402
-from hsae.models import ModelNotFoundError, ModelSpec, validate_layer  # noqa: E402
+from hsae.models import ModelInfo, ModelNotFoundError, ModelSpec, describe_model  # noqa: E402
 from hsae.results import ResultsStore  # noqa: E402
 from hsae.spaces import (  # noqa: E402
     PROFILES,
@@ -40,6 +42,7 @@ from hsae.spaces import (  # noqa: E402
     get_profile,
     grid_trials,
     load_space,
+    sweep_context,
     validate_trials,
 )
 
@@ -71,14 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="restore the interrupted Tune experiment")
     p.add_argument("--no-eval", action="store_true", help="skip the unlearning/CE evaluation")
     p.add_argument("--cache", default=None, help="cache directory (default $HSAE_CACHE or ~/.cache/hsae)")
-    # Fault injection for the reliability tests: raise:<variant> fails that variant's trials,
-    # kill:<step> SIGKILLs each trial's first attempt at that step (see docs/errors.md).
-    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)
     return p
 
 
-def resolve(args: argparse.Namespace) -> tuple[Profile, list[Space], dict[str, list[TrialSpec]]]:
-    """Everything validated before any compute; raises ValueError/SpaceError/FileNotFoundError."""
+@dataclass(frozen=True)
+class Plan:
+    """A validated sweep: the profile, the model's facts (read from its config), the spaces and their trials."""
+
+    profile: Profile
+    model: ModelInfo
+    harvest: HarvestConfig
+    spaces: list[Space]
+    trials: dict[str, list[TrialSpec]]
+
+
+def check_args(args: argparse.Namespace) -> None:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.samples < 1:
@@ -89,36 +99,45 @@ def resolve(args: argparse.Namespace) -> tuple[Profile, list[Space], dict[str, l
         raise ValueError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+
+
+def resolve_profile(args: argparse.Namespace) -> Profile:
     profile = get_profile(args.profile, steps=args.steps, model=args.model, layer=args.layer, d_sae=args.d_sae,
                           n_ctxs=args.n_ctxs, forget_path=args.forget_path)
     if args.no_eval:
-        from dataclasses import replace
-
         profile = replace(profile, evaluate=False)
     profile.train_config(42)  # validates steps, batch size, lr
     rows = profile.n_ctxs * (profile.ctx_len - 1)
     if rows < profile.batch_size:
         raise ValueError(f"n_ctxs={profile.n_ctxs} gives {rows} training activations, fewer than one batch of "
                          f"{profile.batch_size}: raise --n-ctxs")
-    validate_layer(ModelSpec(profile.model, layer=profile.layer))
-    if profile.corpus == "wmdp":
-        CorpusSpec("wmdp", forget_path=profile.forget_path)
+    return profile
+
+
+def space_trials(space: Space, args: argparse.Namespace, profile: Profile, context: str) -> list[TrialSpec]:
+    """The space's trials: every grid point x seed, or (Optuna) each block's fixed values x seed."""
+    experiment = args.experiment or f"{profile.name}-{space.name}"
+    seeds = [42 + i for i in range(args.seeds)]
+    if args.search == "grid":
+        return grid_trials(space, experiment, seeds, context)
+    return [TrialSpec(experiment, space.name, b.variant, {k: v for k, v in b.params.items() if not isinstance(v, dict)},
+                      s, context) for b in space.blocks for s in seeds]
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """Everything validated before any compute; raises ValueError/SpaceError/FileNotFoundError."""
+    check_args(args)
+    profile = resolve_profile(args)
+    model = describe_model(ModelSpec(profile.model, layer=profile.layer))  # the model's facts, layer checked
+    harvest = harvest_config(profile)
+    context = sweep_context(profile, harvest_key(harvest))
     names = list(SPACE_NAMES) if args.space == "all" else [args.space]
     spaces = [load_space(n) for n in names]
-    seeds = [42 + i for i in range(args.seeds)]
-    trials: dict[str, list[TrialSpec]] = {}
-    for space in spaces:
-        experiment = args.experiment or f"{profile.name}-{space.name}"
-        if args.search == "grid":
-            trials[space.name] = grid_trials(space, experiment, seeds)
-            validate_trials(trials[space.name], profile)
-        else:
-            trials[space.name] = [TrialSpec(experiment, space.name, b.variant,
-                                            {k: v for k, v in b.params.items() if not isinstance(v, dict)}, s)
-                                  for b in space.blocks for s in seeds]
-            validate_trials(trials[space.name], profile)
+    trials = {space.name: space_trials(space, args, profile, context) for space in spaces}
+    for specs in trials.values():
+        validate_trials(specs, profile, model.d_model)
     ResultsStore(args.out).check_writable()
-    return profile, spaces, trials
+    return Plan(profile, model, harvest, spaces, trials)
 
 
 def harvest_config(profile: Profile) -> HarvestConfig:
@@ -169,20 +188,49 @@ def connect(address: str | None) -> Any:
     return ray
 
 
-def run_space(space: Space, trials: list[TrialSpec], profile: Profile, args: argparse.Namespace,
-              server_name: str) -> list[tuple[TrialSpec | None, str]]:
+def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.Namespace, server_name: str,
+              model: ModelInfo) -> list[tuple[TrialSpec | None, str]]:
     """One Tuner for one space; returns the failed trials with their errors."""
+    store = ResultsStore(args.out)
+    finished = store.finished_ids(trials[0].experiment)
+    pending = [t for t in trials if t.key not in finished]
+    if args.search == "grid" and not pending and not args.resume:
+        print(f"[hsae] {trials[0].experiment}: all {len(trials)} trials already finished; nothing to run")
+        return []
+    grid = make_tuner(space, trials, pending, plan.profile, args, server_name).fit()
+    return record_unfinished(grid, store, plan.profile, model)
+
+
+def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], profile: Profile,
+               args: argparse.Namespace, server_name: str) -> Any:
+    """A new Tuner over the pending trials, or the interrupted one restored (``--resume``)."""
+    from ray import tune
+
+    from tune.trainable import run_trial
+
+    storage = str(Path(args.out).resolve() / "ray_results")
+    # Tune's own experiment is per sweep context: a resume never restores another model's or budget's run.
+    name = f"{trials[0].experiment}-{trials[0].context[:8]}"
+    trainable = tune.with_resources(run_trial, {"cpu": 1, "gpu": args.gpus_per_trial})
+    path = os.path.join(storage, name)
+    if args.resume and tune.Tuner.can_restore(path):
+        print(f"[hsae] resuming Tune experiment at {path}")
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
+    ctx = {"profile": asdict(profile), "out": str(Path(args.out).resolve()), "server": server_name,
+           "hooks": list(args.trial_hooks)}
+    param_space, tune_config = search_setup(space, trials, pending, profile, args, ctx)
+    run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def search_setup(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], profile: Profile,
+                 args: argparse.Namespace, ctx: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Param space and TuneConfig: a grid over the pending trials, or Optuna sampling one block's ranges."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from tune.trainable import describe_failure, run_trial, trial_row
-
-    store = ResultsStore(args.out)
-    experiment = trials[0].experiment
-    out = str(Path(args.out).resolve())
-    ctx = {"profile": asdict(profile), "out": out, "server": server_name, "fault": args.fault}
-    storage = str(Path(args.out).resolve() / "ray_results")
-    name = experiment
     # Searches prune (ASHA); ablation grids keep every arm (the space file says, FIFO by default).
     scheduler_name = args.scheduler or ("asha" if args.search == "optuna" else space.scheduler)
     # ASHA: time = training step, metric = validation MSE. Grace period: a third of training (early
@@ -190,64 +238,47 @@ def run_space(space: Space, trials: list[TrialSpec], profile: Profile, args: arg
     # max_t one past the last step so the final report (evaluation) is never cut.
     scheduler = (ASHAScheduler(time_attr="step", grace_period=max(1, profile.steps // 3), reduction_factor=2,
                                max_t=profile.steps + 1) if scheduler_name == "asha" else FIFOScheduler())
-    trainable = tune.with_resources(run_trial, {"cpu": 1, "gpu": args.gpus_per_trial})
-    path = os.path.join(storage, name)
-    finished = store.finished_ids(experiment)
-    pending = [t for t in trials if t.key not in finished]
-    if args.search == "grid" and not pending and not args.resume:
-        print(f"[hsae] {experiment}: all {len(trials)} trials already finished; nothing to run")
-        return []
-    max_concurrent = args.max_concurrent or max(1, int(__import__("ray").cluster_resources().get("CPU", 1)))
-    failure = tune.FailureConfig(max_failures=1)
-    run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=failure,
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
-    if args.resume and tune.Tuner.can_restore(path):
-        print(f"[hsae] resuming Tune experiment at {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
-    else:
-        if args.search == "grid":
-            param_space = {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}
-            tune_config = tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
-                                          max_concurrent_trials=max_concurrent)
-        else:
-            if len(space.blocks) != 1:
-                raise SpaceError(f"--search optuna takes one block per space; {space.name!r} has {len(space.blocks)}")
-            from ray.tune.search.optuna import OptunaSearch
+    max_concurrent = args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    common = dict(metric="val_loss", mode="min", scheduler=scheduler, max_concurrent_trials=max_concurrent)
+    if args.search == "grid":
+        return {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}, tune.TuneConfig(**common)
+    if len(space.blocks) != 1:
+        raise SpaceError(f"--search optuna takes one block per space; {space.name!r} has {len(space.blocks)}")
+    from ray.tune.search.optuna import OptunaSearch
 
-            block = space.blocks[0]
-            sampled = {k: to_tune_domain(v) for k, v in block.params.items() if isinstance(v, dict)}
-            param_space = {"trial": trials[0].as_dict(), "sampled": sampled, "ctx": ctx}
-            tune_config = tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
-                                          search_alg=OptunaSearch(seed=42), num_samples=args.samples,
-                                          max_concurrent_trials=max_concurrent)
-        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    grid = tuner.fit()
+    sampled = {k: to_tune_domain(v) for k, v in space.blocks[0].params.items() if isinstance(v, dict)}
+    param_space = {"trial": trials[0].as_dict(), "sampled": sampled, "ctx": ctx}
+    return param_space, tune.TuneConfig(search_alg=OptunaSearch(seed=42), num_samples=args.samples, **common)
+
+
+def record_unfinished(grid: Any, store: ResultsStore, profile: Profile,
+                      model: ModelInfo) -> list[tuple[TrialSpec | None, str]]:
+    """Rows for the trials that wrote none (stopped by the scheduler, or failed); returns the failed ones."""
+    from hsae.config import SAEConfig
+    from hsae.results import trial_row
+    from tune.trainable import describe_failure, trial_spec
+
     failed: list[tuple[TrialSpec | None, str]] = []
     for result in grid:
         cfg = result.config or {}
-        trial = dict(cfg.get("trial", {}))
-        if not trial:
+        if not cfg.get("trial"):
             failed.append((None, describe_failure(result.error)))
             continue
-        trial["params"] = {**trial.get("params", {}), **cfg.get("sampled", {})}
-        spec = TrialSpec(**trial)
+        spec = trial_spec(cfg)
         if store.row(spec.experiment, spec.key) is not None:
             continue
-        # The trial did not write its row: it was stopped by the scheduler or it failed. Its reported
-        # metrics (Tune keeps them) become the row and the curve.
+        # Tune kept the metrics the trial reported: they become its row and its curve.
         metrics = result.metrics or {}
-        sae_cfg = SAEConfig(spec.variant, profile.d_in, profile.d_sae, spec.params)
-        curves = reported_curves(result, spec)
+        sae_cfg = SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
+        row = partial(trial_row, spec, profile, model, sae_cfg, profile.train_config(spec.seed))
         if result.error is not None:
             reason = describe_failure(result.error)
-            store.write_trial(trial_row(spec, profile, sae_cfg, "failed", error=reason, steps=metrics.get("step")),
-                              curves)
+            store.write_trial(row("failed", error=reason, steps=metrics.get("step")), reported_curves(result, spec))
             failed.append((spec, reason))
         else:
-            store.write_trial(trial_row(spec, profile, sae_cfg, "early_stopped", steps=metrics.get("step"),
-                                        tokens=metrics.get("tokens"), val_loss=metrics.get("val_loss"),
-                                        mse=metrics.get("mse"), l0=metrics.get("l0"),
-                                        final_loss=metrics.get("loss")), curves)
+            store.write_trial(row("early_stopped", steps=metrics.get("step"), tokens=metrics.get("tokens"),
+                                  val_loss=metrics.get("val_loss"), mse=metrics.get("mse"), l0=metrics.get("l0"),
+                                  final_loss=metrics.get("loss")), reported_curves(result, spec))
     return failed
 
 
@@ -269,61 +300,72 @@ def to_tune_domain(spec: dict[str, Any]) -> Any:
             "grid": lambda: tune.choice(arg)}[kind]()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.cache:
-        os.environ["HSAE_CACHE"] = args.cache
-    try:
-        profile, spaces, trials = resolve(args)
-    except (ValueError, FileNotFoundError, ModelNotFoundError) as exc:
-        print(f"hsae-ablate: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        ray = connect(args.address)
-    except ConnectionError as exc:
-        print(f"hsae-ablate: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from hsae.activations import harvest_key
+def start_server(plan: Plan, ray: Any) -> tuple[str, Any, Any]:
+    """Create (or find) the activation server and wait until it serves; returns its name, handle and info."""
     from hsae.server import create_activation_server
 
-    t0 = time.perf_counter()
-    hcfg = harvest_config(profile)
+    profile = plan.profile
     eval_cfg, bank_cfg = eval_config(profile)
-    server_name = f"hsae-activations-{profile.name}-{harvest_key(hcfg)}"
+    server_name = f"hsae-activations-{profile.name}-{harvest_key(plan.harvest)}"
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    server = create_activation_server(hcfg, name=server_name, cache_root=os.environ.get("HSAE_CACHE"),
+    server = create_activation_server(plan.harvest, name=server_name, cache_root=os.environ.get("HSAE_CACHE"),
                                       num_cpus=1 if has_gpu else 0, eval_cfg=eval_cfg, bank_cfg=bank_cfg,
                                       eval_model=profile.eval_model)
     info = ray.get(server.prepare.remote())
-    print(f"[hsae] activations ready: {info['rows']} rows x {info['d_model']} at layer {profile.layer} of "
-          f"{profile.model}; cache {info['cache_dir']}")
-    out = Path(args.out)
-    if profile.evaluate:
-        controls = ray.get(server.controls.remote())
-        pos, neg = controls["positive"]["score"], controls["negative"]["score"]
-        (out / "controls").mkdir(parents=True, exist_ok=True)
-        (out / "controls" / f"{profile.name}.json").write_text(json.dumps(controls, indent=2))
-        verdict = "ok" if pos >= 0.2 and neg <= 0.05 else "EVALUATION BROKEN: controls out of range"
-        print(f"[hsae] evaluation controls: positive {pos:.3f} (>= 0.2), negative {neg:.3f} (<= 0.05): {verdict}")
-    failed: list[tuple[TrialSpec | None, str]] = []
-    for space in spaces:
-        print(f"[hsae] space {space.name!r}: {space.description}")
-        failed += run_space(space, trials[space.name], profile, args, server_name)
-    trials_path, curves_path = ResultsStore(args.out).consolidate()
-    print(f"[hsae] results: {trials_path} and {curves_path} ({time.perf_counter() - t0:.0f} s)")
+    print(f"[hsae] activations ready: {info.rows} rows x {info.model.d_model} at layer {info.model.layer} of "
+          f"{info.model.source}; cache {info.cache_dir}")
+    return server_name, server, info
+
+
+def run_controls(ray: Any, server: Any, profile: Profile, out: Path) -> None:
+    """The positive/negative evaluation controls, kept next to the results."""
+    controls = ray.get(server.controls.remote())
+    pos, neg = controls["positive"]["score"], controls["negative"]["score"]
+    atomic_write_text(out / "controls" / f"{profile.name}.json", json.dumps(controls, indent=2))
+    verdict = "ok" if pos >= 0.2 and neg <= 0.05 else "EVALUATION BROKEN: controls out of range"
+    print(f"[hsae] evaluation controls: positive {pos:.3f} (>= 0.2), negative {neg:.3f} (<= 0.05): {verdict}")
+
+
+def summarise(plan: Plan, out: str, failed: list[tuple[TrialSpec | None, str]], t0: float) -> int:
+    """Consolidate the Parquet files, list degenerate and failed trials; the exit code."""
     import pandas as pd
 
+    trials_path, curves_path = ResultsStore(out).consolidate()
+    print(f"[hsae] results: {trials_path} and {curves_path} ({time.perf_counter() - t0:.0f} s)")
     rows = pd.read_parquet(trials_path)
-    mine = rows[rows["experiment"].isin({t.experiment for ts in trials.values() for t in ts})]
+    mine = rows[rows["experiment"].isin({t.experiment for ts in plan.trials.values() for t in ts})]
     for r in mine[mine["status"] == "degenerate"].itertuples():
         print(f"[hsae] degenerate (no scores): {r.variant} seed {r.seed}: {r.error}", file=sys.stderr)
-    if failed:
-        print(f"[hsae] {len(failed)} trial(s) failed:", file=sys.stderr)
-        for spec, reason in failed:
-            label = f"{spec.variant} {spec.params} seed {spec.seed}" if spec else "?"
-            print(f"  - {label}: {reason.splitlines()[-1] if reason else ''}", file=sys.stderr)
-        return EXIT_TRIALS_FAILED
-    return 0
+    if not failed:
+        return 0
+    print(f"[hsae] {len(failed)} trial(s) failed:", file=sys.stderr)
+    for spec, reason in failed:
+        label = f"{spec.variant} {spec.params} seed {spec.seed}" if spec else "?"
+        print(f"  - {label}: {reason.splitlines()[-1] if reason else ''}", file=sys.stderr)
+    return EXIT_TRIALS_FAILED
+
+
+def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
+    """The sweep. ``trial_hooks`` ("module:function") is the fault tests' seam (``tune.trainable.TrialHook``)."""
+    args = build_parser().parse_args(argv)
+    args.trial_hooks = list(trial_hooks)
+    if args.cache:
+        os.environ["HSAE_CACHE"] = args.cache
+    try:
+        plan = resolve(args)
+        ray = connect(args.address)
+    except (ValueError, FileNotFoundError, ModelNotFoundError, ConnectionError) as exc:
+        print(f"hsae-ablate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    t0 = time.perf_counter()
+    server_name, server, info = start_server(plan, ray)
+    if plan.profile.evaluate:
+        run_controls(ray, server, plan.profile, Path(args.out))
+    failed: list[tuple[TrialSpec | None, str]] = []
+    for space in plan.spaces:
+        print(f"[hsae] space {space.name!r}: {space.description}")
+        failed += run_space(space, plan.trials[space.name], plan, args, server_name, info.model)
+    return summarise(plan, args.out, failed, t0)
 
 
 if __name__ == "__main__":

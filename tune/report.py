@@ -19,16 +19,10 @@ import pandas as pd  # noqa: E402
 
 from hsae.atomic import atomic_file, atomic_write_text  # noqa: E402
 from hsae.results import load_curves, load_trials  # noqa: E402
+from hsae.schema import REPORT_METRICS, label  # noqa: E402
 from hsae.spaces import mean_ci95  # noqa: E402
 from hsae.variants import PAPER_VARIANTS  # noqa: E402
 
-MAIN_METRICS = ["mse", "explained_variance", "l0", "l1", "dead_fraction", "condition_number", "group_entropy",
-                "inter_group_correlation", "inter_group_cosine", "nce", "ce_score_retain", "unlearning_score",
-                "random_feature_score"]
-SHORT = {"explained_variance": "EV", "dead_fraction": "dead", "condition_number": "cond",
-         "group_entropy": "H(groups)", "inter_group_correlation": "inter-group corr", "inter_group_cosine":
-         "inter-group cos", "ce_score_retain": "CE score (retain)", "unlearning_score": "unlearning",
-         "random_feature_score": "random-feature ctrl"}
 VARIANT_ORDER = ["relu", *PAPER_VARIANTS, "topk", "matryoshka_batchtopk"]
 
 
@@ -45,7 +39,7 @@ def summary(df: pd.DataFrame, by: list[str], metrics: list[str]) -> str:
     if df.empty:
         return "_no completed trials_\n"
     metrics = [m for m in metrics if m in df and df[m].notna().any()]
-    header = by + ["n"] + [SHORT.get(m, m) for m in metrics]
+    header = by + ["n"] + [label(m) for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = [(key if isinstance(key, tuple) else (key,), g) for key, g in df.groupby(by, dropna=False, sort=False)]
     for key, g in sorted(groups, key=lambda kg: _order_key(kg[0])):
@@ -183,47 +177,63 @@ def fig_l0_ev(done: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    results_dir = Path(results_dir)
-    out = Path(out_dir) if out_dir else results_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    trials = load_trials(results_dir)
-    curves = load_curves(results_dir)
-    done = trials[trials["status"] == "completed"]
+SECTIONS = [  # (title, space, grouping columns) of the tables, in report order
+    ("Six variants (paper table)", "variants", ["variant"]),
+    ("Ablation: orthogonality α", "ortho", ["variant", "cfg_alpha"]),
+    ("Ablation: number of groups", "groups", ["variant", "cfg_n_groups"]),
+    ("Ablation: dynamic vs static assignment", "dynamic", ["variant", "cfg_temperature_init"]),
+    ("Ablation: hierarchy weights", "hier", ["cfg_alpha_l1", "cfg_alpha_l2"]),
+    ("Ablation: contrastive learning", "contrast", ["cfg_nce_temperature", "cfg_nce_weight"]),
+    ("Baselines", "baselines", ["variant", "cfg_k"]),
+]
+
+
+def load_controls(results_dir: Path) -> dict:
+    """The evaluation controls (the last controls/*.json by name), or {} when there are none."""
     controls = {}
     for path in sorted((results_dir / "controls").glob("*.json")):
         controls = json.loads(path.read_text())
-    parts = ["# hsae ablation report\n", f"Results: `{results_dir}` — {len(trials)} trials "
-             f"({', '.join(f'{k}: {v}' for k, v in trials['status'].value_counts().items())}).\n"]
-    if controls:
-        pos, neg = controls["positive"]["score"], controls["negative"]["score"]
-        ok = pos >= 0.2 and neg <= 0.05
-        parts.append("## Evaluation controls\n")
-        parts.append(f"Positive control (difference-of-means removal): **{pos:.3f}**; negative control (random "
-                     f"direction): **{neg:.3f}**; bank {controls['positive']['n_forget']} forget / "
-                     f"{controls['positive']['n_retain']} retain questions. "
-                     + ("The evaluation can detect removal.\n" if ok else
-                        "**The controls are out of range: unlearning scores below cannot be trusted.**\n"))
-    sections = [
-        ("Six variants (paper table)", "variants", ["variant"]),
-        ("Ablation: orthogonality α", "ortho", ["variant", "cfg_alpha"]),
-        ("Ablation: number of groups", "groups", ["variant", "cfg_n_groups"]),
-        ("Ablation: dynamic vs static assignment", "dynamic", ["variant", "cfg_temperature_init"]),
-        ("Ablation: hierarchy weights", "hier", ["cfg_alpha_l1", "cfg_alpha_l2"]),
-        ("Ablation: contrastive learning", "contrast", ["cfg_nce_temperature", "cfg_nce_weight"]),
-        ("Baselines", "baselines", ["variant", "cfg_k"]),
-    ]
-    for title, space, by in sections:
+    return controls
+
+
+def header_parts(results_dir: Path, trials: pd.DataFrame) -> list[str]:
+    counts = ", ".join(f"{k}: {v}" for k, v in trials["status"].value_counts().items())
+    return ["# hsae ablation report\n", f"Results: `{results_dir}` — {len(trials)} trials ({counts}).\n"]
+
+
+def controls_parts(controls: dict) -> list[str]:
+    """The 'Evaluation controls' section: both control scores and whether they are in range."""
+    if not controls:
+        return []
+    pos, neg = controls["positive"]["score"], controls["negative"]["score"]
+    ok = pos >= 0.2 and neg <= 0.05
+    return ["## Evaluation controls\n",
+            f"Positive control (difference-of-means removal): **{pos:.3f}**; negative control (random "
+            f"direction): **{neg:.3f}**; bank {controls['positive']['n_forget']} forget / "
+            f"{controls['positive']['n_retain']} retain questions. "
+            + ("The evaluation can detect removal.\n" if ok else
+               "**The controls are out of range: unlearning scores below cannot be trusted.**\n")]
+
+
+def section_parts(trials: pd.DataFrame, done: pd.DataFrame) -> list[str]:
+    """One table per space in ``SECTIONS`` that has completed trials, then a line on its other trials."""
+    parts = []
+    for title, space, by in SECTIONS:
         df = done[done["space"] == space]
         if df.empty:
             continue
         by = [b for b in by if b in df and (b == "variant" or df[b].notna().any())]
         parts.append(f"## {title}\n")
-        parts.append(summary(df, by, MAIN_METRICS))
+        parts.append(summary(df, by, list(REPORT_METRICS)))
         stopped = trials[(trials["space"] == space) & (trials["status"] != "completed")]
         if not stopped.empty:
             parts.append(f"\n{len(stopped)} other trial(s): " + ", ".join(describe(r) for r in stopped.itertuples()))
         parts.append("")
+    return parts
+
+
+def write_figures(done: pd.DataFrame, curves: pd.DataFrame, controls: dict, out: Path) -> list[tuple[str, str]]:
+    """Draw every figure the data allows into ``out``; (caption, file name) of each one drawn."""
     figures = []
     main = done[done["space"] == "variants"] if (done["space"] == "variants").any() else done
     if fig_unlearning(main, controls, out / "fig1a_unlearning.png"):
@@ -236,9 +246,25 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         figures.append(("α vs inter-group correlation", "alpha_vs_correlation.png"))
     if fig_l0_ev(done, out / "l0_vs_ev.png"):
         figures.append(("L0 vs explained variance", "l0_vs_ev.png"))
-    if figures:
-        parts.append("## Figures\n")
-        parts += [f"![{title}]({name})\n" for title, name in figures]
+    return figures
+
+
+def figure_parts(figures: list[tuple[str, str]]) -> list[str]:
+    if not figures:
+        return []
+    return ["## Figures\n", *(f"![{title}]({name})\n" for title, name in figures)]
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    results_dir = Path(results_dir)
+    out = Path(out_dir) if out_dir else results_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    trials = load_trials(results_dir)
+    curves = load_curves(results_dir)
+    done = trials[trials["status"] == "completed"]
+    controls = load_controls(results_dir)
+    parts = header_parts(results_dir, trials) + controls_parts(controls) + section_parts(trials, done)
+    parts += figure_parts(write_figures(done, curves, controls, out))
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
     return report

@@ -1,159 +1,120 @@
-"""The Tune function trainable: fetch activation refs, train, report, evaluate, write the trial's row.
+"""The Tune function trainable: a thin adapter from Ray to ``hsae.trial.TrialRun``.
 
-One trial = one SAE. It never loads the language model: activations come as ObjectRefs from the
-activation server, and evaluation runs on the server (the SAE goes there by value).
+Fetch the served activations, run the trial, report each logged step (with the trainer's checkpoint)
+to Tune, write the trial's row. The trial never loads the language model: activations come as
+ObjectRefs from the activation server, and evaluation runs there (the SAE goes there by value).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
+import importlib
 import tempfile
-import time
 import traceback
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from ray import tune
 
-from hsae import metrics as M
-from hsae.config import SAEConfig
-from hsae.export import folded_state
 from hsae.results import ResultsStore
 from hsae.server import fetch
 from hsae.spaces import Profile, TrialSpec
-from hsae.train import ArrayBatches, DegenerateRunError, Trainer, prune_checkpoints
+from hsae.train import ArrayBatches, DegenerateRunError, Progress
+from hsae.trial import Evaluate, TrialOutcome, TrialRun
 
 EVAL_ROWS = 4096
-
-
-def trial_row(spec: TrialSpec, profile: Profile, sae_cfg: SAEConfig | None, status: str, **values: Any
-              ) -> dict[str, Any]:
-    """The trial's Parquet row: identity, status, metrics, and every config value as cfg_* columns."""
-    row: dict[str, Any] = {
-        "experiment": spec.experiment, "space": spec.space, "variant": spec.variant, "trial_id": spec.key,
-        "seed": spec.seed, "status": status, "profile": profile.name, "model": profile.model,
-        "layer": profile.layer, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if sae_cfg is not None:
-        row.update({f"cfg_{k}": v for k, v in sae_cfg.flat().items()})
-    train_cfg = profile.train_config(spec.seed)
-    row.update({f"cfg_{k}": v for k, v in asdict(train_cfg).items() if k != "seed"})
-    row.update(values)
-    return row
-
-
-def _metric_values(metrics: dict[str, float]) -> dict[str, float]:
-    keep = ("mse", "explained_variance", "fvu", "l0", "l1", "dead_fraction", "cosine", "l2_ratio",
-            "decoder_norm_min", "decoder_norm_max", "condition_number", "condition_number_max", "group_entropy",
-            "inter_group_correlation", "inter_group_cosine", "nce")
-    return {k: metrics.get(k) for k in keep}
+# A test-only seam: "module:function" names of hooks called as hook(spec, step, restored) when the trial
+# starts (step 0) and at every logged step; the fault tests use it to kill or fail trials.
+TrialHook = Callable[[TrialSpec, int, bool], None]
 
 
 def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(1)  # one CPU per trial: two threads in a busy process do worse here
-    ctx = config["ctx"]
-    trial = dict(config["trial"])
-    trial["params"] = {**trial.get("params", {}), **config.get("sampled", {})}
-    spec = TrialSpec(**trial)
-    profile = Profile(**ctx["profile"])
+    ctx, spec = config["ctx"], trial_spec(config)
     store = ResultsStore(ctx["out"])
-    done = store.row(spec.experiment, spec.key)
-    if done is not None and done["status"] in ("completed", "degenerate"):
-        tune.report({"step": int(done["steps"] or 0), "val_loss": float(done["val_loss"] or np.nan), "skipped": 1})
+    if report_if_finished(store, spec):
         return
-
-    fault = ctx.get("fault")
-    if fault and fault == f"raise:{spec.variant}":
-        raise RuntimeError(f"injected fault for variant {spec.variant!r} (--fault {fault})")
+    restored = tune.get_checkpoint()
+    hooks = load_hooks(ctx.get("hooks", ()))
+    for hook in hooks:
+        hook(spec, 0, restored is not None)
     server = ray.get_actor(ctx["server"])
     info = ray.get(server.prepare.remote())
-    train = fetch(info, "train")
-    eval_batch = fetch(info, "eval").eval_batch(EVAL_ROWS)
-    sae_cfg = SAEConfig(spec.variant, info["d_model"], profile.d_sae, spec.params)
-    train_cfg = profile.train_config(spec.seed)
-    work = Path(tempfile.mkdtemp(prefix="hsae-trial-"))
-    trainer: Trainer | None = None
+    train, held_out = fetch(info, "train"), fetch(info, "eval").eval_batch(EVAL_ROWS)
+    profile = Profile(**ctx["profile"])
+    with tempfile.TemporaryDirectory(prefix="hsae-trial-") as work:
+        run = TrialRun(spec, profile, info.model, work, on_progress=reporter(spec, hooks, restored is not None))
+        if restored is not None:
+            with restored.as_directory() as path:
+                run.restore(Path(path))
+        source = ArrayBatches(train.x, train.labels, run.train_cfg.batch_size, run.train_cfg.seed)
+        outcome = run.run(source, held_out, server_evaluate(server) if profile.evaluate else None)
+    store.write_trial(outcome.row, outcome.curves)
+    tune.report(final_report(outcome, run.train_cfg.steps))
 
-    restored = tune.get_checkpoint()
-    # --fault kill:N: die like an OOM-killed worker at step N, on the first attempt only (no checkpoint yet).
-    kill_at = int(fault.split(":")[1]) if fault and fault.startswith("kill:") and restored is None else None
 
-    def on_metrics(step: int, record: dict[str, float]) -> None:
-        assert trainer is not None
-        if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        sae = trainer.sae
-        sae.eval()
-        with torch.no_grad():
-            x = eval_batch.x.to(trainer.device) * trainer.scale
-            record["val_loss"] = M.mse(x, sae(x)[0])
-        sae.train()
-        report = {"step": step, **{k: v for k, v in record.items() if k != "step"}}
-        if step % profile.checkpoint_every == 0 or step == train_cfg.steps:
-            path = trainer.save_checkpoint(work / f"step_{step:08d}")
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(path)))
-            prune_checkpoints(work, keep=1)
-        else:
-            tune.report(report)
+def trial_spec(config: dict[str, Any]) -> TrialSpec:
+    """The trial's spec; Optuna's sampled values join the space entry's fixed parameters."""
+    trial = dict(config["trial"])
+    trial["params"] = {**trial.get("params", {}), **config.get("sampled", {})}
+    return TrialSpec(**trial)
 
-    trainer = Trainer(sae_cfg, train_cfg, on_metrics=on_metrics)
-    if restored is not None:
-        with restored.as_directory() as d:
-            trainer.load_checkpoint(d)
-    source = ArrayBatches(train.x, train.labels, train_cfg.batch_size, train_cfg.seed)
-    curves_of = lambda: [{"experiment": spec.experiment, "trial_id": spec.key, "variant": spec.variant, **h}  # noqa: E731
-                         for h in trainer.history]
 
-    def finish_degenerate(reason: str, metrics: dict[str, float]) -> None:
-        """A guard tripped (in training or at evaluation): the row says why and carries no scores."""
-        tokens = trainer.step * train_cfg.batch_size
-        row = trial_row(spec, profile, sae_cfg, "degenerate", error=reason, steps=trainer.step, tokens=tokens,
-                        wall_s=trainer.wall_s, tokens_per_s=tokens / max(trainer.wall_s, 1e-9),
-                        final_loss=trainer.last_loss, **_metric_values(metrics))
-        store.write_trial(row, curves_of())
-        tune.report({"step": train_cfg.steps + 1, "val_loss": float("nan"), "degenerate": 1})
+def report_if_finished(store: ResultsStore, spec: TrialSpec) -> bool:
+    """A trial whose row says completed/degenerate is not redone (a resumed sweep): report and stop."""
+    done = store.row(spec.experiment, spec.key)
+    if done is None or done["status"] not in ("completed", "degenerate"):
+        return False
+    val = done["val_loss"]
+    tune.report({"step": int(done["steps"] or 0), "val_loss": float("nan") if val is None else float(val),
+                 "skipped": 1})
+    return True
 
-    try:
-        result = trainer.fit(source, eval_batch=eval_batch, resume=False)
-    except DegenerateRunError as exc:
-        finish_degenerate(exc.reason, exc.metrics)
-        return
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
-    values: dict[str, Any] = {}
-    if profile.evaluate:
-        state = {k: v.numpy() for k, v in folded_state(result.sae, result.scale).items()}
-        t0 = time.perf_counter()
+def reporter(spec: TrialSpec, hooks: Sequence[TrialHook], restored: bool) -> Callable[[Progress], None]:
+    """Each logged step to Tune, with the checkpoint the trainer saved at it (Tune keeps it for restarts)."""
+
+    def on_progress(progress: Progress) -> None:
+        for hook in hooks:
+            hook(spec, progress.step, restored)
+        metrics = {"step": progress.step, **{k: v for k, v in progress.record.items() if k != "step"}}
+        checkpoint = None if progress.checkpoint is None else tune.Checkpoint.from_directory(str(progress.checkpoint))
+        tune.report(metrics, checkpoint=checkpoint)
+
+    return on_progress
+
+
+def server_evaluate(server: Any) -> Evaluate:
+    """The server's ``evaluate`` as a plain function; its DegenerateRunError comes back unwrapped."""
+
+    def evaluate(sae_cfg: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         try:
-            out = ray.get(server.evaluate.remote(sae_cfg.to_dict(), state))
+            return ray.get(server.evaluate.remote(sae_cfg, state))
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, DegenerateRunError):
-                finish_degenerate(str(exc.cause), result.metrics)
-                return
+                raise exc.cause from None
             raise
-        u, ce = out["unlearning"], out.get("ce", {})
-        values = {
-            "unlearning_score": u["score"], "random_feature_score": u.get("random_feature_score"),
-            "unlearning_tied_settings": u["tied_settings"], "n_forget_questions": u["n_forget"],
-            "n_retain_questions": u["n_retain"], "unlearning_grid": json.dumps(u["grid"]),
-            "ce_score_forget": ce.get("ce_score_forget"), "ce_score_retain": ce.get("ce_score_retain"),
-            "kl_forget": ce.get("kl_forget"), "kl_retain": ce.get("kl_retain"),
-            "eval_s": time.perf_counter() - t0,
-        }
-    row = trial_row(spec, profile, sae_cfg, "completed", steps=result.steps, tokens=result.tokens,
-                    wall_s=result.wall_s, tokens_per_s=result.tokens_per_s, final_loss=trainer.last_loss,
-                    val_loss=trainer.history[-1].get("val_loss"), **_metric_values(result.metrics), **values)
-    store.write_trial(row, curves_of())
-    tune.report({"step": train_cfg.steps + 1, "val_loss": row["val_loss"],
-                 "unlearning_score": values.get("unlearning_score", float("nan"))})
+
+    return evaluate
+
+
+def final_report(outcome: TrialOutcome, steps: int) -> dict[str, Any]:
+    """The last report, one step past training so that no scheduler cuts the evaluation."""
+    if outcome.status == "degenerate":
+        return {"step": steps + 1, "val_loss": float("nan"), "degenerate": 1}
+    score = outcome.row.get("unlearning_score")
+    return {"step": steps + 1, "val_loss": outcome.row["val_loss"],
+            "unlearning_score": float("nan") if score is None else score}
+
+
+def load_hooks(names: Sequence[str]) -> list[TrialHook]:
+    hooks = []
+    for name in names:
+        module, _, attr = name.partition(":")
+        hooks.append(getattr(importlib.import_module(module), attr))
+    return hooks
 
 
 def describe_failure(error: BaseException | None) -> str:

@@ -7,8 +7,6 @@ computes logits only for the answer tokens.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +20,7 @@ from hsae.evaluation.interventions import ConditionalProjection, SAEClamp
 from hsae.evaluation.questions import QuestionBank, option_scores, pad_prompts, require_bank_sizes
 from hsae.evaluation.tail import full_log_probs, tail_hidden
 from hsae.evaluation.unlearning import UnlearningConfig, firing_frequencies, run_grid, select_features
+from hsae.keys import content_key
 from hsae.models import LoadedModel, stopped_forward
 from hsae.train import DegenerateRunError
 from hsae.variants import build_sae
@@ -47,12 +46,7 @@ def sae_from_weights(cfg: dict[str, Any], state: dict[str, np.ndarray]) -> Any:
 
 def eval_cache_key(cfg: dict[str, Any], state: dict[str, np.ndarray], eval_cfg: EvalConfig, extra: Any) -> str:
     """Content hash of weights + configs: results are never cached under a name."""
-    h = hashlib.sha256(json.dumps({"sae": cfg, "eval": asdict(eval_cfg), "extra": extra}, sort_keys=True,
-                                  default=str).encode())
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(state[k]).tobytes())
-    return h.hexdigest()
+    return content_key({"sae": cfg, "eval": asdict(eval_cfg), "extra": extra}, arrays=state, length=None)
 
 
 class Evaluator:

@@ -20,7 +20,6 @@ are cached on disk by a content hash of (model, corpus, generator settings).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import re
@@ -35,6 +34,7 @@ import torch
 from hsae.atomic import atomic_write_text
 from hsae.corpora import FORGET, RETAIN
 from hsae.evaluation.tail import token_logits
+from hsae.keys import content_key
 from hsae.models import LoadedModel, cache_root, stopped_forward
 
 FIRST_SENTENCE = re.compile(
@@ -251,9 +251,7 @@ def build_bank(
     root: Path | None = None,
 ) -> QuestionBank:
     """Generate candidates, keep what the model answers correctly, cache by content hash."""
-    key = hashlib.sha256(json.dumps({"model": identity, "bank": asdict(cfg), "generator": GENERATOR_VERSION},
-                                    sort_keys=True,
-                                    default=str).encode()).hexdigest()[:20]
+    key = content_key({"model": identity, "bank": asdict(cfg), "generator": GENERATOR_VERSION})
     path = (root or cache_root()) / "banks" / f"{key}.json"
     if path.is_file():
         try:

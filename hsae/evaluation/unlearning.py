@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsae.config import check_finite_nonneg
+from hsae.checks import check_finite_nonneg
 
 RETAIN_BAR = 0.99
 

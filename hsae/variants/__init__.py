@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hsae.variants.adaptive_ortho import AdaptiveOrthoSAE
-from hsae.variants.base import SAE, LossOutput
+from hsae.variants.base import SAE, LossOutput, StepInput, VariantParams
 from hsae.variants.contrastive_hier import ContrastiveHierSAE
 from hsae.variants.dynamic_hier import DynamicHierSAE
 from hsae.variants.enhanced_adaptive import EnhancedAdaptiveSAE
@@ -44,4 +44,4 @@ def build_sae(cfg, generator=None) -> SAE:
     return VARIANTS[cfg.variant](cfg, generator=generator)
 
 
-__all__ = ["VARIANTS", "PAPER_VARIANTS", "SAE", "LossOutput", "build_sae"]
+__all__ = ["VARIANTS", "PAPER_VARIANTS", "SAE", "LossOutput", "StepInput", "VariantParams", "build_sae"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from hsae import losses
-from hsae.config import check_divides, check_finite_nonneg, check_positive_int
+from hsae.checks import check_divides, check_finite_nonneg, check_positive_int
 from hsae.grouping import balanced_regroup, rank_scaled_alpha
 from hsae.variants.base import SAE, GramParams, assignment_from_labels
 
@@ -51,8 +51,8 @@ class AdaptiveOrthoSAE(SAE):
         return {"ortho": losses.pairwise_penalty(rms, self.pair_alpha)}
 
     @torch.no_grad()
-    def after_step(self, step: int, f: torch.Tensor) -> None:
-        super().after_step(step, f)
+    def on_step_end(self, step: int, f: torch.Tensor) -> None:
+        super().on_step_end(step, f)
         # `step` counts completed steps: regroup after steps R, 2R, ...
         if step % self.p.regroup_every == 0:
             gram = losses.activation_cosine_gram(self.gram_rows(f))

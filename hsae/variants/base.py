@@ -1,4 +1,15 @@
-"""The SAE every variant extends: E(x) = ReLU(x W_enc + b_enc), D(f) = f W_dec + b_dec (paper, sec. 3.1)."""
+"""The SAE every variant extends: E(x) = ReLU(x W_enc + b_enc), D(f) = f W_dec + b_dec (paper, sec. 3.1).
+
+The contract between a variant and the trainer lives here, explicitly (no attribute probing):
+
+- each training step the trainer calls ``loss(StepInput)`` and gets a ``LossOutput`` whose ``terms``
+  are the loss terms by name;
+- after each optimizer step it calls ``on_step_end(step, f)``;
+- ``needs_labels`` says whether every batch must carry domain labels;
+- ``metric_nce_temperature()`` is the temperature the InfoNCE metric is reported at;
+- ``Params`` (the variant's parameters) derives from ``VariantParams``: ``validate(d_sae)`` and
+  ``gram_sample_size()``.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +21,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsae import losses
-from hsae.config import check_finite_nonneg, check_positive_int
+from hsae.checks import check_finite_nonneg, check_positive_int
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig
 
 
 @dataclass(frozen=True)
-class L1Params:
+class VariantParams:
+    """Base of every variant's parameter dataclass (``SAE.Params``)."""
+
+    def validate(self, d_sae: int) -> None:
+        """Raise ``ValueError`` naming the field for any bad value, given the dictionary size ``d_sae``."""
+
+    def gram_sample_size(self) -> int:
+        """How many (first) rows of each batch estimate the orthogonality Gram; 0 = the whole batch."""
+        return 0
+
+
+@dataclass(frozen=True)
+class L1Params(VariantParams):
     """Parameters shared by the L1-penalised variants."""
 
     # Multiplies mean_b sum_k |f_bk| / sqrt(d_in): with E||x||^2 = d_in that makes one coefficient give
@@ -25,6 +48,7 @@ class L1Params:
     l1_coeff: float = 0.1
 
     def validate(self, d_sae: int) -> None:
+        super().validate(d_sae)
         check_finite_nonneg("l1_coeff", self.l1_coeff)
 
 
@@ -43,9 +67,23 @@ class GramParams(L1Params):
         super().validate(d_sae)
         check_positive_int("gram_tokens", self.gram_tokens, minimum=0)
 
+    def gram_sample_size(self) -> int:
+        return self.gram_tokens
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """What a variant gets each training step; schedule values are computed by the trainer."""
+    x: torch.Tensor                 # (B, d_in) normalised activations
+    labels: torch.Tensor | None     # (B,) domain labels (0 retain, 1 forget) or None
+    step: int                       # steps completed before this one
+    sparsity_scale: float = 1.0     # the trainer's L1 warm-up factor in [0, 1]
+
 
 @dataclass
 class LossOutput:
+    """What ``SAE.loss`` returns: the total, its terms by name, the reconstruction and the features."""
+
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
     x_hat: torch.Tensor
@@ -56,9 +94,10 @@ class SAE(nn.Module):
     """Plain ReLU SAE with unit-norm decoder rows. Subclasses add loss terms and grouping."""
 
     name: ClassVar[str] = "relu"
-    Params: ClassVar[type] = L1Params
+    Params: ClassVar[type[VariantParams]] = L1Params
     # SAELens architecture name used on export.
     saelens_architecture: ClassVar[str] = "standard"
+    # True when every batch must carry domain labels (StepInput.labels is then never None).
     needs_labels: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
@@ -90,11 +129,13 @@ class SAE(nn.Module):
         return self.decode(f), f
 
     # -- training ------------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, labels: torch.Tensor | None, step: int, sparsity_scale: float = 1.0) -> LossOutput:
+    def loss(self, inp: StepInput) -> LossOutput:
+        """The training loss of one step: reconstruction, sparsity and the variant's structure terms."""
+        x = inp.x
         x_hat, f = self(x)
         terms = {"mse": losses.reconstruction_mse(x, x_hat)}
-        terms.update(self.sparsity_terms(f, sparsity_scale))
-        terms.update(self.structure_terms(x, f, labels, step))
+        terms.update(self.sparsity_terms(f, inp.sparsity_scale))
+        terms.update(self.structure_terms(x, f, inp.labels, inp.step))
         total = sum(terms.values())
         return LossOutput(total=total, terms=terms, x_hat=x_hat, f=f)
 
@@ -108,14 +149,22 @@ class SAE(nn.Module):
         return {}
 
     @torch.no_grad()
-    def after_step(self, step: int, f: torch.Tensor) -> None:
-        """Called after each optimizer step with the step's (detached) features: keep decoder rows unit-norm."""
+    def on_step_end(self, step: int, f: torch.Tensor) -> None:
+        """Hook the trainer calls after each optimizer step, with the completed step count and detached features.
+
+        The base renormalises decoder rows to unit norm; variants extend it (calling ``super()`` first)
+        to regroup, refresh assignments or update thresholds.
+        """
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     def gram_rows(self, f: torch.Tensor) -> torch.Tensor:
         """The rows of ``f`` the orthogonality Gram is estimated on (see GramParams)."""
-        k = getattr(self.p, "gram_tokens", 0)
+        k = self.p.gram_sample_size()
         return f[:k] if k and k < f.shape[0] else f
+
+    def metric_nce_temperature(self) -> float:
+        """Temperature of the InfoNCE *metric*; variants trained with InfoNCE report it at their own temperature."""
+        return 0.1
 
     # -- structure exposed to metrics ----------------------------------------------------------
     def group_assignment(self) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from hsae import losses
-from hsae.config import check_finite_nonneg, check_positive
+from hsae.checks import check_finite_nonneg, check_positive
 from hsae.variants.dynamic_hier import DynamicHierParams, DynamicHierSAE
 
 
@@ -40,3 +40,6 @@ class ContrastiveHierSAE(DynamicHierSAE):
         rows = self.gram_rows(f)
         terms["nce"] = self.p.nce_weight * losses.info_nce(rows @ fine, labels[: rows.shape[0]], self.p.nce_temperature)
         return terms
+
+    def metric_nce_temperature(self) -> float:
+        return self.p.nce_temperature

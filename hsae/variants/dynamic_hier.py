@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsae import losses
-from hsae.config import check_finite_nonneg, check_positive, check_positive_int
+from hsae.checks import check_finite_nonneg, check_positive, check_positive_int
 from hsae.variants.static_hier import HierParams, StaticHierSAE
 
 # Keeps tau away from 0 where the softmax would turn into a non-differentiable argmax.
@@ -79,7 +79,7 @@ class DynamicHierSAE(StaticHierSAE):
         return terms
 
     @torch.no_grad()
-    def after_step(self, step: int, f: torch.Tensor) -> None:
-        super().after_step(step, f)
+    def on_step_end(self, step: int, f: torch.Tensor) -> None:
+        super().on_step_end(step, f)
         if step % self.p.refresh_every == 0:
             self.assignment_l2.copy_(self.attention_assignment())

@@ -15,18 +15,19 @@ import torch
 import torch.nn.functional as F
 
 from hsae import losses
-from hsae.config import check_positive, check_positive_int
-from hsae.variants.base import SAE, LossOutput
+from hsae.checks import check_positive, check_positive_int
+from hsae.variants.base import SAE, LossOutput, StepInput, VariantParams
 
 
 @dataclass(frozen=True)
-class MatryoshkaParams:
+class MatryoshkaParams(VariantParams):
     k: int = 32
     prefix_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
     # Short runs (hundreds of steps) need a fast EMA; 0.99 lags the shrinking activations.
     threshold_momentum: float = 0.9
 
     def validate(self, d_sae: int) -> None:
+        super().validate(d_sae)
         check_positive_int("k", self.k)
         if self.k > d_sae:
             raise ValueError(f"k={self.k} must be <= d_sae={d_sae}")
@@ -68,7 +69,9 @@ class MatryoshkaBatchTopKSAE(SAE):
         threshold = flat.detach().kthvalue(flat.numel() - keep + 1).values
         return pre * (pre >= threshold).to(pre.dtype)
 
-    def loss(self, x, labels, step, sparsity_scale: float = 1.0) -> LossOutput:
+    def loss(self, inp: StepInput) -> LossOutput:
+        """The full reconstruction's MSE plus the summed MSE of every strict prefix (k fixes sparsity: no L1)."""
+        x = inp.x
         f = self.encode(x)
         partial = self.b_dec.expand_as(x)
         prefix_errors = []
@@ -83,8 +86,8 @@ class MatryoshkaBatchTopKSAE(SAE):
         return LossOutput(total=sum(terms.values()), terms=terms, x_hat=partial, f=f)
 
     @torch.no_grad()
-    def after_step(self, step: int, f: torch.Tensor) -> None:
-        super().after_step(step, f)
+    def on_step_end(self, step: int, f: torch.Tensor) -> None:
+        super().on_step_end(step, f)
         kept = f[f > 0]
         if kept.numel():
             smallest = kept.min()

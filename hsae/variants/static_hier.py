@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from hsae import losses
-from hsae.config import check_divides, check_finite_nonneg, check_positive_int
+from hsae.checks import check_divides, check_finite_nonneg, check_positive_int
 from hsae.variants.base import SAE, GramParams, contiguous_assignment
 
 

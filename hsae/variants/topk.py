@@ -7,15 +7,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hsae.config import check_positive_int
-from hsae.variants.base import SAE
+from hsae.checks import check_positive_int
+from hsae.variants.base import SAE, VariantParams
 
 
 @dataclass(frozen=True)
-class TopKParams:
+class TopKParams(VariantParams):
     k: int = 32
 
     def validate(self, d_sae: int) -> None:
+        super().validate(d_sae)
         check_positive_int("k", self.k)
         if self.k > d_sae:
             raise ValueError(f"k={self.k} must be <= d_sae={d_sae}")

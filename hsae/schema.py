@@ -1,0 +1,176 @@
+"""The one metric and column schema: names, types, meanings, units, directions and report labels.
+
+Pure data, no imports from the rest of ``hsae``. Everything else reads it or is checked against it:
+
+* ``hsae.metrics.evaluate`` returns exactly the ``sae_metric`` columns plus ``EVALUATE_ONLY``
+  (``tests/test_schema.py``);
+* ``hsae.results`` takes the Parquet columns, their order and dtypes from ``TRIAL_COLUMNS`` and
+  ``CURVE_COLUMNS``; the training code copies ``SAE_METRICS`` into each row;
+* ``tune/report.py`` tabulates ``REPORT_METRICS`` under ``label(name)``;
+* ``docs/results-schema.md`` names every column (checked by ``tests/test_schema.py``).
+
+Add a metric here first, then in the place that computes it; the tests fail while the two disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("string", "Int64", "float64")
+DIRECTIONS = ("higher", "lower", "")
+GROUPS = ("identity", "training", "sae_metric", "evaluation", "meta")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column (or metric): what it is called, stored as, means, is measured in and which way is better."""
+
+    name: str
+    dtype: str  # pandas dtype: "string", "Int64", "float64"
+    meaning: str  # one line, what a reader needs
+    unit: str = ""  # e.g. "normalised units", "features/token", "fraction", "nats", "s", "tokens"
+    direction: str = ""  # "higher" / "lower" is better, "" when neither
+    label: str = ""  # short header for report tables (default: the name)
+    group: str = ""  # "identity", "training", "sae_metric", "evaluation", "meta"
+
+    @property
+    def header(self) -> str:
+        """The label a report table shows: ``label`` when set, else the name."""
+        return self.label or self.name
+
+
+def _c(name: str, dtype: str, meaning: str, unit: str = "", direction: str = "", label: str = "",
+       group: str = "") -> Column:
+    return Column(name, dtype, meaning, unit, direction, label, group)
+
+
+_ID, _TRAIN, _SAE, _EVAL, _META = GROUPS
+
+# trials.parquet: the fixed columns in file order (cfg_* columns follow, one per configuration value).
+TRIAL_COLUMNS: tuple[Column, ...] = (
+    _c("experiment", "string", "sweep name (--experiment, default <profile>-<space>); a re-run skips finished trials",
+       group=_ID),
+    _c("space", "string", "the space file the trial came from", group=_ID),
+    _c("variant", "string", "SAE variant registry name (docs/variants.md)", group=_ID),
+    _c("trial_id", "string", "content hash of (experiment, space, variant, params, seed, context: model weights, "
+       "layer, corpus split, profile and training settings): stable across re-runs, new for another model or budget",
+       group=_ID),
+    _c("seed", "Int64", "training seed (42, 43, ... with --seeds N)", group=_ID),
+    _c("status", "string", "completed, early_stopped (ASHA), failed (exception) or degenerate (guard tripped)",
+       group=_META),
+    _c("error", "string", "the reason for a failed or degenerate trial", group=_META),
+    _c("profile", "string", "activation profile the trial trained on", group=_ID),
+    _c("model", "string", "model the activations came from", group=_ID),
+    _c("layer", "Int64", "model layer the activations came from", group=_ID),
+    _c("steps", "Int64", "training steps taken", "steps", group=_TRAIN),
+    _c("tokens", "Int64", "training tokens seen (steps x batch size)", "tokens", group=_TRAIN),
+    _c("wall_s", "float64", "training wall time", "s", group=_TRAIN),
+    _c("tokens_per_s", "float64", "training throughput", "tokens/s", "higher", group=_TRAIN),
+    _c("mse", "float64", "mean squared reconstruction error on the held-out eval split", "normalised units",
+       "lower", group=_SAE),
+    _c("explained_variance", "float64", "1 - residual variance / total variance of the eval split", "fraction",
+       "higher", "EV", _SAE),
+    _c("fvu", "float64", "fraction of variance unexplained (1 - explained_variance)", "fraction", "lower",
+       group=_SAE),
+    _c("l0", "float64", "mean number of active features per token", "features/token", "lower", group=_SAE),
+    _c("l1", "float64", "mean L1 norm of the feature activations per token", "normalised units", group=_SAE),
+    _c("dead_fraction", "float64", "fraction of features that never fire on the eval split", "fraction", "lower",
+       "dead", _SAE),
+    _c("cosine", "float64", "mean cosine similarity between input and reconstruction", "cosine", "higher",
+       group=_SAE),
+    _c("l2_ratio", "float64", "mean ||x_hat|| / ||x||; below 1 means shrinkage (1 is ideal)", "ratio", group=_SAE),
+    _c("decoder_norm_min", "float64", "smallest decoder row norm", "normalised units", group=_SAE),
+    _c("decoder_norm_max", "float64", "largest decoder row norm", "normalised units", group=_SAE),
+    _c("condition_number", "float64", "mean over groups of sigma_max/sigma_min of the group's decoder rows", "ratio",
+       "lower", "cond", _SAE),
+    _c("condition_number_max", "float64", "max over groups of sigma_max/sigma_min of the group's decoder rows",
+       "ratio", "lower", group=_SAE),
+    _c("group_entropy", "float64", "entropy of the activation mass over groups; log K is uniform use", "nats",
+       "higher", "H(groups)", _SAE),
+    _c("inter_group_correlation", "float64", "mean activation correlation between features of different groups",
+       "correlation", "lower", "inter-group corr", _SAE),
+    _c("inter_group_cosine", "float64", "mean cosine between the groups' centroid decoder directions", "cosine",
+       "lower", "inter-group cos", _SAE),
+    _c("nce", "float64", "InfoNCE loss of group-activity embeddings against domain labels (null: one domain)",
+       "nats", "lower", group=_SAE),
+    _c("final_loss", "float64", "last training loss (reconstruction + sparsity + structure)", "normalised units",
+       "lower", group=_TRAIN),
+    _c("val_loss", "float64", "validation MSE (ASHA's metric)", "normalised units", "lower", group=_TRAIN),
+    _c("unlearning_score", "float64", "SAEBench unlearning score (docs/evaluation.md); null unless completed",
+       "fraction", "higher", "unlearning", _EVAL),
+    _c("random_feature_score", "float64", "the same grid clamping random live features (negative control)",
+       "fraction", label="random-feature ctrl", group=_EVAL),
+    _c("unlearning_tied_settings", "Int64", "grid settings whose (forget, retain) accuracies duplicate another's",
+       "settings", group=_EVAL),
+    _c("n_forget_questions", "Int64", "forget-set bank size behind the score", "questions", group=_EVAL),
+    _c("n_retain_questions", "Int64", "retain-set bank size behind the score", "questions", group=_EVAL),
+    _c("ce_score_forget", "float64", "CE loss recovered with the SAE spliced in, forget set", "fraction", "higher",
+       group=_EVAL),
+    _c("ce_score_retain", "float64", "CE loss recovered with the SAE spliced in, retain set", "fraction", "higher",
+       "CE score (retain)", _EVAL),
+    _c("kl_forget", "float64", "KL divergence of the model's outputs with the SAE spliced in, forget set", "nats",
+       "lower", group=_EVAL),
+    _c("kl_retain", "float64", "KL divergence of the model's outputs with the SAE spliced in, retain set", "nats",
+       "lower", group=_EVAL),
+    _c("eval_s", "float64", "evaluation wall time", "s", group=_EVAL),
+    _c("unlearning_grid", "string", "JSON list of the unlearning grid settings with their accuracies", group=_EVAL),
+    _c("finished_at", "string", "ISO time the row was written", group=_META),
+)
+
+# curves.parquet: one row per logged step (every log_every steps); loss terms a variant lacks are null.
+CURVE_COLUMNS: tuple[Column, ...] = (
+    _c("experiment", "string", "sweep name", group=_ID),
+    _c("trial_id", "string", "the trial's id (joins trials.parquet)", group=_ID),
+    _c("variant", "string", "SAE variant registry name", group=_ID),
+    _c("step", "float64", "training step", "steps", group=_TRAIN),
+    _c("tokens", "float64", "training tokens seen so far", "tokens", group=_TRAIN),
+    _c("wall_s", "float64", "training wall time so far", "s", group=_TRAIN),
+    _c("loss", "float64", "total training loss (reconstruction + sparsity + structure)", "normalised units",
+       "lower", group=_TRAIN),
+    _c("mse", "float64", "reconstruction loss term", "normalised units", "lower", group=_TRAIN),
+    _c("l1", "float64", "sparsity loss term (weighted)", "normalised units", group=_TRAIN),
+    _c("ortho", "float64", "orthogonality penalty term (ortho / hierarchical variants)", "normalised units",
+       group=_TRAIN),
+    _c("entropy", "float64", "group-usage entropy term (dynamic variants)", "nats", group=_TRAIN),
+    _c("nce", "float64", "contrastive InfoNCE term (weighted, contrastive variants)", "nats", group=_TRAIN),
+    _c("matryoshka", "float64", "summed prefix reconstruction errors (matryoshka variants)", "normalised units",
+       group=_TRAIN),
+    _c("l0", "float64", "active features per token on the training batch", "features/token", group=_TRAIN),
+    _c("val_loss", "float64", "validation MSE at this step", "normalised units", "lower", group=_TRAIN),
+)
+
+# Metrics that hsae.metrics.evaluate returns and every trial row stores, in row order.
+SAE_METRICS: tuple[str, ...] = tuple(c.name for c in TRIAL_COLUMNS if c.group == _SAE)
+
+# What evaluate also returns but no row stores.
+EVALUATE_ONLY_COLUMNS: tuple[Column, ...] = (
+    _c("n_groups", "float64", "number of groups the group metrics used (reference partition when ungrouped)",
+       "groups", group=_SAE),
+)
+EVALUATE_ONLY: tuple[str, ...] = tuple(c.name for c in EVALUATE_ONLY_COLUMNS)
+
+# The metric columns of the report's tables, in column order.
+REPORT_METRICS: tuple[str, ...] = (
+    "mse", "explained_variance", "l0", "l1", "dead_fraction", "condition_number", "group_entropy",
+    "inter_group_correlation", "inter_group_cosine", "nce", "ce_score_retain", "unlearning_score",
+    "random_feature_score",
+)
+
+TRIAL_COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in TRIAL_COLUMNS)
+CURVE_COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in CURVE_COLUMNS)
+
+_BY_NAME: dict[str, Column] = {c.name: c for c in (*TRIAL_COLUMNS, *EVALUATE_ONLY_COLUMNS)}
+
+
+def column(name: str) -> Column:
+    """The trial column (or evaluate-only metric) called ``name``; KeyError if the schema lacks it."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not in hsae.schema: add it to TRIAL_COLUMNS (and the docs)") from None
+
+
+def label(name: str) -> str:
+    """Short report header of ``name``; names outside the schema (cfg_* columns, ``n``) are their own label."""
+    col = _BY_NAME.get(name)
+    return col.header if col else name

@@ -1,0 +1,84 @@
+"""One trial of a sweep, without Ray: train an SAE from a batch source, score it, build its row.
+
+The Tune trainable (``tune/trainable.py``) only fetches the activations, calls ``TrialRun.run`` and
+reports; evaluation arrives as a plain function (the activation server's ``evaluate`` behind Ray).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hsae.config import SAEConfig
+from hsae.export import folded_state
+from hsae.models import ModelInfo
+from hsae.results import curve_rows, evaluation_values, training_values, trial_row
+from hsae.spaces import Profile, TrialSpec
+from hsae.train import Batch, BatchSource, DegenerateRunError, ProgressCallback, Trainer, TrainResult
+
+# Scores one SAE: (SAEConfig.to_dict(), folded weights as numpy) -> the server's evaluation answer.
+# Raises DegenerateRunError when no feature of the SAE fires on the questions.
+Evaluate = Callable[[dict[str, Any], dict[str, np.ndarray]], dict[str, Any]]
+
+
+@dataclass
+class TrialOutcome:
+    row: dict[str, Any]
+    curves: list[dict[str, Any]]
+
+    @property
+    def status(self) -> str:
+        return str(self.row["status"])
+
+
+class TrialRun:
+    """Train and score the SAE that ``spec`` names on activations of ``model`` (width read from the model)."""
+
+    def __init__(self, spec: TrialSpec, profile: Profile, model: ModelInfo, checkpoint_dir: str | Path,
+                 on_progress: ProgressCallback | None = None) -> None:
+        self.spec, self.profile, self.model = spec, profile, model
+        self.sae_cfg = SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
+        self.train_cfg = profile.train_config(spec.seed)
+        self.trainer = Trainer(self.sae_cfg, self.train_cfg, on_progress=on_progress, checkpoint_dir=checkpoint_dir)
+
+    def restore(self, checkpoint: str | Path) -> None:
+        """Continue from a checkpoint the trainer saved (e.g. one Tune kept for a restarted trial)."""
+        self.trainer.load_checkpoint(checkpoint)
+
+    def run(self, source: BatchSource, eval_batch: Batch, evaluate: Evaluate | None) -> TrialOutcome:
+        """Train to the end, score with ``evaluate`` (None: no evaluation), and return the row and curves."""
+        try:
+            result = self.trainer.fit(source, eval_batch=eval_batch, resume=False)
+        except DegenerateRunError as exc:
+            return self._degenerate(exc.reason, exc.metrics)
+        try:
+            scores = score(evaluate, self.sae_cfg, result) if evaluate is not None else {}
+        except DegenerateRunError as exc:
+            return self._degenerate(exc.reason, result.metrics)
+        values = training_values(result.steps, self.train_cfg.batch_size, result.wall_s, self.trainer.last_loss,
+                                 result.metrics)
+        values["val_loss"] = self.trainer.history[-1].get("val_loss")
+        return self._outcome("completed", **values, **scores)
+
+    def _degenerate(self, reason: str, metrics: dict[str, float]) -> TrialOutcome:
+        """A guard tripped (in training or at evaluation): the row says why and carries no scores."""
+        t = self.trainer
+        values = training_values(t.step, self.train_cfg.batch_size, t.wall_s, t.last_loss, metrics)
+        return self._outcome("degenerate", error=reason, **values)
+
+    def _outcome(self, status: str, **values: Any) -> TrialOutcome:
+        row = trial_row(self.spec, self.profile, self.model, self.sae_cfg, self.train_cfg, status, **values)
+        return TrialOutcome(row, curve_rows(self.spec, self.trainer.history))
+
+
+def score(evaluate: Evaluate, sae_cfg: SAEConfig, result: TrainResult) -> dict[str, Any]:
+    """Evaluate the trained SAE (raw-activation weights) and return the evaluation columns of its row."""
+    state = {k: v.numpy() for k, v in folded_state(result.sae, result.scale).items()}
+    t0 = time.perf_counter()
+    out = evaluate(sae_cfg.to_dict(), state)
+    return evaluation_values(out, time.perf_counter() - t0)

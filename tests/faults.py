@@ -1,0 +1,19 @@
+"""Faults injected into sweep trials through ``tune.ablate.main(..., trial_hooks=[...])`` (a test-only seam).
+
+Each hook is called as ``hook(spec, step, restored)`` when a trial starts (step 0) and at every logged
+step, inside the trial's own process.
+"""
+
+import os
+import signal
+
+
+def kill_first_attempt_at_step_25(spec, step, restored):
+    """Die like an OOM-killed worker at step 25, on the first attempt only (Tune then restores it)."""
+    if step == 25 and not restored:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def raise_in_adaptive_ortho(spec, step, restored):
+    if spec.variant == "adaptive_ortho":
+        raise RuntimeError("injected fault for variant 'adaptive_ortho'")
