@@ -42,7 +42,7 @@ from hsae.models import (
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 SPLITS = ("train", "eval")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents split per domain (corpora.heldout_indices)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class HarvestConfig:
     store_dtype: str = "float32"
     seed: int = 42
     forget_fraction: float = 0.5
-    holdout_fraction: float = 0.1
+    holdout_fraction: float = 0.1  # of each domain's documents, held out for evaluation
     shard_ctxs: int = 128
     forward_batch: int = 8
 
@@ -183,6 +183,10 @@ class Harvest:
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return (np.concatenate([s.x for s in self.shards[split]]),
                 np.concatenate([s.labels for s in self.shards[split]]))
+
+    def token_ids(self, split: str) -> np.ndarray:
+        """The token id of every row of ``split`` (lines rows up with their text)."""
+        return np.concatenate([s.tokens for s in self.shards[split]])
 
 
 class Harvester:

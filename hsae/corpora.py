@@ -22,15 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from hsae.keys import file_sha256
+from hsae.keys import content_key, file_sha256
 
 RETAIN, FORGET = 0, 1
 DOMAIN_NAMES = {RETAIN: "retain", FORGET: "forget"}
 FORGET_TOPIC = "Biology and health sciences"
+# Whole words only (with their plural / adjective forms): "organ" must not match "organization", nor
+# "gene" "general" (tests/test_corpora.py names the articles the prefix pattern used to mislabel).
 BIO_PATTERN = re.compile(
-    r"\b(species|genus|family of|mammal|bird|fish|reptile|amphibian|insect|plant|tree|fung|bacteri|virus|"
-    r"disease|disorder|syndrome|infection|medic|drug|hormone|gland|organ|tissue|cell|protein|enzyme|gene|"
-    r"dna|rna|anatomy|biolog|organism|taxonomy|vaccine|immun|neuro|brain|blood|bone|muscle|health)",
+    r"\b(species|genus|genera|family of|mammals?|birds?|fish(es)?|reptiles?|amphibians?|insects?|plants?|trees?|"
+    r"fung(us|i|al)|bacteri(um|a|al)|virus(es)?|viral|diseases?|disorders?|syndromes?|infections?|infectious|"
+    r"medic(al|ine|ines|ation|ations)|drugs?|hormones?|glands?|organs?|organisms?|tissues?|cells?|cellular|"
+    r"proteins?|enzymes?|genes?|genetics?|genom(e|es|ic)|dna|rna|anatomy|anatomical|"
+    r"biolog(y|ical|ist|ists)|taxonom(y|ic)|vaccines?|vaccination|immun(e|ity|ology|ization)|"
+    r"neur(on|ons|al|ology|ological)|brains?|blood|bones?|muscles?|health)\b",
     re.IGNORECASE,
 )
 CORPORA = ("embedded", "wmdp", "toy")
@@ -79,7 +84,7 @@ def _embedded() -> Any:
 
     raw = json.loads(wiki_summaries_path().read_text())
     rows = [
-        {"title": a.get("title", key), "text": a.get("extract", ""),
+        {"doc_id": a.get("title", key), "title": a.get("title", key), "text": a.get("extract", ""),
          "domain": FORGET if is_forget_article(a) else RETAIN}
         for key, a in sorted(raw.items())
         if a.get("extract")
@@ -87,7 +92,7 @@ def _embedded() -> Any:
     return datasets.Dataset.from_list(rows)
 
 
-def _toy(n_docs: int = 240, seed: int = 0) -> Any:
+def _toy(n_docs: int = 800, seed: int = 0) -> Any:
     """Two vocabularies; each document opens "<Name> is a <word> ..." like a Wikipedia lead."""
     import datasets
 
@@ -98,7 +103,7 @@ def _toy(n_docs: int = 240, seed: int = 0) -> Any:
     for i in range(n_docs):
         domain = i % 2
         body = " ".join(rng.choice(words[domain], size=int(rng.integers(20, 60))))
-        rows.append({"title": f"Item{i}", "text": f"Item{i} is a {body}.", "domain": domain})
+        rows.append({"doc_id": f"Item{i}", "title": f"Item{i}", "text": f"Item{i} is a {body}.", "domain": domain})
     return datasets.Dataset.from_list(rows)
 
 
@@ -107,8 +112,8 @@ def _wmdp(spec: CorpusSpec) -> Any:
 
     forget = datasets.load_dataset("json", data_files=spec.forget_path, split="train")
     text_col = "text" if "text" in forget.column_names else forget.column_names[0]
-    forget = forget.map(lambda r: {"title": "", "text": r[text_col], "domain": FORGET},
-                        remove_columns=forget.column_names)
+    forget = forget.map(lambda r, i: {"doc_id": f"forget:{i}", "title": "", "text": r[text_col], "domain": FORGET},
+                        with_indices=True, remove_columns=forget.column_names)
     try:
         retain = datasets.load_dataset("wikitext", spec.retain_name, split="train")
     except Exception as exc:  # datasets raises several kinds when offline
@@ -117,13 +122,13 @@ def _wmdp(spec: CorpusSpec) -> Any:
             f"machine with network access first ({exc.__class__.__name__})"
         ) from exc
     retain = retain.filter(lambda r: len(r["text"]) > 50)
-    retain = retain.map(lambda r: {"title": "", "text": r["text"], "domain": RETAIN},
-                        remove_columns=retain.column_names)
+    retain = retain.map(lambda r, i: {"doc_id": f"retain:{i}", "title": "", "text": r["text"], "domain": RETAIN},
+                        with_indices=True, remove_columns=retain.column_names)
     return datasets.concatenate_datasets([forget, retain])
 
 
 def load_corpus(spec: CorpusSpec) -> Any:
-    """A `datasets.Dataset` with columns title, text, domain (0 retain, 1 forget)."""
+    """A `datasets.Dataset` with columns doc_id (unique), title, text, domain (0 retain, 1 forget)."""
     return {"embedded": _embedded, "toy": _toy}.get(spec.name, lambda: _wmdp(spec))()
 
 
@@ -134,14 +139,39 @@ def corpus_identity(spec: CorpusSpec) -> dict[str, Any]:
         ident["sha256"] = file_sha256(wiki_summaries_path())[:16]
     elif spec.name == "wmdp":
         ident["sha256"] = file_sha256(spec.forget_path)[:16]
+    else:  # generated: its content is its identity
+        ident["sha256"] = content_key(list(load_corpus(spec)["text"]), length=16)
         ident["retain"] = spec.retain_name
     return ident
 
 
+def heldout_indices(domains: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
+    """Indices of the held-out documents: ``holdout_fraction`` of each domain, drawn with ``seed``."""
+    out = []
+    for domain in (RETAIN, FORGET):
+        idx = np.flatnonzero(domains == domain)
+        perm = np.random.default_rng([seed, domain]).permutation(len(idx))
+        out.append(idx[perm[: int(round(len(idx) * holdout_fraction))]])
+    return np.sort(np.concatenate(out))
+
+
 def split_documents(dataset: Any, holdout_fraction: float, seed: int) -> tuple[Any, Any]:
-    """Train / held-out split by document (held-out documents feed evaluation, never training)."""
-    parts = dataset.train_test_split(test_size=holdout_fraction, seed=seed)
-    return parts["train"], parts["test"]
+    """Train / held-out split by document, stratified by domain. Held-out documents feed evaluation only
+    (questions, feature selection, control directions, CE text), never SAE training."""
+    held = heldout_indices(np.asarray(dataset["domain"]), holdout_fraction, seed)
+    train = np.setdiff1d(np.arange(len(dataset)), held)
+    return dataset.select(train), dataset.select(held)
+
+
+def split_table(dataset: Any, holdout_fraction: float, seed: int) -> Any:
+    """The split as a table (doc_id, domain, part in {train, heldout}): what split.parquet holds."""
+    import pandas as pd
+
+    domains = np.asarray(dataset["domain"])
+    part = np.full(len(dataset), "train", dtype=object)
+    part[heldout_indices(domains, holdout_fraction, seed)] = "heldout"
+    return pd.DataFrame({"doc_id": list(dataset["doc_id"]), "domain": [DOMAIN_NAMES[int(d)] for d in domains],
+                         "part": part})
 
 
 def pack_contexts(

@@ -80,8 +80,12 @@ def group_condition_numbers(w_dec: torch.Tensor, assignment: torch.Tensor) -> to
 
 
 def group_entropy(f: torch.Tensor, assignment: torch.Tensor) -> float:
-    """Entropy (nats) of the spread of activation mass over groups; log K is uniform use."""
-    return float(losses.group_usage_entropy(f.double(), assignment.double()))
+    """Entropy of the spread of activation mass over the K groups, divided by log K: 1 is uniform use,
+    0 all mass in one group, comparable across group counts (NaN for a single group)."""
+    k = assignment.shape[1]
+    if k < 2:
+        return float("nan")
+    return float(losses.group_usage_entropy(f.double(), assignment.double())) / math.log(k)
 
 
 def inter_group_correlation(f: torch.Tensor, assignment: torch.Tensor) -> float:

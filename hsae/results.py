@@ -29,6 +29,7 @@ import pandas as pd
 from hsae import schema
 from hsae.atomic import atomic_file
 from hsae.schema import SAE_METRICS
+from hsae.verdict import BARS, forget_at_retain
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig, TrainConfig
@@ -64,6 +65,16 @@ def trial_frame(row: dict[str, Any]) -> pd.DataFrame:
     return df
 
 
+def typed_frame(records: list[dict[str, Any]], columns: tuple[schema.Column, ...]) -> pd.DataFrame:
+    """Records as a frame with exactly the schema's columns and dtypes (lists stored as JSON strings)."""
+    data = {c.name: [_json_if_list(_clean(r.get(c.name))) for r in records] for c in columns}
+    return pd.DataFrame(data).astype({c.name: c.dtype for c in columns})
+
+
+def _json_if_list(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, tuple)) else value
+
+
 def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
     with atomic_file(path) as tmp:
         df.to_parquet(tmp, index=False)
@@ -86,15 +97,23 @@ class ResultsStore:
     def _part(self, kind: str, experiment: str, trial_id: str) -> Path:
         return self.root / "parts" / kind / experiment / f"{trial_id}.parquet"
 
-    def write_trial(self, row: dict[str, Any], curves: list[dict[str, Any]] | None = None) -> None:
-        """Write the trial's curves, then its row (the row's presence means the trial is recorded)."""
+    def write_trial(self, row: dict[str, Any], curves: list[dict[str, Any]] | None = None,
+                    grid: list[dict[str, Any]] | None = None) -> None:
+        """Write the trial's curves and grid, then its row (the row's presence means the trial is recorded)."""
         if row.get("status") not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
         exp, tid = str(row["experiment"]), str(row["trial_id"])
         if curves:
             df = pd.DataFrame([{c: rec.get(c) for c in CURVE_COLUMNS} for rec in curves])
             _atomic_parquet(df, self._part("curves", exp, tid))
+        if grid:
+            _atomic_parquet(typed_frame(grid, schema.GRID_COLUMNS), self._part("grid", exp, tid))
         _atomic_parquet(trial_frame(row), self._part("trials", exp, tid))
+
+    def write_records(self, kind: str, name: str, records: list[dict[str, Any]]) -> None:
+        """A sweep-level part (kind grid, questions or split) under ``name``; consolidated like the others."""
+        columns = {"grid": schema.GRID_COLUMNS, "questions": schema.QUESTION_COLUMNS, "split": schema.SPLIT_COLUMNS}
+        _atomic_parquet(typed_frame(records, columns[kind]), self._part(kind, "_sweep", name))
 
     def finished_ids(self, experiment: str) -> set[str]:
         directory = self.root / "parts" / "trials" / experiment
@@ -125,7 +144,7 @@ class ResultsStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def consolidate(self) -> tuple[Path, Path]:
-        """Rebuild trials.parquet and curves.parquet from every part (all experiments)."""
+        """Rebuild trials.parquet and curves.parquet (and grid, questions, split) from every part."""
         with self._lock():
             trials = self._concat("trials")
             curves = self._concat("curves")
@@ -135,6 +154,10 @@ class ResultsStore:
                 curves = pd.DataFrame({c: [] for c in CURVE_COLUMNS})
             _atomic_parquet(trials, self.root / "trials.parquet")
             _atomic_parquet(curves, self.root / "curves.parquet")
+            for kind in ("grid", "questions", "split"):
+                frame = self._concat(kind)
+                if frame is not None:
+                    _atomic_parquet(frame.drop_duplicates() if kind != "grid" else frame, self.root / f"{kind}.parquet")
         return self.root / "trials.parquet", self.root / "curves.parquet"
 
     def _concat(self, kind: str) -> pd.DataFrame | None:
@@ -186,13 +209,37 @@ def training_values(steps: int, batch_size: int, wall_s: float, final_loss: floa
 def evaluation_values(out: dict[str, Any], eval_s: float) -> dict[str, Any]:
     """The evaluation columns of a row from the activation server's ``evaluate`` answer."""
     u, ce = out["unlearning"], out.get("ce", {})
+    forget = [g["forget_acc"] for g in u["grid"]]
+    retain = [g["retain_acc"] for g in u["grid"]]
+    summary = [{k: v for k, v in g.items() if not k.endswith("_correct")} for g in u["grid"]]
     return {
         "unlearning_score": u["score"], "random_feature_score": u.get("random_feature_score"),
         "unlearning_tied_settings": u["tied_settings"], "n_forget_questions": u["n_forget"],
-        "n_retain_questions": u["n_retain"], "unlearning_grid": json.dumps(u["grid"]),
+        "n_retain_questions": u["n_retain"], "unlearning_grid": json.dumps(summary),
+        **{f"forget_acc_at_retain{round(bar * 100)}": nan_to_none(forget_at_retain(forget, retain, bar))
+           for bar in BARS},
+        "settings_selecting_none": sum(1 for g in u["grid"] if g.get("features_selected") == 0),
         "ce_score_forget": ce.get("ce_score_forget"), "ce_score_retain": ce.get("ce_score_retain"),
         "kl_forget": ce.get("kl_forget"), "kl_retain": ce.get("kl_retain"), "eval_s": eval_s,
     }
+
+
+def grid_rows(trial_id: str, out: dict[str, Any]) -> list[dict[str, Any]]:
+    """grid.parquet rows of one trial: its own settings (control "sae") and the random-feature control's."""
+    u = out["unlearning"]
+    rows = [{"trial_id": trial_id, "control": "sae", **g} for g in u["grid"]]
+    rows += [{"trial_id": trial_id, "control": "random", **g} for g in u.get("random_feature_grid", [])]
+    return rows
+
+
+def control_grid_rows(controls: dict[str, Any]) -> list[dict[str, Any]]:
+    """grid.parquet rows of the SAE-independent positive control (its strength in the multiplier column)."""
+    return [{"trial_id": "positive-control", "control": "positive", "grid": "control",
+             "multiplier": g["strength"], **g} for g in controls["positive"]["grid"]]
+
+
+def nan_to_none(value: float) -> float | None:
+    return None if value != value else value
 
 
 def curve_rows(spec: TrialSpec, history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPES = ("string", "Int64", "float64")
+DTYPES = ("string", "Int64", "float64", "boolean")
 DIRECTIONS = ("higher", "lower", "")
 GROUPS = ("identity", "training", "sae_metric", "evaluation", "meta")
 
@@ -85,8 +85,8 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "lower", "cond", _SAE),
     _c("condition_number_max", "float64", "max over groups of sigma_max/sigma_min of the group's decoder rows",
        "ratio", "lower", group=_SAE),
-    _c("group_entropy", "float64", "entropy of the activation mass over groups; log K is uniform use", "nats",
-       "higher", "H(groups)", _SAE),
+    _c("group_entropy", "float64", "entropy of the activation mass over groups divided by log K (1 = uniform use)",
+       "fraction of log K", "higher", "H(groups)/log K", _SAE),
     _c("inter_group_correlation", "float64", "mean activation correlation between features of different groups",
        "correlation", "lower", "inter-group corr", _SAE),
     _c("inter_group_cosine", "float64", "mean cosine between the groups' centroid decoder directions", "cosine",
@@ -100,8 +100,19 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "fraction", "higher", "unlearning", _EVAL),
     _c("random_feature_score", "float64", "the same grid clamping random live features (negative control)",
        "fraction", label="random-feature ctrl", group=_EVAL),
-    _c("unlearning_tied_settings", "Int64", "grid settings whose (forget, retain) accuracies duplicate another's",
+    _c("unlearning_tied_settings", "Int64", "SAEBench settings whose (forget, retain) accuracies duplicate another's",
        "settings", group=_EVAL),
+    _c("forget_acc_at_retain99", "float64", "lowest forget accuracy over the SAE's settings (SAEBench + extended grid) "
+       "whose retain accuracy is >= 0.99; null if none", "fraction", "lower", "forget@retain≥.99", _EVAL),
+    _c("forget_acc_at_retain98", "float64", "the same at retain accuracy >= 0.98", "fraction", "lower",
+       "forget@retain≥.98", _EVAL),
+    _c("forget_acc_at_retain95", "float64", "the same at retain accuracy >= 0.95", "fraction", "lower",
+       "forget@retain≥.95", _EVAL),
+    _c("settings_selecting_none", "Int64", "grid settings (SAEBench + extended) whose retain threshold left no "
+       "feature to clamp: they cannot change an answer", "settings", group=_EVAL),
+    _c("controls_ok", "boolean", "the sweep's evaluation controls were in range (positive >= 0.2, negative <= "
+       "0.05): false means the evaluation cannot detect removal on this model and no score is a result",
+       group=_EVAL),
     _c("n_forget_questions", "Int64", "forget-set bank size behind the score", "questions", group=_EVAL),
     _c("n_retain_questions", "Int64", "retain-set bank size behind the score", "questions", group=_EVAL),
     _c("ce_score_forget", "float64", "CE loss recovered with the SAE spliced in, forget set", "fraction", "higher",
@@ -113,7 +124,8 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("kl_retain", "float64", "KL divergence of the model's outputs with the SAE spliced in, retain set", "nats",
        "lower", group=_EVAL),
     _c("eval_s", "float64", "evaluation wall time", "s", group=_EVAL),
-    _c("unlearning_grid", "string", "JSON list of the unlearning grid settings with their accuracies", group=_EVAL),
+    _c("unlearning_grid", "string", "JSON list of the unlearning grid settings with their accuracies (per-question "
+       "outcomes in grid.parquet)", group=_EVAL),
     _c("finished_at", "string", "ISO time the row was written", group=_META),
 )
 
@@ -137,6 +149,56 @@ CURVE_COLUMNS: tuple[Column, ...] = (
        group=_TRAIN),
     _c("l0", "float64", "active features per token on the training batch", "features/token", group=_TRAIN),
     _c("val_loss", "float64", "validation MSE at this step", "normalised units", "lower", group=_TRAIN),
+)
+
+# grid.parquet: one row per evaluated setting; per-question outcomes make every accuracy recomputable.
+GRID_COLUMNS: tuple[Column, ...] = (
+    _c("trial_id", "string", "the trial the SAE belongs to; 'positive-control' for the SAE-independent control",
+       group=_ID),
+    _c("control", "string", "sae (the SAE's selected features) | random (random live features of the same SAE: "
+       "negative control) | positive (difference-of-means direction removal: positive control)", group=_ID),
+    _c("grid", "string", "saebench (SAEBench's 16 settings) | extended (more thresholds and feature counts) | "
+       "control", group=_ID),
+    _c("bank", "string", "content key of the question bank the outcomes index (questions.parquet)", group=_ID),
+    _c("retain_threshold", "float64", "features firing on more than this fraction of retain tokens are not "
+       "selected", "fraction", group=_EVAL),
+    _c("n_features", "Int64", "how many features the setting asks for", "features", group=_EVAL),
+    _c("multiplier", "float64", "clamp value: selected features are set to -multiplier where they fire (feature "
+       "units); for the positive control its strength", group=_EVAL),
+    _c("percentile", "float64", "positive control: retain-projection percentile above which it edits", group=_EVAL),
+    _c("features_selected", "Int64", "features the setting actually clamps (0: it cannot change anything)",
+       "features", group=_EVAL),
+    _c("forget_acc", "float64", "forget-question accuracy under the intervention", "fraction", "lower", group=_EVAL),
+    _c("retain_acc", "float64", "retain-question accuracy under the intervention", "fraction", "higher",
+       group=_EVAL),
+    _c("retain_acc_exact", "boolean", "false when retain questions were skipped (an upper bound)", group=_EVAL),
+    _c("questions_touched", "Int64", "prompts the intervention changed (re-run)", "questions", group=_EVAL),
+    _c("edit_ratio", "float64", "mean ||edit|| / ||residual|| over edited token positions: one scale for SAE "
+       "clamps and the positive control", "fraction", group=_EVAL),
+    _c("forget_correct", "string", "per forget question (questions.parquet order), '1' if still answered "
+       "correctly", group=_EVAL),
+    _c("retain_correct", "string", "per retain question, '1' if still answered correctly", group=_EVAL),
+)
+
+# questions.parquet: every question of every bank; question_id is the position in its bank.
+QUESTION_COLUMNS: tuple[Column, ...] = (
+    _c("bank", "string", "content key of the bank", group=_ID),
+    _c("question_id", "Int64", "position in the bank (the bit position in grid.parquet, per domain in order)",
+       group=_ID),
+    _c("domain", "string", "forget | retain", group=_ID),
+    _c("doc_id", "string", "the held-out document the question comes from (WMDP/MMLU: subject:index)", group=_ID),
+    _c("prompt", "string", "the prompt text", group=_META),
+    _c("options", "string", "JSON list of the option texts", group=_META),
+    _c("answer", "Int64", "index of the correct option", group=_META),
+)
+
+# split.parquet: every corpus document and whether SAEs train on it.
+SPLIT_COLUMNS: tuple[Column, ...] = (
+    _c("split", "string", "content key of (corpus content, holdout fraction, seed)", group=_ID),
+    _c("doc_id", "string", "the document (the article title for the embedded corpus)", group=_ID),
+    _c("domain", "string", "forget | retain", group=_ID),
+    _c("part", "string", "train (SAE training activations) | heldout (questions, feature selection, control "
+       "directions, CE text)", group=_ID),
 )
 
 # Metrics that hsae.metrics.evaluate returns and every trial row stores, in row order.

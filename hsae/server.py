@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from hsae.activations import Harvest, HarvestConfig, Harvester
-from hsae.corpora import corpus_identity
+from hsae.corpora import corpus_identity, load_corpus, split_table
 from hsae.evaluation.evaluator import EvalConfig, Evaluator
-from hsae.evaluation.questions import BankConfig, bank_source, build_bank
+from hsae.evaluation.questions import BankConfig, bank_source, build_bank, questions_table
 from hsae.models import ModelInfo, load_model, spec_identity
 from hsae.train import Batch, to_batch
 
@@ -100,13 +100,32 @@ class ActivationServer:
                 loaded = load_model(spec)
             else:
                 loaded = self.harvester.loaded
-            bank = build_bank(loaded, self.bank_cfg, bank_source(loaded, self.cfg.corpus, self.bank_cfg),
-                              {"model": spec_identity(spec), "corpus": corpus_identity(self.cfg.corpus)},
-                              root=self.cache_root)
-            x, labels = self._harvest.arrays("train")
+            cfg = self.cfg
+            source = bank_source(loaded, cfg.corpus, self.bank_cfg, cfg.holdout_fraction, cfg.seed)
+            identity = {"model": spec_identity(spec), "corpus": corpus_identity(cfg.corpus),
+                        "split": {"holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed}}
+            bank = build_bank(loaded, self.bank_cfg, source, identity, root=self.cache_root)
+            x, labels = self.heldout_content_rows()
             tokens, domains = self.harvester.cache.contexts("eval")
             self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg)
         return self._evaluator
+
+    def heldout_content_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out activations and labels of content tokens only: BOS, EOS and padding never count."""
+        assert self._harvest is not None
+        x, labels = self._harvest.arrays("eval")
+        info = self.harvester.info()
+        special = [t for t in (info.bos_id, info.eos_id) if t is not None]  # packed contexts have no padding
+        keep = ~np.isin(self._harvest.token_ids("eval"), special)
+        return x[keep], labels[keep]
+
+    def questions(self) -> list[dict[str, Any]]:
+        """Every question of the bank (what questions.parquet holds), in bank order."""
+        return questions_table(self.evaluator().bank)
+
+    def split(self) -> dict[str, list[Any]]:
+        """The document split of the corpus (what split.parquet holds): doc_id, domain, part."""
+        return split_table(load_corpus(self.cfg.corpus), self.cfg.holdout_fraction, self.cfg.seed).to_dict("list")
 
     def evaluate(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray], ce: bool = True) -> dict[str, Any]:
         """Unlearning grid (+ CE/KL scores) of one SAE passed by value (folded weights, raw activations)."""

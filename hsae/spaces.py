@@ -74,6 +74,14 @@ class Profile:
     eval_model: str | None = None
     forget_path: str | None = None
     evaluate: bool = True
+    # Seeds per configuration (42, 43, ...): intervals need several; --seeds overrides.
+    seeds: int = 3
+    # Fraction of each domain's documents held out from SAE training for evaluation (questions, feature
+    # selection, control directions, CE text).
+    holdout_fraction: float = 0.1
+    # Whether evaluation controls out of range fail the sweep (exit 3). Only the tiny test profile says no:
+    # a random model knows nothing its controls could remove; its rows still carry controls_ok = false.
+    controls_required: bool = True
 
     def train_config(self, seed: int) -> TrainConfig:
         # "auto": the GPU Ray gave the trial (--gpus-per-trial), else the CPU.
@@ -86,15 +94,19 @@ PROFILES: dict[str, Profile] = {
     "real": Profile(name="real", model="google/gemma-2-2b", layer=19, corpus="wmdp", n_ctxs=2048, n_eval_ctxs=64,
                     ctx_len=128, d_sae=16384, steps=1000, batch_size=2048, lr=3e-4, log_every=10,
                     checkpoint_every=100, bank_kind="letter", eval_model="google/gemma-2-2b-it"),
+    # WMDP / MMLU questions are test sets that no training corpus contains; 10% of the corpus documents are
+    # still held out for feature selection, control directions and CE text.
     # What runs here offline on 2 CPU cores in minutes: Gemma-3-270M layer 13 (same relative depth),
-    # 512 contexts (~65k tokens, ~70 s to harvest), a 2x dictionary and 150 steps at lr 1e-3.
-    "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=512, n_eval_ctxs=32,
+    # 512 contexts (~65k tokens, ~70 s to harvest), a 2x dictionary and 150 steps at lr 1e-3. 40% of each
+    # domain's articles are held out: the cloze questions come from them (docs/evaluation.md).
+    "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=512, n_eval_ctxs=256,
                         ctx_len=128, d_sae=1280, steps=150, batch_size=2048, lr=1e-3, log_every=10,
-                        checkpoint_every=50, ce_contexts_per_domain=2),
+                        checkpoint_every=50, ce_contexts_per_domain=2, holdout_fraction=0.4),
     # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
                     d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
-                    min_forget_questions=10, min_retain_questions=10, ce_contexts_per_domain=2),
+                    min_forget_questions=10, min_retain_questions=10, ce_contexts_per_domain=2, seeds=1,
+                    holdout_fraction=0.3, controls_required=False),
 }
 
 

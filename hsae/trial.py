@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 from hsae.config import SAEConfig
 from hsae.export import folded_state
 from hsae.models import ModelInfo
-from hsae.results import curve_rows, evaluation_values, training_values, trial_row
+from hsae.results import curve_rows, evaluation_values, grid_rows, training_values, trial_row
 from hsae.spaces import Profile, TrialSpec
 from hsae.train import Batch, BatchSource, DegenerateRunError, ProgressCallback, Trainer, TrainResult
 
@@ -30,6 +30,7 @@ Evaluate = Callable[[dict[str, Any], dict[str, np.ndarray]], dict[str, Any]]
 class TrialOutcome:
     row: dict[str, Any]
     curves: list[dict[str, Any]]
+    grid: list[dict[str, Any]] = field(default_factory=list)  # grid.parquet rows (empty without evaluation)
 
     @property
     def status(self) -> str:
@@ -40,8 +41,9 @@ class TrialRun:
     """Train and score the SAE that ``spec`` names on activations of ``model`` (width read from the model)."""
 
     def __init__(self, spec: TrialSpec, profile: Profile, model: ModelInfo, checkpoint_dir: str | Path,
-                 on_progress: ProgressCallback | None = None) -> None:
+                 on_progress: ProgressCallback | None = None, controls_ok: bool | None = None) -> None:
         self.spec, self.profile, self.model = spec, profile, model
+        self.controls_ok = controls_ok  # the sweep's evaluation controls: False means no score is a result
         self.sae_cfg = SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
         self.train_cfg = profile.train_config(spec.seed)
         self.trainer = Trainer(self.sae_cfg, self.train_cfg, on_progress=on_progress, checkpoint_dir=checkpoint_dir)
@@ -57,13 +59,15 @@ class TrialRun:
         except DegenerateRunError as exc:
             return self._degenerate(exc.reason, exc.metrics)
         try:
-            scores = score(evaluate, self.sae_cfg, result) if evaluate is not None else {}
+            scores, grid = score(evaluate, self.sae_cfg, result, self.spec.key) if evaluate is not None else ({}, [])
         except DegenerateRunError as exc:
             return self._degenerate(exc.reason, result.metrics)
         values = training_values(result.steps, self.train_cfg.batch_size, result.wall_s, self.trainer.last_loss,
                                  result.metrics)
         values["val_loss"] = self.trainer.history[-1].get("val_loss")
-        return self._outcome("completed", **values, **scores)
+        outcome = self._outcome("completed", **values, **scores)
+        outcome.grid = grid
+        return outcome
 
     def _degenerate(self, reason: str, metrics: dict[str, float]) -> TrialOutcome:
         """A guard tripped (in training or at evaluation): the row says why and carries no scores."""
@@ -72,13 +76,15 @@ class TrialRun:
         return self._outcome("degenerate", error=reason, **values)
 
     def _outcome(self, status: str, **values: Any) -> TrialOutcome:
-        row = trial_row(self.spec, self.profile, self.model, self.sae_cfg, self.train_cfg, status, **values)
+        row = trial_row(self.spec, self.profile, self.model, self.sae_cfg, self.train_cfg, status,
+                        controls_ok=self.controls_ok, **values)
         return TrialOutcome(row, curve_rows(self.spec, self.trainer.history))
 
 
-def score(evaluate: Evaluate, sae_cfg: SAEConfig, result: TrainResult) -> dict[str, Any]:
-    """Evaluate the trained SAE (raw-activation weights) and return the evaluation columns of its row."""
+def score(evaluate: Evaluate, sae_cfg: SAEConfig, result: TrainResult,
+          trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate the trained SAE (raw-activation weights): the evaluation columns of its row, its grid rows."""
     state = {k: v.numpy() for k, v in folded_state(result.sae, result.scale).items()}
     t0 = time.perf_counter()
     out = evaluate(sae_cfg.to_dict(), state)
-    return evaluation_values(out, time.perf_counter() - t0)
+    return evaluation_values(out, time.perf_counter() - t0), grid_rows(trial_id, out)

@@ -40,4 +40,4 @@ def tiny_harvest_cfg():
     from hsae.models import ModelSpec
 
     return HarvestConfig(model=ModelSpec("tiny"), corpus=CorpusSpec("toy"), ctx_len=32, n_ctxs=40,
-                         n_eval_ctxs=8, shard_ctxs=16, forward_batch=8)
+                         n_eval_ctxs=8, shard_ctxs=16, forward_batch=8, holdout_fraction=0.3)

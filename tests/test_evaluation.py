@@ -30,7 +30,7 @@ def tiny_world(tmp_path_factory):
     bank_cfg = BankConfig(max_forget=1000, max_retain=1000)
     bank = build_bank(loaded, bank_cfg, cloze_source(loaded.tokenizer, load_corpus(cfg.corpus), bank_cfg),
                       {"test": "tiny"}, progress=None, root=root)
-    x, labels = h.arrays("train")
+    x, labels = h.arrays("eval")
     tokens, domains = np.load(h.dir / "tokens_eval.npy"), np.load(h.dir / "domains_eval.npy")
     return loaded, bank, Evaluator(loaded, bank, x, labels, tokens, domains, SMALL)
 
@@ -82,7 +82,8 @@ def test_no_features_or_zero_multiplier_leaves_logits_unchanged(tiny_world):
     noop = SAEClamp(sae.encode, sae.W_dec.detach(), torch.tensor([], dtype=torch.long), 0.0)
     edited, changed = noop.apply(b["resid"], b["valid"])
     assert torch.equal(edited, b["resid"]) and not changed.any()
-    assert ev.accuracy(noop) == (1.0, 1.0, 0, True)
+    outcome = ev.accuracy(noop)
+    assert outcome.correct.all() and outcome.touched == 0 and outcome.exact and outcome.edit_ratio != outcome.edit_ratio
     # The re-run path itself: layer-L residual -> later layers equals the model's own full forward.
     ids = torch.tensor([bank.prompts[int(i)] + [0] * (b["resid"].shape[1] - len(bank.prompts[int(i)]))
                         for i in b["idx"]])
@@ -105,7 +106,10 @@ def test_unlearning_returns_grid_counts_baselines_and_controls(tiny_world):
     _, bank, ev = tiny_world
     cfg, state = identity_sae()
     out = ev.unlearning(cfg, state)
-    assert len(out["grid"]) == 16 and len(out["random_feature_grid"]) == 8  # thresholds don't apply
+    saebench = [g for g in out["grid"] if g["grid"] == "saebench"]
+    # 16 SAEBench settings; the extended grid adds 2 thresholds and, for 128 features, the counts 2 and 4.
+    assert len(saebench) == 16 and len(out["grid"]) == 4 * 4 * 4
+    assert len(out["random_feature_grid"]) == 4 * 4  # thresholds don't apply to random features
     assert out["n_forget"] == bank.count(FORGET) and out["n_retain"] == bank.count(RETAIN)
     assert out["baseline_forget_acc"] == 1.0 and out["baseline_retain_acc"] == 1.0
     assert 0.0 <= out["score"] <= 1.0
@@ -113,7 +117,53 @@ def test_unlearning_returns_grid_counts_baselines_and_controls(tiny_world):
         out["grid"][0])
     assert ev.unlearning(cfg, state) is out  # same weights + config: served from the content-keyed cache
     controls = ev.controls()
-    assert {"positive", "negative"} <= set(controls) and len(controls["positive"]["grid"]) == 6
+    assert {"positive", "negative"} <= set(controls) and len(controls["positive"]["grid"]) == 12
+    # Every grid point keeps its per-question outcomes, consistent with its accuracies.
+    for g in out["grid"] + controls["positive"]["grid"]:
+        assert len(g["forget_correct"]) == bank.count(FORGET) and len(g["retain_correct"]) == bank.count(RETAIN)
+        assert g["forget_correct"].count("1") / bank.count(FORGET) == pytest.approx(g["forget_acc"])
+        assert g["retain_correct"].count("1") / bank.count(RETAIN) == pytest.approx(g["retain_acc"])
+
+
+def test_a_setting_that_selects_nothing_is_recorded_as_such(tiny_world):
+    from dataclasses import replace
+
+    from hsae.results import evaluation_values
+
+    loaded, bank, ev = tiny_world
+    # A retain threshold of 0 admits no feature (a frequency is never < 0): nothing to clamp.
+    none_cfg = replace(SMALL, unlearning=replace(SMALL.unlearning, retain_thresholds=(0.0,), extended_thresholds=(),
+                                                 extended_feature_fractions=()), random_feature_control=False)
+    nothing = Evaluator(loaded, bank, ev.select_x, ev.select_labels, np.zeros((1, 32), dtype=np.int64),
+                        np.zeros(1, dtype=np.int64), none_cfg)
+    cfg, state = identity_sae()
+    out = nothing.unlearning(cfg, state)
+    assert all(g["features_selected"] == 0 and g["forget_acc"] == 1.0 and g["retain_acc"] == 1.0
+               and g["questions_touched"] == 0 for g in out["grid"])
+    values = evaluation_values({"unlearning": out}, 1.0)
+    assert values["settings_selecting_none"] == len(out["grid"]) == 8
+    assert values["forget_acc_at_retain99"] == 1.0 and values["unlearning_score"] == 0.0
+
+
+def test_matched_retain_columns_equal_a_hand_computation():
+    from hsae.results import evaluation_values
+
+    grid = [  # (retain threshold, forget acc, retain acc)
+        {"forget_acc": 0.40, "retain_acc": 0.96, "features_selected": 20},
+        {"forget_acc": 0.55, "retain_acc": 0.985, "features_selected": 20},
+        {"forget_acc": 0.70, "retain_acc": 0.99, "features_selected": 10},
+        {"forget_acc": 0.90, "retain_acc": 1.00, "features_selected": 10},
+        {"forget_acc": 1.00, "retain_acc": 1.00, "features_selected": 0},
+        {"forget_acc": 0.10, "retain_acc": 0.50, "features_selected": 40},
+    ]
+    unlearning = {"score": 0.3, "tied_settings": 0, "n_forget": 100, "n_retain": 200, "grid": grid}
+    values = evaluation_values({"unlearning": unlearning}, 1.0)
+    assert values["forget_acc_at_retain99"] == 0.70
+    assert values["forget_acc_at_retain98"] == 0.55
+    assert values["forget_acc_at_retain95"] == 0.40
+    assert values["settings_selecting_none"] == 1
+    high = evaluation_values({"unlearning": {**unlearning, "grid": grid[-1:]}}, 1.0)
+    assert high["forget_acc_at_retain95"] is None  # no setting keeps retain >= 0.95
 
 
 def test_identity_sae_recovers_all_of_the_ce_loss(tiny_world):
@@ -143,7 +193,7 @@ def test_server_evaluates_sae_by_value(ray_session, tiny_harvest_cfg, tmp_path):
                                       eval_cfg=SMALL, bank_cfg=BankConfig(max_forget=1000, max_retain=1000))
     cfg, state = identity_sae()
     out = ray.get(server.evaluate.remote(cfg, state))
-    assert len(out["unlearning"]["grid"]) == 16
+    assert len([g for g in out["unlearning"]["grid"] if g["grid"] == "saebench"]) == 16
     assert out["ce"]["ce_score_retain"] == pytest.approx(1.0, abs=1e-4)
     ray.kill(server)
 
@@ -155,13 +205,20 @@ def test_stopping_retain_early_keeps_the_score_and_forget_accuracy_exact(tiny_wo
 
     loaded, bank, ev = tiny_world
     exact_cfg = replace(SMALL, unlearning=replace(SMALL.unlearning, stop_retain_early=False))
-    exact = Evaluator(loaded, bank, ev.train_x, ev.train_labels, np.zeros((1, 32), dtype=np.int64),
+    fast_cfg = replace(SMALL, unlearning=replace(SMALL.unlearning, stop_retain_early=True))
+    fast = Evaluator(loaded, bank, ev.select_x, ev.select_labels, np.zeros((1, 32), dtype=np.int64),
+                     np.zeros(1, dtype=np.int64), fast_cfg)
+    exact = Evaluator(loaded, bank, ev.select_x, ev.select_labels, np.zeros((1, 32), dtype=np.int64),
                       np.zeros(1, dtype=np.int64), exact_cfg)
     d = ev.batches[0]["resid"].shape[-1]
     direction = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0)
     wrecking = ConditionalProjection(direction, torch.zeros(d), threshold=-1e9, strength=50.0)
-    f_fast, r_fast, _, exact_flag = ev.accuracy(wrecking)
-    f_exact, r_exact, _, exact_flag2 = exact.accuracy(wrecking)
+    def accuracies(evaluator):
+        o = evaluator.accuracy(wrecking)
+        return o.correct[ev.domains == FORGET].mean(), o.correct[ev.domains == RETAIN].mean(), o.exact
+
+    f_fast, r_fast, exact_flag = accuracies(fast)
+    f_exact, r_exact, exact_flag2 = accuracies(exact)
     assert exact_flag2 and r_exact < 0.99  # the edit breaks retain answers
     assert not exact_flag and f_fast == f_exact and r_fast >= r_exact  # an upper bound, flagged
     grid = lambda acc: [{"forget_acc": acc[0], "retain_acc": acc[1]}]  # noqa: E731

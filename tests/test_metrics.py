@@ -51,7 +51,7 @@ def test_group_metrics_match_loop_references():
     # Group entropy of activation mass.
     mass = np.array([fn[:, groups.numpy() == k].sum() for k in range(4)])
     p = mass / mass.sum()
-    assert math.isclose(M.group_entropy(f, a), float(-(p * np.log(p)).sum()), rel_tol=1e-6)
+    assert math.isclose(M.group_entropy(f, a), float(-(p * np.log(p)).sum()) / math.log(4), rel_tol=1e-6)
     # Inter-group cosine of centroid directions.
     unit = w_dec.numpy() / np.linalg.norm(w_dec.numpy(), axis=1, keepdims=True)
     cents = np.stack([unit[groups.numpy() == k].mean(0) for k in range(4)])

@@ -131,3 +131,36 @@ def test_optuna_search_samples_the_space(sweep, tmp_path):
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 2 and trials["trial_id"].is_unique
     assert trials["cfg_alpha"].between(0.0, 0.4).all() and set(trials["cfg_n_groups"]) <= {4, 8}
+
+
+def test_controls_out_of_range_stop_the_verdict(sweep, monkeypatch, capsys):
+    """A positive control that cannot reach its bar: rows carry controls_ok = false, exit code 3."""
+    from dataclasses import replace
+
+    from hsae.spaces import PROFILES
+
+    run, out = sweep
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], controls_required=True))
+    monkeypatch.setattr(ablate, "POSITIVE_MIN", 2.0)  # no control can remove 200% of the answers
+    assert run("--space", "groups") == ablate.EXIT_CONTROLS_FAILED == 3
+    err = capsys.readouterr()
+    assert "EVALUATION BROKEN" in err.out and "no unlearning number is a result" in err.err
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert (trials["status"] == "completed").all() and (trials["controls_ok"] == False).all()  # noqa: E712
+    report = build_report(out).read_text()
+    assert "cannot detect removal" in report.split("##")[0] + report.split("##")[1]
+
+
+def test_sweep_writes_split_questions_and_grid(sweep):
+    run, out = sweep
+    assert run("--space", "groups") in (0, ablate.EXIT_CONTROLS_FAILED)
+    split, questions = pd.read_parquet(out / "split.parquet"), pd.read_parquet(out / "questions.parquet")
+    grid, trials = pd.read_parquet(out / "grid.parquet"), pd.read_parquet(out / "trials.parquet")
+    assert set(split["part"]) == {"train", "heldout"}
+    assert set(questions["doc_id"]) <= set(split[split.part == "heldout"]["doc_id"])
+    assert set(grid["control"]) == {"sae", "random", "positive"}
+    assert set(grid[grid.control != "positive"]["trial_id"]) == set(trials["trial_id"])
+    n_forget = int((questions.domain == "forget").sum())
+    assert grid["forget_correct"].str.len().eq(n_forget).all()
+    for column in ("forget_acc_at_retain99", "forget_acc_at_retain98", "forget_acc_at_retain95"):
+        assert column in trials

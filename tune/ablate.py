@@ -30,8 +30,9 @@ from hsae.corpora import CorpusSpec  # noqa: E402
 from hsae.evaluation.evaluator import EvalConfig  # noqa: E402
 from hsae.evaluation.questions import BankConfig  # noqa: E402
 from hsae.evaluation.unlearning import UnlearningConfig  # noqa: E402
+from hsae.keys import content_key  # noqa: E402
 from hsae.models import ModelInfo, ModelNotFoundError, ModelSpec, describe_model  # noqa: E402
-from hsae.results import ResultsStore  # noqa: E402
+from hsae.results import ResultsStore, control_grid_rows  # noqa: E402
 from hsae.spaces import (  # noqa: E402
     PROFILES,
     SPACE_NAMES,
@@ -48,6 +49,10 @@ from hsae.spaces import (  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
+# The sweep ran and its rows are written, but the evaluation controls were out of range: the evaluation
+# cannot detect removal on this model, so no score is a result (rows carry controls_ok = false).
+EXIT_CONTROLS_FAILED = 3
+POSITIVE_MIN, NEGATIVE_MAX = 0.2, 0.05
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="embedded", help=f"one of {sorted(PROFILES)} (default embedded)")
     p.add_argument("--experiment", default=None, help="name; a re-run with the same name skips finished trials "
                                                       "(default <profile>-<space>)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (42, 43, ...)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (42, 43, ...; default: the "
+                                                             "profile's, 3 for embedded and real)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the profile's)")
     p.add_argument("--model", default=None, help="'embedded', 'tiny', a hub id or a local directory")
     p.add_argument("--layer", type=int, default=None)
@@ -89,7 +95,7 @@ class Plan:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -117,7 +123,7 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
 def space_trials(space: Space, args: argparse.Namespace, profile: Profile, context: str) -> list[TrialSpec]:
     """The space's trials: every grid point x seed, or (Optuna) each block's fixed values x seed."""
     experiment = args.experiment or f"{profile.name}-{space.name}"
-    seeds = [42 + i for i in range(args.seeds)]
+    seeds = [42 + i for i in range(args.seeds or profile.seeds)]
     if args.search == "grid":
         return grid_trials(space, experiment, seeds, context)
     return [TrialSpec(experiment, space.name, b.variant, {k: v for k, v in b.params.items() if not isinstance(v, dict)},
@@ -143,7 +149,8 @@ def resolve(args: argparse.Namespace) -> Plan:
 def harvest_config(profile: Profile) -> HarvestConfig:
     return HarvestConfig(model=ModelSpec(profile.model, layer=profile.layer),
                          corpus=CorpusSpec(profile.corpus, forget_path=profile.forget_path),
-                         ctx_len=profile.ctx_len, n_ctxs=profile.n_ctxs, n_eval_ctxs=profile.n_eval_ctxs)
+                         ctx_len=profile.ctx_len, n_ctxs=profile.n_ctxs, n_eval_ctxs=profile.n_eval_ctxs,
+                         holdout_fraction=profile.holdout_fraction)
 
 
 def eval_config(profile: Profile) -> tuple[EvalConfig, BankConfig]:
@@ -217,7 +224,7 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
         print(f"[hsae] resuming Tune experiment at {path}")
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
     ctx = {"profile": asdict(profile), "out": str(Path(args.out).resolve()), "server": server_name,
-           "hooks": list(args.trial_hooks)}
+           "hooks": list(args.trial_hooks), "controls_ok": args.controls_ok}
     param_space, tune_config = search_setup(space, trials, pending, profile, args, ctx)
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
@@ -317,13 +324,38 @@ def start_server(plan: Plan, ray: Any) -> tuple[str, Any, Any]:
     return server_name, server, info
 
 
-def run_controls(ray: Any, server: Any, profile: Profile, out: Path) -> None:
-    """The positive/negative evaluation controls, kept next to the results."""
-    controls = ray.get(server.controls.remote())
+def run_controls(ray: Any, server: Any, profile: Profile, out: Path) -> bool:
+    """The positive/negative evaluation controls and the question bank, kept next to the results.
+
+    Returns whether the controls are in range: the positive control must remove forget answers, the
+    negative (a random direction through the same code) must not.
+    """
+    controls, questions = ray.get([server.controls.remote(), server.questions.remote()])
     pos, neg = controls["positive"]["score"], controls["negative"]["score"]
-    atomic_write_text(out / "controls" / f"{profile.name}.json", json.dumps(controls, indent=2))
-    verdict = "ok" if pos >= 0.2 and neg <= 0.05 else "EVALUATION BROKEN: controls out of range"
-    print(f"[hsae] evaluation controls: positive {pos:.3f} (>= 0.2), negative {neg:.3f} (<= 0.05): {verdict}")
+    atomic_write_text(out / "controls" / f"{profile.name}.json", json.dumps(strip_outcomes(controls), indent=2))
+    store = ResultsStore(out)
+    store.write_records("questions", questions[0]["bank"], questions)
+    store.write_records("grid", f"positive-control-{questions[0]['bank']}", control_grid_rows(controls))
+    ok = pos >= POSITIVE_MIN and neg <= NEGATIVE_MAX
+    verdict = "ok" if ok else "EVALUATION BROKEN: controls out of range, no score below is a result"
+    print(f"[hsae] evaluation controls: positive {pos:.3f} (>= {POSITIVE_MIN}), negative {neg:.3f} "
+          f"(<= {NEGATIVE_MAX}): {verdict}")
+    return ok
+
+
+def strip_outcomes(controls: dict[str, Any]) -> dict[str, Any]:
+    """The controls without per-question bit strings (those live in grid.parquet)."""
+    return {k: {**v, "grid": [{n: x for n, x in g.items() if not n.endswith("_correct")} for g in v["grid"]]}
+            if isinstance(v, dict) and "grid" in v else v for k, v in controls.items()}
+
+
+def write_split(ray: Any, server: Any, info: Any, out: Path) -> None:
+    """split.parquet: which documents the SAEs train on and which are held out for evaluation."""
+    split = ray.get(server.split.remote())
+    key = content_key(info.corpus, length=16)
+    records = [{"split": key, "doc_id": d, "domain": m, "part": p}
+               for d, m, p in zip(split["doc_id"], split["domain"], split["part"], strict=True)]
+    ResultsStore(out).write_records("split", key, records)
 
 
 def summarise(plan: Plan, out: str, failed: list[tuple[TrialSpec | None, str]], t0: float) -> int:
@@ -359,13 +391,18 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
         return EXIT_BAD_INPUT
     t0 = time.perf_counter()
     server_name, server, info = start_server(plan, ray)
-    if plan.profile.evaluate:
-        run_controls(ray, server, plan.profile, Path(args.out))
+    write_split(ray, server, info, Path(args.out))
+    args.controls_ok = run_controls(ray, server, plan.profile, Path(args.out)) if plan.profile.evaluate else None
     failed: list[tuple[TrialSpec | None, str]] = []
     for space in plan.spaces:
         print(f"[hsae] space {space.name!r}: {space.description}")
         failed += run_space(space, plan.trials[space.name], plan, args, server_name, info.model)
-    return summarise(plan, args.out, failed, t0)
+    code = summarise(plan, args.out, failed, t0)
+    if code == 0 and args.controls_ok is False and plan.profile.controls_required:
+        print("[hsae] the evaluation controls were out of range: the rows are written with controls_ok = false, "
+              "and no unlearning number is a result on this model", file=sys.stderr)
+        return EXIT_CONTROLS_FAILED
+    return code
 
 
 if __name__ == "__main__":

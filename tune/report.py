@@ -2,12 +2,18 @@
 
 Writes RESULTS_DIR/report/report.md and RESULTS_DIR/report/*.png. With several seeds a cell reads
 ``mean ± half-width of the 95% CI``; n counts the seeds behind it.
+
+The report leads with the verdict (``hsae/verdict.py``, docs/evaluation.md "The verdict"): a banner when
+the evaluation's controls are out of range, the forget-vs-retain figure, forget accuracy at matched
+retain per variant with intervals over seeds and questions, the paired comparison with relu, and the
+settings that select nothing or tie. Results without grid.parquet get the rest of the report only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +28,17 @@ from hsae.results import load_curves, load_trials  # noqa: E402
 from hsae.schema import REPORT_METRICS, label  # noqa: E402
 from hsae.spaces import mean_ci95  # noqa: E402
 from hsae.variants import PAPER_VARIANTS  # noqa: E402
+from hsae.verdict import (  # noqa: E402
+    BARS,
+    BASELINE,
+    Verdict,
+    bar_metric,
+    build_verdict,
+    controls_problems,
+    frontier,
+    grid_metrics,
+    mean_interval,
+)
 
 VARIANT_ORDER = ["relu", *PAPER_VARIANTS, "topk", "matryoshka_batchtopk"]
 
@@ -255,7 +272,259 @@ def figure_parts(figures: list[tuple[str, str]]) -> list[str]:
     return ["## Figures\n", *(f"![{title}]({name})\n" for title, name in figures)]
 
 
-def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+# -- the verdict (hsae/verdict.py): what the report leads with ------------------------------------
+METRIC_LABELS = {
+    **{bar_metric(b): f"forget acc at retain ≥ {b}" for b in BARS},
+    "frontier_area": "frontier area (retain 0.9–1)",
+    "unlearning_score": "SAEBench unlearning score",
+}
+BANNER = "The evaluation cannot detect removal on this model: no score below is a result."
+
+
+def load_optional(results_dir: Path, name: str) -> pd.DataFrame | None:
+    """A Parquet file of the results directory, or None when it is absent (results older than it)."""
+    path = results_dir / name
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def load_grid(results_dir: Path) -> pd.DataFrame | None:
+    """grid.parquet with ``control`` and ``grid`` filled in (older grids lack them), or None."""
+    grid = load_optional(results_dir, "grid.parquet")
+    if grid is None or grid.empty:
+        return None
+    control = grid["control"].fillna("sae") if "control" in grid else "sae"
+    name = grid["grid"].fillna("saebench") if "grid" in grid else "saebench"
+    return grid.assign(control=control, grid=name)
+
+
+def main_trials(done: pd.DataFrame) -> pd.DataFrame:
+    """The main job: the completed trials of the "variants" space if there are any, else all completed."""
+    return done[done["space"] == "variants"] if (done["space"] == "variants").any() else done
+
+
+def ordered(variants: object) -> list[str]:
+    return sorted(dict.fromkeys(variants), key=lambda v: _order_key((v,)))
+
+
+def banner_parts(problems: list[str]) -> list[str]:
+    if not problems:
+        return []
+    return [f"**{BANNER}** " + "; ".join(problems) + ". The numbers below are diagnostics only.\n"]
+
+
+def _frontier_line(ax: plt.Axes, rows: pd.DataFrame, x_min: float, label: str | None) -> None:
+    """One SAE's frontier as a step line: at each retain level, the lowest forget accuracy reachable."""
+    p = frontier(rows[["retain_acc", "forget_acc"]].to_numpy(float))[::-1]  # retain ascending
+    if not len(p):
+        return
+    xs, ys = [min(x_min, p[0, 0]), *p[:, 0]], [p[0, 1], *p[:, 1]]
+    if xs[-1] < 1.0:
+        xs, ys = [*xs, 1.0], [*ys, 1.0]  # nothing reaches higher retain: no removal there
+    ax.step(xs, ys, where="pre", color="C0", lw=1.3, label=label)
+
+
+def _panel(ax: plt.Axes, grid: pd.DataFrame, trial_ids: list[str], x_min: float) -> None:
+    sae = grid[(grid["control"] == "sae") & grid["trial_id"].isin(trial_ids)]
+    rnd = grid[(grid["control"] == "random") & grid["trial_id"].isin(trial_ids)]
+    pos = grid[grid["control"] == "positive"]
+    ax.scatter(sae["retain_acc"], sae["forget_acc"], s=10, alpha=0.25, color="C0", label="SAE settings")
+    for i, (_, rows) in enumerate(sae.groupby("trial_id", sort=False)):
+        _frontier_line(ax, rows, x_min, "frontier (one line per seed)" if i == 0 else None)
+    ax.scatter(rnd["retain_acc"], rnd["forget_acc"], s=14, marker="x", color="0.5", alpha=0.7,
+               label="random features (negative control)")
+    ax.scatter(pos["retain_acc"], pos["forget_acc"], s=22, marker="^", color="C3",
+               label="positive control (diff. of means)")
+    for bar in BARS:
+        ax.axvline(bar, color="black", ls=":", lw=0.8)
+    hidden = int((pd.concat([sae, rnd, pos])["retain_acc"] < x_min).sum())
+    if hidden:
+        ax.text(x_min + 0.003, 0.02, f"{hidden} point(s) at retain < {x_min} not shown", fontsize=7)
+    ax.set_xlim(x_min, 1.005)
+    ax.set_ylim(-0.02, 1.02)
+
+
+def fig_forget_vs_retain(grid: pd.DataFrame, per_trial: pd.DataFrame, path: Path, x_min: float = 0.8) -> bool:
+    """One panel per variant: its grid points (faint), its frontier per seed, the random-feature and
+    positive controls, and the retain bars (dotted). x = retain accuracy, y = forget accuracy."""
+    variants = ordered(per_trial["variant"])
+    if not variants:
+        return False
+    ncols = min(3, len(variants))
+    nrows = math.ceil(len(variants) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.6 * nrows), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, variant in zip(axes.flat, variants, strict=False):
+        ids = list(per_trial.loc[per_trial["variant"] == variant, "trial_id"])
+        _panel(ax, grid, ids, x_min)
+        ax.set_title(f"{variant} ({len(ids)} seed{'s' if len(ids) != 1 else ''})", fontsize=9)
+    for ax in axes.flat[len(variants):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=6, loc="upper left")
+    fig.supxlabel(f"retain accuracy (dotted: retain bars {', '.join(str(b) for b in BARS)})")
+    fig.supylabel("forget accuracy (lower = more removed)")
+    _save(fig, path)
+    return True
+
+
+def _interval(lo: float, hi: float, signed: bool = False) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "[–]"
+    return f"[{lo:+.3g}, {hi:+.3g}]" if signed else f"[{lo:.3g}, {hi:.3g}]"
+
+
+def _metric_cell(v: Verdict, ids: list[str], metric: str) -> str:
+    """mean ± 95% CI over seeds, then the question-bootstrap interval of that mean in brackets."""
+    values = v.per_trial.loc[v.per_trial["trial_id"].isin(ids), metric].dropna().astype(float).tolist()
+    return f"{fmt(values)} {_interval(*mean_interval(v.boot, ids, metric))}"
+
+
+def _random_area(grid: pd.DataFrame, ids: list[str]) -> str:
+    rnd = grid[(grid["control"] == "random") & grid["trial_id"].isin(ids)]
+    return fmt([grid_metrics(rows)["frontier_area"] for _, rows in rnd.groupby("trial_id")])
+
+
+def matched_table(v: Verdict, main: pd.DataFrame, grid: pd.DataFrame, claims: bool) -> str:
+    """One line per variant: matched-retain forget accuracies, frontier area, the SAEBench score and (with
+    ``claims``) the paired difference with relu on the headline metric and its verdict."""
+    metrics = [*(bar_metric(b) for b in BARS), "frontier_area"]
+    header = ["variant", "n", *(METRIC_LABELS[m] for m in metrics), "random-feature frontier area",
+              "SAEBench unlearning"]
+    by_variant = {c.variant: c for c in v.comparisons}
+    if claims and v.headline:
+        header += [f"Δ vs {BASELINE} ({METRIC_LABELS[v.headline]}) [95% CI]", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in ordered(v.per_trial["variant"]):
+        ids = list(v.per_trial.loc[v.per_trial["variant"] == variant, "trial_id"])
+        score = main.loc[main["trial_id"].isin(ids), "unlearning_score"].dropna().astype(float).tolist()
+        cells = [variant, str(len(ids)), *(_metric_cell(v, ids, m) for m in metrics), _random_area(grid, ids),
+                 fmt(score)]
+        if claims and v.headline:
+            c = by_variant.get(variant)
+            cells += (["reference", "—"] if variant == BASELINE or c is None else
+                      [f"{c.diff:+.3g} {_interval(c.lo, c.hi, True)} (n={c.n})", c.verdict])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def stability_table(v: Verdict) -> str:
+    lines = ["| candidate | defined for every trial | seed-to-seed s.d. | between-variant s.d. | ratio |",
+             "|---|---|---|---|---|"]
+    for metric, s in v.stability.iterrows():
+        lines.append(f"| {METRIC_LABELS[metric]} | {'yes' if s.defined else 'no'} | {s.within_sd:.3g} | "
+                     f"{s.between_sd:.3g} | {s.ratio:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def _seeds(n: float) -> str:
+    return "—" if n != n else ("> 100" if n == math.inf else str(int(n)))
+
+
+def power_lines(v: Verdict) -> list[str]:
+    """The smallest difference the main job can detect, and the seeds the observed differences need."""
+    if math.isfinite(v.mdd):
+        out = [f"With n = {v.n_seeds} seeds, the smallest paired difference the main job can detect (two-sided "
+               f"α = 0.05, power 0.8) is **{v.mdd:.3g}** (pooled s.d. of per-seed differences {v.sd_diff:.3g})."]
+    else:
+        out = [f"With n = {v.n_seeds} seed(s) the smallest detectable difference cannot be estimated: it needs "
+               f"≥ 2 seeds paired with {BASELINE}."]
+    if v.needed:
+        need = ", ".join(f"{k}: {_seeds(n)}" for k, n in v.needed.items())
+        out.append(f"Seeds needed to detect each observed difference (same test): {need}.")
+    return out
+
+
+def claim_lines(v: Verdict) -> list[str]:
+    if not v.comparisons:
+        return [f"No completed {BASELINE} trial with grid rows: no paired comparison."]
+    out = []
+    for word in ("better", "worse"):
+        names = [c.variant for c in v.comparisons if c.verdict.startswith(word)]
+        if names:
+            out.append(f"{word.capitalize()} than {BASELINE} on {METRIC_LABELS[v.headline]}: {', '.join(names)}.")
+    if v.inseparable():
+        out.append(f"**The data cannot separate {', '.join(v.inseparable())} from {BASELINE}** "
+                   f"(paired interval contains 0).")
+    return out
+
+
+def headline_parts(v: Verdict) -> list[str]:
+    if v.headline is None:
+        return [f"No headline metric: {v.reason}.\n"]
+    parts = [f"**Headline metric: {METRIC_LABELS[v.headline]}** — {v.reason}.\n", stability_table(v)]
+    return parts + [" ".join(power_lines(v)) + "\n", " ".join(claim_lines(v)) + "\n"]
+
+
+def counts_table(v: Verdict) -> str:
+    """Per variant and grid: settings selecting no feature and settings tying another (mean per trial)."""
+    c = v.counts.merge(v.per_trial[["trial_id", "variant"]], on="trial_id")
+    grids = [g for g in ("saebench", "extended") if g in set(c["grid"])]
+    header = ["variant", *(f"{g}: {k} / settings" for g in grids for k in ("selecting none", "tied"))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in ordered(c["variant"]):
+        cells = [variant]
+        for g in grids:
+            rows = c[(c["variant"] == variant) & (c["grid"] == g)]
+            n = f" / {rows['settings'].mean():.3g}" if len(rows) else ""
+            cells += [f"{rows[k].astype(float).mean():.3g}{n}" if len(rows) else "–"
+                      for k in ("selecting_none", "tied")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _upper_bounds(v: Verdict, grid: pd.DataFrame) -> str:
+    """A note when some settings' retain accuracy is only an upper bound (retain questions were skipped)."""
+    if "retain_acc_exact" not in grid:
+        return ""
+    rows = grid[(grid["control"] == "sae") & grid["trial_id"].isin(v.per_trial["trial_id"])]
+    inexact = int(rows["retain_acc_exact"].astype("boolean").eq(False).fillna(False).sum())
+    return (f" **{inexact} setting(s) have retain accuracy as an upper bound (retain questions skipped): their "
+            f"matched-retain values are optimistic.**" if inexact else "")
+
+
+def bank_line(v: Verdict, questions: pd.DataFrame | None, grid: pd.DataFrame) -> str:
+    line = (f"Cells: mean ± 95% CI over seeds; in brackets the 95% interval of that mean over "
+            f"{next(iter(v.boot.samples.values())).shape[1]} bootstrap resamples of the {v.boot.n_forget} forget "
+            f"and {v.boot.n_retain} retain questions. Lower forget accuracy = more removed.") + _upper_bounds(v, grid)
+    if questions is not None and v.bank is not None and "bank" in questions:
+        questions = questions[questions["bank"].astype(str) == v.bank]
+    if questions is not None and "domain" in questions:
+        n = questions["domain"].value_counts()
+        if (n.get("forget", 0), n.get("retain", 0)) != (v.boot.n_forget, v.boot.n_retain):
+            line += (f" **questions.parquet holds {n.get('forget', 0)} forget / {n.get('retain', 0)} retain "
+                     f"questions, the grid's outcomes another count.**")
+    excluded = [f"{t} ({why})" for t, why in v.excluded.items()]
+    if excluded:
+        line += " Not in the verdict: " + ", ".join(excluded) + "."
+    return line + "".join(f" **Mismatch: {m}.**" for m in v.mismatches) + "\n"
+
+
+def verdict_parts(main: pd.DataFrame, grid: pd.DataFrame | None, questions: pd.DataFrame | None,
+                  problems: list[str], out: Path, n_boot: int = 1000) -> list[str]:
+    """The figure, the matched-retain table (a verdict only when the controls are in range), the headline
+    metric with its power, and the settings that select nothing or tie. Nothing without grid.parquet."""
+    if grid is None:
+        return []
+    try:
+        v = build_verdict(main, grid, n_boot=n_boot)
+    except ValueError as exc:
+        return [f"_Verdict not computed: {exc}._\n"]
+    if v.per_trial.empty:
+        return ["_No completed trial has grid rows: no verdict._\n"]
+    parts = []
+    if fig_forget_vs_retain(grid, v.per_trial, out / "forget_vs_retain.png"):
+        parts += ["![Forget vs retain accuracy per variant](forget_vs_retain.png)\n",
+                  "_Forget vs retain accuracy, every grid setting (faint), the frontier of each seed (line), random-"
+                  "feature control (×) and positive control (▲); dotted: retain bars._\n"]
+    claims = not problems
+    parts.append("## Verdict: forget accuracy at matched retain\n" if claims else
+                 "## Diagnostics (controls out of range — not results): forget accuracy at matched retain\n")
+    parts += [matched_table(v, main, grid, claims), bank_line(v, questions, grid)]
+    if claims:
+        parts += headline_parts(v)
+    return parts + ["### Settings that select no feature / tie another\n", counts_table(v)]
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_boot: int = 1000) -> Path:
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir else results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +532,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     curves = load_curves(results_dir)
     done = trials[trials["status"] == "completed"]
     controls = load_controls(results_dir)
-    parts = header_parts(results_dir, trials) + controls_parts(controls) + section_parts(trials, done)
+    problems = controls_problems(done, controls)
+    grid, questions = load_grid(results_dir), load_optional(results_dir, "questions.parquet")
+    parts = header_parts(results_dir, trials) + banner_parts(problems)
+    parts += verdict_parts(main_trials(done), grid, questions, problems, out, n_boot)
+    parts += controls_parts(controls) + section_parts(trials, done)
     parts += figure_parts(write_figures(done, curves, controls, out))
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))

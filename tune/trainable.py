@@ -45,13 +45,14 @@ def run_trial(config: dict[str, Any]) -> None:
     train, held_out = fetch(info, "train"), fetch(info, "eval").eval_batch(EVAL_ROWS)
     profile = Profile(**ctx["profile"])
     with tempfile.TemporaryDirectory(prefix="hsae-trial-") as work:
-        run = TrialRun(spec, profile, info.model, work, on_progress=reporter(spec, hooks, restored is not None))
+        run = TrialRun(spec, profile, info.model, work, on_progress=reporter(spec, hooks, restored is not None),
+                       controls_ok=ctx.get("controls_ok"))
         if restored is not None:
             with restored.as_directory() as path:
                 run.restore(Path(path))
         source = ArrayBatches(train.x, train.labels, run.train_cfg.batch_size, run.train_cfg.seed)
         outcome = run.run(source, held_out, server_evaluate(server) if profile.evaluate else None)
-    store.write_trial(outcome.row, outcome.curves)
+    store.write_trial(outcome.row, outcome.curves, outcome.grid)
     tune.report(final_report(outcome, run.train_cfg.steps))
 
 

@@ -2,7 +2,9 @@
 
 Built once per sweep: question residuals at layer L are computed once and kept; every setting of
 every SAE re-runs only the layers after L, only for the questions its intervention changes, and
-computes logits only for the answer tokens.
+computes logits only for the answer tokens. Everything it uses is held out from SAE training: the
+questions, the activations that select features and set the control directions (``select_x``), and
+the CE/KL contexts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from hsae.corpora import FORGET, RETAIN
 from hsae.evaluation.interventions import ConditionalProjection, SAEClamp
 from hsae.evaluation.questions import QuestionBank, option_scores, pad_prompts, require_bank_sizes
 from hsae.evaluation.tail import full_log_probs, tail_hidden
-from hsae.evaluation.unlearning import UnlearningConfig, firing_frequencies, run_grid, select_features
+from hsae.evaluation.unlearning import (
+    Outcome,
+    UnlearningConfig,
+    firing_frequencies,
+    run_grid,
+    select_features,
+)
 from hsae.keys import content_key
 from hsae.models import LoadedModel, stopped_forward
 from hsae.train import DegenerateRunError
@@ -30,7 +38,7 @@ from hsae.variants import build_sae
 class EvalConfig:
     unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
     ce_contexts_per_domain: int = 4
-    control_percentiles: tuple[float, ...] = (99.0, 99.9)
+    control_percentiles: tuple[float, ...] = (90.0, 95.0, 99.0, 99.9)
     control_strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
     random_feature_control: bool = True
     batch: int = 64
@@ -44,6 +52,13 @@ def sae_from_weights(cfg: dict[str, Any], state: dict[str, np.ndarray]) -> Any:
     return sae.eval()
 
 
+def edit_ratios(resid: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """||edit|| / ||residual|| at every edited token position: the units every intervention shares."""
+    delta = (edited - resid).norm(dim=-1)
+    hit = delta > 0
+    return delta[hit] / resid.norm(dim=-1)[hit].clamp_min(1e-12)
+
+
 def eval_cache_key(cfg: dict[str, Any], state: dict[str, np.ndarray], eval_cfg: EvalConfig, extra: Any) -> str:
     """Content hash of weights + configs: results are never cached under a name."""
     return content_key({"sae": cfg, "eval": asdict(eval_cfg), "extra": extra}, arrays=state, length=None)
@@ -54,8 +69,8 @@ class Evaluator:
         self,
         loaded: LoadedModel,
         bank: QuestionBank,
-        train_x: Any,
-        train_labels: np.ndarray,
+        select_x: Any,
+        select_labels: np.ndarray,
         eval_tokens: np.ndarray,
         eval_domains: np.ndarray,
         cfg: EvalConfig | None = None,
@@ -64,8 +79,10 @@ class Evaluator:
         self.cfg = cfg or EvalConfig()
         require_bank_sizes(bank, self.cfg.unlearning.min_forget_questions, self.cfg.unlearning.min_retain_questions)
         self.bank = bank
-        self.train_x = train_x
-        self.train_labels = np.asarray(train_labels)
+        # Held-out content activations (no BOS/EOS/pad) for firing frequencies and control directions.
+        self.select_x = select_x
+        self.select_labels = np.asarray(select_labels)
+        self.domains = np.asarray(bank.domain)
         self.n_forget, self.n_retain = bank.count(FORGET), bank.count(RETAIN)
         self._prepare_questions()
         self._prepare_ce(eval_tokens, eval_domains)
@@ -89,101 +106,110 @@ class Evaluator:
                 "domain": np.array([bank.domain[i] for i in idx]),
             })
 
-    def accuracy(self, intervention: Any) -> tuple[float, float, int, bool]:
-        """Forget and retain accuracy under ``intervention``, prompts touched, and whether the retain
-        accuracy is exact.
+    def accuracy(self, intervention: Any) -> Outcome:
+        """Which questions stay correct under ``intervention`` (bank order), and how hard it edits.
 
         Untouched questions keep their (correct) baseline answer, so only changed prompts are re-run.
-        Forget accuracy is always exact. Once retain errors exceed what the retain bar allows, the
-        setting cannot count towards the score, so its remaining retain prompts are skipped and the
-        reported retain accuracy is an upper bound (exact = False).
+        With ``stop_retain_early``, once retain errors exceed what the retain bar allows the remaining
+        retain prompts are skipped: the retain accuracy is then an upper bound (exact = False).
         """
-        budget = int(np.floor((1 - self.cfg.unlearning.retain_bar) * self.n_retain + 1e-9))
-        wrong = {FORGET: 0, RETAIN: 0}
-        touched = 0
+        ucfg = self.cfg.unlearning
+        budget = int(np.floor((1 - ucfg.retain_bar) * self.n_retain + 1e-9))
+        correct = np.ones(len(self.domains), dtype=bool)
+        touched, ratios = 0, []
         for b in self.batches:
             edited, changed = intervention.apply(b["resid"], b["valid"])
-            if wrong[RETAIN] > budget and self.cfg.unlearning.stop_retain_early:
+            if ucfg.stop_retain_early and (~correct[self.domains == RETAIN]).sum() > budget:
                 changed = changed & torch.as_tensor(b["domain"] == FORGET)
             if not bool(changed.any()):
                 continue
             rows = torch.nonzero(changed).flatten()
             touched += len(rows)
+            ratios.append(edit_ratios(b["resid"][rows], edited[rows]))
             hidden = tail_hidden(self.loaded, edited[rows])
             last = hidden[torch.arange(len(rows)), b["last"][rows]]
             scores = option_scores(self.loaded, last, [b["options"][int(r)] for r in rows])
-            bad = (scores.argmax(dim=-1).cpu() != b["answer"][rows]).numpy()
-            for r, is_bad in zip(rows.tolist(), bad, strict=True):
-                wrong[int(b["domain"][r])] += int(is_bad)
-        exact = not (self.cfg.unlearning.stop_retain_early and wrong[RETAIN] > budget)
-        return 1 - wrong[FORGET] / self.n_forget, 1 - wrong[RETAIN] / self.n_retain, touched, exact
+            correct[b["idx"][rows.numpy()]] = (scores.argmax(dim=-1).cpu() == b["answer"][rows]).numpy()
+        exact = not (ucfg.stop_retain_early and (~correct[self.domains == RETAIN]).sum() > budget)
+        ratio = float(torch.cat(ratios).mean()) if ratios and sum(len(r) for r in ratios) else float("nan")
+        return Outcome(correct, touched, exact, ratio)
 
     # -- unlearning -------------------------------------------------------------------------------
     def unlearning(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
-        """SAEBench unlearning grid for one SAE given by value (folded weights, raw activations)."""
+        """SAEBench unlearning grid, the extended grid and the random-feature control of one SAE given by
+        value (folded weights, raw activations)."""
         key = eval_cache_key(sae_cfg, state, self.cfg, "unlearning")
         if key in self._results:
             return self._results[key]
         t0 = time.perf_counter()
         sae = sae_from_weights(sae_cfg, state)
-        forget_freq, retain_freq = firing_frequencies(sae.encode, self.train_x, self.train_labels)
+        forget_freq, retain_freq = firing_frequencies(sae.encode, self.select_x, self.select_labels)
         if forget_freq.max() <= 0 and retain_freq.max() <= 0:
             raise DegenerateRunError("no SAE feature fires on forget or retain text: nothing to select, no score")
-        w_dec = sae.W_dec.detach()
-        ucfg = self.cfg.unlearning
-        selections = {(t, n): select_features(forget_freq, retain_freq, t, n)
-                      for t in ucfg.retain_thresholds for n in ucfg.n_features}
-        settings = [{"retain_threshold": t, "n_features": n, "multiplier": m} for t, n, m in ucfg.settings()]
-
-        def clamp(features_for):
-            return lambda s: SAEClamp(sae.encode, w_dec, torch.as_tensor(features_for(s), dtype=torch.long),
-                                      float(s["multiplier"]))
-
-        result = run_grid(settings, clamp(lambda s: selections[(s["retain_threshold"], s["n_features"])]),
-                          self.accuracy, self.n_forget, self.n_retain, ucfg.retain_bar)
-        for g in result.grid:
-            g["features_selected"] = int(len(selections[(g["retain_threshold"], g["n_features"])]))
+        settings = self.cfg.unlearning.settings(sae.cfg.d_sae)
+        selections = {(s["retain_threshold"], s["n_features"]): select_features(
+            forget_freq, retain_freq, s["retain_threshold"], s["n_features"]) for s in settings}
+        result = self._clamp_grid(sae, settings, lambda s: selections[(s["retain_threshold"], s["n_features"])])
         out = result.as_dict()
         if self.cfg.random_feature_control:
-            rng = np.random.default_rng(self.cfg.seed)
-            live = np.flatnonzero((forget_freq > 0) | (retain_freq > 0))
-            randoms = {n: rng.choice(live, size=min(n, len(live)), replace=False) for n in ucfg.n_features}
-            # Random features ignore the retain threshold: one threshold's settings cover the grid.
-            random_settings = [s for s in settings if s["retain_threshold"] == ucfg.retain_thresholds[0]]
-            neg = run_grid(random_settings, clamp(lambda s: randoms[s["n_features"]]), self.accuracy,
-                           self.n_forget, self.n_retain, ucfg.retain_bar)
-            out["random_feature_score"] = neg.score
-            out["random_feature_grid"] = neg.grid
+            out["random_feature_score"], out["random_feature_grid"] = self._random_control(
+                sae, settings, forget_freq, retain_freq)
         out["forget_freq_max"] = float(forget_freq.max())
         out["eval_s"] = time.perf_counter() - t0
         self._results[key] = out
         return out
 
+    def _clamp_grid(self, sae: Any, settings: list[dict[str, Any]], features_for: Any) -> Any:
+        """Clamp the features ``features_for(setting)`` names, for every setting; the grid records how many."""
+        w_dec = sae.W_dec.detach()
+
+        def clamp(s: dict[str, Any]) -> SAEClamp:
+            features = torch.as_tensor(features_for(s), dtype=torch.long)
+            return SAEClamp(sae.encode, w_dec, features, float(s["multiplier"]))
+
+        result = run_grid(settings, clamp, self.accuracy, self.domains, self.cfg.unlearning.retain_bar)
+        for g in result.grid:
+            g["features_selected"] = int(len(features_for(g)))
+            g["bank"] = self.bank.key
+        return result
+
+    def _random_control(self, sae: Any, settings: list[dict[str, Any]], forget_freq: np.ndarray,
+                        retain_freq: np.ndarray) -> tuple[float, list[dict[str, Any]]]:
+        """The negative control: the same clamps on random live features (retain threshold ignored, so one
+        threshold's settings cover it)."""
+        rng = np.random.default_rng(self.cfg.seed)
+        live = np.flatnonzero((forget_freq > 0) | (retain_freq > 0))
+        counts = sorted({s["n_features"] for s in settings})
+        randoms = {n: rng.choice(live, size=min(n, len(live)), replace=False) for n in counts}
+        first = self.cfg.unlearning.retain_thresholds[0]
+        chosen = [{**s, "retain_threshold": None} for s in settings if s["retain_threshold"] == first]
+        result = self._clamp_grid(sae, chosen, lambda s: randoms[s["n_features"]])
+        return result.score, result.grid
+
     # -- controls -------------------------------------------------------------------------------------
     def controls(self) -> dict[str, Any]:
         """Positive control (difference-of-means direction, conditional removal) and its negative twin
-        (a random direction through the same code). Independent of any SAE: computed once."""
+        (a random direction through the same code), both from held-out activations. SAE-independent."""
         if "controls" in self._results:
             return self._results["controls"]
         t0 = time.perf_counter()
-        labels = self.train_labels
-        idx = np.arange(len(labels))
-        x = torch.as_tensor(np.asarray(self.train_x[idx]), dtype=torch.float32)
+        labels = self.select_labels
+        x = torch.as_tensor(np.asarray(self.select_x[np.arange(len(labels))]), dtype=torch.float32)
         mu_f, mu_r = x[labels == FORGET].mean(0), x[labels == RETAIN].mean(0)
         center = 0.5 * (mu_f + mu_r)
-        dom = mu_f - mu_r
-        dom = dom / dom.norm()
+        dom = (mu_f - mu_r) / (mu_f - mu_r).norm()
         rand = torch.randn(dom.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))
-        rand = rand / rand.norm()
         out: dict[str, Any] = {}
-        for name, direction in (("positive", dom), ("negative", rand)):
+        for name, direction in (("positive", dom), ("negative", rand / rand.norm())):
             retain_proj = ((x[labels == RETAIN] - center) @ direction).numpy()
             thresholds = {q: float(np.percentile(retain_proj, q)) for q in self.cfg.control_percentiles}
             settings = [{"percentile": q, "strength": s} for q in self.cfg.control_percentiles
                         for s in self.cfg.control_strengths]
             res = run_grid(settings, lambda s, d=direction, th=thresholds: ConditionalProjection(
-                d, center, th[s["percentile"]], s["strength"]), self.accuracy, self.n_forget, self.n_retain,
+                d, center, th[s["percentile"]], s["strength"]), self.accuracy, self.domains,
                 self.cfg.unlearning.retain_bar)
+            for g in res.grid:
+                g["bank"] = self.bank.key
             out[name] = res.as_dict()
         out["eval_s"] = time.perf_counter() - t0
         self._results["controls"] = out

@@ -24,7 +24,7 @@ import itertools
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hsae.atomic import atomic_write_text
-from hsae.corpora import FORGET, RETAIN
+from hsae.corpora import DOMAIN_NAMES, FORGET, RETAIN
 from hsae.evaluation.tail import token_logits
 from hsae.keys import content_key
 from hsae.models import LoadedModel, cache_root, stopped_forward
@@ -43,7 +43,7 @@ FIRST_SENTENCE = re.compile(
 )
 LETTERS = "ABCD"
 # Part of every bank's cache key: bump when the generator's output changes.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: held-out documents only, prompts absent from training text
 
 
 @dataclass
@@ -53,6 +53,7 @@ class QuestionBank:
     answer: list[int]
     domain: list[int]
     text: list[dict[str, Any]] = field(default_factory=list)
+    key: str = ""  # the content key it is cached under (grid.parquet and questions.parquet name it)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -116,7 +117,7 @@ def cloze_candidates(tokenizer: Any, documents: Any, cfg: BankConfig) -> Questio
         if m is not None:
             by_domain[row["domain"]].append({
                 "prompt": f"{m.group('subject')} {m.group('verb')} {m.group('det')}",
-                "word": m.group("word"), "det": m.group("det").lower(), "title": row.get("title", ""),
+                "word": m.group("word"), "det": m.group("det").lower(), "doc_id": row["doc_id"],
             })
     bank = QuestionBank([], [], [], [])
     bos = tokenizer.bos_token_id
@@ -146,7 +147,7 @@ def cloze_candidates(tokenizer: Any, documents: Any, cfg: BankConfig) -> Questio
             bank.options.append([[tok] for _, tok in options])
             bank.answer.append(answer)
             bank.domain.append(domain)
-            bank.text.append({"prompt": item["prompt"], "options": [w for w, _ in options], "title": item["title"]})
+            bank.text.append({"prompt": item["prompt"], "options": [w for w, _ in options], "doc_id": item["doc_id"]})
     return bank
 
 
@@ -177,7 +178,8 @@ def letter_candidates(tokenizer: Any, rows: Sequence[dict[str, Any]], domain: in
             bank.options.append([letter_ids[i] for i in range(len(choices))])
             bank.answer.append(list(order).index(int(row["answer"])))
             bank.domain.append(domain)
-            bank.text.append({"question_id": qi, "subject": subject})
+            bank.text.append({"question_id": qi, "subject": subject, "doc_id": f"{subject}:{qi}",
+                              "prompt": row["question"], "options": shuffled})
     return bank
 
 
@@ -255,18 +257,28 @@ def build_bank(
     path = (root or cache_root()) / "banks" / f"{key}.json"
     if path.is_file():
         try:
-            return QuestionBank.from_json(path.read_text())
+            return replace(QuestionBank.from_json(path.read_text()), key=key)
         except (ValueError, TypeError):
             path.unlink()
     bank, group_size = candidates()
     if progress:
         progress(f"[hsae] question bank: scoring {len(bank)} candidate prompts (once; cached at {path})")
     correct = answers_correct(loaded, bank)
-    kept = keep_answered(bank, correct, cfg, group_size)
+    kept = replace(keep_answered(bank, correct, cfg, group_size), key=key)
     atomic_write_text(path, kept.to_json())
     if progress:
         progress(f"[hsae] question bank: {kept.count(FORGET)} forget, {kept.count(RETAIN)} retain questions kept")
     return kept
+
+
+def questions_table(bank: QuestionBank) -> list[dict[str, Any]]:
+    """One record per question (question_id = bank position): domain, doc_id, prompt, options, answer."""
+    out = []
+    for i, text in enumerate(bank.text):
+        out.append({"bank": bank.key, "question_id": i, "domain": DOMAIN_NAMES[bank.domain[i]],
+                    "doc_id": text.get("doc_id", ""), "prompt": text.get("prompt", ""),
+                    "options": list(text.get("options", [])), "answer": int(bank.answer[i])})
+    return out
 
 
 def require_bank_sizes(bank: QuestionBank, min_forget: int, min_retain: int) -> None:
@@ -278,8 +290,18 @@ def require_bank_sizes(bank: QuestionBank, min_forget: int, min_retain: int) -> 
         )
 
 
-def cloze_source(tokenizer: Any, documents: Any, cfg: BankConfig) -> Callable[[], tuple[QuestionBank, int]]:
-    return lambda: (cloze_candidates(tokenizer, documents, cfg), 1)
+def cloze_source(tokenizer: Any, documents: Any, cfg: BankConfig,
+                 training_texts: Sequence[str] = ()) -> Callable[[], tuple[QuestionBank, int]]:
+    """Cloze candidates from ``documents`` (held-out ones), minus prompts that occur in ``training_texts``."""
+    return lambda: (without_verbatim(cloze_candidates(tokenizer, documents, cfg), training_texts), 1)
+
+
+def without_verbatim(bank: QuestionBank, texts: Sequence[str]) -> QuestionBank:
+    """Drop questions whose prompt text occurs verbatim in any of ``texts`` (the SAE's training documents)."""
+    if not texts:
+        return bank
+    haystack = "\n".join(texts)
+    return bank.select([i for i, t in enumerate(bank.text) if t["prompt"] not in haystack])
 
 
 LetterRows = Sequence[tuple[str, Sequence[dict[str, Any]]]]
@@ -316,11 +338,14 @@ def hub_letter_rows(max_per_source: int | None = None) -> tuple[list[dict[str, A
     return rows("cais/wmdp", "wmdp-bio"), [(s, rows("cais/mmlu", s)) for s in subjects]
 
 
-def bank_source(loaded: LoadedModel, corpus: Any, cfg: BankConfig) -> Callable[[], tuple[QuestionBank, int]]:
-    """The candidate generator for a corpus: cloze from the corpus documents, or WMDP/MMLU letters."""
-    from hsae.corpora import load_corpus
+def bank_source(loaded: LoadedModel, corpus: Any, cfg: BankConfig, holdout_fraction: float,
+                split_seed: int) -> Callable[[], tuple[QuestionBank, int]]:
+    """The candidate generator: cloze from the corpus's held-out documents (never from a document the SAEs
+    train on, nor with a prompt that occurs in one), or WMDP/MMLU letters (test sets, not in any corpus)."""
+    from hsae.corpora import load_corpus, split_documents
 
     if cfg.kind == "letter":
         forget_rows, retain = hub_letter_rows()
         return letter_source(loaded.tokenizer, forget_rows, retain)
-    return cloze_source(loaded.tokenizer, load_corpus(corpus), cfg)
+    train_docs, heldout_docs = split_documents(load_corpus(corpus), holdout_fraction, split_seed)
+    return cloze_source(loaded.tokenizer, heldout_docs, cfg, list(train_docs["text"]))

@@ -1,10 +1,14 @@
 """The unlearning score, following SAEBench's procedure.
 
-1. Firing frequencies of every feature on forget and on retain text (BOS/pad never counted).
+1. Firing frequencies of every feature on held-out forget and retain text (BOS/EOS/pad never counted).
 2. For each retain threshold: drop features whose retain frequency >= threshold, sort the rest by
    forget frequency (descending; ties by index), take the top N.
 3. Clamp those features to -multiplier where they fire, at layer L, and re-answer the questions.
 4. effect = forget accuracy if retain accuracy >= 0.99 else 1; score = 1 - min(effect) over the grid.
+
+Besides SAEBench's 16 settings (``grid = "saebench"``) an extended grid (more retain thresholds, feature
+counts scaled to the dictionary) traces each SAE's forget-vs-retain trade-off; every setting keeps its
+per-question outcomes, so every accuracy and interval can be recomputed from grid.parquet.
 """
 
 from __future__ import annotations
@@ -26,27 +30,38 @@ class UnlearningConfig:
     retain_thresholds: tuple[float, ...] = (0.001, 0.01)
     n_features: tuple[int, ...] = (10, 20)
     multipliers: tuple[float, ...] = (25.0, 50.0, 100.0, 200.0)
+    # The extended grid: these thresholds too, and feature counts that are these fractions of the dictionary.
+    extended_thresholds: tuple[float, ...] = (0.03, 0.1)
+    extended_feature_fractions: tuple[float, ...] = (1 / 64, 1 / 32)
     retain_bar: float = RETAIN_BAR
     min_forget_questions: int = 150
     min_retain_questions: int = 300
-    # Stop re-answering retain questions once a setting has failed the retain bar: the score is the
-    # same, forget accuracy stays exact, the retain accuracy becomes an upper bound (flagged).
-    stop_retain_early: bool = True
+    # A speed path: stop re-answering retain questions once a setting has failed the retain bar (score and
+    # forget accuracy unchanged, retain accuracy an upper bound, flagged). Off: reported retain is exact.
+    stop_retain_early: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("retain_thresholds", "multipliers"):
-            values = getattr(self, name)
-            if not values:
-                raise ValueError(f"{name} must not be empty")
-            for v in values:
+        for name in ("retain_thresholds", "multipliers", "extended_thresholds", "extended_feature_fractions"):
+            for v in getattr(self, name):
                 check_finite_nonneg(name, v)
+        if not self.retain_thresholds or not self.multipliers:
+            raise ValueError("retain_thresholds and multipliers must not be empty")
         if not self.n_features or any(not isinstance(n, int) or n < 1 for n in self.n_features):
             raise ValueError(f"n_features must be positive integers, got {self.n_features!r}")
         if not 0 < self.retain_bar <= 1:
             raise ValueError(f"retain_bar must be in (0, 1], got {self.retain_bar!r}")
 
-    def settings(self) -> list[tuple[float, int, float]]:
-        return [(t, n, m) for t in self.retain_thresholds for n in self.n_features for m in self.multipliers]
+    def settings(self, d_sae: int | None = None) -> list[dict[str, Any]]:
+        """SAEBench's settings, then (given the dictionary size) the extended grid's other settings."""
+        base = [(t, n, m) for t in self.retain_thresholds for n in self.n_features for m in self.multipliers]
+        out = [{"grid": "saebench", "retain_threshold": t, "n_features": n, "multiplier": m} for t, n, m in base]
+        if d_sae is None:
+            return out
+        counts = sorted({*self.n_features, *(max(1, round(f * d_sae)) for f in self.extended_feature_fractions)})
+        thresholds = sorted({*self.retain_thresholds, *self.extended_thresholds})
+        out += [{"grid": "extended", "retain_threshold": t, "n_features": n, "multiplier": m}
+                for t in thresholds for n in counts for m in self.multipliers if (t, n, m) not in base]
+        return out
 
 
 def select_features(forget_freq: np.ndarray, retain_freq: np.ndarray, retain_threshold: float, n: int) -> np.ndarray:
@@ -62,6 +77,21 @@ def unlearning_score(grid: Iterable[dict[str, Any]], retain_bar: float = RETAIN_
     if not effects:
         raise ValueError("an unlearning score needs at least one grid setting")
     return 1.0 - min(effects)
+
+
+@dataclass
+class Outcome:
+    """What one intervention did to the bank: which questions stay correct, and how hard it pushed."""
+
+    correct: np.ndarray  # (n_questions,) bool, bank order
+    touched: int  # prompts re-run (the intervention changed them)
+    exact: bool  # False when retain questions were skipped (stop_retain_early): retain is an upper bound
+    edit_ratio: float  # mean ||edit|| / ||residual|| over edited token positions (NaN: nothing edited)
+
+
+def bits(mask: np.ndarray) -> str:
+    """A boolean vector as a '0'/'1' string (grid.parquet keeps per-question outcomes this way)."""
+    return "".join("1" if v else "0" for v in np.asarray(mask, dtype=bool))
 
 
 @dataclass
@@ -81,28 +111,33 @@ class GridResult:
                 "tied_settings": self.ties, **self.extra}
 
 
+def grid_point(setting: dict[str, Any], outcome: Outcome, domains: np.ndarray) -> dict[str, Any]:
+    forget, retain = outcome.correct[domains == 1], outcome.correct[domains == 0]
+    return {**setting, "forget_acc": float(forget.mean()), "retain_acc": float(retain.mean()),
+            "retain_acc_exact": outcome.exact, "questions_touched": outcome.touched,
+            "edit_ratio": outcome.edit_ratio, "forget_correct": bits(forget), "retain_correct": bits(retain)}
+
+
 def run_grid(
     settings: Sequence[dict[str, Any]],
     make_intervention: Callable[[dict[str, Any]], Any],
-    accuracy: Callable[[Any], tuple[float, float, int, bool]],
-    n_forget: int,
-    n_retain: int,
+    accuracy: Callable[[Any], Outcome],
+    domains: np.ndarray,
     retain_bar: float = RETAIN_BAR,
 ) -> GridResult:
-    """Score every setting with one accuracy function; report the grid and how many settings tie."""
-    grid = []
-    for setting in settings:
-        forget_acc, retain_acc, touched, exact = accuracy(make_intervention(setting))
-        grid.append({**setting, "forget_acc": forget_acc, "retain_acc": retain_acc, "retain_acc_exact": exact,
-                     "questions_touched": touched})
-    outcomes = [(g["forget_acc"], g["retain_acc"]) for g in grid]
+    """Score every setting with one accuracy function; the SAEBench score counts only SAEBench settings."""
+    grid = [grid_point(s, accuracy(make_intervention(s)), domains) for s in settings]
+    saebench = [g for g in grid if g.get("grid", "saebench") == "saebench"]
+    outcomes = [(g["forget_acc"], g["retain_acc"]) for g in saebench]
     ties = len(outcomes) - len(set(outcomes))
-    return GridResult(unlearning_score(grid, retain_bar), grid, n_forget, n_retain, 1.0, 1.0, ties)
+    n_forget, n_retain = int((domains == 1).sum()), int((domains == 0).sum())
+    return GridResult(unlearning_score(saebench, retain_bar), grid, n_forget, n_retain, 1.0, 1.0, ties)
 
 
 def firing_frequencies(encode: Callable[[torch.Tensor], torch.Tensor], x: Any, labels: np.ndarray,
                        batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Fraction of forget tokens and of retain tokens on which each feature fires (rows exclude BOS)."""
+    """Fraction of forget tokens and of retain tokens on which each feature fires (the caller passes
+    content rows only: BOS, EOS and padding are never counted)."""
     counts = {0: None, 1: None}
     totals = {0: 0, 1: 0}
     n = len(labels)

@@ -1,0 +1,329 @@
+"""The verdict (hsae/verdict.py) and the report that leads with it, on planted data with known answers."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hsae import verdict as V
+from hsae.results import trial_frame
+
+N_FORGET, N_RETAIN = 100, 400
+SEEDS = (42, 43, 44)
+
+
+def bits(n_correct: int, n: int, rng: np.random.Generator) -> str:
+    """A '0'/'1' outcome string with exactly ``n_correct`` ones at random positions."""
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, size=n_correct, replace=False)] = True
+    return "".join("1" if m else "0" for m in mask)
+
+
+def grid_rows(trial_id: str, points: list[tuple], rng: np.random.Generator, control: str = "sae",
+              grid: str = "saebench", n_forget: int = N_FORGET, n_retain: int = N_RETAIN) -> list[dict]:
+    """Grid rows from (forget_acc, retain_acc[, features_selected]) points, outcomes planted to match."""
+    rows = []
+    for i, point in enumerate(points):
+        forget, retain = point[0], point[1]
+        selected = point[2] if len(point) > 2 else 10
+        positive = control == "positive"
+        rows.append({
+            "trial_id": trial_id, "control": control, "grid": grid,
+            "retain_threshold": None if positive else 0.001, "n_features": None if positive else 10,
+            "multiplier": float(25 * (i + 1)), "percentile": 99.0 if positive else None,
+            "features_selected": None if positive else selected, "forget_acc": forget, "retain_acc": retain,
+            "forget_correct": bits(round(forget * n_forget), n_forget, rng),
+            "retain_correct": bits(round(retain * n_retain), n_retain, rng),
+        })
+    return rows
+
+
+def grid_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows).astype({"n_features": "Int64", "features_selected": "Int64",
+                                      "retain_threshold": "float64", "percentile": "float64"})
+
+
+# -- (a) matched retain and frontier area by hand -----------------------------------------------
+# (forget_acc, retain_acc, features_selected) with 10 forget and 200 retain questions.
+HAND = [(0.9, 1.0, 10), (0.7, 0.99, 10), (0.5, 0.985, 20), (0.3, 0.96, 20), (1.0, 1.0, 0)]
+
+
+def test_matched_retain_equals_hand_computation():
+    f, r = np.array([p[0] for p in HAND]), np.array([p[1] for p in HAND])
+    assert V.forget_at_retain(f, r, 0.99) == pytest.approx(0.7)
+    assert V.forget_at_retain(f, r, 0.98) == pytest.approx(0.5)
+    assert V.forget_at_retain(f, r, 0.95) == pytest.approx(0.3)
+    assert math.isnan(V.forget_at_retain(np.array([0.2, 0.1]), np.array([0.97, 0.9]), 0.98))  # no setting meets it
+    assert math.isnan(V.forget_at_retain(np.array([]), np.array([]), 0.99))
+    # Vectorised over resamples: column b is its own grid.
+    two = V.forget_at_retain(np.c_[f, f[::-1]], np.c_[r, [0.5] * 5], 0.98)
+    assert two[0] == pytest.approx(0.5) and math.isnan(two[1])
+
+
+def test_frontier_and_its_area_equal_hand_computation():
+    points = [(p[1], p[0]) for p in HAND] + [(0.97, 0.6)]  # (0.97, 0.6) is dominated by (0.985, 0.5)
+    assert V.frontier(points).tolist() == [[1.0, 0.9], [0.99, 0.7], [0.985, 0.5], [0.96, 0.3]]
+    # Levels 0.900..1.000 (21): 13 levels <= 0.96 reach 0.3, 5 reach 0.5, 0.99 reaches 0.7, 2 reach 0.9.
+    assert V.frontier_area(points) == pytest.approx((13 * 0.7 + 5 * 0.5 + 0.3 + 2 * 0.1) / 21)
+    assert V.frontier_area([(0.5, 0.0)]) == 0.0  # nothing reaches retain 0.9: no removal anywhere
+    assert V.frontier_area([(1.0, 0.2)], lo=0.95) == pytest.approx(0.8)
+
+
+def test_grid_rows_give_the_hand_values_and_counts():
+    rng = np.random.default_rng(0)
+    rows = grid_rows("t", HAND, rng, n_forget=10, n_retain=200)
+    rows += grid_rows("t", [(0.3, 0.96, 20), (1.0, 1.0, 0), (1.0, 1.0, 0)], rng, grid="extended",
+                      n_forget=10, n_retain=200)
+    grid = grid_frame(rows)
+    outcomes, excluded = V.outcomes_by_trial(grid, ["t", "missing"])
+    assert excluded == {"missing": "no grid rows"}
+    boot = V.bootstrap(outcomes, n_boot=50, seed=1)
+    point = boot.point.loc["t"]
+    assert point["forget_acc_at_retain99"] == pytest.approx(0.7)
+    assert point["forget_acc_at_retain95"] == pytest.approx(0.3)
+    assert point["unlearning_score"] == pytest.approx(0.3)  # SAEBench settings only: 1 - 0.7
+    assert V.grid_metrics(grid[grid.grid == "saebench"])["frontier_area"] == pytest.approx(12.1 / 21)
+    counts = V.setting_counts(grid).set_index("grid")
+    assert counts.loc["saebench", ["settings", "selecting_none", "tied"]].tolist() == [5, 1, 0]
+    assert counts.loc["extended", ["settings", "selecting_none", "tied"]].tolist() == [3, 2, 1]
+
+
+def test_decode_rejects_missing_or_malformed_outcomes():
+    assert V.decode(["101", "000"]).tolist() == [[True, False, True], [False, False, False]]
+    for bad in (["10", None], ["10", "1"], ["1x"]):
+        with pytest.raises(ValueError):
+            V.decode(bad)
+
+
+# -- (b) the question bootstrap -----------------------------------------------------------------
+def _one_setting(p: float, n: int, rng: np.random.Generator, exact: bool = False) -> V.Outcomes:
+    """One setting at full retain; forget questions correct with probability p (exactly p*n with ``exact``)."""
+    forget = V.decode([bits(round(p * n), n, rng)]) if exact else rng.random((1, n)) < p
+    return V.Outcomes(forget, np.ones((1, 50), dtype=bool), np.array([True]))
+
+
+def test_bootstrap_intervals_cover_the_true_accuracy_and_shrink_with_more_questions():
+    rng = np.random.default_rng(0)
+    widths = {}
+    for n in (100, 1600):
+        boot = V.bootstrap({"t": _one_setting(0.6, n, rng, exact=True)}, n_boot=1000, seed=0)
+        lo, hi = V.interval(boot.samples["forget_acc_at_retain99"][0])
+        assert lo < 0.6 < hi
+        widths[n] = hi - lo
+    assert widths[1600] < 0.4 * widths[100]  # ~1/4: the width scales as 1/sqrt(n)
+    covered = 0  # banks drawn at random: the percentile interval covers the true 0.6 about 95% of the time
+    for rep in range(200):
+        boot = V.bootstrap({"t": _one_setting(0.6, 100, rng)}, n_boot=200, seed=rep)
+        lo, hi = V.interval(boot.samples["forget_acc_at_retain99"][0])
+        covered += lo <= 0.6 <= hi
+    assert 0.85 <= covered / 200 <= 0.99
+
+
+def test_bootstrap_refuses_trials_on_different_question_banks():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="question bank"):
+        V.bootstrap({"a": _one_setting(0.5, 10, rng), "b": _one_setting(0.5, 20, rng)}, n_boot=10)
+
+
+def test_trials_on_two_question_banks_are_not_paired(study):
+    trials, grid = study
+    grid = grid.assign(bank=np.where(grid.trial_id.str.startswith("relu"), "bank-a", "bank-b"))
+    with pytest.raises(ValueError, match="2 question banks"):
+        V.build_verdict(trials, grid, n_boot=10)
+    assert V.one_bank(grid, ["relu-42", "relu-43"]) == "bank-a" and V.one_bank(grid.drop(columns="bank"), []) is None
+
+
+# -- (c) paired claims ----------------------------------------------------------------------------
+RETAINS = (1.0, 0.995, 0.99, 0.98, 0.96, 0.9, 0.7)
+CURVES = {  # forget accuracy at each retain level above
+    "relu": (1.0, 0.9, 0.85, 0.8, 0.7, 0.5, 0.2),
+    "fixed_ortho": (1.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05),  # removes far more at equal retain: better
+    "adaptive_ortho": (1.0, 0.9, 0.85, 0.8, 0.7, 0.5, 0.2),  # relu up to per-seed noise: not separable
+}
+NOISE = {42: 0.02, 43: -0.02, 44: 0.0}
+
+
+def planted_study(rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Trials (identity columns) and grid rows: three variants x three seeds, random and positive controls."""
+    trials, rows = [], []
+    for variant, curve in CURVES.items():
+        for seed in SEEDS:
+            tid = f"{variant}-{seed}"
+            noise = NOISE[seed] if variant != "relu" else -NOISE[seed] / 2
+            shifted = [(min(1.0, f + noise), r) for f, r in zip(curve[1:], RETAINS[1:], strict=True)]
+            points = [(curve[0], RETAINS[0], 0), *shifted]  # the first setting selects nothing
+            rows += grid_rows(tid, points, rng)
+            rows += grid_rows(tid, [(1.0, 1.0), (0.97, 0.9925), (0.9, 0.95)], rng, control="random")
+            trials.append({"trial_id": tid, "variant": variant, "seed": seed, "status": "completed"})
+    rows += grid_rows("positive-control", [(0.9, 1.0), (0.6, 0.995), (0.3, 0.95)], rng, control="positive")
+    trials.append({"trial_id": "relu-45", "variant": "relu", "seed": 45, "status": "failed"})
+    return pd.DataFrame(trials), grid_frame(rows)
+
+
+@pytest.fixture(scope="module")
+def study() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return planted_study(np.random.default_rng(7))
+
+
+@pytest.fixture(scope="module")
+def verdict(study) -> V.Verdict:
+    trials, grid = study
+    return V.build_verdict(trials, grid, n_boot=400, seed=0)
+
+
+def test_a_variant_that_removes_far_more_is_better_and_a_relu_twin_is_not_separable(verdict):
+    by = {c.variant: c for c in verdict.comparisons}
+    assert set(by) == {"fixed_ortho", "adaptive_ortho"}
+    assert by["fixed_ortho"].verdict == "better than relu" and by["fixed_ortho"].hi < 0  # forget acc: lower
+    assert by["adaptive_ortho"].verdict == "not separable" and by["adaptive_ortho"].lo < 0 < by["adaptive_ortho"].hi
+    assert by["fixed_ortho"].n == 3 and by["fixed_ortho"].seeds == SEEDS  # the failed relu seed 45 is not paired
+    assert verdict.inseparable() == ["adaptive_ortho"]
+    assert "relu-45" not in set(verdict.per_trial["trial_id"])
+
+
+def test_claim_rule_direction_and_seed_count():
+    assert V.claim(0.1, 0.3, higher_is_better=True, n_seeds=3) == "better than relu"
+    assert V.claim(0.1, 0.3, higher_is_better=False, n_seeds=3) == "worse than relu"
+    assert V.claim(-0.3, -0.1, higher_is_better=False, n_seeds=3) == "better than relu"
+    assert V.claim(-0.1, 0.1, higher_is_better=True, n_seeds=3) == "not separable"
+    assert V.claim(0.1, 0.3, higher_is_better=True, n_seeds=1).startswith("not separable")
+    assert V.claim(math.nan, math.nan, True, 3) == "not separable"
+
+
+def test_a_seed_without_a_completed_relu_trial_is_dropped_from_the_pair(study):
+    trials, grid = study
+    trials = trials.copy()
+    trials.loc[trials.trial_id == "relu-44", "status"] = "failed"
+    v = V.build_verdict(trials, grid, n_boot=100)
+    assert {c.variant: c.seeds for c in v.comparisons}["fixed_ortho"] == (42, 43)
+
+
+# -- (d) which metric leads ---------------------------------------------------------------------
+def test_stability_picks_the_planted_stable_metric():
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, variant in enumerate(("relu", "a", "b", "c")):
+        for seed in SEEDS:
+            rows.append({"trial_id": f"{variant}{seed}", "variant": variant, "seed": seed,
+                         "forget_acc_at_retain95": 0.2 * i + rng.normal(0, 0.01),  # stable, separates
+                         "forget_acc_at_retain98": 0.02 * i + rng.normal(0, 0.1),  # noisy
+                         "forget_acc_at_retain99": np.nan if (variant, seed) == ("c", 42) else 0.3 * i,  # gaps
+                         "frontier_area": 0.05 * i + rng.normal(0, 0.05),
+                         "unlearning_score": 0.0})  # the cliff: 0 everywhere
+    per_trial = pd.DataFrame(rows)
+    stab = V.stability(per_trial)
+    assert not stab.loc["forget_acc_at_retain99", "defined"]
+    assert math.isnan(stab.loc["unlearning_score", "ratio"])
+    assert stab.loc["forget_acc_at_retain95", "ratio"] > 10 * stab.loc["forget_acc_at_retain98", "ratio"]
+    headline, reason = V.choose_headline(stab, per_trial)
+    assert headline == "forget_acc_at_retain95" and "ratio" in reason
+    one_seed = per_trial[per_trial.seed == 42]
+    headline, reason = V.choose_headline(V.stability(one_seed), one_seed)
+    assert headline == "forget_acc_at_retain98" and "no stability ranking" in reason  # 99 undefined
+    constant = per_trial.assign(**{m: 0.0 for m in V.CANDIDATES})
+    assert V.choose_headline(V.stability(constant), constant)[0] is None
+
+
+# -- (f) power ------------------------------------------------------------------------------------
+def test_minimal_detectable_difference_on_a_known_case():
+    assert V.t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-4)
+    assert V.t_quantile(0.8, 2) == pytest.approx(1.0607, abs=1e-4)
+    assert V.t_quantile(0.975, 9) == pytest.approx(2.2622, abs=1e-4)
+    assert V.t_quantile(0.025, 9) == pytest.approx(-2.2622, abs=1e-4)
+    assert V.min_detectable_difference(1.0, 3) == pytest.approx((4.3027 + 1.0607) / math.sqrt(3), abs=1e-3)
+    assert V.min_detectable_difference(0.1, 10) == pytest.approx((2.2622 + 0.8834) * 0.1 / math.sqrt(10), abs=1e-4)
+    assert math.isnan(V.min_detectable_difference(1.0, 1))
+    assert V.seeds_needed(V.min_detectable_difference(1.0, 5) + 1e-9, 1.0) == 5
+    assert V.seeds_needed(-(V.min_detectable_difference(1.0, 5) + 1e-9), 1.0) == 5
+    assert math.isnan(V.seeds_needed(0.0, 1.0))
+    assert V.seeds_needed(1e-4, 1.0) == math.inf
+
+
+def test_verdict_reports_power_of_the_main_job(verdict):
+    assert verdict.n_seeds == 3 and math.isfinite(verdict.sd_diff)
+    assert verdict.mdd == pytest.approx(V.min_detectable_difference(verdict.sd_diff, 3))
+    assert verdict.needed["fixed_ortho"] == 2  # a huge difference needs the fewest seeds
+
+
+def test_controls_problems():
+    done = pd.DataFrame({"controls_ok": pd.array([True, None], dtype="boolean")})
+    assert V.controls_problems(done, {"positive": {"score": 0.3}, "negative": {"score": 0.0}}) == []
+    assert len(V.controls_problems(done, {"positive": {"score": 0.1}, "negative": {"score": 0.2}})) == 2
+    bad = pd.DataFrame({"controls_ok": [True, False]})
+    assert "controls_ok" in V.controls_problems(bad, {})[0]
+
+
+# -- (e) the report leads with the verdict ------------------------------------------------------
+def write_results(root, study, controls_ok=True, positive=0.33, with_grid=True):
+    trials, grid = study
+    rows = []
+    for t in trials.itertuples():
+        g = grid[(grid.trial_id == t.trial_id) & (grid.control == "sae")]
+        done = t.status == "completed"
+        rows.append(trial_frame({
+            "experiment": "embedded-variants", "space": "variants", "variant": t.variant, "trial_id": t.trial_id,
+            "seed": t.seed, "status": t.status, "profile": "embedded", "model": "embedded", "layer": 13,
+            "mse": 0.1 if done else None, "explained_variance": 0.8 if done else None, "l0": 20.0 if done else None,
+            "unlearning_score": V.grid_metrics(g)["unlearning_score"] if done else None,
+            "unlearning_grid": json.dumps(g[["forget_acc", "retain_acc"]].to_dict("records")) if done else None,
+        }))
+    frame = pd.concat(rows, ignore_index=True)
+    metrics = {t: V.grid_metrics(grid[(grid.trial_id == t) & (grid.control == "sae")]) for t in frame.trial_id}
+    for bar in V.BARS:
+        frame[V.bar_metric(bar)] = [metrics[t][V.bar_metric(bar)] for t in frame.trial_id]
+    frame["controls_ok"] = controls_ok
+    root.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(root / "trials.parquet", index=False)
+    if with_grid:
+        grid.to_parquet(root / "grid.parquet", index=False)
+        questions = pd.DataFrame({"question_id": range(N_FORGET + N_RETAIN),
+                                  "domain": ["forget"] * N_FORGET + ["retain"] * N_RETAIN})
+        questions.to_parquet(root / "questions.parquet", index=False)
+    (root / "controls").mkdir(exist_ok=True)
+    (root / "controls" / "embedded.json").write_text(json.dumps({
+        "positive": {"score": positive, "n_forget": N_FORGET, "n_retain": N_RETAIN}, "negative": {"score": 0.0}}))
+    return root
+
+
+def test_report_leads_with_the_figure_and_the_matched_retain_table(study, tmp_path):
+    from tune.report import build_report
+
+    text = build_report(write_results(tmp_path / "r", study), n_boot=300).read_text()
+    body = text.split("\n## ")
+    assert body[0].index("![Forget vs retain") > body[0].index("Results:")  # right after the header
+    assert body[1].startswith("Verdict: forget accuracy at matched retain")
+    assert text.index("## Verdict") < text.index("## Evaluation controls") < text.index("## Six variants")
+    assert (tmp_path / "r" / "report" / "forget_vs_retain.png").stat().st_size > 5000
+    verdict_table = body[1].split("### ")[0]
+    table = {line.split("|")[1].strip(): line for line in verdict_table.splitlines() if line.startswith("| ")}
+    assert "better than relu" in table["fixed_ortho"] and "not separable" in table["adaptive_ortho"]
+    assert "reference" in table["relu"] and "| 3 |" in table["relu"]
+    assert "Headline metric" in text and "smallest paired difference" in text
+    assert "The data cannot separate adaptive_ortho from relu" in text
+    assert "Settings that select no feature" in text and "Mismatch" not in text
+    assert "cannot detect removal" not in text
+
+
+@pytest.mark.parametrize("broken", ["trial_flag", "controls_json"])
+def test_report_with_controls_out_of_range_leads_with_the_banner_and_no_verdict(study, tmp_path, broken):
+    from tune.report import build_report
+
+    root = write_results(tmp_path / "r", study, controls_ok=broken != "trial_flag",
+                         positive=0.05 if broken == "controls_json" else 0.33)
+    text = build_report(root, n_boot=100).read_text()
+    head = text.split("\n## ")[0]
+    assert "the evaluation cannot detect removal on this model: no score below is a result" in head.lower()
+    assert head.lower().index("cannot detect removal") < head.index("![Forget vs retain")
+    assert "## Verdict" not in text and "better than relu" not in text and "Headline metric" not in text
+    assert "## Diagnostics" in text and "| fixed_ortho |" in text  # the numbers stay, as diagnostics
+
+
+def test_report_without_grid_keeps_todays_report(study, tmp_path):
+    from tune.report import build_report
+
+    root = write_results(tmp_path / "r", study, with_grid=False)
+    text = build_report(root).read_text()
+    assert "## Six variants" in text and "## Verdict" not in text
+    assert not (root / "report" / "forget_vs_retain.png").exists()
