@@ -7,6 +7,9 @@ Trials only ever fetch refs (numpy arrays are zero-copy, read-only); they never 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,7 @@ class ActivationServer:
 
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self.cache_root = Path(cache_root) if cache_root else None
         self.cfg = cfg
         self.harvester = Harvester(cfg, self.cache_root)
@@ -72,20 +76,21 @@ class ActivationServer:
         import ray
 
         if self._info is None:
-            harvest = self._harvest = self.harvester.run()
-            refs = {
-                split: [(ray.put(s.x), ray.put(s.labels), ray.put(s.tokens)) for s in shards]
-                for split, shards in harvest.shards.items()
-            }
-            model = self.harvester.info()
-            if model.d_model != harvest.d_model:
-                raise ValueError(f"the cached activations are {harvest.d_model} wide, the model {model.d_model}")
-            corpus = {**corpus_identity(self.cfg.corpus), "holdout_fraction": self.cfg.holdout_fraction,
-                      "split_seed": self.cfg.seed}
-            rows = {split: int(sum(len(s.x) for s in shards)) for split, shards in harvest.shards.items()}
-            self._info = ServedInfo(model=model, harvest_key=harvest.key, corpus=corpus, cache_dir=str(harvest.dir),
-                                    rows=rows, harvest_s=harvest.harvest_s, tokens_per_s=harvest.tokens_per_s,
-                                    refs=refs)
+            with self._every_core():
+                harvest = self._harvest = self.harvester.run()
+                refs = {
+                    split: [(ray.put(s.x), ray.put(s.labels), ray.put(s.tokens)) for s in shards]
+                    for split, shards in harvest.shards.items()
+                }
+                model = self.harvester.info()
+                if model.d_model != harvest.d_model:
+                    raise ValueError(f"the cached activations are {harvest.d_model} wide, the model {model.d_model}")
+                corpus = {**corpus_identity(self.cfg.corpus), "holdout_fraction": self.cfg.holdout_fraction,
+                          "split_seed": self.cfg.seed}
+                rows = {split: int(sum(len(s.x) for s in shards)) for split, shards in harvest.shards.items()}
+                self._info = ServedInfo(model=model, harvest_key=harvest.key, corpus=corpus, cache_dir=str(harvest.dir),
+                                        rows=rows, harvest_s=harvest.harvest_s, tokens_per_s=harvest.tokens_per_s,
+                                        refs=refs)
         return self._info
 
     def evaluator(self) -> Evaluator:
@@ -136,7 +141,21 @@ class ActivationServer:
         return out
 
     def controls(self) -> dict[str, Any]:
-        return self.evaluator().controls()
+        """The evaluation controls; the driver asks before any trial starts, so this (and the bank and
+        question residuals built on first use) may use every core."""
+        with self._every_core():
+            return self.evaluator().controls()
+
+    @contextmanager
+    def _every_core(self) -> Iterator[None]:
+        """Work done before trials start (harvest, bank, controls) runs on every core, then back to ``threads``."""
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.threads)
 
     def forwards(self) -> int:
         """Model forwards run by this server process (0 when everything came from disk)."""

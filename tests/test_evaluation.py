@@ -107,9 +107,10 @@ def test_unlearning_returns_grid_counts_baselines_and_controls(tiny_world):
     cfg, state = identity_sae()
     out = ev.unlearning(cfg, state)
     saebench = [g for g in out["grid"] if g["grid"] == "saebench"]
-    # 16 SAEBench settings; the extended grid adds 2 thresholds and, for 128 features, the counts 2 and 4.
-    assert len(saebench) == 16 and len(out["grid"]) == 4 * 4 * 4
-    assert len(out["random_feature_grid"]) == 4 * 4  # thresholds don't apply to random features
+    # 16 SAEBench settings; the extended grid adds thresholds 0.003 and 0.03 and, for 128 features, the count 4:
+    # 8 new (threshold, count) pairs at 2 multipliers.
+    assert len(saebench) == 16 and len(out["grid"]) == 16 + 8 * 2
+    assert len(out["random_feature_grid"]) == 8  # SAEBench's settings; thresholds don't apply to random features
     assert out["n_forget"] == bank.count(FORGET) and out["n_retain"] == bank.count(RETAIN)
     assert out["baseline_forget_acc"] == 1.0 and out["baseline_retain_acc"] == 1.0
     assert 0.0 <= out["score"] <= 1.0
@@ -134,6 +135,7 @@ def test_a_setting_that_selects_nothing_is_recorded_as_such(tiny_world):
     # A retain threshold of 0 admits no feature (a frequency is never < 0): nothing to clamp.
     none_cfg = replace(SMALL, unlearning=replace(SMALL.unlearning, retain_thresholds=(0.0,), extended_thresholds=(),
                                                  extended_feature_fractions=()), random_feature_control=False)
+    assert len(none_cfg.unlearning.settings(128)) == 8
     nothing = Evaluator(loaded, bank, ev.select_x, ev.select_labels, np.zeros((1, 32), dtype=np.int64),
                         np.zeros(1, dtype=np.int64), none_cfg)
     cfg, state = identity_sae()

@@ -64,15 +64,18 @@ def test_restarted_server_serves_from_disk_with_zero_forwards(ray_session, tiny_
     before = fetch(ray.get(server.prepare.remote()))
     x_before = before.x[np.arange(len(before.x))].copy()
     assert ray.get(server.forwards.remote()) > 0
+    first_pid = ray.get(server.__ray_call__.remote(lambda _: os.getpid()))
     ray.kill(server, no_restart=False)  # the process dies; max_restarts=-1 brings it back
     deadline = time.time() + 60
-    while True:
+    while True:  # the kill is asynchronous: wait for the new process, not an answer from the dying one
         try:
-            info = ray.get(server.prepare.remote(), timeout=30)
-            break
+            if ray.get(server.__ray_call__.remote(lambda _: os.getpid()), timeout=30) != first_pid:
+                info = ray.get(server.prepare.remote(), timeout=30)
+                break
         except ray.exceptions.RayActorError:
-            assert time.time() < deadline
-            time.sleep(0.5)
+            pass
+        assert time.time() < deadline
+        time.sleep(0.5)
     assert ray.get(server.forwards.remote()) == 0 and ray.get(server.model_loaded.remote()) is False
     after = fetch(info)
     np.testing.assert_array_equal(after.x[np.arange(len(after.x))], x_before)

@@ -46,13 +46,13 @@ from hsae.spaces import (  # noqa: E402
     sweep_context,
     validate_trials,
 )
+from hsae.verdict import NEGATIVE_MAX, POSITIVE_MIN  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
 # The sweep ran and its rows are written, but the evaluation controls were out of range: the evaluation
 # cannot detect removal on this model, so no score is a result (rows carry controls_ok = false).
 EXIT_CONTROLS_FAILED = 3
-POSITIVE_MIN, NEGATIVE_MAX = 0.2, 0.05
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,8 @@ from hsae.variants import PAPER_VARIANTS  # noqa: E402
 from hsae.verdict import (  # noqa: E402
     BARS,
     BASELINE,
+    NEGATIVE_MAX,
+    POSITIVE_MIN,
     Verdict,
     bar_metric,
     build_verdict,
@@ -223,7 +225,7 @@ def controls_parts(controls: dict) -> list[str]:
     if not controls:
         return []
     pos, neg = controls["positive"]["score"], controls["negative"]["score"]
-    ok = pos >= 0.2 and neg <= 0.05
+    ok = pos >= POSITIVE_MIN and neg <= NEGATIVE_MAX
     return ["## Evaluation controls\n",
             f"Positive control (difference-of-means removal): **{pos:.3f}**; negative control (random "
             f"direction): **{neg:.3f}**; bank {controls['positive']['n_forget']} forget / "

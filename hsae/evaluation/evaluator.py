@@ -59,6 +59,26 @@ def edit_ratios(resid: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
     return delta[hit] / resid.norm(dim=-1)[hit].clamp_min(1e-12)
 
 
+class BatchFeatures:
+    """An SAE's features of the question batches, computed once per batch instead of once per setting.
+
+    Keyed by the batch tensor's identity: the evaluator's question residuals are fixed tensors, so a
+    batch's features never change while one SAE is scored.
+    """
+
+    def __init__(self, encode: Any) -> None:
+        self.encode = encode
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        hit = self._cache.get(id(x))
+        if hit is None or hit[0] is not x:
+            hit = (x, self.encode(x))
+            self._cache[id(x)] = hit
+        return hit[1]
+
+
 def eval_cache_key(cfg: dict[str, Any], state: dict[str, np.ndarray], eval_cfg: EvalConfig, extra: Any) -> str:
     """Content hash of weights + configs: results are never cached under a name."""
     return content_key({"sae": cfg, "eval": asdict(eval_cfg), "extra": extra}, arrays=state, length=None)
@@ -106,6 +126,7 @@ class Evaluator:
                 "domain": np.array([bank.domain[i] for i in idx]),
             })
 
+    @torch.no_grad()
     def accuracy(self, intervention: Any) -> Outcome:
         """Which questions stay correct under ``intervention`` (bank order), and how hard it edits.
 
@@ -162,12 +183,21 @@ class Evaluator:
     def _clamp_grid(self, sae: Any, settings: list[dict[str, Any]], features_for: Any) -> Any:
         """Clamp the features ``features_for(setting)`` names, for every setting; the grid records how many."""
         w_dec = sae.W_dec.detach()
+        encode = BatchFeatures(sae.encode)  # every setting clamps the same question batches' features
+        outcomes: dict[tuple[tuple[int, ...], float], Outcome] = {}
 
         def clamp(s: dict[str, Any]) -> SAEClamp:
             features = torch.as_tensor(features_for(s), dtype=torch.long)
-            return SAEClamp(sae.encode, w_dec, features, float(s["multiplier"]))
+            return SAEClamp(encode, w_dec, features, float(s["multiplier"]))
 
-        result = run_grid(settings, clamp, self.accuracy, self.domains, self.cfg.unlearning.retain_bar)
+        def accuracy(c: SAEClamp) -> Outcome:
+            # Thresholds often select the same features: the same clamp is answered once.
+            key = (tuple(c.features.tolist()), c.multiplier)
+            if key not in outcomes:
+                outcomes[key] = self.accuracy(c)
+            return outcomes[key]
+
+        result = run_grid(settings, clamp, accuracy, self.domains, self.cfg.unlearning.retain_bar)
         for g in result.grid:
             g["features_selected"] = int(len(features_for(g)))
             g["bank"] = self.bank.key
@@ -175,14 +205,15 @@ class Evaluator:
 
     def _random_control(self, sae: Any, settings: list[dict[str, Any]], forget_freq: np.ndarray,
                         retain_freq: np.ndarray) -> tuple[float, list[dict[str, Any]]]:
-        """The negative control: the same clamps on random live features (retain threshold ignored, so one
+        """The negative control: SAEBench's clamps on random live features (retain threshold ignored, so one
         threshold's settings cover it)."""
         rng = np.random.default_rng(self.cfg.seed)
         live = np.flatnonzero((forget_freq > 0) | (retain_freq > 0))
         counts = sorted({s["n_features"] for s in settings})
         randoms = {n: rng.choice(live, size=min(n, len(live)), replace=False) for n in counts}
         first = self.cfg.unlearning.retain_thresholds[0]
-        chosen = [{**s, "retain_threshold": None} for s in settings if s["retain_threshold"] == first]
+        chosen = [{**s, "retain_threshold": None} for s in settings
+                  if s["grid"] == "saebench" and s["retain_threshold"] == first]
         result = self._clamp_grid(sae, chosen, lambda s: randoms[s["n_features"]])
         return result.score, result.grid
 
