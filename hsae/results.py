@@ -29,7 +29,7 @@ import pandas as pd
 from hsae import schema
 from hsae.atomic import atomic_file
 from hsae.schema import SAE_METRICS
-from hsae.verdict import BARS, forget_at_retain
+from hsae.verdict import BARS, bar_metric, forget_at_retain
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig, TrainConfig
@@ -216,8 +216,7 @@ def evaluation_values(out: dict[str, Any], eval_s: float) -> dict[str, Any]:
         "unlearning_score": u["score"], "random_feature_score": u.get("random_feature_score"),
         "unlearning_tied_settings": u["tied_settings"], "n_forget_questions": u["n_forget"],
         "n_retain_questions": u["n_retain"], "unlearning_grid": json.dumps(summary),
-        **{f"forget_acc_at_retain{round(bar * 100)}": nan_to_none(forget_at_retain(forget, retain, bar))
-           for bar in BARS},
+        **{bar_metric(bar): _clean(forget_at_retain(forget, retain, bar)) for bar in BARS},
         "settings_selecting_none": sum(1 for g in u["grid"] if g.get("features_selected") == 0),
         "ce_score_forget": ce.get("ce_score_forget"), "ce_score_retain": ce.get("ce_score_retain"),
         "kl_forget": ce.get("kl_forget"), "kl_retain": ce.get("kl_retain"), "eval_s": eval_s,
@@ -237,9 +236,6 @@ def control_grid_rows(controls: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"trial_id": "positive-control", "control": "positive", "grid": "control",
              "multiplier": g["strength"], **g} for g in controls["positive"]["grid"]]
 
-
-def nan_to_none(value: float) -> float | None:
-    return None if value != value else value
 
 
 def curve_rows(spec: TrialSpec, history: list[dict[str, Any]]) -> list[dict[str, Any]]:

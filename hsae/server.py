@@ -117,9 +117,9 @@ class ActivationServer:
 
     def heldout_content_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """Held-out activations and labels of content tokens only: BOS, EOS and padding never count."""
+        info = self.prepare().model  # read once, in prepare
         assert self._harvest is not None
         x, labels = self._harvest.arrays("eval")
-        info = self.harvester.info()
         special = [t for t in (info.bos_id, info.eos_id) if t is not None]  # packed contexts have no padding
         keep = ~np.isin(self._harvest.token_ids("eval"), special)
         return x[keep], labels[keep]
