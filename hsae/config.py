@@ -82,6 +82,13 @@ class TrainConfig:
     normalize_activations: bool = True
     # Sparsity coefficients ramp linearly from 0 over these steps (0: no warm-up).
     l1_warmup_steps: int = 0
+    # Learning rate: linear warm-up from 0 over these steps, then constant, then a linear decay to 0
+    # over the last ``lr_decay_fraction`` of the steps (docs/variants.md, "Training schedule").
+    lr_warmup_steps: int = 0
+    lr_decay_fraction: float = 0.0
+    # b_dec starts at the geometric median of the first batch (robust to the residual stream's outliers)
+    # instead of its mean.
+    geometric_median_init: bool = True
     log_every: int = 10
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -104,11 +111,27 @@ class TrainConfig:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         check_positive("grad_clip", self.grad_clip)
         check_positive_int("l1_warmup_steps", self.l1_warmup_steps, minimum=0)
+        check_positive_int("lr_warmup_steps", self.lr_warmup_steps, minimum=0)
+        if not isinstance(self.lr_decay_fraction, (int, float)) or not 0.0 <= self.lr_decay_fraction < 1.0:
+            raise ValueError(f"lr_decay_fraction must be in [0, 1), got {self.lr_decay_fraction!r}")
+        if self.lr_warmup_steps + self.lr_decay_fraction * self.steps > self.steps:
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} plus the decay "
+                             f"({self.lr_decay_fraction} x {self.steps} steps) exceed steps={self.steps}")
         check_positive_int("log_every", self.log_every)
         check_positive_int("checkpoint_every", self.checkpoint_every, minimum=0)
         check_positive_int("keep_checkpoints", self.keep_checkpoints)
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of 'cpu', 'cuda', 'cuda:N', 'auto', got {self.device!r}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the step that follows ``step`` completed steps."""
+        factor = 1.0
+        if self.lr_warmup_steps and step < self.lr_warmup_steps:
+            factor = (step + 1) / self.lr_warmup_steps
+        decay_steps = round(self.lr_decay_fraction * self.steps)
+        if decay_steps and step >= self.steps - decay_steps:
+            factor = min(factor, (self.steps - step) / decay_steps)
+        return self.lr * factor
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

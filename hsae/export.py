@@ -1,7 +1,7 @@
 """Saving SAEs: our own format (exact round trip) and the SAELens layout other tools load.
 
 Both fold the training normalisation back into the weights, so a saved SAE takes raw activations:
-with x_n = s x, f = ReLU(s x W_enc + b_enc) and x_hat = (f W_dec + b_dec) / s, the folded weights are
+with x_n = s x, f = ReLU((s x - b_dec) W_enc + b_enc) and x_hat = (f W_dec + b_dec) / s, the folded weights are
 W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s. Feature activations keep the training unit.
 """
 
@@ -59,7 +59,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
         raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}: not an SAE saved by hsae.export.save_sae")
     doc = json.loads(cfg_file.read_text())
     sae = build_sae(SAEConfig.from_dict(doc["sae_config"]))
-    sae.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=device))
+    sae.load_weights(load_file(str(path / WEIGHTS_FILE), device=device))
     return sae.to(device)
 
 
@@ -93,7 +93,7 @@ def export_saelens(
         "hook_head_index": None,
         "activation_fn_str": "topk" if sae.saelens_architecture == "topk" else "relu",
         "activation_fn_kwargs": {},
-        "apply_b_dec_to_input": False,
+        "apply_b_dec_to_input": True,
         "finetuning_scaling_factor": False,
         "normalize_activations": "none",
         "context_size": context_size,

@@ -17,6 +17,12 @@ def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x_hat - x).pow(2).mean()
 
 
+def residual_fit(residual: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
+    """||residual - fit||^2 relative to the residual's own variance: the auxiliary dead-latent loss's scale."""
+    centred = residual - residual.mean(dim=0, keepdim=True)
+    return (residual - fit).pow(2).sum(-1).mean() / centred.pow(2).sum(-1).mean().clamp_min(_EPS)
+
+
 def l1_sparsity(f: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the L1 norm of the (ReLU, so non-negative) features; decoder rows are unit-norm.
 
@@ -93,15 +99,10 @@ def group_orthogonality(
     return pairwise_penalty(group_block_rms(f, assignment, groups), off_diagonal(k, f.device) * alpha)
 
 
-def hierarchical_orthogonality(
-    f: torch.Tensor,
-    assignment_l2: torch.Tensor,
-    n_groups_l1: int,
-    alpha_l1: float,
-    alpha_l2: float,
-    groups_l2: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Eq. (4): alpha_L1 over pairs of coarse groups + alpha_L2 over sibling sub-groups.
+def hierarchy_block_rms(
+    f: torch.Tensor, assignment_l2: torch.Tensor, n_groups_l1: int, groups_l2: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block RMS cosines of both levels: (coarse (K1, K1), fine (K, K), sibling mask over fine pairs).
 
     ``assignment_l2`` maps features to the K1*K2 fine groups, ordered parent-major (fine group
     i*K2 + j is sub-group j of coarse group i). The fine blocks' sums serve both levels.
@@ -111,10 +112,22 @@ def hierarchical_orthogonality(
     block_sq_l2 = block_cosine_sq(f, assignment_l2, groups_l2)
     parent = torch.arange(k_all, device=f.device) // k2
     parent_map = F.one_hot(parent, n_groups_l1).to(f.dtype)
-    block_sq_l1 = parent_map.T @ block_sq_l2 @ parent_map
-    rms_l1 = block_rms(block_sq_l1, assignment_l2 @ parent_map)
+    rms_l1 = block_rms(parent_map.T @ block_sq_l2 @ parent_map, assignment_l2 @ parent_map)
     rms_l2 = block_rms(block_sq_l2, assignment_l2)
     siblings = (parent[:, None] == parent[None, :]).to(f.dtype) * off_diagonal(k_all, f.device)
+    return rms_l1, rms_l2, siblings
+
+
+def hierarchical_orthogonality(
+    f: torch.Tensor,
+    assignment_l2: torch.Tensor,
+    n_groups_l1: int,
+    alpha_l1: float,
+    alpha_l2: float,
+    groups_l2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eq. (4): alpha_L1 over pairs of coarse groups + alpha_L2 over sibling sub-groups."""
+    rms_l1, rms_l2, siblings = hierarchy_block_rms(f, assignment_l2, n_groups_l1, groups_l2)
     return alpha_l1 * pairwise_penalty(rms_l1, off_diagonal(n_groups_l1, f.device)) + alpha_l2 * pairwise_penalty(
         rms_l2, siblings
     )

@@ -123,6 +123,30 @@ def info_nce_value(f: torch.Tensor, assignment: torch.Tensor, labels: torch.Tens
     return float(losses.info_nce((f @ assignment).double(), labels, temperature))
 
 
+def metric_assignment(sae, reference_groups: int = 32) -> torch.Tensor:
+    """The SAE's (level-1) groups, or for an ungrouped SAE the contiguous reference partition."""
+    assignment = sae.group_assignment()
+    if assignment is None:
+        n = sae.cfg.d_sae
+        k = math.gcd(reference_groups, n)
+        assignment = F.one_hot(torch.arange(n, device=sae.W_dec.device) // (n // k), k).float()
+    return assignment.detach()
+
+
+def held_out_diagnostics(sae, f: torch.Tensor, labels: torch.Tensor | None, max_rows: int = 2048) -> dict[str, float]:
+    """The mechanism measurements the curves log at every log step, on held-out features ``f``.
+
+    At most ``max_rows`` rows (the first: the held-out batch is a uniform sample) keep a log step cheap.
+    """
+    f = f[:max_rows]
+    labels = None if labels is None else labels[:max_rows]
+    assignment = metric_assignment(sae).to(f.dtype)
+    out = {"val_inter_group_correlation": inter_group_correlation(f, assignment)}
+    if labels is not None and labels.unique().numel() > 1:
+        out["val_nce"] = info_nce_value(f, assignment, labels.to(f.device), sae.metric_nce_temperature())
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     sae,
@@ -137,11 +161,7 @@ def evaluate(
     try:
         x = x.to(sae.W_dec.dtype)
         x_hat, f = sae(x)
-        assignment = sae.group_assignment()
-        if assignment is None:
-            k = math.gcd(reference_groups, sae.cfg.d_sae)
-            assignment = F.one_hot(torch.arange(sae.cfg.d_sae, device=x.device) // (sae.cfg.d_sae // k), k).float()
-        assignment = assignment.detach().to(x.dtype)
+        assignment = metric_assignment(sae, reference_groups).to(x.dtype)
         conds = group_condition_numbers(sae.W_dec.detach(), assignment)
         finite_conds = conds[torch.isfinite(conds)]
         dmin, dmax = decoder_norms(sae.W_dec.detach())

@@ -95,7 +95,14 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "nats", "lower", group=_SAE),
     _c("final_loss", "float64", "last training loss (reconstruction + sparsity + structure)", "normalised units",
        "lower", group=_TRAIN),
-    _c("val_loss", "float64", "validation MSE (ASHA's metric)", "normalised units", "lower", group=_TRAIN),
+    _c("val_mse", "float64", "held-out MSE at the last step (ASHA's metric)", "normalised units", "lower",
+       group=_TRAIN),
+    _c("val_mse_rel_change", "float64", "relative change of held-out MSE over the last 20% of steps "
+       "(curves.parquet; docs/training.md)", "fraction", group=_TRAIN),
+    _c("converged", "boolean", "|val_mse_rel_change| < 0.02: the SAE stopped improving; unconverged rows are "
+       "marked in the report and never ranked", label="converged", group=_TRAIN),
+    _c("unique_train_tokens", "Int64", "distinct activation rows (tokens) the SAE's batches drew from", "tokens",
+       group=_TRAIN),
     _c("unlearning_score", "float64", "SAEBench unlearning score (docs/evaluation.md); null unless completed",
        "fraction", "higher", "unlearning", _EVAL),
     _c("random_feature_score", "float64", "the same grid clamping random live features (negative control)",
@@ -147,8 +154,29 @@ CURVE_COLUMNS: tuple[Column, ...] = (
     _c("nce", "float64", "contrastive InfoNCE term (weighted, contrastive variants)", "nats", group=_TRAIN),
     _c("matryoshka", "float64", "summed prefix reconstruction errors (matryoshka variants)", "normalised units",
        group=_TRAIN),
+    _c("aux", "float64", "auxiliary dead-latent loss term (weighted; 0 while no latent is dead)", "normalised units",
+       group=_TRAIN),
     _c("l0", "float64", "active features per token on the training batch", "features/token", group=_TRAIN),
-    _c("val_loss", "float64", "validation MSE at this step", "normalised units", "lower", group=_TRAIN),
+    _c("lr", "float64", "learning rate of the step (warm-up, constant, linear decay)", group=_TRAIN),
+    _c("val_mse", "float64", "held-out MSE at this step (the convergence rule reads it)", "normalised units",
+       "lower", group=_TRAIN),
+    _c("val_inter_group_correlation", "float64", "held-out mean activation correlation across groups (reference "
+       "partition for ungrouped SAEs)", "correlation", "lower", group=_SAE),
+    _c("val_nce", "float64", "held-out InfoNCE of group-activity embeddings against domain labels", "nats",
+       "lower", group=_SAE),
+    _c("val_cross_parent_rms", "float64", "hierarchical variants: held-out RMS activation cosine between features "
+       "of different level-1 groups", "cosine", "lower", group=_SAE),
+    _c("val_sibling_rms", "float64", "hierarchical variants: held-out RMS activation cosine between sibling "
+       "level-2 groups of one parent", "cosine", group=_SAE),
+    _c("assignment_entropy", "float64", "dynamic variants: mean entropy of a feature's level-1 assignment / log K1 "
+       "(1 = uniform)", "fraction of log K1", group=_SAE),
+    _c("temperature", "float64", "dynamic variants: the learnt assignment temperature", group=_SAE),
+    _c("train_dead_fraction", "float64", "fraction of latents that have not fired for dead_tokens training tokens "
+       "(the auxiliary loss's targets)", "fraction", "lower", group=_SAE),
+    _c("regroup_moved", "float64", "adaptive variants: fraction of features that changed group at the last "
+       "regroup", "fraction", group=_SAE),
+    _c("regroup_penalty_ratio", "float64", "adaptive variants: cross-group RMS cosine after / before the last "
+       "regroup, on its sample (< 1: regrouping lowered the penalty)", "ratio", group=_SAE),
 )
 
 # grid.parquet: one row per evaluated setting; per-question outcomes make every accuracy recomputable.

@@ -8,6 +8,7 @@ Trials only ever fetch refs (numpy arrays are zero-copy, read-only); they never 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -70,6 +71,8 @@ class ActivationServer:
         self._info: ServedInfo | None = None
         self._harvest: Harvest | None = None
         self._evaluator: Evaluator | None = None
+        # Seconds spent building the evaluator (bank + question residuals) and running the controls.
+        self._timings: dict[str, float] = {}
 
     def prepare(self) -> ServedInfo:
         """Harvest (or read the cache) once; later calls return the same refs."""
@@ -97,6 +100,7 @@ class ActivationServer:
         """Built on first use: the model (loaded only now if the harvest came from disk), the question
         bank (cached on disk by content hash) and the questions' layer-L residuals."""
         if self._evaluator is None:
+            t0 = time.perf_counter()
             self.prepare()
             assert self._harvest is not None
             spec = self.cfg.model
@@ -113,6 +117,7 @@ class ActivationServer:
             x, labels = self.heldout_content_rows()
             tokens, domains = self.harvester.cache.contexts("eval")
             self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg)
+            self._timings["banks"] = time.perf_counter() - t0
         return self._evaluator
 
     def heldout_content_rows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -143,8 +148,15 @@ class ActivationServer:
     def controls(self) -> dict[str, Any]:
         """The evaluation controls; the driver asks before any trial starts, so this (and the bank and
         question residuals built on first use) may use every core."""
+        t0 = time.perf_counter()
         with self._every_core():
-            return self.evaluator().controls()
+            out = self.evaluator().controls()
+        self._timings["controls"] = time.perf_counter() - t0 - self._timings.get("banks", 0.0)
+        return out
+
+    def timings(self) -> dict[str, float]:
+        """Seconds of the one-off work: ``banks`` (evaluator build) and ``controls`` (controls alone)."""
+        return dict(self._timings)
 
     @contextmanager
     def _every_core(self) -> Iterator[None]:
@@ -228,9 +240,9 @@ class ServedActivations:
     tokens: ShardedRows
     model: ModelInfo
 
-    def eval_batch(self, max_rows: int | None = None) -> Batch:
-        n = len(self.x) if max_rows is None else min(max_rows, len(self.x))
-        idx = np.arange(n)
+    def eval_batch(self) -> Batch:
+        """Every row of the split, as one batch (the trainer samples what it validates on)."""
+        idx = np.arange(len(self.x))
         return to_batch(self.x[idx], self.labels[idx])
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from hsae.config import SAEConfig, TrainConfig
+from hsae.convergence import log_every_for
 from hsae.keys import content_key
 
 
@@ -79,14 +80,27 @@ class Profile:
     # Fraction of each domain's documents held out from SAE training for evaluation (questions, feature
     # selection, control directions, CE text).
     holdout_fraction: float = 0.1
+    # Share of training contexts drawn from the forget corpus (the rest from retain).
+    forget_fraction: float = 0.5
     # Whether evaluation controls out of range fail the sweep (exit 3). Only the tiny test profile says no:
     # a random model knows nothing its controls could remove; its rows still carry controls_ok = false.
     controls_required: bool = True
+    # Learning-rate schedule (TrainConfig): linear warm-up over these steps, linear decay to 0 over the last
+    # fraction of the steps.
+    lr_warmup_steps: int = 0
+    lr_decay_fraction: float = 0.0
+    # TrainConfig.autocast: "auto" is bfloat16 on CUDA only; "bf16" also on a CPU with native bfloat16
+    # (docs/training.md: same held-out MSE to 4 digits, 1.6x faster steps on this machine's CPU).
+    autocast: str = "auto"
 
     def train_config(self, seed: int) -> TrainConfig:
-        # "auto": the GPU Ray gave the trial (--gpus-per-trial), else the CPU.
+        # "auto": the GPU Ray gave the trial (--gpus-per-trial), else the CPU. The log interval never exceeds
+        # 5% of the steps, so the convergence rule can be recomputed from the curves at any --steps.
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                           log_every=self.log_every, checkpoint_every=self.checkpoint_every, device="auto")
+                           lr_warmup_steps=min(self.lr_warmup_steps, self.steps // 10),
+                           lr_decay_fraction=self.lr_decay_fraction,
+                           log_every=min(self.log_every, log_every_for(self.steps)),
+                           checkpoint_every=self.checkpoint_every, device="auto", autocast=self.autocast)
 
 
 PROFILES: dict[str, Profile] = {
@@ -96,12 +110,15 @@ PROFILES: dict[str, Profile] = {
                     checkpoint_every=100, bank_kind="letter", eval_model="google/gemma-2-2b-it"),
     # WMDP / MMLU questions are test sets that no training corpus contains; 10% of the corpus documents are
     # still held out for feature selection, control directions and CE text.
-    # What runs here offline on 2 CPU cores in minutes: Gemma-3-270M layer 13 (same relative depth),
-    # 512 contexts (~65k tokens, ~70 s to harvest), a 2x dictionary and 150 steps at lr 1e-3. 40% of each
-    # domain's articles are held out: the cloze questions come from them (docs/evaluation.md).
-    "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=512, n_eval_ctxs=256,
-                        ctx_len=128, d_sae=1280, steps=150, batch_size=2048, lr=1e-3, log_every=10,
-                        checkpoint_every=50, ce_contexts_per_domain=2, holdout_fraction=0.4),
+    # What runs here offline on 2 CPU cores: Gemma-3-270M layer 13 (same relative depth), 2048 contexts
+    # (260k training tokens, ~6 min to harvest), a 2x dictionary, 1500 steps x 1024 at lr 2e-3 with warm-up
+    # and a linear decay over the second half, in bfloat16: every variant converges (docs/training.md). 40% of
+    # each domain's articles are held out (the cloze questions come from them), which leaves the forget
+    # corpus 721 training contexts: 35% of the 2048.
+    "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=2048, n_eval_ctxs=256,
+                        ctx_len=128, d_sae=1280, steps=1500, batch_size=1024, lr=2e-3, log_every=75,
+                        checkpoint_every=300, ce_contexts_per_domain=2, holdout_fraction=0.4, forget_fraction=0.35,
+                        lr_warmup_steps=50, lr_decay_fraction=0.5, autocast="bf16"),
     # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
                     d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,

@@ -35,6 +35,10 @@ class DegenerateRunError(RuntimeError):
         self.metrics = metrics or {}
 
 
+# Held-out rows the per-log-step validation uses (a fixed uniform sample): cheap enough to log often.
+VALIDATION_ROWS = 4096
+
+
 @dataclass
 class Batch:
     x: torch.Tensor
@@ -75,15 +79,31 @@ class ArrayBatches:
         self._epoch = -1
         self._perm: np.ndarray | None = None
 
-    def batch_at(self, step: int) -> Batch:
-        epoch, i = divmod(step, self.per_epoch)
+    def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             self._epoch = epoch
         assert self._perm is not None
-        idx = np.sort(self._perm[i * self.batch_size : (i + 1) * self.batch_size])
+        return self._perm
+
+    def batch_at(self, step: int) -> Batch:
+        epoch, i = divmod(step, self.per_epoch)
+        # Sorted for sequential reads; the trainer puts the rows back in a random order.
+        idx = np.sort(self._permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size])
         labels = None if self.labels is None else self.labels[idx]
         return to_batch(self.x[idx], labels)
+
+
+    def unique_rows(self, steps: int) -> int:
+        """How many distinct rows the first ``steps`` batches contain."""
+        seen = np.zeros(self.n, dtype=bool)
+        full, rest = divmod(steps, self.per_epoch)
+        for epoch in range(full + 1):
+            used = self.per_epoch if epoch < full else rest
+            seen[self._permutation(epoch)[: used * self.batch_size]] = True
+            if seen.all():
+                break
+        return int(seen.sum())
 
 
 class IteratorBatches:
@@ -111,6 +131,14 @@ class IteratorBatches:
         batch = to_batch(*item) if isinstance(item, tuple) else to_batch(item)
         self._last = (step, batch)
         return batch
+
+
+def uniform_rows(batch: Batch, n: int) -> Batch:
+    """A fixed uniform sample of ``n`` rows of ``batch`` (all of them when it has no more), in row order."""
+    if len(batch.x) <= n:
+        return batch
+    idx = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(batch.x), n, replace=False)))
+    return Batch(batch.x[idx], None if batch.labels is None else batch.labels[idx])
 
 
 def as_source(data: Any) -> BatchSource:
@@ -220,7 +248,8 @@ class Trainer:
         if not math.isfinite(var) or var <= 0:
             raise ValueError(f"the first activation batch has variance {var}: cannot train on it")
         self.scale = math.sqrt(self.sae_cfg.d_in / var) if self.cfg.normalize_activations else 1.0
-        self.sae.b_dec.copy_(mean * self.scale)
+        centre = geometric_median(x) if self.cfg.geometric_median_init else mean
+        self.sae.b_dec.copy_(centre * self.scale)
 
     # -- training ------------------------------------------------------------------------------
     def fit(
@@ -232,7 +261,8 @@ class Trainer:
     ) -> TrainResult:
         """Train to ``cfg.steps`` (resuming from ``checkpoint_dir`` if asked) and score on ``eval_batch``.
 
-        ``eval_batch`` (held-out rows) also gives the validation MSE (``val_loss``) of every log step.
+        A fixed sample of ``VALIDATION_ROWS`` of ``eval_batch`` (held-out rows) gives the validation MSE
+        (``val_mse``) and mechanism curves of every log step; the final metrics use all of it.
         """
         source = as_source(data)
         if resume and self.checkpoint_dir is not None:
@@ -242,19 +272,27 @@ class Trainer:
         if self.scale is None:
             self._initialise_from(source.batch_at(0))
         t_start = time.perf_counter() - self.wall_s
+        val_batch = None if eval_batch is None else uniform_rows(eval_batch, VALIDATION_ROWS)
         self.sae.train()
         while self.step < self.cfg.steps:
             out, batch_size = self._train_step(source.batch_at(self.step))
             if self._is_log_step():
                 self.wall_s = time.perf_counter() - t_start
-                self._log(out, batch_size, eval_batch)
+                self._log(out, batch_size, val_batch)
         self.wall_s = time.perf_counter() - t_start
         return self._result(eval_batch if eval_batch is not None else source.batch_at(0), guard)
 
     def _train_step(self, batch: Batch) -> tuple[LossOutput, int]:
         x, labels = self._prepare(batch)
+        # Rows in a random order (a function of seed and step, so resume sees the same): every term
+        # estimated on the first rows of a batch (Gram, regrouping, InfoNCE) sees a uniform sample.
+        order = torch.from_numpy(np.random.default_rng([self.cfg.seed, self.step]).permutation(x.shape[0]))
+        x = x[order.to(x.device)]
+        labels = labels[order.to(labels.device)] if labels is not None else None
         cfg = self.cfg
         warm = min(1.0, (self.step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
         with self._autocast():
             out = self._loss(StepInput(x, labels, self.step, sparsity_scale=warm))
         self.optimizer.zero_grad(set_to_none=True)
@@ -280,8 +318,9 @@ class Trainer:
         record.update({k: float(v.detach()) for k, v in out.terms.items()})
         record["l0"] = float((out.f.detach() != 0).sum(dim=-1).float().mean())
         record["tokens_per_s"] = record["tokens"] / max(self.wall_s, 1e-9)
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
         if eval_batch is not None:
-            record["val_loss"] = self.validation_mse(eval_batch)
+            record.update(self.validation_record(eval_batch))
         self.last_loss = record["loss"]
         self.history.append(record)
         checkpoint = None
@@ -293,12 +332,14 @@ class Trainer:
             self.on_progress(Progress(self.step, record, checkpoint))
 
     @torch.no_grad()
-    def validation_mse(self, batch: Batch) -> float:
-        """MSE of the SAE (eval mode) on held-out rows, in training units."""
-        x, _ = self._prepare(batch)
+    def validation_record(self, batch: Batch) -> dict[str, float]:
+        """On held-out rows (eval mode, training units): the MSE and the variant's mechanism diagnostics."""
+        x, labels = self._prepare(batch)
         self.sae.eval()
         try:
-            return M.mse(x, self.sae(x)[0])
+            x_hat, f = self.sae(x)
+            return {"val_mse": M.mse(x, x_hat), **M.held_out_diagnostics(self.sae, f, labels),
+                    **self.sae.mechanism_metrics(f)}
         finally:
             self.sae.train()
 
@@ -350,6 +391,21 @@ class Trainer:
         self.wall_s = float(meta["wall_s"])
         self.last_loss = float(meta["last_loss"])
         self.history = list(meta["history"])
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """The point minimising the summed Euclidean distance to the rows of ``x`` (Weiszfeld's algorithm)."""
+    x = x.double()
+    point = x.mean(dim=0)
+    for _ in range(iterations):
+        weights = 1.0 / (x - point).norm(dim=1).clamp_min(1e-12)
+        new = (weights[:, None] * x).sum(dim=0) / weights.sum()
+        moved = float((new - point).norm() / point.norm().clamp_min(1e-12))
+        point = new
+        if moved < tol:
+            break
+    return point.float()
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:

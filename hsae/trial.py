@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from hsae.config import SAEConfig
+from hsae.convergence import is_converged, val_mse_rel_change
 from hsae.export import folded_state
 from hsae.models import ModelInfo
 from hsae.results import curve_rows, evaluation_values, grid_rows, training_values, trial_row
 from hsae.spaces import Profile, TrialSpec
-from hsae.train import Batch, BatchSource, DegenerateRunError, ProgressCallback, Trainer, TrainResult
+from hsae.train import ArrayBatches, Batch, BatchSource, DegenerateRunError, ProgressCallback, Trainer, TrainResult
 
 # Scores one SAE: (SAEConfig.to_dict(), folded weights as numpy) -> the server's evaluation answer.
 # Raises DegenerateRunError when no feature of the SAE fires on the questions.
@@ -64,7 +65,8 @@ class TrialRun:
             return self._degenerate(exc.reason, result.metrics)
         values = training_values(result.steps, self.train_cfg.batch_size, result.wall_s, self.trainer.last_loss,
                                  result.metrics)
-        values["val_loss"] = self.trainer.history[-1].get("val_loss")
+        values.update(convergence_values(self.trainer.history, result.steps))
+        values["unique_train_tokens"] = source.unique_rows(result.steps) if isinstance(source, ArrayBatches) else None
         outcome = self._outcome("completed", **values, **scores)
         outcome.grid = grid
         return outcome
@@ -79,6 +81,14 @@ class TrialRun:
         row = trial_row(self.spec, self.profile, self.model, self.sae_cfg, self.train_cfg, status,
                         controls_ok=self.controls_ok, **values)
         return TrialOutcome(row, curve_rows(self.spec, self.trainer.history))
+
+
+def convergence_values(history: list[dict[str, float]], steps: int) -> dict[str, Any]:
+    """The row's held-out MSE and convergence verdict, from the curve it will be recomputed from."""
+    curve = [(h["step"], h.get("val_mse")) for h in history]
+    change = val_mse_rel_change([s for s, _ in curve], [v for _, v in curve], steps)
+    return {"val_mse": history[-1].get("val_mse") if history else None,
+            "val_mse_rel_change": change, "converged": is_converged(change)}
 
 
 def score(evaluate: Evaluate, sae_cfg: SAEConfig, result: TrainResult,

@@ -33,7 +33,8 @@ def test_saelens_layout_reproduces_the_sae(synthetic, tmp_path):
         assert w["W_enc"].shape == (32, 256) and w["W_dec"].shape == (256, 32)
         assert w["b_enc"].shape == (256,) and w["b_dec"].shape == (32,)
         raw = torch.as_tensor(synthetic.x[:64])
-        pre = raw @ w["W_enc"] + w["b_enc"]
+        assert cfg["apply_b_dec_to_input"] is True
+        pre = (raw - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
         if cfg["architecture"] == "standard":
             f = torch.relu(pre)
         elif cfg["architecture"] == "topk":

@@ -187,7 +187,7 @@ TINY_PARAMS = {
     "topk": {"k": 8},
     "matryoshka_batchtopk": {"k": 8},
 }
-LOSS_TERMS = {"mse", "l1", "ortho", "entropy", "nce", "matryoshka"}
+LOSS_TERMS = {"mse", "l1", "ortho", "entropy", "nce", "matryoshka", "aux"}
 
 
 def _variant_names():

@@ -3,6 +3,7 @@
 import pandas as pd
 import pytest
 
+from hsae.convergence import is_converged, val_mse_rel_change
 from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
 from hsae.spaces import SpaceError, grid_trials, load_space, parse_space
 from tune import ablate
@@ -20,7 +21,7 @@ def sweep(ray_session, tmp_path, monkeypatch):
     return run, out
 
 
-def test_sweep_with_asha_writes_documented_parquet_and_report(sweep):
+def test_sweep_with_asha_writes_documented_parquet_and_report(sweep, capsys):
     run, out = sweep
     assert run("--space", "ortho", "--scheduler", "asha") == 0
     trials = pd.read_parquet(out / "trials.parquet")
@@ -38,11 +39,28 @@ def test_sweep_with_asha_writes_documented_parquet_and_report(sweep):
     assert set(CURVE_COLUMNS) <= set(curves.columns)
     assert set(curves["trial_id"]) == set(trials["trial_id"])  # early-stopped trials keep their curves
     assert list((out / "ray_results").rglob("events.out.tfevents*"))  # Tune's TensorBoard output
+    assert_convergence_recomputable(completed, curves)
+    assert (completed["unique_train_tokens"] > 0).all()
+    printed = capsys.readouterr().out
+    assert "[hsae] wall time" in printed and all(f"  {p}" in printed for p in ("harvest", "train", "evaluate"))
+    assert (out / "timings").is_dir()
     report = build_report(out)
     text = report.read_text()
     assert "## Ablation: orthogonality α" in text and "| fixed_ortho |" in text
-    for png in ("fig1a_unlearning.png", "fig1b_loss_curves.png", "alpha_vs_correlation.png", "l0_vs_ev.png"):
+    assert "## Convergence" in text
+    for png in ("fig1a_unlearning.png", "fig1b_loss_curves.png", "alpha_vs_correlation.png", "l0_vs_ev.png",
+                "mechanisms.png"):
         assert (report.parent / png).stat().st_size > 1000, png
+
+
+def assert_convergence_recomputable(trials, curves):
+    """Every row's convergence verdict follows from its curve in curves.parquet, logged every <= 5% of steps."""
+    for row in trials.itertuples():
+        curve = curves[curves["trial_id"] == row.trial_id].sort_values("step")
+        assert curve["step"].diff().dropna().max() <= max(1, 0.05 * row.steps)
+        change = val_mse_rel_change(curve["step"].tolist(), curve["val_mse"].tolist(), row.steps)
+        assert change == pytest.approx(row.val_mse_rel_change)
+        assert bool(row.converged) == is_converged(change)
 
 
 def test_rerun_with_same_experiment_skips_finished_trials(sweep, capsys):

@@ -256,7 +256,7 @@ def test_controls_problems():
 
 
 # -- (e) the report leads with the verdict ------------------------------------------------------
-def write_results(root, study, controls_ok=True, positive=0.33, with_grid=True):
+def write_results(root, study, controls_ok=True, positive=0.33, with_grid=True, unconverged=()):
     trials, grid = study
     rows = []
     for t in trials.itertuples():
@@ -266,6 +266,7 @@ def write_results(root, study, controls_ok=True, positive=0.33, with_grid=True):
             "experiment": "embedded-variants", "space": "variants", "variant": t.variant, "trial_id": t.trial_id,
             "seed": t.seed, "status": t.status, "profile": "embedded", "model": "embedded", "layer": 13,
             "mse": 0.1 if done else None, "explained_variance": 0.8 if done else None, "l0": 20.0 if done else None,
+            "converged": done and t.trial_id not in unconverged, "val_mse_rel_change": 0.05 if done else None,
             "unlearning_score": V.grid_metrics(g)["unlearning_score"] if done else None,
             "unlearning_grid": json.dumps(g[["forget_acc", "retain_acc"]].to_dict("records")) if done else None,
         }))
@@ -304,6 +305,18 @@ def test_report_leads_with_the_figure_and_the_matched_retain_table(study, tmp_pa
     assert "The data cannot separate adaptive_ortho from relu" in text
     assert "Settings that select no feature" in text and "Mismatch" not in text
     assert "cannot detect removal" not in text
+
+
+def test_unconverged_trials_are_marked_and_never_ranked(study, tmp_path):
+    from tune.report import build_report
+
+    text = build_report(write_results(tmp_path / "r", study, unconverged=("fixed_ortho-42",)), n_boot=100).read_text()
+    verdict = text.split("## Verdict")[1].split("### ")[0]
+    rows = {line.split("|")[1].strip(): line for line in verdict.splitlines() if line.startswith("| ")}
+    assert "| 2 |" in rows["fixed_ortho"] and "| 3 |" in rows["relu"]  # seeds behind each verdict row
+    assert "**Unconverged, marked † and never ranked:** fixed_ortho seed 42." in text
+    variants_table = text.split("## Six variants")[1]
+    assert any(line.startswith("| fixed_ortho |") and "2/3 †" in line for line in variants_table.splitlines())
 
 
 @pytest.mark.parametrize("broken", ["trial_flag", "controls_json"])

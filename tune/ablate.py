@@ -47,6 +47,7 @@ from hsae.spaces import (  # noqa: E402
     validate_trials,
 )
 from hsae.verdict import NEGATIVE_MAX, POSITIVE_MIN  # noqa: E402
+from tune.breakdown import breakdown, format_breakdown, write_breakdown  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
@@ -150,7 +151,7 @@ def harvest_config(profile: Profile) -> HarvestConfig:
     return HarvestConfig(model=ModelSpec(profile.model, layer=profile.layer),
                          corpus=CorpusSpec(profile.corpus, forget_path=profile.forget_path),
                          ctx_len=profile.ctx_len, n_ctxs=profile.n_ctxs, n_eval_ctxs=profile.n_eval_ctxs,
-                         holdout_fraction=profile.holdout_fraction)
+                         holdout_fraction=profile.holdout_fraction, forget_fraction=profile.forget_fraction)
 
 
 def eval_config(profile: Profile) -> tuple[EvalConfig, BankConfig]:
@@ -246,7 +247,7 @@ def search_setup(space: Space, trials: list[TrialSpec], pending: list[TrialSpec]
     scheduler = (ASHAScheduler(time_attr="step", grace_period=max(1, profile.steps // 3), reduction_factor=2,
                                max_t=profile.steps + 1) if scheduler_name == "asha" else FIFOScheduler())
     max_concurrent = args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    common = dict(metric="val_loss", mode="min", scheduler=scheduler, max_concurrent_trials=max_concurrent)
+    common = dict(metric="val_mse", mode="min", scheduler=scheduler, max_concurrent_trials=max_concurrent)
     if args.search == "grid":
         return {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}, tune.TuneConfig(**common)
     if len(space.blocks) != 1:
@@ -284,7 +285,7 @@ def record_unfinished(grid: Any, store: ResultsStore, profile: Profile,
             failed.append((spec, reason))
         else:
             store.write_trial(row("early_stopped", steps=metrics.get("step"), tokens=metrics.get("tokens"),
-                                  val_loss=metrics.get("val_loss"), mse=metrics.get("mse"), l0=metrics.get("l0"),
+                                  val_mse=metrics.get("val_mse"), mse=metrics.get("mse"), l0=metrics.get("l0"),
                                   final_loss=metrics.get("loss")), reported_curves(result, spec))
     return failed
 
@@ -377,27 +378,48 @@ def summarise(plan: Plan, out: str, failed: list[tuple[TrialSpec | None, str]], 
     return EXIT_TRIALS_FAILED
 
 
+def report_time(plan: Plan, args: argparse.Namespace, phases: dict[str, float], total_s: float, ray: Any) -> None:
+    """Print (and keep under timings/) where the wall time went; trials skipped as finished count nothing."""
+    import pandas as pd
+
+    rows = pd.read_parquet(Path(args.out) / "trials.parquet")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - total_s))
+    ran = rows[rows["trial_id"].isin({t.key for ts in plan.trials.values() for t in ts})
+               & (rows["finished_at"] >= started)]
+    concurrency = args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    parts = breakdown(total_s, phases, ran, concurrency)
+    print(format_breakdown(parts, total_s, len(ran), concurrency))
+    write_breakdown(Path(args.out), "-".join(sorted({t.experiment for ts in plan.trials.values() for t in ts})),
+                    parts, total_s)
+
+
 def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
     """The sweep. ``trial_hooks`` ("module:function") is the fault tests' seam (``tune.trainable.TrialHook``)."""
     args = build_parser().parse_args(argv)
     args.trial_hooks = list(trial_hooks)
     if args.cache:
         os.environ["HSAE_CACHE"] = args.cache
+    t0 = time.perf_counter()
+    phases: dict[str, float] = {}
     try:
-        plan = resolve(args)
+        plan = resolve(args)  # reads the model's config: converts the embedded model on a cold cache
+        phases["convert"] = time.perf_counter() - t0
         ray = connect(args.address)
     except (ValueError, FileNotFoundError, ModelNotFoundError, ConnectionError) as exc:
         print(f"hsae-ablate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    t0 = time.perf_counter()
+    t_harvest = time.perf_counter()
     server_name, server, info = start_server(plan, ray)
+    phases["harvest"] = time.perf_counter() - t_harvest
     write_split(ray, server, info, Path(args.out))
     args.controls_ok = run_controls(ray, server, plan.profile, Path(args.out)) if plan.profile.evaluate else None
+    phases.update(ray.get(server.timings.remote()))
     failed: list[tuple[TrialSpec | None, str]] = []
     for space in plan.spaces:
         print(f"[hsae] space {space.name!r}: {space.description}")
         failed += run_space(space, plan.trials[space.name], plan, args, server_name, info.model)
     code = summarise(plan, args.out, failed, t0)
+    report_time(plan, args, phases, time.perf_counter() - t0, ray)
     if code == 0 and args.controls_ok is False and plan.profile.controls_required:
         print("[hsae] the evaluation controls were out of range: the rows are written with controls_ok = false, "
               "and no unlearning number is a result on this model", file=sys.stderr)

@@ -58,11 +58,14 @@ def summary(df: pd.DataFrame, by: list[str], metrics: list[str]) -> str:
     if df.empty:
         return "_no completed trials_\n"
     metrics = [m for m in metrics if m in df and df[m].notna().any()]
-    header = by + ["n"] + [label(m) for m in metrics]
+    header = by + ["n", "converged"] + [label(m) for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = [(key if isinstance(key, tuple) else (key,), g) for key, g in df.groupby(by, dropna=False, sort=False)]
     for key, g in sorted(groups, key=lambda kg: _order_key(kg[0])):
-        cells = [str(k) for k in key] + [str(len(g))] + [fmt(g[m].dropna().astype(float).tolist()) for m in metrics]
+        n_conv = len(converged(g))
+        mark = f"{n_conv}/{len(g)}" + ("" if n_conv == len(g) else " †")
+        cells = [str(k) for k in key] + [str(len(g)), mark] + [fmt(g[m].dropna().astype(float).tolist())
+                                                              for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -165,6 +168,43 @@ def fig_loss_curves(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> b
     return True
 
 
+# (curve column, panel title) of the mechanism figure: each variant's mechanism seen acting (docs/training.md).
+MECHANISM_PANELS = [
+    ("val_mse", "held-out MSE (convergence)"),
+    ("lr", "learning rate"),
+    ("val_inter_group_correlation", "held-out inter-group correlation"),
+    ("ortho", "orthogonality term"),
+    ("regroup_penalty_ratio", "regroup: cross-group RMS after / before"),
+    ("assignment_entropy", "dynamic: assignment entropy / log K1"),
+    ("val_nce", "held-out InfoNCE of group codes"),
+    ("cross_over_sibling", "hierarchy: cross-parent / sibling RMS"),
+]
+
+
+def fig_mechanisms(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> bool:
+    """One panel per mechanism curve, one line per variant (mean over seeds at each step)."""
+    c = curves[curves["trial_id"].isin(set(trials["trial_id"]))].copy()
+    if c.empty:
+        return False
+    if {"val_cross_parent_rms", "val_sibling_rms"} <= set(c):
+        c["cross_over_sibling"] = c["val_cross_parent_rms"] / c["val_sibling_rms"]
+    panels = [(m, t) for m, t in MECHANISM_PANELS if m in c and c[m].notna().any()]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (metric, title) in zip(axes.flat, panels, strict=False):
+        for variant in [v for v in VARIANT_ORDER if v in set(c["variant"])]:
+            per_step = c[c.variant == variant].groupby("step")[metric].mean().dropna()
+            if not per_step.empty:
+                ax.plot(per_step.index, per_step.values, label=variant)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Mechanisms during training (held-out rows; mean over seeds)")
+    _save(fig, path)
+    return True
+
+
 def fig_alpha(df: pd.DataFrame, path: Path) -> bool:
     if df.empty or "cfg_alpha" not in df or df["cfg_alpha"].isna().all():
         return False
@@ -254,13 +294,15 @@ def section_parts(trials: pd.DataFrame, done: pd.DataFrame) -> list[str]:
 def write_figures(done: pd.DataFrame, curves: pd.DataFrame, controls: dict, out: Path) -> list[tuple[str, str]]:
     """Draw every figure the data allows into ``out``; (caption, file name) of each one drawn."""
     figures = []
-    main = done[done["space"] == "variants"] if (done["space"] == "variants").any() else done
+    main = main_trials(done)
     if fig_unlearning(main, controls, out / "fig1a_unlearning.png"):
         figures.append(("Unlearning score per variant", "fig1a_unlearning.png"))
     if fig_tradeoff(main, out / "unlearning_tradeoff.png"):
         figures.append(("Removal vs collateral damage per grid setting", "unlearning_tradeoff.png"))
     if fig_loss_curves(curves, main, out / "fig1b_loss_curves.png"):
         figures.append(("Total loss curves", "fig1b_loss_curves.png"))
+    if fig_mechanisms(curves, main, out / "mechanisms.png"):
+        figures.append(("Mechanisms during training", "mechanisms.png"))
     if fig_alpha(done[done["space"] == "ortho"], out / "alpha_vs_correlation.png"):
         figures.append(("α vs inter-group correlation", "alpha_vs_correlation.png"))
     if fig_l0_ev(done, out / "l0_vs_ev.png"):
@@ -297,6 +339,35 @@ def load_grid(results_dir: Path) -> pd.DataFrame | None:
     control = grid["control"].fillna("sae") if "control" in grid else "sae"
     name = grid["grid"].fillna("saebench") if "grid" in grid else "saebench"
     return grid.assign(control=control, grid=name)
+
+
+def converged(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose SAE converged (docs/training.md); rows from before the rule count as unconverged."""
+    if "converged" not in df:
+        return df.iloc[:0]
+    return df[df["converged"].fillna(False).astype(bool)]
+
+
+def convergence_parts(done: pd.DataFrame) -> list[str]:
+    """Per variant of the main job: how many seeds converged, the held-out MSE change over the last 20% of
+    steps, the unique training tokens and dead fraction; then the unconverged trials by name."""
+    main = main_trials(done)
+    if main.empty:
+        return []
+    parts = ["## Convergence (trained means converged: |Δ held-out MSE| < 2% over the last 20% of steps)\n",
+             "| variant | converged | Δ held-out MSE, last 20% | unique train tokens | dead |", "|---|---|---|---|---|"]
+    for variant in ordered(main["variant"]):
+        g = main[main["variant"] == variant]
+        change = g["val_mse_rel_change"].dropna().astype(float) if "val_mse_rel_change" in g else pd.Series([])
+        tokens = g["unique_train_tokens"].dropna() if "unique_train_tokens" in g else pd.Series([])
+        parts.append(f"| {variant} | {len(converged(g))}/{len(g)} | "
+                     + (f"{change.min():+.2%} … {change.max():+.2%}" if len(change) else "–") + " | "
+                     + (f"{int(tokens.min()):,}" if len(tokens) else "–") + f" | {fmt(g['dead_fraction'].tolist())} |")
+    missing = main[~main["trial_id"].isin(converged(main)["trial_id"])]
+    if not missing.empty:
+        parts.append("\n**Unconverged, marked † and never ranked:** "
+                     + ", ".join(f"{r.variant} seed {r.seed}" for r in missing.itertuples()) + ".")
+    return parts + [""]
 
 
 def main_trials(done: pd.DataFrame) -> pd.DataFrame:
@@ -537,8 +608,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_b
     problems = controls_problems(done, controls)
     grid, questions = load_grid(results_dir), load_optional(results_dir, "questions.parquet")
     parts = header_parts(results_dir, trials) + banner_parts(problems)
-    parts += verdict_parts(main_trials(done), grid, questions, problems, out, n_boot)
-    parts += controls_parts(controls) + section_parts(trials, done)
+    parts += verdict_parts(converged(main_trials(done)), grid, questions, problems, out, n_boot)
+    parts += convergence_parts(done) + controls_parts(controls) + section_parts(trials, done)
     parts += figure_parts(write_figures(done, curves, controls, out))
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))

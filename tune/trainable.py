@@ -24,7 +24,6 @@ from hsae.spaces import Profile, TrialSpec
 from hsae.train import ArrayBatches, DegenerateRunError, Progress
 from hsae.trial import Evaluate, TrialOutcome, TrialRun
 
-EVAL_ROWS = 4096
 # A test-only seam: "module:function" names of hooks called as hook(spec, step, restored) when the trial
 # starts (step 0) and at every logged step; the fault tests use it to kill or fail trials.
 TrialHook = Callable[[TrialSpec, int, bool], None]
@@ -42,7 +41,7 @@ def run_trial(config: dict[str, Any]) -> None:
         hook(spec, 0, restored is not None)
     server = ray.get_actor(ctx["server"])
     info = ray.get(server.prepare.remote())
-    train, held_out = fetch(info, "train"), fetch(info, "eval").eval_batch(EVAL_ROWS)
+    train, held_out = fetch(info, "train"), fetch(info, "eval").eval_batch()
     profile = Profile(**ctx["profile"])
     with tempfile.TemporaryDirectory(prefix="hsae-trial-") as work:
         run = TrialRun(spec, profile, info.model, work, on_progress=reporter(spec, hooks, restored is not None),
@@ -68,8 +67,8 @@ def report_if_finished(store: ResultsStore, spec: TrialSpec) -> bool:
     done = store.row(spec.experiment, spec.key)
     if done is None or done["status"] not in ("completed", "degenerate"):
         return False
-    val = done["val_loss"]
-    tune.report({"step": int(done["steps"] or 0), "val_loss": float("nan") if val is None else float(val),
+    val = done["val_mse"]
+    tune.report({"step": int(done["steps"] or 0), "val_mse": float("nan") if val is None else float(val),
                  "skipped": 1})
     return True
 
@@ -104,9 +103,9 @@ def server_evaluate(server: Any) -> Evaluate:
 def final_report(outcome: TrialOutcome, steps: int) -> dict[str, Any]:
     """The last report, one step past training so that no scheduler cuts the evaluation."""
     if outcome.status == "degenerate":
-        return {"step": steps + 1, "val_loss": float("nan"), "degenerate": 1}
+        return {"step": steps + 1, "val_mse": float("nan"), "degenerate": 1}
     score = outcome.row.get("unlearning_score")
-    return {"step": steps + 1, "val_loss": outcome.row["val_loss"],
+    return {"step": steps + 1, "val_mse": outcome.row["val_mse"],
             "unlearning_score": float("nan") if score is None else score}
 
 

@@ -48,7 +48,7 @@ class EvalConfig:
 def sae_from_weights(cfg: dict[str, Any], state: dict[str, np.ndarray]) -> Any:
     """An SAE (eval mode, raw-activation weights) from its config dict and folded state arrays."""
     sae = build_sae(SAEConfig.from_dict(cfg))
-    sae.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    sae.load_weights({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
     return sae.eval()
 
 

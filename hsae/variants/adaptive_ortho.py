@@ -45,6 +45,9 @@ class AdaptiveOrthoSAE(SAE):
         self.register_buffer("group_of", torch.arange(n) // (n // k))
         mid = 0.5 * (self.p.alpha_min + self.p.alpha_max)
         self.register_buffer("pair_alpha", torch.full((k, k), mid) * losses.off_diagonal(k))
+        # At the last regroup: the fraction of features that moved, and the mean cross-group RMS cosine of
+        # the regroup's sample after / before it (below 1: the new groups lower the penalty). NaN before.
+        self.register_buffer("last_regroup", torch.full((2,), float("nan")))
 
     def structure_terms(self, x, f, labels, step) -> dict[str, torch.Tensor]:
         rms = losses.group_block_rms(self.gram_rows(f), self.group_assignment(), self.group_of)
@@ -56,10 +59,22 @@ class AdaptiveOrthoSAE(SAE):
         # `step` counts completed steps: regroup after steps R, 2R, ...
         if step % self.p.regroup_every == 0:
             gram = losses.activation_cosine_gram(self.gram_rows(f))
+            before_groups, before_rms = self.group_of.clone(), self._cross_group_rms(gram)
             self.group_of.copy_(balanced_regroup(gram, self.group_of, self.p.n_groups))
             a = self.group_assignment()
             rms = losses.block_rms(a.T @ gram.pow(2) @ a, a)
             self.pair_alpha.copy_(rank_scaled_alpha(rms, self.p.alpha_min, self.p.alpha_max))
+            moved = (self.group_of != before_groups).float().mean()
+            self.last_regroup.copy_(torch.stack([moved, self._cross_group_rms(gram) / before_rms.clamp_min(1e-12)]))
+
+    def _cross_group_rms(self, gram: torch.Tensor) -> torch.Tensor:
+        a = self.group_assignment()
+        k = self.p.n_groups
+        return losses.pairwise_penalty(losses.block_rms(a.T @ gram.pow(2) @ a, a), losses.off_diagonal(k, a.device))
+
+    def mechanism_metrics(self, f: torch.Tensor) -> dict[str, float]:
+        moved, ratio = (float(v) for v in self.last_regroup)
+        return {**super().mechanism_metrics(f), "regroup_moved": moved, "regroup_penalty_ratio": ratio}
 
     def group_assignment(self) -> torch.Tensor:
         return assignment_from_labels(self.group_of, self.p.n_groups).to(self.W_dec.dtype)

@@ -1,4 +1,8 @@
-"""The SAE every variant extends: E(x) = ReLU(x W_enc + b_enc), D(f) = f W_dec + b_dec (paper, sec. 3.1).
+"""The SAE every variant extends: E(x) = ReLU((x - b_dec) W_enc + b_enc), D(f) = f W_dec + b_dec (paper, sec. 3.1).
+
+The encoder sees x with the decoder bias subtracted (Bricken et al. 2023; SAELens's ``apply_b_dec_to_input``):
+b_dec, initialised at the data's geometric median, carries the residual stream's large constant part, so the
+encoder's features measure deviations from it.
 
 The contract between a variant and the trainer lives here, explicitly (no attribute probing):
 
@@ -7,6 +11,8 @@ The contract between a variant and the trainer lives here, explicitly (no attrib
 - after each optimizer step it calls ``on_step_end(step, f)``;
 - ``needs_labels`` says whether every batch must carry domain labels;
 - ``metric_nce_temperature()`` is the temperature the InfoNCE metric is reported at;
+- ``mechanism_metrics(f)`` measures the variant's own mechanism on held-out features ``f`` (hierarchy
+  correlations, assignment entropy, regroup changes), logged in the curves at every log step;
 - ``Params`` (the variant's parameters) derives from ``VariantParams``: ``validate(d_sae)`` and
   ``gram_sample_size()``.
 """
@@ -29,13 +35,29 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class VariantParams:
-    """Base of every variant's parameter dataclass (``SAE.Params``)."""
+    """Base of every variant's parameter dataclass (``SAE.Params``).
+
+    Every variant carries Gao et al. (2024)'s auxiliary dead-latent loss: latents that have not fired for
+    ``dead_tokens`` training tokens reconstruct the main reconstruction's residual with their ``aux_k``
+    (0: d_in / 2) largest pre-activations, weighted by ``aux_coeff`` (Gao et al.: 1/32). While no latent
+    is dead it is exactly 0.
+    """
+
+    aux_coeff: float = 1 / 32
+    aux_k: int = 0
+    dead_tokens: int = 100_000
 
     def validate(self, d_sae: int) -> None:
         """Raise ``ValueError`` naming the field for any bad value, given the dictionary size ``d_sae``."""
+        check_finite_nonneg("aux_coeff", self.aux_coeff)
+        check_positive_int("aux_k", self.aux_k, minimum=0)
+        check_positive_int("dead_tokens", self.dead_tokens)
 
     def gram_sample_size(self) -> int:
-        """How many (first) rows of each batch estimate the orthogonality Gram; 0 = the whole batch."""
+        """How many rows of each batch estimate the orthogonality Gram; 0 = the whole batch.
+
+        The trainer puts each batch's rows in a random order, so the first rows are a uniform sample.
+        """
         return 0
 
 
@@ -57,8 +79,8 @@ class GramParams(L1Params):
     """Shared by the orthogonality variants: how many tokens of each batch estimate the activation Gram.
 
     The (n, n) Gram costs as much as the encoder and decoder together at n = 2d; its cosines are
-    averages over tokens, so a random subset of the batch (batches are shuffled: the first rows)
-    estimates them. 0 uses the whole batch.
+    averages over tokens, so a uniform random subset of the batch estimates them (the trainer shuffles
+    each batch's rows, so the first rows are one). 0 uses the whole batch.
     """
 
     gram_tokens: int = 512
@@ -99,6 +121,8 @@ class SAE(nn.Module):
     saelens_architecture: ClassVar[str] = "standard"
     # True when every batch must carry domain labels (StepInput.labels is then never None).
     needs_labels: ClassVar[bool] = False
+    # Buffers that only training reads: a state without them (an export, weights from elsewhere) still loads.
+    training_buffers: ClassVar[tuple[str, ...]] = ("tokens_since_fired",)
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -113,10 +137,15 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(w_dec.T.clone() * min(1.0, 2.0 * d / n))
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("tokens_since_fired", torch.zeros(n))
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """``load_state_dict`` that keeps the current value of any training-only buffer ``state`` lacks."""
+        self.load_state_dict({**{name: getattr(self, name) for name in self.training_buffers}, **state})
 
     # -- forward -------------------------------------------------------------------------------
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.W_enc + self.b_enc
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.pre_activation(x))
@@ -136,8 +165,21 @@ class SAE(nn.Module):
         terms = {"mse": losses.reconstruction_mse(x, x_hat)}
         terms.update(self.sparsity_terms(f, inp.sparsity_scale))
         terms.update(self.structure_terms(x, f, inp.labels, inp.step))
-        total = sum(terms.values())
-        return LossOutput(total=total, terms=terms, x_hat=x_hat, f=f)
+        return self.with_aux(x, LossOutput(total=sum(terms.values()), terms=terms, x_hat=x_hat, f=f))
+
+    def with_aux(self, x: torch.Tensor, out: LossOutput) -> LossOutput:
+        """``out`` with the auxiliary dead-latent term added (see ``VariantParams``)."""
+        aux = self.aux_loss(x, out.x_hat)
+        return LossOutput(total=out.total + aux, terms={**out.terms, "aux": aux}, x_hat=out.x_hat, f=out.f)
+
+    def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        dead = (self.tokens_since_fired >= self.p.dead_tokens).nonzero().squeeze(1)
+        if dead.numel() == 0 or self.p.aux_coeff == 0:
+            return x.new_zeros(())
+        pre = F.relu((x - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead])
+        values, top = pre.topk(min(self.p.aux_k or self.cfg.d_in // 2, dead.numel()), dim=-1)
+        recon = torch.zeros_like(pre).scatter(-1, top, values) @ self.W_dec[dead]
+        return self.p.aux_coeff * losses.residual_fit((x - x_hat).detach(), recon)
 
     def sparsity_terms(self, f: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
         return {"l1": self.p.l1_coeff * scale * losses.l1_sparsity(f) / self.cfg.d_in**0.5}
@@ -156,11 +198,18 @@ class SAE(nn.Module):
         to regroup, refresh assignments or update thresholds.
         """
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        fired = (f > 0).any(dim=0)
+        self.tokens_since_fired.copy_(torch.where(fired, 0.0, self.tokens_since_fired + f.shape[0]))
 
     def gram_rows(self, f: torch.Tensor) -> torch.Tensor:
         """The rows of ``f`` the orthogonality Gram is estimated on (see GramParams)."""
         k = self.p.gram_sample_size()
         return f[:k] if k and k < f.shape[0] else f
+
+    def mechanism_metrics(self, f: torch.Tensor) -> dict[str, float]:
+        """The variant's mechanism measured on held-out features ``f`` and its own state: here the latents
+        the auxiliary loss treats as dead."""
+        return {"train_dead_fraction": float((self.tokens_since_fired >= self.p.dead_tokens).float().mean())}
 
     def metric_nce_temperature(self) -> float:
         """Temperature of the InfoNCE *metric*; variants trained with InfoNCE report it at their own temperature."""

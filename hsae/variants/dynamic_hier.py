@@ -9,6 +9,7 @@ activation mass spreads over coarse groups (weight 0.01) keeps assignments from 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,13 +58,27 @@ class DynamicHierSAE(StaticHierSAE):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp_min(_MIN_TEMPERATURE)
 
-    def attention_assignment(self) -> torch.Tensor:
-        """Live soft assignment of every feature to the K1*K2 fine groups (parent-major), (n, K1*K2)."""
+    def attention_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live p(g^1_i | k), (n, K1), and p(g^2_ij | g^1_i, k), (n, K1, K2)."""
         keys = F.normalize(self.W_dec.detach(), dim=1) @ self.W_key
         tau = self.temperature
         p1 = torch.softmax(keys @ self.query_l1.T / tau, dim=-1)
         p2 = torch.softmax(torch.einsum("nd,ijd->nij", keys, self.query_l2) / tau, dim=-1)
-        return (p1[:, :, None] * p2).reshape(keys.shape[0], -1)
+        return p1, p2
+
+    def attention_assignment(self) -> torch.Tensor:
+        """Live soft assignment of every feature to the K1*K2 fine groups (parent-major), (n, K1*K2)."""
+        p1, p2 = self.attention_levels()
+        return (p1[:, :, None] * p2).reshape(p1.shape[0], -1)
+
+    @torch.no_grad()
+    def mechanism_metrics(self, f: torch.Tensor) -> dict[str, float]:
+        """Adds how decided the live coarse assignment is: mean entropy of p(g^1 | k) over log K1
+        (1 = uniform, 0 = every feature in one group) and the temperature."""
+        p1, _ = self.attention_levels()
+        entropy = -(p1 * p1.clamp_min(1e-12).log()).sum(dim=1).mean() / math.log(self.p.n_groups_l1)
+        return {**super().mechanism_metrics(f), "assignment_entropy": float(entropy),
+                "temperature": float(self.temperature)}
 
     def fine_groups(self) -> None:
         return None  # soft assignments: the feature-space Gram

@@ -3,6 +3,7 @@
 Training keeps the k * B largest activations of the whole batch (BatchTopK). The loss adds, to the full
 reconstruction, the reconstruction error of every strict prefix of the dictionary (sizes from
 ``prefix_fractions``), so early features learn coarse, general directions and later ones refine them.
+Dead latents get the auxiliary loss every variant carries (``VariantParams``).
 At inference a single threshold (EMA of the smallest kept activation during training) replaces the
 batch-level top-k, which makes the encoder per-token; it exports as a SAELens JumpReLU SAE.
 """
@@ -15,22 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from hsae import losses
-from hsae.checks import check_positive, check_positive_int
-from hsae.variants.base import SAE, LossOutput, StepInput, VariantParams
+from hsae.checks import check_positive
+from hsae.variants.base import SAE, LossOutput, StepInput
+from hsae.variants.topk import TopKParams
 
 
 @dataclass(frozen=True)
-class MatryoshkaParams(VariantParams):
-    k: int = 32
+class MatryoshkaParams(TopKParams):
     prefix_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
     # Short runs (hundreds of steps) need a fast EMA; 0.99 lags the shrinking activations.
     threshold_momentum: float = 0.9
 
     def validate(self, d_sae: int) -> None:
         super().validate(d_sae)
-        check_positive_int("k", self.k)
-        if self.k > d_sae:
-            raise ValueError(f"k={self.k} must be <= d_sae={d_sae}")
         fr = list(self.prefix_fractions)
         if not fr or any(not isinstance(v, (int, float)) for v in fr):
             raise ValueError(f"prefix_fractions must be a non-empty list of numbers, got {self.prefix_fractions!r}")
@@ -83,7 +81,7 @@ class MatryoshkaBatchTopKSAE(SAE):
         terms = {"mse": prefix_errors[-1]}
         if len(prefix_errors) > 1:
             terms["matryoshka"] = sum(prefix_errors[:-1])
-        return LossOutput(total=sum(terms.values()), terms=terms, x_hat=partial, f=f)
+        return self.with_aux(x, LossOutput(total=sum(terms.values()), terms=terms, x_hat=partial, f=f))
 
     @torch.no_grad()
     def on_step_end(self, step: int, f: torch.Tensor) -> None:

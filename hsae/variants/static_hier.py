@@ -58,3 +58,13 @@ class StaticHierSAE(SAE):
 
     def group_assignment(self) -> torch.Tensor:
         return self.coarse(self.fine_assignment())
+
+    @torch.no_grad()
+    def mechanism_metrics(self, f: torch.Tensor) -> dict[str, float]:
+        """RMS activation cosine across coarse groups and across sibling sub-groups: the hierarchy keeps
+        the first (weight alpha_L1) below the second (alpha_L2) when features stay with their parent."""
+        k1 = self.p.n_groups_l1
+        rms_l1, rms_l2, siblings = losses.hierarchy_block_rms(f, self.fine_assignment().to(f.dtype), k1)
+        return {**super().mechanism_metrics(f),
+                "val_cross_parent_rms": float(losses.pairwise_penalty(rms_l1, losses.off_diagonal(k1, f.device))),
+                "val_sibling_rms": float(losses.pairwise_penalty(rms_l2, siblings))}

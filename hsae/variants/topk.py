@@ -1,4 +1,8 @@
-"""`topk`: keep each token's k largest pre-activations (ReLU'd); sparsity comes from k, no L1 term."""
+"""`topk`: keep each token's k largest pre-activations (ReLU'd); sparsity comes from k, no L1 term.
+
+TopK has no L1 pressure that could revive a latent once it stops firing; the auxiliary dead-latent loss
+every variant carries (``VariantParams``, Gao et al. 2024) is what does.
+"""
 
 from __future__ import annotations
 
