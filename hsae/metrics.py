@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,9 +119,21 @@ def inter_group_cosine(w_dec: torch.Tensor, assignment: torch.Tensor) -> float:
     return float(sims[~torch.eye(k, dtype=torch.bool)].mean())
 
 
-def info_nce_value(f: torch.Tensor, assignment: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
-    """The InfoNCE loss of group-activity embeddings against domain labels (lower: domains separate)."""
-    return float(losses.info_nce((f @ assignment).double(), labels, temperature))
+def info_nce_value(f: torch.Tensor, assignment: torch.Tensor, labels: torch.Tensor, temperature: float,
+                   max_rows: int = 4096) -> float:
+    """The InfoNCE loss of group-activity embeddings against domain labels (lower: domains separate).
+
+    Its similarity matrix is (B, B): on more than ``max_rows`` rows it is taken on a fixed uniform sample.
+    """
+    idx = sample_rows(f.shape[0], max_rows, f.device)
+    return float(losses.info_nce((f[idx] @ assignment).double(), labels.to(f.device)[idx], temperature))
+
+
+def sample_rows(n: int, max_rows: int, device: torch.device | None = None) -> torch.Tensor:
+    """Indices of a fixed uniform sample of at most ``max_rows`` of ``n`` rows, in order (all when n is smaller)."""
+    if n <= max_rows:
+        return torch.arange(n, device=device)
+    return torch.from_numpy(np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))).to(device)
 
 
 def metric_assignment(sae, reference_groups: int = 32) -> torch.Tensor:
@@ -179,7 +192,8 @@ def evaluate(
             "condition_number": float(finite_conds.mean()) if finite_conds.numel() else float("nan"),
             "condition_number_max": float(finite_conds.max()) if finite_conds.numel() else float("nan"),
             "group_entropy": group_entropy(f, assignment),
-            "inter_group_correlation": inter_group_correlation(f, assignment),
+            # (n, n) correlations over tokens: a uniform sample of 8,192 held-out rows estimates them.
+            "inter_group_correlation": inter_group_correlation(f[sample_rows(len(f), 8192, f.device)], assignment),
             "inter_group_cosine": inter_group_cosine(sae.W_dec.detach(), assignment),
             "n_groups": float(assignment.shape[1]),
         }

@@ -87,11 +87,13 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "ratio", "lower", group=_SAE),
     _c("group_entropy", "float64", "entropy of the activation mass over groups divided by log K (1 = uniform use)",
        "fraction of log K", "higher", "H(groups)/log K", _SAE),
-    _c("inter_group_correlation", "float64", "mean activation correlation between features of different groups",
+    _c("inter_group_correlation", "float64", "mean activation correlation between features of different groups "
+       "(a uniform sample of 8,192 eval rows)",
        "correlation", "lower", "inter-group corr", _SAE),
     _c("inter_group_cosine", "float64", "mean cosine between the groups' centroid decoder directions", "cosine",
        "lower", "inter-group cos", _SAE),
-    _c("nce", "float64", "InfoNCE loss of group-activity embeddings against domain labels (null: one domain)",
+    _c("nce", "float64", "InfoNCE loss of group-activity embeddings against domain labels, on a uniform sample of "
+       "4,096 eval rows (null: one domain)",
        "nats", "lower", group=_SAE),
     _c("final_loss", "float64", "last training loss (reconstruction + sparsity + structure)", "normalised units",
        "lower", group=_TRAIN),
