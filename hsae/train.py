@@ -93,7 +93,6 @@ class ArrayBatches:
         labels = None if self.labels is None else self.labels[idx]
         return to_batch(self.x[idx], labels)
 
-
     def unique_rows(self, steps: int) -> int:
         """How many distinct rows the first ``steps`` batches contain."""
         seen = np.zeros(self.n, dtype=bool)
