@@ -94,8 +94,8 @@ def half_widths(stats: list[tuple[float, float]]) -> list[float]:
     return [0.0 if half != half else half for _, half in stats]
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
+def _save(fig: plt.Figure, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    fig.tight_layout(rect=rect)
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -193,15 +193,17 @@ def fig_mechanisms(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> bo
     for ax, (metric, title) in zip(axes.flat, panels, strict=False):
         for variant in [v for v in VARIANT_ORDER if v in set(c["variant"])]:
             per_step = c[c.variant == variant].groupby("step")[metric].mean().dropna()
-            if not per_step.empty:
-                ax.plot(per_step.index, per_step.values, label=variant)
+            if not per_step.empty:  # one colour per variant in every panel, so the one legend holds
+                ax.plot(per_step.index, per_step.values, label=variant, color=f"C{VARIANT_ORDER.index(variant) % 10}")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=f"C{VARIANT_ORDER.index(v) % 10}", label=v)
+               for v in VARIANT_ORDER if v in set(c["variant"])]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle("Mechanisms during training (held-out rows; mean over seeds)")
-    _save(fig, path)
+    _save(fig, path, rect=(0, 0.05, 1, 1))  # room for the figure legend below the panels
     return True
 
 
