@@ -61,8 +61,8 @@ class StaticHierSAE(SAE):
 
     @torch.no_grad()
     def mechanism_metrics(self, f: torch.Tensor) -> dict[str, float]:
-        """RMS activation cosine across coarse groups and across sibling sub-groups: the hierarchy keeps
-        the first (weight alpha_L1) below the second (alpha_L2) when features stay with their parent."""
+        """RMS activation cosine across coarse groups and across sibling sub-groups: features that stay with
+        their parent keep the first (penalised by alpha_L1) below the second (alpha_L2)."""
         k1 = self.p.n_groups_l1
         rms_l1, rms_l2, siblings = losses.hierarchy_block_rms(f, self.fine_assignment().to(f.dtype), k1)
         return {**super().mechanism_metrics(f),
