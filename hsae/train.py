@@ -136,7 +136,7 @@ def uniform_rows(batch: Batch, n: int) -> Batch:
     """A fixed uniform sample of ``n`` rows of ``batch`` (all of them when it has no more), in row order."""
     if len(batch.x) <= n:
         return batch
-    idx = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(batch.x), n, replace=False)))
+    idx = M.sample_rows(len(batch.x), n)
     return Batch(batch.x[idx], None if batch.labels is None else batch.labels[idx])
 
 
@@ -285,9 +285,9 @@ class Trainer:
         x, labels = self._prepare(batch)
         # Rows in a random order (a function of seed and step, so resume sees the same): every term
         # estimated on the first rows of a batch (Gram, regrouping, InfoNCE) sees a uniform sample.
-        order = torch.from_numpy(np.random.default_rng([self.cfg.seed, self.step]).permutation(x.shape[0]))
-        x = x[order.to(x.device)]
-        labels = labels[order.to(labels.device)] if labels is not None else None
+        order = torch.from_numpy(np.random.default_rng([self.cfg.seed, self.step]).permutation(x.shape[0])).to(x.device)
+        x = x[order]
+        labels = labels[order] if labels is not None else None
         cfg = self.cfg
         warm = min(1.0, (self.step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
         for group in self.optimizer.param_groups:

@@ -85,8 +85,7 @@ class TrialRun:
 
 def convergence_values(history: list[dict[str, float]], steps: int) -> dict[str, Any]:
     """The row's held-out MSE and convergence verdict, from the curve it will be recomputed from."""
-    curve = [(h["step"], h.get("val_mse")) for h in history]
-    change = val_mse_rel_change([s for s, _ in curve], [v for _, v in curve], steps)
+    change = val_mse_rel_change([h["step"] for h in history], [h.get("val_mse") for h in history], steps)
     return {"val_mse": history[-1].get("val_mse") if history else None,
             "val_mse_rel_change": change, "converged": is_converged(change)}
 

@@ -246,7 +246,7 @@ def search_setup(space: Space, trials: list[TrialSpec], pending: list[TrialSpec]
     # max_t one past the last step so the final report (evaluation) is never cut.
     scheduler = (ASHAScheduler(time_attr="step", grace_period=max(1, profile.steps // 3), reduction_factor=2,
                                max_t=profile.steps + 1) if scheduler_name == "asha" else FIFOScheduler())
-    max_concurrent = args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    max_concurrent = trial_concurrency(args, ray)
     common = dict(metric="val_mse", mode="min", scheduler=scheduler, max_concurrent_trials=max_concurrent)
     if args.search == "grid":
         return {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}, tune.TuneConfig(**common)
@@ -378,6 +378,11 @@ def summarise(plan: Plan, out: str, failed: list[tuple[TrialSpec | None, str]], 
     return EXIT_TRIALS_FAILED
 
 
+def trial_concurrency(args: argparse.Namespace, ray: Any) -> int:
+    """Trials Tune runs at once: --max-concurrent, else one per CPU of the cluster."""
+    return args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def report_time(plan: Plan, args: argparse.Namespace, phases: dict[str, float], total_s: float, ray: Any) -> None:
     """Print (and keep under timings/) where the wall time went; trials skipped as finished count nothing."""
     import pandas as pd
@@ -386,7 +391,7 @@ def report_time(plan: Plan, args: argparse.Namespace, phases: dict[str, float], 
     started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - total_s))
     ran = rows[rows["trial_id"].isin({t.key for ts in plan.trials.values() for t in ts})
                & (rows["finished_at"] >= started)]
-    concurrency = args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    concurrency = trial_concurrency(args, ray)
     parts = breakdown(total_s, phases, ran, concurrency)
     print(format_breakdown(parts, total_s, len(ran), concurrency))
     write_breakdown(Path(args.out), "-".join(sorted({t.experiment for ts in plan.trials.values() for t in ts})),

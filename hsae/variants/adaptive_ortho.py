@@ -59,18 +59,19 @@ class AdaptiveOrthoSAE(SAE):
         # `step` counts completed steps: regroup after steps R, 2R, ...
         if step % self.p.regroup_every == 0:
             gram = losses.activation_cosine_gram(self.gram_rows(f))
-            before_groups, before_rms = self.group_of.clone(), self._cross_group_rms(gram)
+            before_groups, before_rms = self.group_of.clone(), self._block_rms(gram)
             self.group_of.copy_(balanced_regroup(gram, self.group_of, self.p.n_groups))
-            a = self.group_assignment()
-            rms = losses.block_rms(a.T @ gram.pow(2) @ a, a)
+            rms = self._block_rms(gram)
             self.pair_alpha.copy_(rank_scaled_alpha(rms, self.p.alpha_min, self.p.alpha_max))
             moved = (self.group_of != before_groups).float().mean()
-            self.last_regroup.copy_(torch.stack([moved, self._cross_group_rms(gram) / before_rms.clamp_min(1e-12)]))
+            cross = losses.off_diagonal(self.p.n_groups, gram.device)
+            ratio = losses.pairwise_penalty(rms, cross) / losses.pairwise_penalty(before_rms, cross).clamp_min(1e-12)
+            self.last_regroup.copy_(torch.stack([moved, ratio]))
 
-    def _cross_group_rms(self, gram: torch.Tensor) -> torch.Tensor:
+    def _block_rms(self, gram: torch.Tensor) -> torch.Tensor:
+        """RMS activation cosine of every (group, group) block under the current groups."""
         a = self.group_assignment()
-        k = self.p.n_groups
-        return losses.pairwise_penalty(losses.block_rms(a.T @ gram.pow(2) @ a, a), losses.off_diagonal(k, a.device))
+        return losses.block_rms(a.T @ gram.pow(2) @ a, a)
 
     def mechanism_metrics(self, f: torch.Tensor) -> dict[str, float]:
         moved, ratio = (float(v) for v in self.last_regroup)
