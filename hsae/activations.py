@@ -4,10 +4,11 @@ A harvest is keyed by a content hash of everything that determines its numbers (
 layer, corpus content, ctx_len, n_ctxs, dtypes, seed, split). Under ``<cache>/activations/<key>/``:
 
 - ``tokens_<split>.npy`` / ``domains_<split>.npy``: the packed contexts and their domains;
-- ``<split>_<i>.npy`` + ``<split>_<i>.json``: activation shard i (BOS rows removed) and its sidecar
-  (sha256, rows, labels file); the sidecar is written after the shard, so a shard without a matching
+- ``<split>_<i>.npy`` + ``<split>_<i>.json``: activation shard i (attention-sink rows removed, see
+  ``sink_rows``) and its sidecar (checksums, rows, rows dropped as outliers); the sidecar is written
+  after the shard, so a shard without a matching
   sidecar was never finished and is rebuilt, as is one whose checksum does not match;
-- ``<split>_<i>.labels.npy``: the per-token domain labels of shard i;
+- ``<split>_<i>.labels.npy`` / ``<split>_<i>.tokens.npy``: the domain label and token id of every row;
 - ``manifest.json``: written last, for humans and quick metadata.
 
 Every file is written to a temp name and renamed, so nothing half-written is ever read as complete.
@@ -42,7 +43,9 @@ from hsae.models import (
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 SPLITS = ("train", "eval")
-FORMAT_VERSION = 2  # 2: documents split per domain (corpora.heldout_indices)
+FORMAT_VERSION = 3  # 2: documents split per domain (corpora.heldout_indices); 3: outlier rows dropped
+# A row whose norm exceeds this many times the shard's median row norm is an attention sink (docs/training.md).
+OUTLIER_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class HarvestConfig:
     holdout_fraction: float = 0.1  # of each domain's documents, held out for evaluation
     shard_ctxs: int = 128
     forward_batch: int = 8
+    outlier_factor: float = OUTLIER_FACTOR
 
     def __post_init__(self) -> None:
         if self.model.layer is None:  # resolved once, here: the cache key and every reader need it
@@ -67,6 +71,9 @@ class HarvestConfig:
         check_positive_int("n_eval_ctxs", self.n_eval_ctxs)
         check_positive_int("shard_ctxs", self.shard_ctxs)
         check_positive_int("forward_batch", self.forward_batch)
+        if not isinstance(self.outlier_factor, (int, float)) or self.outlier_factor <= 1:
+            raise ValueError(f"outlier_factor must be a number > 1 (times the median row norm), "
+                             f"got {self.outlier_factor!r}")
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"unknown store_dtype {self.store_dtype!r}; valid: {list(STORE_DTYPES)}")
         for name in ("forget_fraction", "holdout_fraction"):
@@ -100,9 +107,10 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 @dataclass
 class Shard:
-    x: np.ndarray  # (rows, d) activations, BOS excluded
+    x: np.ndarray  # (rows, d) activations, position 0 and outlier rows excluded
     labels: np.ndarray  # (rows,) int8 domain of each token
     tokens: np.ndarray  # (rows,) int64 token id of each row (lines labels up with their text)
+    outliers: int = 0  # rows dropped by the outlier rule
 
 
 class ActivationCache:
@@ -123,28 +131,35 @@ class ActivationCache:
     def _labels_path(self, split: str, i: int) -> Path:
         return self.dir / f"{split}_{i:05d}.labels.npy"
 
+    def _tokens_path(self, split: str, i: int) -> Path:
+        return self.dir / f"{split}_{i:05d}.tokens.npy"
+
+    def _files(self, split: str, i: int) -> dict[str, Path]:
+        return {"sha256": self.shard_path(split, i), "labels_sha256": self._labels_path(split, i),
+                "tokens_sha256": self._tokens_path(split, i)}
+
     def shard_is_valid(self, split: str, i: int) -> bool:
-        side, path, lab = self._sidecar(split, i), self.shard_path(split, i), self._labels_path(split, i)
-        if not (side.is_file() and path.is_file() and lab.is_file()):
+        side = self._sidecar(split, i)
+        if not side.is_file() or not all(p.is_file() for p in self._files(split, i).values()):
             return False
         try:
             meta = json.loads(side.read_text())
-            return meta["sha256"] == file_sha256(path) and meta["labels_sha256"] == file_sha256(lab)
+            return all(meta[k] == file_sha256(p) for k, p in self._files(split, i).items())
         except (ValueError, KeyError, OSError):
             return False
 
-    def write_shard(self, split: str, i: int, x: np.ndarray, labels: np.ndarray) -> None:
+    def write_shard(self, split: str, i: int, shard: Shard) -> None:
         self._sidecar(split, i).unlink(missing_ok=True)
-        _atomic_save_npy(self.shard_path(split, i), x)
-        _atomic_save_npy(self._labels_path(split, i), labels)
-        meta = {"sha256": file_sha256(self.shard_path(split, i)), "rows": int(x.shape[0]),
-                "labels_sha256": file_sha256(self._labels_path(split, i))}
+        for array, path in zip((shard.x, shard.labels, shard.tokens), self._files(split, i).values(), strict=True):
+            _atomic_save_npy(path, array)
+        meta = {k: file_sha256(p) for k, p in self._files(split, i).items()}
+        meta.update(rows=int(shard.x.shape[0]), outliers=int(shard.outliers))
         atomic_write_text(self._sidecar(split, i), json.dumps(meta))
 
-    def read_shard(self, split: str, i: int, tokens: np.ndarray) -> Shard:
-        x = np.load(self.shard_path(split, i))
-        labels = np.load(self._labels_path(split, i))
-        return Shard(x=x, labels=labels, tokens=shard_token_ids(tokens, self.cfg, i))
+    def read_shard(self, split: str, i: int) -> Shard:
+        x, labels, tokens = (np.load(p) for p in self._files(split, i).values())
+        outliers = int(json.loads(self._sidecar(split, i).read_text()).get("outliers", 0))
+        return Shard(x=x, labels=labels, tokens=tokens, outliers=outliers)
 
     def contexts(self, split: str) -> tuple[np.ndarray, np.ndarray] | None:
         tok, dom = self.dir / f"tokens_{split}.npy", self.dir / f"domains_{split}.npy"
@@ -166,8 +181,14 @@ def shard_context_slice(cfg: HarvestConfig, i: int, n_contexts: int) -> slice:
     return slice(i * cfg.shard_ctxs, min((i + 1) * cfg.shard_ctxs, n_contexts))
 
 
-def shard_token_ids(tokens: np.ndarray, cfg: HarvestConfig, i: int) -> np.ndarray:
-    return tokens[shard_context_slice(cfg, i, len(tokens))][:, 1:].reshape(-1)
+def sink_rows(x: np.ndarray, factor: float) -> np.ndarray:
+    """Rows that are attention sinks by the rule: norm above ``factor`` x the median row norm of ``x``.
+
+    Some models park a huge activation on a few tokens (SmolLM2-135M: 1% of tokens carry 95% of the centred
+    variance, norms up to 155x the median); kept, they dominate every reconstruction metric.
+    """
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    return norms > factor * np.median(norms)
 
 
 @dataclass
@@ -183,6 +204,10 @@ class Harvest:
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return (np.concatenate([s.x for s in self.shards[split]]),
                 np.concatenate([s.labels for s in self.shards[split]]))
+
+    def outliers(self, split: str) -> int:
+        """Rows of ``split`` dropped by the outlier rule (``sink_rows``)."""
+        return int(sum(s.outliers for s in self.shards[split]))
 
     def token_ids(self, split: str) -> np.ndarray:
         """The token id of every row of ``split`` (lines rows up with their text)."""
@@ -233,8 +258,8 @@ class Harvester:
         return tokens, domains
 
     @torch.no_grad()
-    def compute_shard(self, tokens: np.ndarray, domains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stopped forward over the shard's contexts; BOS rows dropped; labels per token."""
+    def compute_shard(self, tokens: np.ndarray, domains: np.ndarray) -> Shard:
+        """Stopped forward over the shard's contexts; position 0 (the start token) and outlier rows dropped."""
         cfg, loaded = self.cfg, self.loaded
         outs = []
         for start in range(0, len(tokens), cfg.forward_batch):
@@ -249,7 +274,9 @@ class Harvester:
                 f"activations overflow store_dtype={cfg.store_dtype} (max |x| = {np.abs(x).max():.3g}); use float32"
             )
         labels = np.repeat(domains.astype(np.int8), cfg.ctx_len - 1)
-        return stored, labels
+        sinks = sink_rows(x, cfg.outlier_factor)
+        keep = ~sinks
+        return Shard(stored[keep], labels[keep], tokens[:, 1:].reshape(-1)[keep], outliers=int(sinks.sum()))
 
     def run(self) -> Harvest:
         cfg, cache = self.cfg, self.cache
@@ -268,17 +295,19 @@ class Harvester:
             done, t_split = 0, time.perf_counter()
             for i in missing:
                 sl = shard_context_slice(cfg, i, len(tokens))
-                x, labels = self.compute_shard(tokens[sl], domains[sl])
-                cache.write_shard(split, i, x, labels)
+                shard = self.compute_shard(tokens[sl], domains[sl])
+                cache.write_shard(split, i, shard)
                 done += tokens[sl].size
                 rate = done / max(time.perf_counter() - t_split, 1e-9)
-                self._say(f"{split} shard {i + 1}/{n_shards}: {done}/{total} tokens, {rate:.0f} tokens/s")
+                sinks = f", {shard.outliers} outlier rows dropped" if shard.outliers else ""
+                self._say(f"{split} shard {i + 1}/{n_shards}: {done}/{total} tokens, {rate:.0f} tokens/s{sinks}")
             computed_tokens += done
-            shards[split] = [cache.read_shard(split, i, tokens) for i in range(n_shards)]
+            shards[split] = [cache.read_shard(split, i) for i in range(n_shards)]
         elapsed = time.perf_counter() - t0
         d_model = int(shards["train"][0].x.shape[1])
         manifest = {"key": cache.key, "config": asdict(cfg), "d_model": d_model,
-                    "rows": {s: int(sum(len(sh.x) for sh in shards[s])) for s in SPLITS}}
+                    "rows": {s: int(sum(len(sh.x) for sh in shards[s])) for s in SPLITS},
+                    "outliers": {s: int(sum(sh.outliers for sh in shards[s])) for s in SPLITS}}
         atomic_write_text(cache.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
         tps = computed_tokens / elapsed if computed_tokens else float("nan")
         return Harvest(cache.key, cache.dir, d_model, shards, self.forwards, elapsed, tps)

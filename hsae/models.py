@@ -97,22 +97,41 @@ class LoadedModel:
     def n_layers(self) -> int:
         return self.info.n_layers
 
-    @property
-    def bos_id(self) -> int:
-        return int(self.info.bos_id)
 
 
 class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+def decoder_stack(model: Any) -> tuple[Any, str]:
+    """The module that holds the transformer blocks and the attribute naming their list.
+
+    Read from the model itself, for every family transformers knows: the base model (``model.model``
+    for Gemma/Llama/Qwen/Mistral/Phi, ``transformer`` for GPT-2, ``gpt_neox`` for Pythia) holds one
+    ``ModuleList`` as long as the config's layer count (``layers``, ``h``, ...).
+    """
+    base = getattr(model, "base_model", model)
+    n_layers = int(model.config.get_text_config().num_hidden_layers)
+    for name, child in base.named_children():
+        if isinstance(child, torch.nn.ModuleList) and len(child) == n_layers:
+            return base, name
+    raise ValueError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}: no ModuleList of that "
+                     f"length on {type(base).__name__}")
+
+
 def decoder_layers(model: Any) -> Any:
-    """The list of transformer blocks (``model.model.layers`` for Gemma and most causal LMs)."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find decoder layers on {type(model).__name__}: expected model.model.layers")
-    return layers
+    """The list of transformer blocks, in order."""
+    owner, name = decoder_stack(model)
+    return getattr(owner, name)
+
+
+def start_token(tokenizer: Any) -> int:
+    """The token every context and prompt starts with: BOS, or EOS for tokenizers without one (Qwen has
+    no BOS; GPT-2's <|endoftext|> is both). Its row is the attention sink and never enters a harvest."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither a BOS nor an EOS token to start contexts with")
+    return int(token)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -105,6 +105,8 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "marked in the report and never ranked", label="converged", group=_TRAIN),
     _c("unique_train_tokens", "Int64", "distinct activation rows (tokens) the SAE's batches drew from", "tokens",
        group=_TRAIN),
+    _c("outlier_tokens", "Int64", "training tokens of the harvest dropped as attention sinks (norm > 10x the median; "
+       "docs/training.md)", "tokens", group=_TRAIN),
     _c("unlearning_score", "float64", "SAEBench unlearning score (docs/evaluation.md); null unless completed",
        "fraction", "higher", "unlearning", _EVAL),
     _c("random_feature_score", "float64", "the same grid clamping random live features (negative control)",

@@ -20,7 +20,7 @@ import numpy as np
 from hsae.activations import Harvest, HarvestConfig, Harvester
 from hsae.corpora import corpus_identity, load_corpus, split_table
 from hsae.evaluation.evaluator import EvalConfig, Evaluator
-from hsae.evaluation.questions import BankConfig, bank_source, build_bank, questions_table
+from hsae.evaluation.questions import BankConfig, bank_identity, bank_source, build_bank, questions_table
 from hsae.models import ModelInfo, load_model, spec_identity
 from hsae.train import Batch, to_batch
 
@@ -39,6 +39,7 @@ class ServedInfo:
     corpus: dict[str, Any]  # corpus identity and the document split that keeps evaluation held out
     cache_dir: str
     rows: dict[str, int]  # activation rows per split
+    outliers: dict[str, int]  # rows per split dropped as attention sinks (activations.sink_rows)
     harvest_s: float
     tokens_per_s: float
     refs: dict[str, list[tuple[Any, Any, Any]]]  # split -> [(x, labels, tokens) ObjectRef per shard]
@@ -92,7 +93,8 @@ class ActivationServer:
                           "split_seed": self.cfg.seed}
                 rows = {split: int(sum(len(s.x) for s in shards)) for split, shards in harvest.shards.items()}
                 self._info = ServedInfo(model=model, harvest_key=harvest.key, corpus=corpus, cache_dir=str(harvest.dir),
-                                        rows=rows, harvest_s=harvest.harvest_s, tokens_per_s=harvest.tokens_per_s,
+                                        rows=rows, outliers={s: harvest.outliers(s) for s in harvest.shards},
+                                        harvest_s=harvest.harvest_s, tokens_per_s=harvest.tokens_per_s,
                                         refs=refs)
         return self._info
 
@@ -112,7 +114,8 @@ class ActivationServer:
             cfg = self.cfg
             source = bank_source(loaded, cfg.corpus, self.bank_cfg, cfg.holdout_fraction, cfg.seed)
             identity = {"model": spec_identity(spec), "corpus": corpus_identity(cfg.corpus),
-                        "split": {"holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed}}
+                        "split": {"holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed},
+                        **bank_identity(self.bank_cfg)}
             bank = build_bank(loaded, self.bank_cfg, source, identity, root=self.cache_root)
             x, labels = self.heldout_content_rows()
             tokens, domains = self.harvester.cache.contexts("eval")

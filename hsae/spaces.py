@@ -72,8 +72,13 @@ class Profile:
     min_forget_questions: int = 150
     min_retain_questions: int = 300
     ce_contexts_per_domain: int = 4
+    # Where the real profile's data come from: hub ids, or local copies in the hub's layout (hsae.hub).
+    # SAEBench evaluates a base model's SAEs on its instruction-tuned twin (None: the base model).
     eval_model: str | None = None
-    forget_path: str | None = None
+    forget_corpus: str = "cais/wmdp-bio-forget-corpus"
+    retain_corpus: str = "Salesforce/wikitext"
+    wmdp_questions: str = "cais/wmdp"
+    mmlu_questions: str = "cais/mmlu"
     evaluate: bool = True
     # Seeds per configuration (42, 43, ...): intervals need several; --seeds overrides.
     seeds: int = 3
@@ -135,6 +140,26 @@ def get_profile(name: str, **overrides: Any) -> Profile:
     if unknown:
         raise ValueError(f"unknown profile field(s) {unknown}; valid: {sorted(fields)}")
     return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_profile_settings(pairs: list[str], profile: Profile) -> dict[str, Any]:
+    """``--set field=value`` pairs as typed overrides of ``profile``'s fields (values read as YAML)."""
+    out: dict[str, Any] = {}
+    current = asdict(profile)
+    for pair in pairs:
+        field_name, sep, text = pair.partition("=")
+        if not sep or field_name not in current or field_name == "name":
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{sorted(k for k in current if k != 'name')}")
+        value, old = yaml.safe_load(text), current[field_name]
+        expected = type(old) if old is not None else str
+        ok = (isinstance(value, expected) and not (expected is int and isinstance(value, bool))) or (
+            expected is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"--set {field_name}: expected a {expected.__name__} (the profile has {old!r}), "
+                             f"got {text!r}")
+        out[field_name] = float(value) if expected is float else value
+    return out
 
 
 @dataclass(frozen=True)

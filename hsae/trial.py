@@ -42,9 +42,11 @@ class TrialRun:
     """Train and score the SAE that ``spec`` names on activations of ``model`` (width read from the model)."""
 
     def __init__(self, spec: TrialSpec, profile: Profile, model: ModelInfo, checkpoint_dir: str | Path,
-                 on_progress: ProgressCallback | None = None, controls_ok: bool | None = None) -> None:
+                 on_progress: ProgressCallback | None = None, controls_ok: bool | None = None,
+                 outlier_tokens: int | None = None) -> None:
         self.spec, self.profile, self.model = spec, profile, model
         self.controls_ok = controls_ok  # the sweep's evaluation controls: False means no score is a result
+        self.outlier_tokens = outlier_tokens  # training rows the harvest dropped as attention sinks
         self.sae_cfg = SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
         self.train_cfg = profile.train_config(spec.seed)
         self.trainer = Trainer(self.sae_cfg, self.train_cfg, on_progress=on_progress, checkpoint_dir=checkpoint_dir)
@@ -79,7 +81,7 @@ class TrialRun:
 
     def _outcome(self, status: str, **values: Any) -> TrialOutcome:
         row = trial_row(self.spec, self.profile, self.model, self.sae_cfg, self.train_cfg, status,
-                        controls_ok=self.controls_ok, **values)
+                        controls_ok=self.controls_ok, outlier_tokens=self.outlier_tokens, **values)
         return TrialOutcome(row, curve_rows(self.spec, self.trainer.history))
 
 

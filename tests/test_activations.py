@@ -136,7 +136,7 @@ def test_bad_model_inputs_have_clear_errors(tmp_path):
         describe_model(ModelSpec("nobody/no-such-model-xyz"))
     with pytest.raises(ValueError, match=r"unknown corpus 'wiki'; valid corpora"):
         CorpusSpec("wiki")
-    with pytest.raises(ValueError, match=r"needs forget_path"):
-        CorpusSpec("wmdp")
+    with pytest.raises(FileNotFoundError, match=r"--forget-corpus: .*does not exist"):
+        CorpusSpec("wmdp", forget=str(tmp_path / "no-such-corpus.jsonl"))
     with pytest.raises(ValueError, match=r"store_dtype"):
         HarvestConfig(store_dtype="int8")

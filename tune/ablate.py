@@ -31,7 +31,8 @@ from hsae.evaluation.evaluator import EvalConfig  # noqa: E402
 from hsae.evaluation.questions import BankConfig  # noqa: E402
 from hsae.evaluation.unlearning import UnlearningConfig  # noqa: E402
 from hsae.keys import content_key  # noqa: E402
-from hsae.models import ModelInfo, ModelNotFoundError, ModelSpec, describe_model  # noqa: E402
+from hsae.models import ModelInfo, ModelSpec, cache_root, describe_model, model_config  # noqa: E402
+from hsae.preflight import Sizes, check_fits, check_plan, describe_sizes, plan_sizes  # noqa: E402
 from hsae.results import ResultsStore, control_grid_rows  # noqa: E402
 from hsae.spaces import (  # noqa: E402
     PROFILES,
@@ -43,11 +44,13 @@ from hsae.spaces import (  # noqa: E402
     get_profile,
     grid_trials,
     load_space,
+    parse_profile_settings,
     sweep_context,
     validate_trials,
 )
 from hsae.verdict import NEGATIVE_MAX, POSITIVE_MIN  # noqa: E402
 from tune.breakdown import breakdown, format_breakdown, write_breakdown  # noqa: E402
+from tune.nodes import SharedStorageError, check_shared_storage  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
@@ -70,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--d-sae", type=int, default=None, help="dictionary size (default: the profile's)")
     p.add_argument("--n-ctxs", type=int, default=None, help="contexts of ctx_len tokens to harvest")
-    p.add_argument("--forget-path", default=None, help="WMDP bio forget corpus JSONL (real profile)")
+    p.add_argument("--eval-model", default=None, help="the model evaluation scores on (real: the -it twin); "
+                                                       "a hub id or a local directory")
+    p.add_argument("--forget-corpus", default=None, help="real profile: the WMDP bio forget corpus, a hub id, a local "
+                                                          "JSONL or a folder in the hub's layout")
+    p.add_argument("--retain-corpus", default=None, help="real profile: WikiText (hub id or local copy)")
+    p.add_argument("--wmdp", default=None, help="real profile: WMDP question sets (hub id or local copy)")
+    p.add_argument("--mmlu", default=None, help="real profile: MMLU (hub id or local copy)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any profile field (docs/sweeps.md), e.g. --set batch_size=512; repeatable")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (trials, devices, sizes, tokens) and exit")
     p.add_argument("--out", default="results", help="results directory (default results/)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     p.add_argument("--search", default="grid", choices=["grid", "optuna"])
@@ -93,6 +105,8 @@ class Plan:
     harvest: HarvestConfig
     spaces: list[Space]
     trials: dict[str, list[TrialSpec]]
+    sizes: Sizes
+    eval_model: ModelInfo | None = None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -110,7 +124,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def resolve_profile(args: argparse.Namespace) -> Profile:
     profile = get_profile(args.profile, steps=args.steps, model=args.model, layer=args.layer, d_sae=args.d_sae,
-                          n_ctxs=args.n_ctxs, forget_path=args.forget_path)
+                          n_ctxs=args.n_ctxs, eval_model=args.eval_model, forget_corpus=args.forget_corpus,
+                          retain_corpus=args.retain_corpus, wmdp_questions=args.wmdp, mmlu_questions=args.mmlu)
+    profile = replace(profile, **parse_profile_settings(args.set, profile))
     if args.no_eval:
         profile = replace(profile, evaluate=False)
     profile.train_config(42)  # validates steps, batch size, lr
@@ -135,7 +151,10 @@ def resolve(args: argparse.Namespace) -> Plan:
     """Everything validated before any compute; raises ValueError/SpaceError/FileNotFoundError."""
     check_args(args)
     profile = resolve_profile(args)
-    model = describe_model(ModelSpec(profile.model, layer=profile.layer))  # the model's facts, layer checked
+    spec = ModelSpec(profile.model, layer=profile.layer)
+    config = model_config(spec)
+    model = describe_model(spec, config)  # the model's facts, layer checked
+    twin = check_eval_model(profile, model)
     harvest = harvest_config(profile)
     context = sweep_context(profile, harvest_key(harvest))
     names = list(SPACE_NAMES) if args.space == "all" else [args.space]
@@ -143,13 +162,56 @@ def resolve(args: argparse.Namespace) -> Plan:
     trials = {space.name: space_trials(space, args, profile, context) for space in spaces}
     for specs in trials.values():
         validate_trials(specs, profile, model.d_model)
-    ResultsStore(args.out).check_writable()
-    return Plan(profile, model, harvest, spaces, trials)
+    if not args.dry_run:
+        ResultsStore(args.out).check_writable()
+    sizes = plan_sizes(profile, model, config, [t for ts in trials.values() for t in ts])
+    return Plan(profile, model, harvest, spaces, trials, sizes, twin)
+
+
+def check_eval_model(profile: Profile, model: ModelInfo) -> ModelInfo | None:
+    """The evaluation model's facts; its SAE inputs are the base model's, so width and depth must match."""
+    if not profile.eval_model or not profile.evaluate:
+        return None
+    twin = describe_model(ModelSpec(profile.eval_model, layer=model.layer))
+    if (twin.d_model, twin.n_layers) != (model.d_model, model.n_layers):
+        raise ValueError(f"--eval-model {profile.eval_model!r} is {twin.n_layers} layers x {twin.d_model}, the base "
+                         f"model {model.n_layers} x {model.d_model}: SAEs of one cannot be evaluated on the other")
+    return twin
+
+
+def preflight(plan: Plan, args: argparse.Namespace) -> None:
+    """Print the plan (--dry-run) and refuse one that cannot fit (PlanDoesNotFit, exit 2), before compute."""
+    concurrent = args.max_concurrent or (os.cpu_count() or 1) + 1
+    if args.dry_run:
+        print(format_plan(plan, args, concurrent))
+    complete = (cache_root() / "activations" / harvest_key(plan.harvest) / "manifest.json").is_file()
+    check_plan(plan.sizes, cache_root(), complete, concurrent, args.gpus_per_trial)
+
+
+def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
+    p, m = plan.profile, plan.model
+    lines = [f"[hsae] plan for profile {p.name!r} (dry run: nothing is loaded, started or written)",
+             f"model              {m.source} ({m.family}, {m.n_layers} layers x {m.d_model}, {m.dtype}), "
+             f"layer {m.layer}",
+             f"evaluation model   {plan.eval_model.source if plan.eval_model else m.source}"
+             + ("" if p.evaluate else " (evaluation off)"),
+             f"corpus             {p.corpus}" + (f": forget {p.forget_corpus}, retain {p.retain_corpus}"
+                                                 if p.corpus == "wmdp" else ""),
+             f"questions          {p.bank_kind}" + (f": {p.wmdp_questions}, {p.mmlu_questions}"
+                                                     if p.bank_kind == "letter" else ""),
+             f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: 1 CPU + "
+             f"{args.gpus_per_trial} GPU each, up to {concurrent} at once",
+             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}"]
+    for space, trials in plan.trials.items():
+        variants = sorted({t.variant for t in trials})
+        lines.append(f"space {space:<12} {len(trials)} trials ({len({t.seed for t in trials})} seeds): "
+                     f"{', '.join(variants)}")
+    return "\n".join(lines + describe_sizes(plan.sizes))
 
 
 def harvest_config(profile: Profile) -> HarvestConfig:
     return HarvestConfig(model=ModelSpec(profile.model, layer=profile.layer),
-                         corpus=CorpusSpec(profile.corpus, forget_path=profile.forget_path),
+                         corpus=CorpusSpec(profile.corpus, forget=profile.forget_corpus, retain=profile.retain_corpus),
                          ctx_len=profile.ctx_len, n_ctxs=profile.n_ctxs, n_eval_ctxs=profile.n_eval_ctxs,
                          holdout_fraction=profile.holdout_fraction, forget_fraction=profile.forget_fraction)
 
@@ -157,9 +219,9 @@ def harvest_config(profile: Profile) -> HarvestConfig:
 def eval_config(profile: Profile) -> tuple[EvalConfig, BankConfig]:
     ucfg = UnlearningConfig(min_forget_questions=profile.min_forget_questions,
                             min_retain_questions=profile.min_retain_questions)
-    bank = BankConfig(kind=profile.bank_kind)
+    bank = BankConfig(kind=profile.bank_kind, wmdp=profile.wmdp_questions, mmlu=profile.mmlu_questions)
     if profile.name == "tiny":
-        bank = BankConfig(kind=profile.bank_kind, max_forget=1000, max_retain=1000)
+        bank = replace(bank, max_forget=1000, max_retain=1000)
     return EvalConfig(unlearning=ucfg, ce_contexts_per_domain=profile.ce_contexts_per_domain), bank
 
 
@@ -321,7 +383,8 @@ def start_server(plan: Plan, ray: Any) -> tuple[str, Any, Any]:
                                       eval_model=profile.eval_model)
     info = ray.get(server.prepare.remote())
     print(f"[hsae] activations ready: {info.rows} rows x {info.model.d_model} at layer {info.model.layer} of "
-          f"{info.model.source}; cache {info.cache_dir}")
+          f"{info.model.source}; {info.outliers['train']} train / {info.outliers['eval']} held-out rows dropped as "
+          f"attention sinks; cache {info.cache_dir}")
     return server_name, server, info
 
 
@@ -408,9 +471,17 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
     phases: dict[str, float] = {}
     try:
         plan = resolve(args)  # reads the model's config: converts the embedded model on a cold cache
+        preflight(plan, args)
+        if args.dry_run:
+            return 0
         phases["convert"] = time.perf_counter() - t0
         ray = connect(args.address)
-    except (ValueError, FileNotFoundError, ModelNotFoundError, ConnectionError) as exc:
+        # Rows, Tune's storage (under --out) and the activation cache must be one storage on every node.
+        check_shared_storage(ray, {"results": args.out, "cache": cache_root()})
+        check_fits("the activations", plan.sizes.object_store_bytes,
+                   int(ray.cluster_resources().get("object_store_memory", 0)), "Ray's object store",
+                   "start Ray with a larger --object-store-memory, or lower --n-ctxs")
+    except (ValueError, FileNotFoundError, ConnectionError, SharedStorageError) as exc:
         print(f"hsae-ablate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     t_harvest = time.perf_counter()

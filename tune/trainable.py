@@ -45,7 +45,7 @@ def run_trial(config: dict[str, Any]) -> None:
     profile = Profile(**ctx["profile"])
     with tempfile.TemporaryDirectory(prefix="hsae-trial-") as work:
         run = TrialRun(spec, profile, info.model, work, on_progress=reporter(spec, hooks, restored is not None),
-                       controls_ok=ctx.get("controls_ok"))
+                       controls_ok=ctx.get("controls_ok"), outlier_tokens=info.outliers["train"])
         if restored is not None:
             with restored.as_directory() as path:
                 run.restore(Path(path))

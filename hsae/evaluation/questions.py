@@ -33,9 +33,10 @@ import torch
 
 from hsae.atomic import atomic_write_text
 from hsae.corpora import DOMAIN_NAMES, FORGET, RETAIN
-from hsae.evaluation.tail import token_logits
+from hsae.evaluation.tail import final_hidden, token_logits
+from hsae.hub import dataset_identity, load_hub_dataset
 from hsae.keys import content_key
-from hsae.models import LoadedModel, cache_root, stopped_forward
+from hsae.models import LoadedModel, cache_root, start_token
 
 FIRST_SENTENCE = re.compile(
     r"^(?P<subject>[A-Z][^.,;:()\[\]\"]{1,60}?) (?P<verb>is|was|are|were) (?P<det>an|a|the) "
@@ -82,14 +83,23 @@ class BankConfig:
     max_retain: int = 400
     n_options: int = 4
     seed: int = 0
+    # letter banks: the question sets, hub ids or local copies in the hub's layout (``hsae.hub``).
+    wmdp: str = "cais/wmdp"
+    mmlu: str = "cais/mmlu"
 
     def __post_init__(self) -> None:
         if self.kind not in ("cloze", "letter"):
             raise ValueError(f"unknown question bank kind {self.kind!r}; valid: ['cloze', 'letter']")
 
 
-def first_token(tokenizer: Any, text: str) -> int:
-    return int(tokenizer(text, add_special_tokens=False)["input_ids"][0])
+def letter_tokens(tokenizer: Any, letter: str) -> list[int]:
+    """The tokens that carry ``letter`` after "(" with and without a space: the first non-whitespace token
+    of "A" and of " A" (byte-level tokenizers split the space off; Gemma's has one token " A")."""
+    out = set()
+    for text in (letter, " " + letter):
+        ids = [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if tokenizer.decode([t]).strip()]
+        out.add(int(ids[0]))
+    return sorted(out)
 
 
 def continuation(tokenizer: Any, prompt: str, word: str) -> tuple[list[int], int] | None:
@@ -120,7 +130,7 @@ def cloze_candidates(tokenizer: Any, documents: Any, cfg: BankConfig) -> Questio
                 "word": m.group("word"), "det": m.group("det").lower(), "doc_id": row["doc_id"],
             })
     bank = QuestionBank([], [], [], [])
-    bos = tokenizer.bos_token_id
+    bos = start_token(tokenizer)
     for domain in (FORGET, RETAIN):
         items = by_domain[domain]
         for i in rng.permutation(len(items))[: cfg.candidates_per_domain]:
@@ -160,14 +170,14 @@ def letter_prompt(tokenizer: Any, question: str, choices: Sequence[str], subject
                                              add_generation_prompt=True)
         ids = tokenizer(text + "Answer: (", add_special_tokens=False)["input_ids"]
     else:
-        ids = [tokenizer.bos_token_id] + tokenizer(body + "Answer: (", add_special_tokens=False)["input_ids"]
+        ids = [start_token(tokenizer)] + tokenizer(body + "Answer: (", add_special_tokens=False)["input_ids"]
     return [int(t) for t in ids]
 
 
 def letter_candidates(tokenizer: Any, rows: Sequence[dict[str, Any]], domain: int, subject: str,
                       permutations: bool = True) -> QuestionBank:
     """Letter-scored questions; with ``permutations`` each question appears once per ordering (grouped)."""
-    letter_ids = [sorted({first_token(tokenizer, ch), first_token(tokenizer, " " + ch)}) for ch in LETTERS]
+    letter_ids = [letter_tokens(tokenizer, ch) for ch in LETTERS]
     bank = QuestionBank([], [], [], [])
     for qi, row in enumerate(rows):
         choices = list(row["choices"])
@@ -221,12 +231,10 @@ def answers_correct(loaded: LoadedModel, bank: QuestionBank, batch: int = 64) ->
     out = np.zeros(len(bank), dtype=bool)
     order = np.argsort([len(p) for p in bank.prompts])
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    n_layers = loaded.n_layers
     for start in range(0, len(bank), batch):
         idx = order[start : start + batch]
         ids, last = pad_prompts([bank.prompts[i] for i in idx], pad)
-        hidden = stopped_forward(loaded, ids, layer=n_layers - 1)  # output of the last block
-        hidden = loaded.model.model.norm(hidden)
+        hidden = final_hidden(loaded, ids)
         scores = option_scores(loaded, hidden[torch.arange(len(idx)), last], [bank.options[i] for i in idx])
         out[idx] = (scores.argmax(dim=-1).numpy() == np.array([bank.answer[i] for i in idx]))
     return out
@@ -320,22 +328,25 @@ def letter_source(tokenizer: Any, forget_rows: Sequence[dict[str, Any]],
     return build
 
 
-def hub_letter_rows(max_per_source: int | None = None) -> tuple[list[dict[str, Any]], list[tuple[str, list[dict]]]]:
-    """WMDP-bio test and SAEBench's four MMLU subjects through `datasets` (local cache when offline)."""
-    import datasets
+MMLU_SUBJECTS = ("high_school_us_history", "high_school_geography", "human_aging", "college_computer_science")
 
-    def rows(name: str, config: str) -> list[dict[str, Any]]:
-        try:
-            ds = datasets.load_dataset(name, config, split="test")
-        except Exception as exc:  # offline / gated: several exception kinds
-            raise FileNotFoundError(
-                f"{name}/{config} is not in the local datasets cache; download it on a machine with network access"
-            ) from exc
-        out = [{"question": r["question"], "choices": r["choices"], "answer": int(r["answer"])} for r in ds]
-        return out[:max_per_source] if max_per_source else out
 
-    subjects = ["high_school_us_history", "high_school_geography", "human_aging", "college_computer_science"]
-    return rows("cais/wmdp", "wmdp-bio"), [(s, rows("cais/mmlu", s)) for s in subjects]
+def hub_letter_rows(cfg: BankConfig) -> tuple[list[dict[str, Any]], list[tuple[str, list[dict]]]]:
+    """WMDP-bio's test split and SAEBench's four MMLU subjects (one config each), through ``hsae.hub``."""
+
+    def rows(source: str, config: str, option: str) -> list[dict[str, Any]]:
+        ds = load_hub_dataset(source, config, "test", option)
+        return [{"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])} for r in ds]
+
+    return (rows(cfg.wmdp, "wmdp-bio", "--wmdp"),
+            [(s, rows(cfg.mmlu, s, "--mmlu")) for s in MMLU_SUBJECTS])
+
+
+def bank_identity(cfg: BankConfig) -> dict[str, Any]:
+    """The question sets' content, for the bank's cache key (cloze banks: the corpus already counts)."""
+    if cfg.kind != "letter":
+        return {}
+    return {"wmdp": dataset_identity(cfg.wmdp, "wmdp-bio"), "mmlu": dataset_identity(cfg.mmlu)}
 
 
 def bank_source(loaded: LoadedModel, corpus: Any, cfg: BankConfig, holdout_fraction: float,
@@ -345,7 +356,7 @@ def bank_source(loaded: LoadedModel, corpus: Any, cfg: BankConfig, holdout_fract
     from hsae.corpora import load_corpus, split_documents
 
     if cfg.kind == "letter":
-        forget_rows, retain = hub_letter_rows()
+        forget_rows, retain = hub_letter_rows(cfg)
         return letter_source(loaded.tokenizer, forget_rows, retain)
     train_docs, heldout_docs = split_documents(load_corpus(corpus), holdout_fraction, split_seed)
     return cloze_source(loaded.tokenizer, heldout_docs, cfg, list(train_docs["text"]))
