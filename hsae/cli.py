@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="runs/latest", help="output directory")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="where the SAE trains: auto (a GPU if there is one), cpu, cuda[:N]")
     return p
 
 
@@ -86,7 +87,7 @@ def plan(args: argparse.Namespace) -> tuple[HarvestConfig | None, SAEConfig, Tra
         d_in = describe_model(harvest_cfg.model).d_model
     sae_cfg = SAEConfig(args.variant, d_in, args.d_sae or 4 * d_in, parse_params(args.param))
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            checkpoint_every=max(args.steps // 4, 1))
+                            checkpoint_every=max(args.steps // 4, 1), device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return harvest_cfg, sae_cfg, train_cfg, out
@@ -128,7 +129,8 @@ def save_outputs(result: TrainResult, out: Path, harvest_cfg: HarvestConfig | No
     layer = 0 if harvest_cfg is None else harvest_cfg.model.layer
     export_saelens(result.sae, out / "saelens", scale=result.scale, model_name=model_name, hook_layer=layer)
     summary = {"variant": result.sae.cfg.variant, "steps": result.steps, "tokens": result.tokens,
-               "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, **result.metrics}
+               "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
+               "device": str(next(result.sae.parameters()).device), **result.metrics}
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     return summary
 

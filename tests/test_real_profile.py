@@ -77,6 +77,20 @@ def assert_bank_is_the_twins_all_orderings_filter(hub, out):
     assert not answers_correct(base, base_bank).reshape(-1, 24).all(axis=1).any()
 
 
+def test_letter_bank_keeps_what_the_twin_answers_under_all_orderings(hub, tmp_path):
+    from hsae.corpora import CorpusSpec
+    from hsae.evaluation.questions import bank_source, build_bank
+
+    cfg = BankConfig(kind="letter", wmdp=str(hub["wmdp"]), mmlu=str(hub["mmlu"]))
+    corpus = CorpusSpec("wmdp", forget=str(hub["forget"]), retain=str(hub["retain"]))
+    twin = load_model(ModelSpec(str(hub["eval_model"]), layer=19))  # a GPU in bfloat16 where there is one
+    bank = build_bank(twin, cfg, bank_source(twin, corpus, cfg, 0.1, 42), {"model": "twin"}, progress=None,
+                      root=tmp_path)
+    forget_rows, retain = hub_letter_rows(cfg)
+    everything = forget_rows + [r for _, rows in retain for r in rows]
+    assert {t["prompt"] for t in bank.text} == standins.expected_kept(everything)
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HSAE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "results"

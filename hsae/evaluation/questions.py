@@ -236,7 +236,7 @@ def answers_correct(loaded: LoadedModel, bank: QuestionBank, batch: int = 64) ->
         ids, last = pad_prompts([bank.prompts[i] for i in idx], pad)
         hidden = final_hidden(loaded, ids)
         scores = option_scores(loaded, hidden[torch.arange(len(idx)), last], [bank.options[i] for i in idx])
-        out[idx] = (scores.argmax(dim=-1).numpy() == np.array([bank.answer[i] for i in idx]))
+        out[idx] = (scores.argmax(dim=-1).cpu().numpy() == np.array([bank.answer[i] for i in idx]))
     return out
 
 
