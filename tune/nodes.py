@@ -67,16 +67,20 @@ def write_markers(folders: dict[str, str | Path], token: str) -> dict[str, Path]
     markers = {}
     for name, folder in folders.items():
         path = Path(folder).resolve()
-        path.mkdir(parents=True, exist_ok=True)
         marker = path / f".hsae-shared-{token}"
-        marker.write_text(token)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            marker.write_text(token)
+        except OSError as exc:
+            raise SharedStorageError(f"the {name} folder {path} is not writable here: {exc.strerror or exc}") from exc
         markers[name] = marker
     return markers
 
 
 def read_everywhere(ray: Any, pairs: list[tuple[dict[str, Any], str]], markers: dict[str, Path],
                     timeout_s: float) -> list[Any]:
-    """What each (node, folder name) pair reads at that folder's marker; ``_NO_ANSWER`` if nothing came in time."""
+    """What each (node, folder name) pair read at that folder's marker: the text, None (no marker there),
+    the error Ray raised, or ``_NO_ANSWER`` if nothing came in time."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
@@ -87,11 +91,19 @@ def read_everywhere(ray: Any, pairs: list[tuple[dict[str, Any], str]], markers: 
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     for ref in pending:
         ray.cancel(ref, force=True)
-    answers = dict(zip(ready, ray.get(ready), strict=True))
-    return [answers.get(ref, _NO_ANSWER) for ref in refs]
+    return [read_answer(ray, ref) if ref in ready else _NO_ANSWER for ref in refs]
+
+
+def read_answer(ray: Any, ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except Exception as exc:  # noqa: BLE001 - any Ray error (the node died, the task could not run) is an answer
+        return exc
 
 
 def describe(node: dict[str, Any], name: str, folder: Path, value: Any, timeout_s: float) -> str:
     if value is _NO_ANSWER:
         return f"node {node_label(node)} did not answer the check of the {name} folder {folder} in {timeout_s:.0f} s"
+    if isinstance(value, Exception):
+        return f"node {node_label(node)} could not check the {name} folder {folder}: {type(value).__name__}: {value}"
     return f"node {node_label(node)} does not see the {name} folder {folder} (the driver's marker is not there)"
