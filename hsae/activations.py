@@ -243,7 +243,7 @@ class Harvester:
         if self.progress is not None:
             self.progress(f"[hsae] {msg}")
 
-    def _contexts(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def packed_contexts(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         cached = self.cache.contexts(split)
         if cached is not None:
             return cached
@@ -278,16 +278,17 @@ class Harvester:
         keep = ~sinks
         return Shard(stored[keep], labels[keep], tokens[:, 1:].reshape(-1)[keep], outliers=int(sinks.sum()))
 
-    def run(self) -> Harvest:
+    def run(self, splits: tuple[str, ...] = SPLITS) -> Harvest:
+        """Harvest (or read) ``splits``; the stream mode harvests only the held-out split to disk."""
         cfg, cache = self.cfg, self.cache
         self._say(f"activation cache: {cache.dir}")
         t0 = time.perf_counter()
         computed_tokens = 0
         shards: dict[str, list[Shard]] = {}
-        for split in SPLITS:
+        for split in splits:
             n_shards = cfg.n_shards(split)
             missing = [i for i in range(n_shards) if not cache.shard_is_valid(split, i)]
-            tokens, domains = self._contexts(split)
+            tokens, domains = self.packed_contexts(split)
             total = sum(tokens[shard_context_slice(cfg, i, len(tokens))].size for i in missing)
             if missing:
                 self._say(f"harvesting {split}: {len(missing)}/{n_shards} shards, {total} tokens at layer "
@@ -304,11 +305,12 @@ class Harvester:
             computed_tokens += done
             shards[split] = [cache.read_shard(split, i) for i in range(n_shards)]
         elapsed = time.perf_counter() - t0
-        d_model = int(shards["train"][0].x.shape[1])
-        manifest = {"key": cache.key, "config": asdict(cfg), "d_model": d_model,
-                    "rows": {s: int(sum(len(sh.x) for sh in shards[s])) for s in SPLITS},
-                    "outliers": {s: int(sum(sh.outliers for sh in shards[s])) for s in SPLITS}}
-        atomic_write_text(cache.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+        d_model = int(shards[splits[0]][0].x.shape[1])
+        if set(splits) == set(SPLITS):  # the manifest marks a complete cache (the pre-flight reads it)
+            manifest = {"key": cache.key, "config": asdict(cfg), "d_model": d_model,
+                        "rows": {s: int(sum(len(sh.x) for sh in shards[s])) for s in SPLITS},
+                        "outliers": {s: int(sum(sh.outliers for sh in shards[s])) for s in SPLITS}}
+            atomic_write_text(cache.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
         tps = computed_tokens / elapsed if computed_tokens else float("nan")
         return Harvest(cache.key, cache.dir, d_model, shards, self.forwards, elapsed, tps)
 

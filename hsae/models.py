@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,9 @@ class LoadedModel:
     tokenizer: Any
     info: ModelInfo
     device: torch.device
+    # Held by every forward: a stopped forward hooks a block and the tail re-run cuts the block list, so two
+    # threads of one server (the stream's producer, an evaluation) must not run the model at once.
+    lock: Any = field(default_factory=threading.RLock, repr=False)
 
     @property
     def layer(self) -> int:
@@ -318,15 +322,16 @@ def stopped_forward(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask
         captured.append(output[0] if isinstance(output, tuple) else output)
         raise _StopForward
 
-    handle = decoder_layers(loaded.model)[layer].register_forward_hook(hook)
-    try:
-        loaded.model(input_ids=input_ids.to(loaded.device),
-                     attention_mask=None if attention_mask is None else attention_mask.to(loaded.device),
-                     use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+    with loaded.lock:
+        handle = decoder_layers(loaded.model)[layer].register_forward_hook(hook)
+        try:
+            loaded.model(input_ids=input_ids.to(loaded.device),
+                         attention_mask=None if attention_mask is None else attention_mask.to(loaded.device),
+                         use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
     if not captured:
         raise RuntimeError(f"layer {layer} never ran: the forward finished without reaching the hook")
     return captured[0]

@@ -98,12 +98,17 @@ def plan_sizes(profile: Any, model: Any, model_config: Any, trials: list[Any]) -
     train_tokens = profile.n_ctxs * (profile.ctx_len - 1)
     eval_tokens = profile.n_eval_ctxs * (profile.ctx_len - 1)
     cache = 4 * model.d_model * (train_tokens + eval_tokens)
+    store = cache
+    if profile.activations == "stream":  # only the held-out rows go to disk; the window bounds the rest
+        cache = 4 * model.d_model * eval_tokens
+        window_rows = profile.stream_window_blocks * profile.stream_block_contexts * (profile.ctx_len - 1)
+        store = cache + 4 * model.d_model * window_rows
     per_variant: dict[str, int] = {}
     for t in trials:
         n = sae_parameters(t.variant, model.d_model, profile.d_sae, t.params)
         b = trial_bytes(n, profile.batch_size, model.d_model, profile.d_sae)
         per_variant[t.variant] = max(per_variant.get(t.variant, 0), b)
-    return Sizes(cache_bytes=cache, object_store_bytes=cache,
+    return Sizes(cache_bytes=cache, object_store_bytes=store,
                  model_bytes=model_parameters(model_config) * dtype_bytes(model.dtype),
                  trial_bytes=per_variant, train_tokens=train_tokens, eval_tokens=eval_tokens,
                  tokens_per_trial=profile.steps * profile.batch_size)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from hsae import schema
-from hsae.atomic import atomic_file
+from hsae.atomic import atomic_file, atomic_write_text
 from hsae.schema import SAE_METRICS
 from hsae.verdict import BARS, bar_metric, forget_at_retain
 
@@ -96,6 +96,17 @@ class ResultsStore:
 
     def _part(self, kind: str, experiment: str, trial_id: str) -> Path:
         return self.root / "parts" / kind / experiment / f"{trial_id}.parquet"
+
+    def _stream_start_path(self, experiment: str, trial_id: str) -> Path:
+        return self.root / "parts" / "stream" / experiment / f"{trial_id}.json"
+
+    def stream_start(self, experiment: str, trial_id: str) -> int | None:
+        """The first stream batch the trial joined at (None: it has not joined)."""
+        path = self._stream_start_path(experiment, trial_id)
+        return int(json.loads(path.read_text())["start"]) if path.is_file() else None
+
+    def record_stream_start(self, experiment: str, trial_id: str, start: int) -> None:
+        atomic_write_text(self._stream_start_path(experiment, trial_id), json.dumps({"start": int(start)}))
 
     def write_trial(self, row: dict[str, Any], curves: list[dict[str, Any]] | None = None,
                     grid: list[dict[str, Any]] | None = None) -> None:

@@ -105,6 +105,10 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "marked in the report and never ranked", label="converged", group=_TRAIN),
     _c("unique_train_tokens", "Int64", "distinct activation rows (tokens) the SAE's batches drew from", "tokens",
        group=_TRAIN),
+    _c("stream_start_batch", "Int64", "stream mode: the first stream batch the trial trained on (it trained on "
+       "batches start .. start + steps - 1; docs/sweeps.md)", "batches", group=_TRAIN),
+    _c("stream_lm_tokens", "Int64", "stream mode: LM tokens the server had computed for the sweep's training "
+       "stream when the trial finished (the last row's value is the sweep's cost)", "tokens", group=_TRAIN),
     _c("outlier_tokens", "Int64", "training tokens of the harvest dropped as attention sinks (norm > 10x the median; "
        "docs/training.md)", "tokens", group=_TRAIN),
     _c("unlearning_score", "float64", "SAEBench unlearning score (docs/evaluation.md); null unless completed",

@@ -16,15 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 
-from hsae.activations import Harvest, HarvestConfig, Harvester
+from hsae.activations import SPLITS, Harvest, HarvestConfig, Harvester
 from hsae.corpora import corpus_identity, load_corpus, split_table
 from hsae.evaluation.evaluator import EvalConfig, Evaluator
 from hsae.evaluation.questions import BankConfig, bank_identity, bank_source, build_bank, questions_table
 from hsae.models import ModelInfo, load_model, spec_identity
+from hsae.stream import ActivationStream, BlockSource, StreamBatches, StreamConfig
 from hsae.train import Batch, to_batch
 
 DEFAULT_NAME = "hsae-activations"
+# Stream calls run on their own threads, so a trial waiting for a block never queues behind an evaluation
+# (the default group keeps evaluations and set-up one at a time, as before).
+STREAM_GROUP = "stream"
+STREAM_THREADS = 32
 # Handles of the servers this driver created. A non-detached actor dies when its last handle goes, so
 # keeping one here makes a server live as long as its driver process, across several sweeps in it.
 _HANDLES: dict[str, Any] = {}
@@ -56,6 +62,7 @@ class ActivationServer:
         eval_cfg: EvalConfig | None = None,
         bank_cfg: BankConfig | None = None,
         eval_model: str | None = None,
+        stream: StreamConfig | None = None,
     ) -> None:
         import torch
 
@@ -69,6 +76,8 @@ class ActivationServer:
         self.bank_cfg = bank_cfg or BankConfig()
         # SAEBench evaluates base-model SAEs on the instruction-tuned twin (gemma-2-2b-it for gemma-2-2b).
         self.eval_model = eval_model
+        self.stream_cfg = stream  # None: training rows come from the disk cache (every split harvested)
+        self._stream: ActivationStream | None = None
         self._info: ServedInfo | None = None
         self._harvest: Harvest | None = None
         self._evaluator: Evaluator | None = None
@@ -77,11 +86,9 @@ class ActivationServer:
 
     def prepare(self) -> ServedInfo:
         """Harvest (or read the cache) once; later calls return the same refs."""
-        import ray
-
         if self._info is None:
             with self._every_core():
-                harvest = self._harvest = self.harvester.run()
+                harvest = self._harvest = self.harvester.run(("eval",) if self.stream_cfg else SPLITS)
                 refs = {
                     split: [(ray.put(s.x), ray.put(s.labels), ray.put(s.tokens)) for s in shards]
                     for split, shards in harvest.shards.items()
@@ -91,9 +98,10 @@ class ActivationServer:
                     raise ValueError(f"the cached activations are {harvest.d_model} wide, the model {model.d_model}")
                 corpus = {**corpus_identity(self.cfg.corpus), "holdout_fraction": self.cfg.holdout_fraction,
                           "split_seed": self.cfg.seed}
-                rows = {split: int(sum(len(s.x) for s in shards)) for split, shards in harvest.shards.items()}
+                rows = {split: int(sum(len(s.x) for s in harvest.shards.get(split, []))) for split in SPLITS}
                 self._info = ServedInfo(model=model, harvest_key=harvest.key, corpus=corpus, cache_dir=str(harvest.dir),
-                                        rows=rows, outliers={s: harvest.outliers(s) for s in harvest.shards},
+                                        rows=rows, outliers={s: harvest.outliers(s) if s in harvest.shards else 0
+                                                             for s in SPLITS},
                                         harvest_s=harvest.harvest_s, tokens_per_s=harvest.tokens_per_s,
                                         refs=refs)
         return self._info
@@ -172,6 +180,39 @@ class ActivationServer:
         finally:
             torch.set_num_threads(self.threads)
 
+    # -- the stream (hsae.stream): trials consume training batches as the model computes them -----------
+    def _the_stream(self) -> ActivationStream:
+        if self.stream_cfg is None:
+            raise RuntimeError("this activation server serves its training rows from the disk cache, not a stream")
+        if self._stream is None:
+            self._stream = ActivationStream(BlockSource(self.harvester, self.stream_cfg), put=ray.put)
+        return self._stream
+
+    @ray.method(concurrency_group=STREAM_GROUP)
+    def stream_join(self, consumer: str, steps: int) -> int:
+        """Register a trial for ``steps`` batches; its first stream batch (the oldest still buffered)."""
+        return self._the_stream().join(consumer, steps)
+
+    @ray.method(concurrency_group=STREAM_GROUP)
+    def stream_batches(self, consumer: str, start: int, count: int) -> list[tuple[Any, Any]]:
+        """ObjectRefs of stream batches ``start .. start+count-1`` (x, labels), computed if need be."""
+        return self._the_stream().batches(consumer, start, count)
+
+    @ray.method(concurrency_group=STREAM_GROUP)
+    def stream_leave(self, consumer: str) -> dict[str, Any]:
+        """The trial is done with the stream; returns the stream's counters (``ActivationStream.stats``)."""
+        stream = self._the_stream()
+        stream.leave(consumer)
+        return stream.stats()
+
+    @ray.method(concurrency_group=STREAM_GROUP)
+    def stream_stats(self) -> dict[str, Any]:
+        """The stream's counters, with this process's peak resident memory (model, window and all)."""
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {**self._the_stream().stats(), "server_peak_rss_mb": peak_mb} if self.stream_cfg else {}
+
     def forwards(self) -> int:
         """Model forwards run by this server process (0 when everything came from disk)."""
         return self.harvester.forwards
@@ -190,14 +231,13 @@ def create_activation_server(
     eval_cfg: EvalConfig | None = None,
     bank_cfg: BankConfig | None = None,
     eval_model: str | None = None,
+    stream: StreamConfig | None = None,
 ) -> Any:
     """Create (or get, if one with this name is alive) the named server actor.
 
     Call it in the driver before ``Tuner.fit()``: an actor created inside a trial would be captured by
     that trial's placement group. ``num_gpus`` defaults to 1 when the cluster has a GPU.
     """
-    import ray
-
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     actor_cls = ray.remote(ActivationServer)
@@ -208,8 +248,9 @@ def create_activation_server(
         num_gpus=num_gpus,
         max_restarts=max_restarts,
         max_task_retries=-1 if max_restarts else 0,
+        concurrency_groups={STREAM_GROUP: STREAM_THREADS},
     ).remote(cfg, cache_root, threads=max(int(num_cpus), 1), eval_cfg=eval_cfg, bank_cfg=bank_cfg,
-             eval_model=eval_model)
+             eval_model=eval_model, stream=stream)
     _HANDLES.setdefault(name, handle)  # the creating handle owns the actor: keep that one
     return handle
 
@@ -251,10 +292,19 @@ class ServedActivations:
 
 def fetch(info: ServedInfo, split: str = "train") -> ServedActivations:
     """Resolve a server's refs for ``split`` into arrays (zero-copy views of the object store)."""
-    import ray
-
     triples = info.refs[split]
     xs = ray.get([t[0] for t in triples])
     labels = ray.get([t[1] for t in triples])
     tokens = ray.get([t[2] for t in triples])
     return ServedActivations(ShardedRows(xs), ShardedRows(labels), ShardedRows(tokens), info.model)
+
+
+def stream_source(server: Any, consumer: str, start: int, batch_size: int, steps: int) -> StreamBatches:
+    """A trial's ``steps`` batches from the server's stream, from stream batch ``start`` on."""
+
+    def fetch_batches(first: int, count: int) -> list[tuple[Any, Any]]:
+        refs = ray.get(server.stream_batches.remote(consumer, first, count))
+        arrays = ray.get([r for pair in refs for r in pair])
+        return list(zip(arrays[0::2], arrays[1::2], strict=True))
+
+    return StreamBatches(fetch_batches, start, batch_size, steps)

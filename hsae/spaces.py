@@ -32,6 +32,7 @@ import yaml
 from hsae.config import SAEConfig, TrainConfig
 from hsae.convergence import log_every_for
 from hsae.keys import content_key
+from hsae.stream import StreamConfig
 
 
 def default_spaces_dir() -> Path:
@@ -45,6 +46,7 @@ def default_spaces_dir() -> Path:
 SPACE_NAMES = ("variants", "ortho", "groups", "dynamic", "hier", "contrast", "baselines")
 SAMPLERS = ("grid", "uniform", "loguniform", "int", "choice")
 SCHEDULERS = ("asha", "fifo")
+ACTIVATION_SOURCES = ("cache", "stream")
 
 
 class SpaceError(ValueError):
@@ -97,6 +99,27 @@ class Profile:
     # TrainConfig.autocast: "auto" is bfloat16 on CUDA only; "bf16" also on a CPU with native bfloat16
     # (docs/training.md: same held-out MSE to 4 digits, 1.6x faster steps on this machine's CPU).
     autocast: str = "auto"
+    # Where training rows come from: "cache" (harvested once to disk, every trial samples the same rows) or
+    # "stream" (hsae.stream: computed as trials consume them; memory bounded by the window whatever the
+    # budget). --tokens beyond the cache's rows switches to "stream" unless --activations says otherwise.
+    activations: str = "cache"
+    stream_block_contexts: int = 256
+    stream_window_blocks: int = 4
+    stream_stall_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATION_SOURCES:
+            raise ValueError(f"activations must be one of {list(ACTIVATION_SOURCES)}, got {self.activations!r}")
+
+    def cache_rows(self) -> int:
+        """Training rows a harvest of this profile holds (contexts x tokens after the start token)."""
+        return self.n_ctxs * (self.ctx_len - 1)
+
+    def stream_config(self) -> StreamConfig | None:
+        if self.activations != "stream":
+            return None
+        return StreamConfig(batch_size=self.batch_size, block_contexts=self.stream_block_contexts,
+                            window_blocks=self.stream_window_blocks, stall_s=self.stream_stall_s)
 
     def train_config(self, seed: int) -> TrainConfig:
         # "auto": the GPU Ray gave the trial (--gpus-per-trial), else the CPU. The log interval never exceeds
@@ -128,7 +151,7 @@ PROFILES: dict[str, Profile] = {
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
                     d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
                     min_forget_questions=10, min_retain_questions=10, ce_contexts_per_domain=2, seeds=1,
-                    holdout_fraction=0.3, controls_required=False),
+                    holdout_fraction=0.3, controls_required=False, stream_block_contexts=16),
 }
 
 

@@ -20,6 +20,7 @@ from hsae.export import folded_state
 from hsae.models import ModelInfo
 from hsae.results import curve_rows, evaluation_values, grid_rows, training_values, trial_row
 from hsae.spaces import Profile, TrialSpec
+from hsae.stream import StreamBatches
 from hsae.train import ArrayBatches, Batch, BatchSource, DegenerateRunError, ProgressCallback, Trainer, TrainResult
 
 # Scores one SAE: (SAEConfig.to_dict(), folded weights as numpy) -> the server's evaluation answer.
@@ -43,10 +44,11 @@ class TrialRun:
 
     def __init__(self, spec: TrialSpec, profile: Profile, model: ModelInfo, checkpoint_dir: str | Path,
                  on_progress: ProgressCallback | None = None, controls_ok: bool | None = None,
-                 outlier_tokens: int | None = None) -> None:
+                 source_values: dict[str, Any] | None = None) -> None:
         self.spec, self.profile, self.model = spec, profile, model
         self.controls_ok = controls_ok  # the sweep's evaluation controls: False means no score is a result
-        self.outlier_tokens = outlier_tokens  # training rows the harvest dropped as attention sinks
+        # What the activation source adds to every row (outlier_tokens, stream_start_batch).
+        self.source_values = dict(source_values or {})
         self.sae_cfg = SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
         self.train_cfg = profile.train_config(spec.seed)
         self.trainer = Trainer(self.sae_cfg, self.train_cfg, on_progress=on_progress, checkpoint_dir=checkpoint_dir)
@@ -68,7 +70,8 @@ class TrialRun:
         values = training_values(result.steps, self.train_cfg.batch_size, result.wall_s, self.trainer.last_loss,
                                  result.metrics)
         values.update(convergence_values(self.trainer.history, result.steps))
-        values["unique_train_tokens"] = source.unique_rows(result.steps) if isinstance(source, ArrayBatches) else None
+        counted = isinstance(source, (ArrayBatches, StreamBatches))
+        values["unique_train_tokens"] = source.unique_rows(result.steps) if counted else None
         outcome = self._outcome("completed", **values, **scores)
         outcome.grid = grid
         return outcome
@@ -81,7 +84,7 @@ class TrialRun:
 
     def _outcome(self, status: str, **values: Any) -> TrialOutcome:
         row = trial_row(self.spec, self.profile, self.model, self.sae_cfg, self.train_cfg, status,
-                        controls_ok=self.controls_ok, outlier_tokens=self.outlier_tokens, **values)
+                        controls_ok=self.controls_ok, **self.source_values, **values)
         return TrialOutcome(row, curve_rows(self.spec, self.trainer.history))
 
 

@@ -17,3 +17,13 @@ def kill_first_attempt_at_step_25(spec, step, restored):
 def raise_in_adaptive_ortho(spec, step, restored):
     if spec.variant == "adaptive_ortho":
         raise RuntimeError("injected fault for variant 'adaptive_ortho'")
+
+
+def kill_server_at_step_20(spec, step, restored):
+    """Kill the activation server (it restarts: max_restarts=-1) mid-stream, once, from the seed-42 trial."""
+    import ray
+
+    if step == 20 and not restored and spec.seed == 42:
+        for name in ray.util.list_named_actors():
+            if name.startswith("hsae-activations"):
+                ray.kill(ray.get_actor(name), no_restart=False)

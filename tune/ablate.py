@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (42, 43, ...; default: the "
                                                              "profile's, 3 for embedded and real)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the profile's)")
+    p.add_argument("--tokens", type=int, default=None, help="token budget per trial (steps = tokens / batch size); "
+                                                            "beyond the cache's rows it streams (docs/sweeps.md)")
+    p.add_argument("--activations", default=None, choices=["cache", "stream"],
+                   help="training rows from the disk cache or a stream (default: the profile's; stream when "
+                        "--tokens exceeds the cache)")
     p.add_argument("--model", default=None, help="'embedded', 'tiny', a hub id or a local directory")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--d-sae", type=int, default=None, help="dictionary size (default: the profile's)")
@@ -120,6 +125,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.tokens is not None and (args.tokens < 1 or args.steps is not None):
+        raise ValueError(f"--tokens must be >= 1 and not given with --steps, got {args.tokens}")
 
 
 def resolve_profile(args: argparse.Namespace) -> Profile:
@@ -127,6 +134,7 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
                           n_ctxs=args.n_ctxs, eval_model=args.eval_model, forget_corpus=args.forget_corpus,
                           retain_corpus=args.retain_corpus, wmdp_questions=args.wmdp, mmlu_questions=args.mmlu)
     profile = replace(profile, **parse_profile_settings(args.set, profile))
+    profile = with_token_budget(profile, args.tokens, args.activations)
     if args.no_eval:
         profile = replace(profile, evaluate=False)
     profile.train_config(42)  # validates steps, batch size, lr
@@ -135,6 +143,15 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
         raise ValueError(f"n_ctxs={profile.n_ctxs} gives {rows} training activations, fewer than one batch of "
                          f"{profile.batch_size}: raise --n-ctxs")
     return profile
+
+
+def with_token_budget(profile: Profile, tokens: int | None, activations: str | None) -> Profile:
+    """Steps from a token budget, and the stream whenever the budget exceeds what the cache would hold."""
+    if tokens is not None:
+        profile = replace(profile, steps=-(-tokens // profile.batch_size))
+        if activations is None and tokens > profile.cache_rows():
+            activations = "stream"
+    return replace(profile, activations=activations or profile.activations)
 
 
 def space_trials(space: Space, args: argparse.Namespace, profile: Profile, context: str) -> list[TrialSpec]:
@@ -201,7 +218,10 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
                                                      if p.bank_kind == "letter" else ""),
              f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: 1 CPU + "
              f"{args.gpus_per_trial} GPU each, up to {concurrent} at once",
-             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}"]
+             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}",
+             f"activations        {p.activations}" + (
+                 f": blocks of {p.stream_block_contexts} contexts, {p.stream_window_blocks} buffered"
+                 if p.activations == "stream" else f" ({p.cache_rows():,} rows harvested once)")]
     for space, trials in plan.trials.items():
         variants = sorted({t.variant for t in trials})
         lines.append(f"space {space:<12} {len(trials)} trials ({len({t.seed for t in trials})} seeds): "
@@ -376,11 +396,13 @@ def start_server(plan: Plan, ray: Any) -> tuple[str, Any, Any]:
 
     profile = plan.profile
     eval_cfg, bank_cfg = eval_config(profile)
-    server_name = f"hsae-activations-{profile.name}-{harvest_key(plan.harvest)}"
+    stream = profile.stream_config()
+    mode = f"-stream-{content_key(asdict(stream), length=8)}" if stream else ""  # one server per batch cutting
+    server_name = f"hsae-activations-{profile.name}-{harvest_key(plan.harvest)}{mode}"
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     server = create_activation_server(plan.harvest, name=server_name, cache_root=os.environ.get("HSAE_CACHE"),
                                       num_cpus=1 if has_gpu else 0, eval_cfg=eval_cfg, bank_cfg=bank_cfg,
-                                      eval_model=profile.eval_model)
+                                      eval_model=profile.eval_model, stream=stream)
     info = ray.get(server.prepare.remote())
     print(f"[hsae] activations ready: {info.rows} rows x {info.model.d_model} at layer {info.model.layer} of "
           f"{info.model.source}; {info.outliers['train']} train / {info.outliers['eval']} held-out rows dropped as "
@@ -441,6 +463,15 @@ def summarise(plan: Plan, out: str, failed: list[tuple[TrialSpec | None, str]], 
     return EXIT_TRIALS_FAILED
 
 
+def format_stream(stats: dict[str, Any], profile: Profile) -> str:
+    """The stream's LM cost against what one trial trains on (1.0 = one LM pass for the whole sweep)."""
+    trained = profile.steps * profile.batch_size
+    return (f"[hsae] stream: {stats['lm_tokens']:,} LM tokens computed for training ({stats['blocks_computed']} "
+            f"blocks, {stats['blocks_recomputed']} recomputed, at most {stats['peak_window_blocks']} of "
+            f"{profile.stream_window_blocks} buffered; server peak memory {stats['server_peak_rss_mb']:.0f} MB); "
+            f"one trial trains on {trained:,}: lm_tokens_ratio {stats['lm_tokens'] / trained:.3f}")
+
+
 def trial_concurrency(args: argparse.Namespace, ray: Any) -> int:
     """Trials Tune runs at once: --max-concurrent, else one per CPU of the cluster."""
     return args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -494,6 +525,8 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
     for space in plan.spaces:
         print(f"[hsae] space {space.name!r}: {space.description}")
         failed += run_space(space, plan.trials[space.name], plan, args, server_name, info.model)
+    if plan.profile.activations == "stream":
+        print(format_stream(ray.get(server.stream_stats.remote()), plan.profile))
     code = summarise(plan, args.out, failed, t0)
     report_time(plan, args, phases, time.perf_counter() - t0, ray)
     if code == 0 and args.controls_ok is False and plan.profile.controls_required:

@@ -19,7 +19,7 @@ import torch
 from ray import tune
 
 from hsae.results import ResultsStore
-from hsae.server import fetch
+from hsae.server import fetch, stream_source
 from hsae.spaces import Profile, TrialSpec
 from hsae.train import ArrayBatches, DegenerateRunError, Progress
 from hsae.trial import Evaluate, TrialOutcome, TrialRun
@@ -41,18 +41,39 @@ def run_trial(config: dict[str, Any]) -> None:
         hook(spec, 0, restored is not None)
     server = ray.get_actor(ctx["server"])
     info = ray.get(server.prepare.remote())
-    train, held_out = fetch(info, "train"), fetch(info, "eval").eval_batch()
+    held_out = fetch(info, "eval").eval_batch()
     profile = Profile(**ctx["profile"])
     with tempfile.TemporaryDirectory(prefix="hsae-trial-") as work:
         run = TrialRun(spec, profile, info.model, work, on_progress=reporter(spec, hooks, restored is not None),
-                       controls_ok=ctx.get("controls_ok"), outlier_tokens=info.outliers["train"])
+                       controls_ok=ctx.get("controls_ok"))
         if restored is not None:
             with restored.as_directory() as path:
                 run.restore(Path(path))
-        source = ArrayBatches(train.x, train.labels, run.train_cfg.batch_size, run.train_cfg.seed)
+        source = training_source(server, info, store, spec, run)
         outcome = run.run(source, held_out, server_evaluate(server) if profile.evaluate else None)
+    if profile.activations == "stream":  # the sweep's LM cost so far: what streaming saves is measured here
+        outcome.row["stream_lm_tokens"] = ray.get(server.stream_leave.remote(spec.key))["lm_tokens"]
     store.write_trial(outcome.row, outcome.curves, outcome.grid)
     tune.report(final_report(outcome, run.train_cfg.steps))
+
+
+def training_source(server: Any, info: Any, store: ResultsStore, spec: TrialSpec, run: TrialRun) -> Any:
+    """The trial's training batches: the cached rows, or the server's stream from the trial's first batch.
+
+    A trial joins the stream once; its first batch is kept with its results, so a resumed or retried trial
+    (even after a server restart) asks for the batches it would have seen.
+    """
+    batch_size = run.train_cfg.batch_size
+    if run.profile.activations != "stream":
+        train = fetch(info, "train")
+        run.source_values["outlier_tokens"] = info.outliers["train"]
+        return ArrayBatches(train.x, train.labels, batch_size, run.train_cfg.seed)
+    start = store.stream_start(spec.experiment, spec.key)
+    if start is None:
+        start = ray.get(server.stream_join.remote(spec.key, run.train_cfg.steps))
+        store.record_stream_start(spec.experiment, spec.key, start)
+    run.source_values["stream_start_batch"] = start
+    return stream_source(server, spec.key, start, batch_size, run.train_cfg.steps)
 
 
 def trial_spec(config: dict[str, Any]) -> TrialSpec:

@@ -53,7 +53,7 @@ def tail_hidden(loaded: LoadedModel, resid: torch.Tensor, layer: int | None = No
     layer = loaded.layer if layer is None else layer
     dtype = next(loaded.model.parameters()).dtype
     resid = resid.to(loaded.device, dtype)
-    with _only_layers_after(loaded, layer, resid) as owner:
+    with loaded.lock, _only_layers_after(loaded, layer, resid) as owner:
         out = owner(inputs_embeds=torch.zeros_like(resid), use_cache=False)
     return out.last_hidden_state
 
@@ -61,7 +61,8 @@ def tail_hidden(loaded: LoadedModel, resid: torch.Tensor, layer: int | None = No
 @torch.no_grad()
 def final_hidden(loaded: LoadedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states of the whole model: its base model's forward, no vocabulary logits."""
-    return loaded.model.base_model(input_ids=input_ids.to(loaded.device), use_cache=False).last_hidden_state
+    with loaded.lock:
+        return loaded.model.base_model(input_ids=input_ids.to(loaded.device), use_cache=False).last_hidden_state
 
 
 def unembedding(loaded: LoadedModel) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""The activation stream on the embedded model: K concurrent trials on one streamed budget.
+
+    python bench/stream.py [--k 4] [--blocks 4] [--cache DIR]
+
+Runs the real driver twice (``tune/ablate.py``, K relu trials of different seeds, no evaluation):
+
+1. ``--activations stream``: prints the LM tokens the server computed for training divided by the tokens
+   one trial trains on (one LM pass for the whole sweep is 1.0; the goal is <= 1.1), the server's peak
+   memory next to the window's share of it, and the trials' training speed;
+2. ``--activations cache`` with the same steps: the trials' training speed from the disk cache.
+
+The budget is ``--blocks`` stream blocks (256 contexts x 127 rows, cut into 1,024-row batches) per trial.
+A warm ``--cache`` (the main job's) skips the held-out harvest and the model conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from hsae.spaces import PROFILES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sweep(out: Path, k: int, tokens: int, activations: str) -> tuple[pd.DataFrame, str]:
+    space = out.parent / "relu.yaml"
+    space.write_text("description: relu seeds for the stream bench\ntrials:\n  - variant: relu\n")
+    cmd = [sys.executable, str(ROOT / "tune" / "ablate.py"), "--space", str(space), "--seeds", str(k),
+           "--tokens", str(tokens), "--activations", activations, "--max-concurrent", str(k), "--no-eval",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return pd.read_parquet(out / "trials.parquet"), done.stdout
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, default=4, help="concurrent trials")
+    p.add_argument("--blocks", type=int, default=4, help="stream blocks per trial")
+    p.add_argument("--cache", default=None, help="HSAE_CACHE to use (a warm one skips the conversion)")
+    args = p.parse_args()
+    if args.cache:
+        os.environ["HSAE_CACHE"] = args.cache
+    profile = PROFILES["embedded"]
+    per_block = profile.stream_block_contexts * (profile.ctx_len - 1) // profile.batch_size
+    steps = args.blocks * per_block
+    tokens = steps * profile.batch_size
+    with tempfile.TemporaryDirectory(prefix="hsae-bench-stream-") as tmp:
+        streamed, printed = sweep(Path(tmp) / "stream" / "out", args.k, tokens, "stream")
+        cached, _ = sweep(Path(tmp) / "cache" / "out", args.k, tokens, "cache")
+    line = next(x for x in printed.splitlines() if x.startswith("[hsae] stream:"))
+    peak_mb = float(re.search(r"server peak memory (\d+) MB", line).group(1))
+    ratio = streamed["stream_lm_tokens"].max() / tokens
+    speed_stream, speed_cache = streamed["tokens_per_s"].mean(), cached["tokens_per_s"].mean()
+    d_in = int(streamed["cfg_d_in"].iloc[0])  # the served model's width
+    window_mb = profile.stream_window_blocks * profile.stream_block_contexts * (profile.ctx_len - 1) * d_in * 4 / 2**20
+    print(f"{args.k} concurrent relu trials x {steps} steps x {profile.batch_size} = {tokens:,} tokens each")
+    print(line)
+    print(f"server peak memory: {peak_mb:.0f} MB, of which the window ({profile.stream_window_blocks} blocks) "
+          f"holds at most {window_mb:.0f} MB; the rest is the model and the held-out rows")
+    print(f"trial training speed: {speed_stream:,.0f} tokens/s streamed vs {speed_cache:,.0f} from the cache "
+          f"(ratio {speed_stream / speed_cache:.2f}; the LM shares the same 2 cores while it streams)")
+    print(f"lm_tokens_ratio: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""The activation stream: shuffled training batches computed as trials consume them, in bounded memory.
+
+The stream is a deterministic function of (corpus, split, seed) and of nothing that happens at run
+time. It is cut into *blocks* of ``block_contexts`` contexts: block ``b`` lies in epoch
+``b // blocks_per_epoch``. An epoch packs the training documents in a document order drawn from
+(seed, epoch); epoch 0 is the disk cache's packing. The LM runs over a block's contexts once. The
+block's activation rows (start token and attention sinks dropped, as in a harvest) are permuted with
+(seed, block) and cut into batches, so every batch mixes rows of hundreds of contexts. Batch ``i`` of
+the stream is batch ``i % per_block`` of block ``i // per_block``, whoever asks and whenever.
+
+Consumers (trials) *join* at the oldest batch still buffered, so trials that start within the buffer's
+reach see the same batches and a trial that starts later joins where the stream is. The producer
+thread computes blocks ahead of the slowest attached consumer, up to ``window_blocks`` blocks and never
+beyond the last batch any consumer asked for. Memory is therefore at most ``window_blocks`` blocks,
+plus one block per consumer that is recomputing, whatever the token budget.
+
+Back-pressure: when the window is full because of one slow consumer, the producer waits ``stall_s``
+seconds. The slow consumer is then *detached*: the window moves on, and each block it asks for later
+is recomputed for it alone (counted in ``lm_tokens``) and not kept. Once it reaches the window again,
+it is attached again. A consumer that asks nothing for ``lease_s`` seconds (finished, stopped by ASHA,
+crashed) has left. A resumed trial asks for the batches it would have seen, and evicted ones are
+recomputed. A restarted server recomputes whatever is asked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hsae.activations import Harvester
+from hsae.checks import check_positive, check_positive_int
+from hsae.corpora import load_corpus, pack_contexts, split_documents
+
+EPOCHS_KEPT = 3
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int
+    block_contexts: int = 256  # the mixing buffer: a batch draws its rows from this many contexts
+    window_blocks: int = 4  # blocks kept published at once: the memory bound
+    stall_s: float = 120.0  # how long the producer waits for the slowest consumer before detaching it
+    lease_s: float = 600.0  # a consumer silent this long has left
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "block_contexts", "window_blocks"):
+            check_positive_int(name, getattr(self, name))
+        check_positive("stall_s", self.stall_s)
+        check_positive("lease_s", self.lease_s)
+
+
+class BlockSource:
+    """The contexts of every block, and the block's shuffled activation batches (Ray-free)."""
+
+    def __init__(self, harvester: Harvester, cfg: StreamConfig) -> None:
+        hcfg = harvester.cfg
+        self.harvester, self.cfg = harvester, cfg
+        self.blocks_per_epoch = hcfg.n_ctxs // cfg.block_contexts
+        if self.blocks_per_epoch < 1:
+            raise ValueError(f"block_contexts={cfg.block_contexts} exceeds an epoch's {hcfg.n_ctxs} contexts "
+                             f"(n_ctxs): lower stream_block_contexts or raise --n-ctxs")
+        rows = cfg.block_contexts * (hcfg.ctx_len - 1)
+        self.batches_per_block = rows // cfg.batch_size
+        if self.batches_per_block < 1:
+            raise ValueError(f"a block of {cfg.block_contexts} contexts gives {rows} rows, fewer than one batch of "
+                             f"{cfg.batch_size}: raise stream_block_contexts")
+        self.tokens_per_block = cfg.block_contexts * hcfg.ctx_len  # what the LM computes for a block
+        # Packed epochs, the newest few: the producer and a trial recomputing an old block need different ones.
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._epochs_lock = threading.Lock()
+
+    def epoch_contexts(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch 0 is the cache's packing of the training documents; later epochs reshuffle the documents."""
+        with self._epochs_lock:
+            if epoch not in self._epochs:
+                h = self.harvester
+                if epoch == 0:
+                    packed = h.packed_contexts("train")
+                else:
+                    train_docs, _ = split_documents(load_corpus(h.cfg.corpus), h.cfg.holdout_fraction, h.cfg.seed)
+                    packed = pack_contexts(h.loaded.tokenizer, train_docs, h.cfg.ctx_len, h.cfg.n_ctxs,
+                                           seed=[h.cfg.seed, epoch], forget_fraction=h.cfg.forget_fraction)
+                while len(self._epochs) >= EPOCHS_KEPT:
+                    del self._epochs[min(self._epochs)]
+                self._epochs[epoch] = packed
+            return self._epochs[epoch]
+
+    def block_batches(self, block: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The LM's activations of the block, shuffled and cut into (x, labels) batches."""
+        epoch, i = divmod(block, self.blocks_per_epoch)
+        tokens, domains = self.epoch_contexts(epoch)
+        sl = slice(i * self.cfg.block_contexts, (i + 1) * self.cfg.block_contexts)
+        shard = self.harvester.compute_shard(tokens[sl], domains[sl])
+        need = self.batches_per_block * self.cfg.batch_size
+        # Attention sinks leave fewer rows than planned: the permutation wraps round (deterministically).
+        order = np.resize(np.random.default_rng([self.harvester.cfg.seed, block]).permutation(len(shard.x)), need)
+        b = self.cfg.batch_size
+        return [(shard.x[order[k * b:(k + 1) * b]], shard.labels[order[k * b:(k + 1) * b]])
+                for k in range(self.batches_per_block)]
+
+
+@dataclass
+class Consumer:
+    start: int  # its first batch
+    position: int  # the next batch it will ask for
+    end: int  # one past the last batch it needs
+    seen: float  # when it last asked
+    attached: bool = True
+
+
+class ActivationStream:
+    """The window of published blocks, the consumers and the producer thread (see the module doc).
+
+    ``put`` turns a batch's arrays into what consumers receive (``ray.put`` in the server; identity in tests).
+    """
+
+    def __init__(self, source: BlockSource, put: Callable[[Any], Any] = lambda a: a,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.source, self.cfg, self.put, self.clock = source, source.cfg, put, clock
+        self.per_block = source.batches_per_block
+        self.window: dict[int, list[tuple[Any, Any]]] = {}
+        self.consumers: dict[str, Consumer] = {}
+        self.lock = threading.Condition()
+        self.lm_tokens = 0
+        self.blocks_computed = 0
+        self.blocks_recomputed = 0
+        self.peak_window_blocks = 0
+        self._computing: set[int] = set()
+        self._producer: threading.Thread | None = None
+        self._stop = False
+
+    # -- consumers ------------------------------------------------------------------------------------
+    def join(self, consumer: str, steps: int) -> int:
+        """Register ``consumer`` for ``steps`` batches; returns its first batch (the oldest one buffered)."""
+        with self.lock:
+            known = self.consumers.get(consumer)
+            if known is not None:
+                return known.start
+            first = min(self.window) if self.window else self._next_block()
+            start = first * self.per_block
+            self.consumers[consumer] = Consumer(start, start, start + steps, self.clock())
+            self._start_producer()
+            self.lock.notify_all()
+            return start
+
+    def batches(self, consumer: str, start: int, count: int) -> list[tuple[Any, Any]]:
+        """Batches ``start .. start+count-1`` for ``consumer``: buffered, awaited, or recomputed."""
+        with self.lock:
+            c = self.consumers.get(consumer)
+            if c is None:  # a restarted server meets a consumer it never saw join
+                c = self.consumers[consumer] = Consumer(start, start, start + count, self.clock())
+            c.position, c.end, c.seen = start, max(c.end, start + count), self.clock()
+            self._start_producer()  # it ends when nobody needs more; this consumer may need more now
+            self.lock.notify_all()
+        out = []
+        for i in range(start, start + count):
+            block, k = divmod(i, self.per_block)
+            out.append(self._block(consumer, block)[k])
+            with self.lock:  # its position moves as it receives: a request may span more than the window
+                c.position = i + 1
+                self.lock.notify_all()
+        return out
+
+    def leave(self, consumer: str) -> None:
+        with self.lock:
+            self.consumers.pop(consumer, None)
+            self.lock.notify_all()
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {"lm_tokens": self.lm_tokens, "blocks_computed": self.blocks_computed,
+                    "blocks_recomputed": self.blocks_recomputed, "window_blocks": len(self.window),
+                    "peak_window_blocks": self.peak_window_blocks, "batches_per_block": self.per_block,
+                    "consumers": {k: vars(v) for k, v in self.consumers.items()}}
+
+    def close(self) -> None:
+        with self.lock:
+            self._stop = True
+            self.lock.notify_all()
+        if self._producer is not None:
+            self._producer.join()
+
+    # -- blocks ---------------------------------------------------------------------------------------
+    def _block(self, consumer: str, block: int) -> list[tuple[Any, Any]]:
+        """The block from the window, waiting for the producer when it is coming, else recomputed alone."""
+        with self.lock:
+            while True:
+                if block in self.window:
+                    self._attach(consumer)
+                    return self.window[block]
+                if not self._coming(block):
+                    break
+                self.lock.wait(timeout=1.0)
+            self.consumers[consumer].attached = False
+        batches = self._compute(block)
+        with self.lock:
+            self.blocks_recomputed += 1
+        return batches
+
+    def _coming(self, block: int) -> bool:
+        """Whether the producer will publish ``block`` (it is ahead of the window's start, or being made)."""
+        producing = self._producer is not None and self._producer.is_alive()
+        return block in self._computing or (producing and block >= self._next_block())
+
+    def _attach(self, consumer: str) -> None:
+        c = self.consumers.get(consumer)
+        if c is not None:
+            c.attached = True
+
+    def _compute(self, block: int) -> list[tuple[Any, Any]]:
+        batches = [(self.put(x), self.put(labels)) for x, labels in self.source.block_batches(block)]
+        with self.lock:
+            self.lm_tokens += self.source.tokens_per_block
+        return batches
+
+    def _next_block(self) -> int:
+        """The block the producer makes next: one past the newest published (the first asked for, at start)."""
+        if self.window:
+            return max(self.window) + 1
+        asked = [c.position // self.per_block for c in self.consumers.values()]
+        return min(asked) if asked else 0
+
+    # -- the producer ---------------------------------------------------------------------------------
+    def _start_producer(self) -> None:
+        if self._producer is None or not self._producer.is_alive():
+            self._stop = False
+            self._producer = threading.Thread(target=self._produce, name="hsae-stream", daemon=True)
+            self._producer.start()
+
+    def _produce(self) -> None:
+        while True:
+            with self.lock:
+                block = self._wait_for_room()
+                if block is None:
+                    return
+                self._computing.add(block)
+            batches = self._compute(block)
+            with self.lock:
+                self._computing.discard(block)
+                self.window[block] = batches
+                self.blocks_computed += 1
+                self.peak_window_blocks = max(self.peak_window_blocks, len(self.window))
+                self.lock.notify_all()
+
+    def _wait_for_room(self) -> int | None:
+        """(Lock held.) The next block to make once the window has room for it; None to stop."""
+        waited_since = self.clock()
+        while not self._stop:
+            self._drop_silent()
+            block = self._next_block()
+            needed = [c for c in self.consumers.values() if c.end > block * self.per_block]
+            if not needed:
+                return None  # nobody needs more: the producer ends (a new join restarts it)
+            self._evict_unneeded()
+            if len(self.window) < self.cfg.window_blocks:
+                return block
+            if self.clock() - waited_since > self.cfg.stall_s:
+                self._detach_slowest()
+                waited_since = self.clock()
+            self.lock.wait(timeout=min(1.0, self.cfg.stall_s))
+        return None
+
+    def _attached_low(self) -> int | None:
+        """The lowest block an attached consumer still needs."""
+        lows = [c.position // self.per_block for c in self.consumers.values() if c.attached]
+        return min(lows) if lows else None
+
+    def _evict_unneeded(self) -> None:
+        low = self._attached_low()
+        for block in sorted(self.window):
+            if len(self.window) < self.cfg.window_blocks or (low is not None and block >= low):
+                break
+            del self.window[block]
+
+    def _detach_slowest(self) -> None:
+        attached = [c for c in self.consumers.values() if c.attached]
+        if attached:
+            min(attached, key=lambda c: c.position).attached = False
+            self._evict_unneeded()
+
+    def _drop_silent(self) -> None:
+        now = self.clock()
+        for name in [k for k, c in self.consumers.items() if now - c.seen > self.cfg.lease_s]:
+            del self.consumers[name]
+
+
+class StreamBatches:
+    """A trial's view of the stream: batch ``step`` is stream batch ``start + step`` (a pure function of the
+    step, as resume needs). ``fetch(start, count)`` returns that many (x, labels) pairs from the server."""
+
+    def __init__(self, fetch: Callable[[int, int], list[tuple[Any, Any]]], start: int, batch_size: int,
+                 steps: int | None = None, prefetch: int = 8) -> None:
+        self.fetch, self.start, self.batch_size, self.prefetch = fetch, start, batch_size, prefetch
+        self.steps = steps  # never ask past the last step: a batch asked for is a batch the LM computes
+        self._held: dict[int, tuple[Any, Any]] = {}
+
+    def batch_at(self, step: int) -> Any:
+        from hsae.train import to_batch
+
+        index = self.start + step
+        if index not in self._held:
+            count = self.prefetch if self.steps is None else max(1, min(self.prefetch, self.steps - step))
+            self._held = dict(enumerate(self.fetch(index, count), start=index))
+        x, labels = self._held.pop(index)
+        return to_batch(x, labels)
+
+    def unique_rows(self, steps: int) -> int:
+        """Distinct stream rows the first ``steps`` batches hold: every stream batch is new rows."""
+        return steps * self.batch_size

@@ -1,0 +1,152 @@
+"""The activation stream (hsae.stream): batches a function of their position, memory bounded by the
+window, one LM pass for concurrent trials, slow trials detached, and a server kill survived."""
+
+import resource
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hsae.activations import Harvester
+from hsae.config import SAEConfig, TrainConfig
+from hsae.server import fetch  # noqa: F401 - the Ray glue imports cleanly alongside the stream
+from hsae.stream import ActivationStream, BlockSource, StreamBatches, StreamConfig
+from hsae.train import ArrayBatches, Trainer, to_batch
+
+
+class PlantedBlocks:
+    """A BlockSource stand-in: block b's batches are seeded random arrays (no model), ``mb`` MB a block."""
+
+    def __init__(self, cfg, batches_per_block=4, d=64, mb=0.0):
+        self.cfg, self.batches_per_block, self.d = cfg, batches_per_block, d
+        self.rows = max(cfg.batch_size, int(mb * 2**20 / 4 / d / batches_per_block))
+        self.tokens_per_block = batches_per_block * self.rows
+        self.computed = []
+
+    def block_batches(self, block):
+        self.computed.append(block)
+        rng = np.random.default_rng(block)
+        return [(rng.standard_normal((self.rows, self.d), dtype=np.float32), np.zeros(self.rows, np.int8))
+                for _ in range(self.batches_per_block)]
+
+
+def consume(stream, name, start, count, chunk=3, keep=True):
+    out = []
+    for first in range(start, start + count, chunk):
+        got = stream.batches(name, first, min(chunk, start + count - first))
+        out += got if keep else []
+    return out
+
+
+@pytest.fixture
+def tiny_stream(tiny_harvest_cfg, tmp_path):
+    harvester = Harvester(tiny_harvest_cfg, tmp_path / "cache", progress=None)
+    return BlockSource(harvester, StreamConfig(batch_size=64, block_contexts=8, window_blocks=2))
+
+
+def test_a_batch_is_a_function_of_its_position_not_of_time(tiny_stream, tmp_path):
+    first = ActivationStream(tiny_stream)
+    assert first.join("a", 30) == 0
+    early = consume(first, "a", 0, 30)  # 10 blocks of 3 batches: the window (2 blocks) has moved on
+    per = first.per_block
+    oldest = (-(-30 // per) - 2) * per
+    assert oldest > 0 and first.join("b", 10) == oldest  # a later trial joins at the oldest batch buffered
+    late = consume(first, "b", oldest, 10)
+    for x, y in zip(early[oldest:], late, strict=False):
+        np.testing.assert_array_equal(x[0], y[0])
+    again = consume(first, "b", 0, 6)  # evicted: recomputed, identical
+    assert first.blocks_recomputed >= 1
+    for x, y in zip(early[:6], again, strict=True):
+        np.testing.assert_array_equal(x[0], y[0])
+    restarted = ActivationStream(BlockSource(Harvester(tiny_stream.harvester.cfg, tmp_path / "cache2", progress=None),
+                                             tiny_stream.cfg))  # a new server process: nothing buffered
+    resumed = StreamBatches(lambda s, n: restarted.batches("a", s, n), start=0, batch_size=64)
+    np.testing.assert_array_equal(resumed.batch_at(17).x.numpy(), to_batch(*early[17]).x.numpy())
+    for stream in (first, restarted):
+        stream.close()
+
+
+def test_a_budget_beyond_the_window_keeps_memory_flat():
+    source = PlantedBlocks(StreamConfig(batch_size=256, window_blocks=3), mb=8)
+    stream = ActivationStream(source)
+    start = stream.join("t", 4 * 60)  # 60 blocks = 480 MB of activations through a 24 MB window
+    consume(stream, "t", start, 4 * 10, chunk=4, keep=False)
+    peak_early = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    consume(stream, "t", start + 40, 4 * 50, chunk=4, keep=False)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_early) / 1024
+    stats = stream.stats()
+    stream.close()
+    assert stats["peak_window_blocks"] <= 3 and stats["blocks_recomputed"] == 0
+    assert grown_mb < 60, f"peak memory grew {grown_mb:.0f} MB while streaming 400 MB more"
+    assert stats["lm_tokens"] == 60 * source.tokens_per_block  # each block once, none beyond the need
+
+
+def test_concurrent_trials_cost_one_lm_pass():
+    source = PlantedBlocks(StreamConfig(batch_size=64, window_blocks=4))
+    stream = ActivationStream(source)
+    starts = [stream.join(f"t{k}", 40) for k in range(4)]
+    threads = [threading.Thread(target=consume, args=(stream, f"t{k}", s, 40)) for k, s in enumerate(starts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stream.close()
+    assert starts == [0, 0, 0, 0]
+    assert sorted(source.computed) == list(range(10))  # 40 batches of 4 per block: each block once
+
+
+def test_a_slow_trial_is_detached_and_recomputes_rather_than_stalling_the_rest():
+    source = PlantedBlocks(StreamConfig(batch_size=64, window_blocks=2, stall_s=0.3))
+    stream = ActivationStream(source)
+    stream.join("slow", 40), stream.join("fast", 40)
+    slow_first = consume(stream, "slow", 0, 2)
+    t0 = time.monotonic()
+    fast = consume(stream, "fast", 0, 40)  # would wait for "slow" forever without the stall rule
+    assert time.monotonic() - t0 < 30 and stream.consumers["slow"].attached is False
+    slow_rest = consume(stream, "slow", 2, 38)
+    stream.close()
+    assert stream.blocks_recomputed > 0 and len(stream.window) <= 2
+    for x, y in zip(fast, slow_first + slow_rest, strict=True):
+        np.testing.assert_array_equal(x[0], y[0])
+
+
+def test_stream_and_cache_saes_agree_within_seed_noise(tiny_harvest_cfg, tmp_path):
+    harvester = Harvester(tiny_harvest_cfg, tmp_path / "cache", progress=None)
+    cached = harvester.run()
+    x, labels = cached.arrays("train")
+    held_out = to_batch(*cached.arrays("eval"))
+    source = BlockSource(harvester, StreamConfig(batch_size=128, block_contexts=8))
+    stream = ActivationStream(source)
+    ev = {"cache": [], "stream": []}
+    for seed in (0, 1, 2):
+        for kind in ev:
+            train = TrainConfig(steps=60, batch_size=128, lr=3e-3, seed=seed, log_every=20)
+            batches = (ArrayBatches(x, labels, 128, seed) if kind == "cache" else
+                       StreamBatches(lambda s, n, k=seed: stream.batches(f"s{k}", s, n), 0, 128))
+            result = Trainer(SAEConfig("relu", 64, 256), train).fit(batches, eval_batch=held_out)
+            ev[kind].append(result.metrics["explained_variance"])
+    stream.close()
+    spread = max(np.ptp(ev["cache"]), np.ptp(ev["stream"]))
+    assert abs(np.mean(ev["cache"]) - np.mean(ev["stream"])) <= max(spread, 0.01), ev
+
+
+@pytest.mark.slow
+def test_stream_sweep_survives_a_server_kill_with_rows_intact(ray_session, tmp_path, monkeypatch, capsys):
+    from tune import ablate
+
+    monkeypatch.setenv("HSAE_CACHE", str(tmp_path / "cache"))
+    space = tmp_path / "relu.yaml"
+    space.write_text("description: relu\ntrials:\n  - variant: relu\n")
+    out = tmp_path / "results"
+    # 48 contexts x 31 rows = 1,488 cached rows; 40 steps x 256 = 10,240 tokens a trial: the stream
+    code = ablate.main(["--profile", "tiny", "--space", str(space), "--seeds", "2", "--tokens", "10240",
+                        "--out", str(out)], trial_hooks=["tests.faults:kill_server_at_step_20"])
+    assert code == 0
+    rows = pd.read_parquet(out / "trials.parquet")
+    assert list(rows["status"]) == ["completed", "completed"] and (rows["steps"] == 40).all()
+    assert (rows["unique_train_tokens"] == 10240).all() and rows["stream_start_batch"].notna().all()
+    assert rows["stream_lm_tokens"].max() > 0 and rows["unlearning_score"].notna().all()
+    printed = capsys.readouterr().out
+    assert "lm_tokens_ratio" in printed
