@@ -17,6 +17,7 @@ Every file is written to a temp name and renamed, so nothing half-written is eve
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -223,12 +224,14 @@ class Harvester:
         self.cache = ActivationCache(cfg, root)
         self.progress = progress
         self._loaded: LoadedModel | None = None
+        self._load_lock = threading.Lock()
         self.forwards = 0
 
     @property
     def loaded(self) -> LoadedModel:
-        if self._loaded is None:
-            self._loaded = load_model(self.cfg.model)
+        with self._load_lock:  # the stream's threads and the evaluator may ask first at once: load once
+            if self._loaded is None:
+                self._loaded = load_model(self.cfg.model)
         return self._loaded
 
     @property

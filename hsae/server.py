@@ -8,6 +8,7 @@ Trials only ever fetch refs (numpy arrays are zero-copy, read-only); they never 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +79,7 @@ class ActivationServer:
         self.eval_model = eval_model
         self.stream_cfg = stream  # None: training rows come from the disk cache (every split harvested)
         self._stream: ActivationStream | None = None
+        self._stream_lock = threading.Lock()
         self._info: ServedInfo | None = None
         self._harvest: Harvest | None = None
         self._evaluator: Evaluator | None = None
@@ -184,8 +186,9 @@ class ActivationServer:
     def _the_stream(self) -> ActivationStream:
         if self.stream_cfg is None:
             raise RuntimeError("this activation server serves its training rows from the disk cache, not a stream")
-        if self._stream is None:
-            self._stream = ActivationStream(BlockSource(self.harvester, self.stream_cfg), put=ray.put)
+        with self._stream_lock:  # stream calls arrive on many threads at once: one stream, one producer
+            if self._stream is None:
+                self._stream = ActivationStream(BlockSource(self.harvester, self.stream_cfg), put=ray.put)
         return self._stream
 
     @ray.method(concurrency_group=STREAM_GROUP)
@@ -301,10 +304,11 @@ def fetch(info: ServedInfo, split: str = "train") -> ServedActivations:
 
 def stream_source(server: Any, consumer: str, start: int, batch_size: int, steps: int) -> StreamBatches:
     """A trial's ``steps`` batches from the server's stream, from stream batch ``start`` on."""
+    epoch_batches = ray.get(server.stream_stats.remote())["batches_per_epoch"]
 
     def fetch_batches(first: int, count: int) -> list[tuple[Any, Any]]:
         refs = ray.get(server.stream_batches.remote(consumer, first, count))
         arrays = ray.get([r for pair in refs for r in pair])
         return list(zip(arrays[0::2], arrays[1::2], strict=True))
 
-    return StreamBatches(fetch_batches, start, batch_size, steps)
+    return StreamBatches(fetch_batches, start, batch_size, steps, epoch_batches)

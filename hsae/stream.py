@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ from hsae.activations import Harvester
 from hsae.checks import check_positive, check_positive_int
 from hsae.corpora import load_corpus, pack_contexts, split_documents
 
-EPOCHS_KEPT = 3
+EPOCHS_KEPT = 64  # packed epochs kept (token ids only: 2 MB each for the real profile)
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,9 @@ class StreamConfig:
     lease_s: float = 600.0  # a consumer silent this long has left
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "block_contexts", "window_blocks"):
+        for name in ("batch_size", "block_contexts"):
             check_positive_int(name, getattr(self, name))
+        check_positive_int("window_blocks", self.window_blocks, minimum=2)  # one being read, one being made
         check_positive("stall_s", self.stall_s)
         check_positive("lease_s", self.lease_s)
 
@@ -77,18 +78,20 @@ class BlockSource:
     def epoch_contexts(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Epoch 0 is the cache's packing of the training documents; later epochs reshuffle the documents."""
         with self._epochs_lock:
-            if epoch not in self._epochs:
-                h = self.harvester
-                if epoch == 0:
-                    packed = h.packed_contexts("train")
-                else:
-                    train_docs, _ = split_documents(load_corpus(h.cfg.corpus), h.cfg.holdout_fraction, h.cfg.seed)
-                    packed = pack_contexts(h.loaded.tokenizer, train_docs, h.cfg.ctx_len, h.cfg.n_ctxs,
-                                           seed=[h.cfg.seed, epoch], forget_fraction=h.cfg.forget_fraction)
-                while len(self._epochs) >= EPOCHS_KEPT:
-                    del self._epochs[min(self._epochs)]
-                self._epochs[epoch] = packed
-            return self._epochs[epoch]
+            if epoch in self._epochs:
+                return self._epochs[epoch]
+        h = self.harvester
+        if epoch == 0:
+            packed = h.packed_contexts("train")
+        else:  # packed outside the lock: the producer and a recomputing trial may need different epochs
+            train_docs, _ = split_documents(load_corpus(h.cfg.corpus), h.cfg.holdout_fraction, h.cfg.seed)
+            packed = pack_contexts(h.loaded.tokenizer, train_docs, h.cfg.ctx_len, h.cfg.n_ctxs,
+                                   seed=[h.cfg.seed, epoch], forget_fraction=h.cfg.forget_fraction)
+        with self._epochs_lock:
+            while len(self._epochs) >= EPOCHS_KEPT:
+                del self._epochs[min(self._epochs)]
+            self._epochs[epoch] = packed
+        return packed
 
     def block_batches(self, block: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The LM's activations of the block, shuffled and cut into (x, labels) batches."""
@@ -111,6 +114,7 @@ class Consumer:
     end: int  # one past the last batch it needs
     seen: float  # when it last asked
     attached: bool = True
+    held: tuple[int, list[tuple[Any, Any]]] | None = field(default=None, repr=False)  # its current block
 
 
 class ActivationStream:
@@ -131,6 +135,7 @@ class ActivationStream:
         self.blocks_recomputed = 0
         self.peak_window_blocks = 0
         self._computing: set[int] = set()
+        self.producer_error: str | None = None
         self._producer: threading.Thread | None = None
         self._stop = False
 
@@ -155,14 +160,19 @@ class ActivationStream:
             if c is None:  # a restarted server meets a consumer it never saw join
                 c = self.consumers[consumer] = Consumer(start, start, start + count, self.clock())
             c.position, c.end, c.seen = start, max(c.end, start + count), self.clock()
+            if not any(o.attached for o in self.consumers.values()):
+                c.attached = True  # alone, it drives the producer again rather than recomputing every block
             self._start_producer()  # it ends when nobody needs more; this consumer may need more now
             self.lock.notify_all()
         out = []
         for i in range(start, start + count):
             block, k = divmod(i, self.per_block)
-            out.append(self._block(consumer, block)[k])
+            if c.held is None or c.held[0] != block:  # a block recomputed for it serves all its batches
+                c.held = (block, self._block(consumer, block))
+            out.append(c.held[1][k])
             with self.lock:  # its position moves as it receives: a request may span more than the window
-                c.position = i + 1
+                c.position, c.seen = i + 1, self.clock()
+                self.consumers.setdefault(consumer, c)  # a lease that ran out mid-request is renewed
                 self.lock.notify_all()
         return out
 
@@ -176,7 +186,10 @@ class ActivationStream:
             return {"lm_tokens": self.lm_tokens, "blocks_computed": self.blocks_computed,
                     "blocks_recomputed": self.blocks_recomputed, "window_blocks": len(self.window),
                     "peak_window_blocks": self.peak_window_blocks, "batches_per_block": self.per_block,
-                    "consumers": {k: vars(v) for k, v in self.consumers.items()}}
+                    "batches_per_epoch": self.per_block * self.source.blocks_per_epoch,
+                    "producer_error": self.producer_error,
+                    "consumers": {k: {"start": v.start, "position": v.position, "end": v.end, "attached": v.attached}
+                                  for k, v in self.consumers.items()}}
 
     def close(self) -> None:
         with self.lock:
@@ -196,16 +209,23 @@ class ActivationStream:
                 if not self._coming(block):
                     break
                 self.lock.wait(timeout=1.0)
-            self.consumers[consumer].attached = False
+                c = self.consumers.get(consumer)
+                if c is not None:
+                    c.seen = self.clock()  # waiting is not silence
+            c = self.consumers.get(consumer)
+            if c is not None:
+                c.attached = False
         batches = self._compute(block)
         with self.lock:
             self.blocks_recomputed += 1
         return batches
 
     def _coming(self, block: int) -> bool:
-        """Whether the producer will publish ``block`` (it is ahead of the window's start, or being made)."""
+        """Whether the producer will publish ``block`` soon: it is being made, or within a window of the next."""
+        if block in self._computing:
+            return True
         producing = self._producer is not None and self._producer.is_alive()
-        return block in self._computing or (producing and block >= self._next_block())
+        return producing and self._next_block() <= block < self._next_block() + self.cfg.window_blocks
 
     def _attach(self, consumer: str) -> None:
         c = self.consumers.get(consumer)
@@ -222,29 +242,39 @@ class ActivationStream:
         """The block the producer makes next: one past the newest published (the first asked for, at start)."""
         if self.window:
             return max(self.window) + 1
-        asked = [c.position // self.per_block for c in self.consumers.values()]
+        asked = [c.position // self.per_block for c in self.consumers.values() if c.attached]
         return min(asked) if asked else 0
 
     # -- the producer ---------------------------------------------------------------------------------
     def _start_producer(self) -> None:
-        if self._producer is None or not self._producer.is_alive():
+        """(Lock held.) A producer thread, unless one is running."""
+        if self._producer is None:
             self._stop = False
             self._producer = threading.Thread(target=self._produce, name="hsae-stream", daemon=True)
             self._producer.start()
 
     def _produce(self) -> None:
-        while True:
-            with self.lock:
-                block = self._wait_for_room()
-                if block is None:
-                    return
-                self._computing.add(block)
-            batches = self._compute(block)
+        block = None
+        try:
+            while True:
+                with self.lock:
+                    block = self._wait_for_room()
+                    if block is None:
+                        return
+                    self._computing.add(block)
+                batches = self._compute(block)
+                with self.lock:
+                    self._computing.discard(block)
+                    self.window[block] = batches
+                    self.blocks_computed += 1
+                    self.peak_window_blocks = max(self.peak_window_blocks, len(self.window))
+                    self.lock.notify_all()
+        except Exception as exc:  # noqa: BLE001 - kept for stats; the trial that needs the block meets it itself
+            self.producer_error = f"block {block}: {type(exc).__name__}: {exc}"
+        finally:  # on an error too: waiting consumers then compute the block themselves and meet the error
             with self.lock:
                 self._computing.discard(block)
-                self.window[block] = batches
-                self.blocks_computed += 1
-                self.peak_window_blocks = max(self.peak_window_blocks, len(self.window))
+                self._producer = None
                 self.lock.notify_all()
 
     def _wait_for_room(self) -> int | None:
@@ -253,9 +283,10 @@ class ActivationStream:
         while not self._stop:
             self._drop_silent()
             block = self._next_block()
-            needed = [c for c in self.consumers.values() if c.end > block * self.per_block]
+            # Only attached consumers drive production: a detached one recomputes what it needs itself.
+            needed = [c for c in self.consumers.values() if c.attached and c.end > block * self.per_block]
             if not needed:
-                return None  # nobody needs more: the producer ends (a new join restarts it)
+                return None  # nobody attached needs more: the producer ends (a request restarts it)
             self._evict_unneeded()
             if len(self.window) < self.cfg.window_blocks:
                 return block
@@ -278,10 +309,12 @@ class ActivationStream:
             del self.window[block]
 
     def _detach_slowest(self) -> None:
-        attached = [c for c in self.consumers.values() if c.attached]
-        if attached:
-            min(attached, key=lambda c: c.position).attached = False
-            self._evict_unneeded()
+        """Detach every attached consumer at the lowest block (all of those holding the window back)."""
+        low = self._attached_low()
+        for c in self.consumers.values():
+            if c.attached and c.position // self.per_block == low:
+                c.attached = False
+        self._evict_unneeded()
 
     def _drop_silent(self) -> None:
         now = self.clock()
@@ -294,9 +327,10 @@ class StreamBatches:
     step, as resume needs). ``fetch(start, count)`` returns that many (x, labels) pairs from the server."""
 
     def __init__(self, fetch: Callable[[int, int], list[tuple[Any, Any]]], start: int, batch_size: int,
-                 steps: int | None = None, prefetch: int = 8) -> None:
+                 steps: int | None = None, epoch_batches: int | None = None, prefetch: int = 8) -> None:
         self.fetch, self.start, self.batch_size, self.prefetch = fetch, start, batch_size, prefetch
         self.steps = steps  # never ask past the last step: a batch asked for is a batch the LM computes
+        self.epoch_batches = epoch_batches  # later epochs repack the same documents
         self._held: dict[int, tuple[Any, Any]] = {}
 
     def batch_at(self, step: int) -> Any:
@@ -306,9 +340,11 @@ class StreamBatches:
         if index not in self._held:
             count = self.prefetch if self.steps is None else max(1, min(self.prefetch, self.steps - step))
             self._held = dict(enumerate(self.fetch(index, count), start=index))
-        x, labels = self._held.pop(index)
+        x, labels = self._held[index]  # kept: the trainer reads step 0 twice (initialisation, then the step)
         return to_batch(x, labels)
 
     def unique_rows(self, steps: int) -> int:
-        """Distinct stream rows the first ``steps`` batches hold: every stream batch is new rows."""
-        return steps * self.batch_size
+        """Distinct training tokens the first ``steps`` batches hold: each stream row is new until the
+        stream enters its second epoch, which repacks the same documents' tokens."""
+        batches = steps if self.epoch_batches is None else min(steps, self.epoch_batches)
+        return batches * self.batch_size

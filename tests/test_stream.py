@@ -4,6 +4,7 @@ window, one LM pass for concurrent trials, slow trials detached, and a server ki
 import resource
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ class PlantedBlocks:
         self.cfg, self.batches_per_block, self.d = cfg, batches_per_block, d
         self.rows = max(cfg.batch_size, int(mb * 2**20 / 4 / d / batches_per_block))
         self.tokens_per_block = batches_per_block * self.rows
+        self.blocks_per_epoch = 1000
         self.computed = []
 
     def block_batches(self, block):
@@ -56,8 +58,8 @@ def test_a_batch_is_a_function_of_its_position_not_of_time(tiny_stream, tmp_path
     late = consume(first, "b", oldest, 10)
     for x, y in zip(early[oldest:], late, strict=False):
         np.testing.assert_array_equal(x[0], y[0])
-    again = consume(first, "b", 0, 6)  # evicted: recomputed, identical
-    assert first.blocks_recomputed >= 1
+    again = consume(first, "b", 0, 6)  # evicted: recomputed, identical, each block once
+    assert first.blocks_recomputed == -(-6 // per)
     for x, y in zip(early[:6], again, strict=True):
         np.testing.assert_array_equal(x[0], y[0])
     restarted = ActivationStream(BlockSource(Harvester(tiny_stream.harvester.cfg, tmp_path / "cache2", progress=None),
@@ -108,8 +110,53 @@ def test_a_slow_trial_is_detached_and_recomputes_rather_than_stalling_the_rest()
     slow_rest = consume(stream, "slow", 2, 38)
     stream.close()
     assert stream.blocks_recomputed > 0 and len(stream.window) <= 2
+    assert max(Counter(source.computed).values()) <= 2  # the window's make, at most one recompute for "slow"
     for x, y in zip(fast, slow_first + slow_rest, strict=True):
         np.testing.assert_array_equal(x[0], y[0])
+
+
+class FailingBlocks(PlantedBlocks):
+    def block_batches(self, block):
+        if block == 2:
+            raise RuntimeError("CUDA out of memory (planted)")
+        return super().block_batches(block)
+
+
+def test_a_failing_block_fails_the_trial_that_needs_it_instead_of_hanging():
+    stream = ActivationStream(FailingBlocks(StreamConfig(batch_size=64, window_blocks=2)))
+    start = stream.join("t", 20)
+    errors = []
+    worker = threading.Thread(
+        target=lambda: errors.append(pytest.raises(RuntimeError, consume, stream, "t", start, 20)))
+    worker.start()
+    worker.join(timeout=20)
+    stream.close()
+    assert not worker.is_alive() and "planted" in str(errors[0].value)
+    assert "block 2: RuntimeError" in stream.stats()["producer_error"]
+
+
+def test_after_a_restart_a_trial_far_ahead_gets_its_block_without_the_blocks_between():
+    source = PlantedBlocks(StreamConfig(batch_size=64, window_blocks=2))
+    stream = ActivationStream(source)  # a new server process: two trials resume at their own positions
+    consume(stream, "behind", 0, 2)
+    far = consume(stream, "ahead", 4 * 40, 2)
+    stream.close()
+    assert 40 in source.computed and not set(range(5, 40)) & set(source.computed)
+    np.testing.assert_array_equal(far[0][0], PlantedBlocks(source.cfg).block_batches(40)[0][0])
+
+
+def test_the_producer_stops_when_nobody_attached_needs_more():
+    source = PlantedBlocks(StreamConfig(batch_size=64, window_blocks=2, stall_s=0.2, lease_s=1.0))
+    stream = ActivationStream(source)
+    stream.join("ghost", 400), stream.join("live", 40)  # "ghost" was stopped by ASHA and never says so
+    consume(stream, "ghost", 0, 2)
+    consume(stream, "live", 0, 40)
+    stream.leave("live")
+    time.sleep(1.5)  # past the stall (ghost detached) and the lease (ghost dropped)
+    made = len(source.computed)
+    time.sleep(1.0)
+    assert len(source.computed) == made <= 10 + 2 and stream._producer is None
+    stream.close()
 
 
 def test_stream_and_cache_saes_agree_within_seed_noise(tiny_harvest_cfg, tmp_path):

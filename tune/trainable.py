@@ -50,9 +50,12 @@ def run_trial(config: dict[str, Any]) -> None:
             with restored.as_directory() as path:
                 run.restore(Path(path))
         source = training_source(server, info, store, spec, run)
-        outcome = run.run(source, held_out, server_evaluate(server) if profile.evaluate else None)
-    if profile.activations == "stream":  # the sweep's LM cost so far: what streaming saves is measured here
-        outcome.row["stream_lm_tokens"] = ray.get(server.stream_leave.remote(spec.key))["lm_tokens"]
+        try:
+            outcome = run.run(source, held_out, server_evaluate(server) if profile.evaluate else None)
+        finally:  # a failed or stopped trial leaves the stream too, so it holds nobody back
+            left = ray.get(server.stream_leave.remote(spec.key)) if profile.activations == "stream" else None
+    if left is not None:  # the sweep's LM cost so far: what streaming saves is measured here
+        outcome.row["stream_lm_tokens"] = left["lm_tokens"]
     store.write_trial(outcome.row, outcome.curves, outcome.grid)
     tune.report(final_report(outcome, run.train_cfg.steps))
 
