@@ -15,9 +15,11 @@ beyond the last batch any consumer asked for. Memory is therefore at most ``wind
 plus one block per consumer that is recomputing, whatever the token budget.
 
 Back-pressure: when the window is full because of one slow consumer, the producer waits ``stall_s``
-seconds. The slow consumer is then *detached*: the window moves on, and each block it asks for later
-is recomputed for it alone (counted in ``lm_tokens``) and not kept. Once it reaches the window again,
-it is attached again. A consumer that asks nothing for ``lease_s`` seconds (finished, stopped by ASHA,
+seconds. Every consumer at the lowest block is then *detached*: the window moves on, and each block
+such a consumer asks for later is recomputed for it alone, once (counted in ``lm_tokens``), and not
+kept in the window. It is attached again once it reaches the window or is the only consumer left.
+Only attached consumers drive the producer. A failed block stops the producer; the consumer that
+needs the block computes it itself and meets the error. A consumer that asks nothing for ``lease_s`` seconds (finished, stopped by ASHA,
 crashed) has left. A resumed trial asks for the batches it would have seen, and evicted ones are
 recomputed. A restarted server recomputes whatever is asked.
 """
