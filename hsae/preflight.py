@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-GB = 1024**3
+GiB = 1024**3
 # Adam keeps two moments per parameter; with the parameter and its gradient that is 4 copies.
 ADAM_COPIES = 4
 # Live (batch, d_sae) float tensors of one SAE step: pre-activations, codes, their gradients, and masks.
@@ -76,19 +76,23 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def size_text(n_bytes: int) -> str:
+    return f"{n_bytes / GiB:.2f} GiB" if n_bytes >= GiB else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def check_fits(what: str, need: int, limit: int, where: str, option: str) -> None:
     if need > limit:
-        raise PlanDoesNotFit(f"{what} needs {need / GB:.2f} GB but {where} has {limit / GB:.2f} GB: {option}")
+        raise PlanDoesNotFit(f"{what} needs {size_text(need)} but {where} has {size_text(limit)}: {option}")
 
 
 def describe_sizes(sizes: Sizes) -> list[str]:
-    lines = [f"activation cache   {sizes.cache_bytes / GB:8.2f} GB on disk ({sizes.train_tokens:,} train + "
+    lines = [f"activation cache   {sizes.cache_bytes / GiB:8.2f} GiB on disk ({sizes.train_tokens:,} train + "
              f"{sizes.eval_tokens:,} held-out tokens, float32)",
-             f"object store       {sizes.object_store_bytes / GB:8.2f} GB (every shard put once)",
-             f"language model     {sizes.model_bytes / GB:8.2f} GB of weights",
+             f"object store       {sizes.object_store_bytes / GiB:8.2f} GiB (every shard put once)",
+             f"language model     {sizes.model_bytes / GiB:8.2f} GiB of weights",
              f"tokens per trial   {sizes.tokens_per_trial:,} ({sizes.tokens_per_trial / max(sizes.train_tokens, 1):.1f}"
              f" passes over the harvest)"]
-    lines += [f"trial {variant:<18} {b / GB:8.3f} GB (SAE + Adam + one step)"
+    lines += [f"trial {variant:<18} {b / GiB:8.3f} GiB (SAE + Adam + one step)"
               for variant, b in sizes.trial_bytes.items()]
     return lines
 

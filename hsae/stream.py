@@ -19,9 +19,9 @@ seconds. Every consumer at the lowest block is then *detached*: the window moves
 such a consumer asks for later is recomputed for it alone, once (counted in ``lm_tokens``), and not
 kept in the window. It is attached again once it reaches the window or is the only consumer left.
 Only attached consumers drive the producer. A failed block stops the producer; the consumer that
-needs the block computes it itself and meets the error. A consumer that asks nothing for ``lease_s`` seconds (finished, stopped by ASHA,
-crashed) has left. A resumed trial asks for the batches it would have seen, and evicted ones are
-recomputed. A restarted server recomputes whatever is asked.
+needs the block computes it itself and meets the error. A consumer that asks nothing for ``lease_s``
+seconds (finished, stopped by ASHA, crashed) has left. A resumed trial asks for the batches it would
+have seen, and evicted ones are recomputed. A restarted server recomputes whatever is asked.
 """
 
 from __future__ import annotations

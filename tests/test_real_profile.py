@@ -108,8 +108,9 @@ def test_plan_that_does_not_fit_the_disk_exits_2_naming_the_size(hub, tmp_path, 
     out = tmp_path / "results"
     assert ablate.main(real_args(hub, out, "--space", "ortho", "--dry-run")) == 2
     err = capsys.readouterr().err
-    # 64 contexts x 127 tokens x 64 floats x 4 bytes = 0.0019 GB needed, 0.0009 GB free
-    assert "the activation cache needs 0.00 GB" in err and "--cache" in err and "--n-ctxs" in err
+    needed = (48 + 16) * 127 * 64 * 4  # (train + held-out contexts) x rows x the stand-in's width x float32
+    assert f"the activation cache needs {needed / 2**20:.1f} MiB" in err and "has 1.0 MiB" in err
+    assert "--cache" in err and "--n-ctxs" in err
     assert not out.exists()
 
 
