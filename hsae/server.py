@@ -243,7 +243,7 @@ def create_activation_server(
     """
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    actor_cls = ray.remote(ActivationServer)
+    actor_cls = ray.remote(concurrency_groups={STREAM_GROUP: STREAM_THREADS})(ActivationServer)
     handle = actor_cls.options(
         name=name,
         get_if_exists=True,
@@ -251,7 +251,6 @@ def create_activation_server(
         num_gpus=num_gpus,
         max_restarts=max_restarts,
         max_task_retries=-1 if max_restarts else 0,
-        concurrency_groups={STREAM_GROUP: STREAM_THREADS},
     ).remote(cfg, cache_root, threads=max(int(num_cpus), 1), eval_cfg=eval_cfg, bank_cfg=bank_cfg,
              eval_model=eval_model, stream=stream)
     _HANDLES.setdefault(name, handle)  # the creating handle owns the actor: keep that one
