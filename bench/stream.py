@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def sweep(out: Path, k: int, tokens: int, activations: str) -> tuple[pd.DataFrame, str]:
+    out.parent.mkdir(parents=True, exist_ok=True)
     space = out.parent / "relu.yaml"
     space.write_text("description: relu seeds for the stream bench\ntrials:\n  - variant: relu\n")
     cmd = [sys.executable, str(ROOT / "tune" / "ablate.py"), "--space", str(space), "--seeds", str(k),
