@@ -12,7 +12,6 @@ import pytest
 
 from hsae.activations import Harvester
 from hsae.config import SAEConfig, TrainConfig
-from hsae.server import fetch  # noqa: F401 - the Ray glue imports cleanly alongside the stream
 from hsae.stream import ActivationStream, BlockSource, StreamBatches, StreamConfig
 from hsae.train import ArrayBatches, Trainer, to_batch
 
