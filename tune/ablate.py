@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", default="grid", choices=["grid", "optuna"])
     p.add_argument("--samples", type=int, default=8, help="trials per space block for --search optuna")
     p.add_argument("--scheduler", default=None, choices=["asha", "fifo"], help="default: the space's")
-    p.add_argument("--max-concurrent", type=int, default=None, help="concurrent trials (default: one per CPU)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="concurrent trials (default: one per CPU; a local cluster gets at least this many CPUs)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU fraction per trial on GPU clusters")
     p.add_argument("--resume", action="store_true", help="restore the interrupted Tune experiment")
     p.add_argument("--no-eval", action="store_true", help="skip the unlearning/CE evaluation")
@@ -258,7 +259,8 @@ def check_reachable(address: str) -> None:
                               f"or leave out --address to start a local cluster") from exc
 
 
-def connect(address: str | None) -> Any:
+def connect(address: str | None, max_concurrent: int | None = None) -> Any:
+    """Ray: the cluster at ``address``, or a local one with a logical CPU per trial asked to run at once."""
     import ray
 
     if ray.is_initialized():
@@ -272,7 +274,8 @@ def connect(address: str | None) -> Any:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             # One logical CPU more than the machine has: a trial spends about half its life waiting for
             # the activation server to evaluate its SAE, and a third trial keeps both cores busy then.
-            ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False)
+            # --max-concurrent N asks for N trials at once (streamed trials share one pass only if they do).
+            ray.init(num_cpus=max((os.cpu_count() or 1) + 1, max_concurrent or 0), include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConnectionError(f"cannot connect to a Ray cluster at {address!r}: {exc}") from exc
     return ray
@@ -506,7 +509,7 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
         if args.dry_run:
             return 0
         phases["convert"] = time.perf_counter() - t0
-        ray = connect(args.address)
+        ray = connect(args.address, args.max_concurrent)
         # Rows, Tune's storage (under --out) and the activation cache must be one storage on every node.
         check_shared_storage(ray, {"results": args.out, "cache": cache_root()})
         check_fits("the activations", plan.sizes.object_store_bytes,
