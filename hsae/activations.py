@@ -114,13 +114,18 @@ class Shard:
     outliers: int = 0  # rows dropped by the outlier rule
 
 
+def cache_dir(key: str, root: Path | None = None) -> Path:
+    """Where the harvest with ``key`` (``harvest_key``) lives; its ``manifest.json`` marks it complete."""
+    return (root or cache_root()) / "activations" / key
+
+
 class ActivationCache:
     """The on-disk store of one harvest (one key). Reading never returns a shard that fails its checksum."""
 
     def __init__(self, cfg: HarvestConfig, root: Path | None = None) -> None:
         self.cfg = cfg
         self.key = harvest_key(cfg)
-        self.dir = (root or cache_root()) / "activations" / self.key
+        self.dir = cache_dir(self.key, root)
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def shard_path(self, split: str, i: int) -> Path:

@@ -22,10 +22,6 @@ class DatasetNotFoundError(FileNotFoundError):
     pass
 
 
-def is_local(source: str) -> bool:
-    return Path(source).exists()
-
-
 def load_hub_dataset(source: str, config: str | None, split: str, option: str) -> Any:
     """``split`` of ``source`` (hub id, local hub-layout folder or single data file) as a ``datasets.Dataset``.
 

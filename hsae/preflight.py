@@ -99,7 +99,7 @@ def describe_sizes(sizes: Sizes) -> list[str]:
 
 def plan_sizes(profile: Any, model: Any, model_config: Any, trials: list[Any]) -> Sizes:
     """The sizes of a sweep of ``trials`` (TrialSpecs) under ``profile`` on ``model`` (a ModelInfo)."""
-    train_tokens = profile.n_ctxs * (profile.ctx_len - 1)
+    train_tokens = profile.cache_rows()
     eval_tokens = profile.n_eval_ctxs * (profile.ctx_len - 1)
     cache = 4 * model.d_model * (train_tokens + eval_tokens)
     store = cache

@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
-from hsae.activations import HarvestConfig, harvest_key  # noqa: E402
+from hsae.activations import HarvestConfig, cache_dir, harvest_key  # noqa: E402
 from hsae.atomic import atomic_write_text  # noqa: E402
 from hsae.corpora import CorpusSpec  # noqa: E402
 from hsae.evaluation.evaluator import EvalConfig  # noqa: E402
@@ -139,7 +139,7 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
     if args.no_eval:
         profile = replace(profile, evaluate=False)
     profile.train_config(42)  # validates steps, batch size, lr
-    rows = profile.n_ctxs * (profile.ctx_len - 1)
+    rows = profile.cache_rows()
     if rows < profile.batch_size:
         raise ValueError(f"n_ctxs={profile.n_ctxs} gives {rows} training activations, fewer than one batch of "
                          f"{profile.batch_size}: raise --n-ctxs")
@@ -199,10 +199,10 @@ def check_eval_model(profile: Profile, model: ModelInfo) -> ModelInfo | None:
 
 def preflight(plan: Plan, args: argparse.Namespace) -> None:
     """Print the plan (--dry-run) and refuse one that cannot fit (PlanDoesNotFit, exit 2), before compute."""
-    concurrent = args.max_concurrent or (os.cpu_count() or 1) + 1
+    concurrent = args.max_concurrent or local_cpus(None)
     if args.dry_run:
         print(format_plan(plan, args, concurrent))
-    complete = (cache_root() / "activations" / harvest_key(plan.harvest) / "manifest.json").is_file()
+    complete = (cache_dir(harvest_key(plan.harvest)) / "manifest.json").is_file()
     check_plan(plan.sizes, cache_root(), complete, concurrent, args.gpus_per_trial)
 
 
@@ -259,6 +259,13 @@ def check_reachable(address: str) -> None:
                               f"or leave out --address to start a local cluster") from exc
 
 
+def local_cpus(max_concurrent: int | None) -> int:
+    """Logical CPUs of a local Ray: one more than the machine has (a trial spends about half its life waiting
+    for the server to evaluate its SAE, and a third trial keeps both cores busy then), and at least one per
+    trial --max-concurrent asks to run at once (streamed trials share one pass only if they do)."""
+    return max((os.cpu_count() or 1) + 1, max_concurrent or 0)
+
+
 def connect(address: str | None, max_concurrent: int | None = None) -> Any:
     """Ray: the cluster at ``address``, or a local one with a logical CPU per trial asked to run at once."""
     import ray
@@ -272,10 +279,7 @@ def connect(address: str | None, max_concurrent: int | None = None) -> Any:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            # One logical CPU more than the machine has: a trial spends about half its life waiting for
-            # the activation server to evaluate its SAE, and a third trial keeps both cores busy then.
-            # --max-concurrent N asks for N trials at once (streamed trials share one pass only if they do).
-            ray.init(num_cpus=max((os.cpu_count() or 1) + 1, max_concurrent or 0), include_dashboard=False)
+            ray.init(num_cpus=local_cpus(max_concurrent), include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConnectionError(f"cannot connect to a Ray cluster at {address!r}: {exc}") from exc
     return ray
