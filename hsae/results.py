@@ -80,6 +80,9 @@ def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
         df.to_parquet(tmp, index=False)
 
 
+SAES_DIR = "saes"  # one SAELens-layout folder per completed trial: saes/<trial_id>/
+
+
 class ResultsStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -107,6 +110,15 @@ class ResultsStore:
 
     def record_stream_start(self, experiment: str, trial_id: str, start: int) -> None:
         atomic_write_text(self._stream_start_path(experiment, trial_id), json.dumps({"start": int(start)}))
+
+    def sae_path(self, trial_id: str) -> str:
+        """Where a completed trial's SAE is exported, relative to the results directory (its row's sae_path)."""
+        return f"{SAES_DIR}/{trial_id}"
+
+    def grid(self, experiment: str, trial_id: str) -> pd.DataFrame | None:
+        """The trial's grid.parquet rows (None: it wrote none)."""
+        path = self._part("grid", experiment, trial_id)
+        return pd.read_parquet(path) if path.is_file() else None
 
     def write_trial(self, row: dict[str, Any], curves: list[dict[str, Any]] | None = None,
                     grid: list[dict[str, Any]] | None = None) -> None:

@@ -62,6 +62,10 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("profile", "string", "activation profile the trial trained on", group=_ID),
     _c("model", "string", "model the activations came from", group=_ID),
     _c("layer", "Int64", "model layer the activations came from", group=_ID),
+    _c("sae_path", "string", "the trained SAE in the SAELens layout (cfg.json + sae_weights.safetensors), relative "
+       "to the results directory: saes/<trial_id>; completed trials only", group=_META),
+    _c("search_objectives", "string", "--search optuna: the study's objectives as metric:direction, comma-separated "
+       "(two or more: a multi-objective study; the report draws its Pareto front)", group=_META),
     _c("steps", "Int64", "training steps taken", "steps", group=_TRAIN),
     _c("tokens", "Int64", "training tokens seen (steps x batch size)", "tokens", group=_TRAIN),
     _c("wall_s", "float64", "training wall time", "s", group=_TRAIN),

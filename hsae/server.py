@@ -126,10 +126,11 @@ class ActivationServer:
             identity = {"model": spec_identity(spec), "corpus": corpus_identity(cfg.corpus),
                         "split": {"holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed},
                         **bank_identity(self.bank_cfg)}
-            bank = build_bank(loaded, self.bank_cfg, source, identity, root=self.cache_root)
+            say = self.harvester.progress  # the server's one progress callback (print)
+            bank = build_bank(loaded, self.bank_cfg, source, identity, progress=say, root=self.cache_root)
             x, labels = self.heldout_content_rows()
             tokens, domains = self.harvester.cache.contexts("eval")
-            self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg)
+            self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg, progress=say)
             self._timings["banks"] = time.perf_counter() - t0
         return self._evaluator
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from hsae.config import SAEConfig
 from hsae.convergence import is_converged, val_mse_rel_change
-from hsae.export import folded_state
+from hsae.export import export_saelens, folded_state
 from hsae.models import ModelInfo
 from hsae.results import curve_rows, evaluation_values, grid_rows, training_values, trial_row
 from hsae.spaces import Profile, TrialSpec
@@ -52,6 +52,7 @@ class TrialRun:
         self.sae_cfg = SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
         self.train_cfg = profile.train_config(spec.seed)
         self.trainer = Trainer(self.sae_cfg, self.train_cfg, on_progress=on_progress, checkpoint_dir=checkpoint_dir)
+        self.result: TrainResult | None = None  # the trained SAE, once ``run`` trained it
 
     def restore(self, checkpoint: str | Path) -> None:
         """Continue from a checkpoint the trainer saved (e.g. one Tune kept for a restarted trial)."""
@@ -63,6 +64,7 @@ class TrialRun:
             result = self.trainer.fit(source, eval_batch=eval_batch, resume=False)
         except DegenerateRunError as exc:
             return self._degenerate(exc.reason, exc.metrics)
+        self.result = result
         try:
             scores, grid = score(evaluate, self.sae_cfg, result, self.spec.key) if evaluate is not None else ({}, [])
         except DegenerateRunError as exc:
@@ -75,6 +77,18 @@ class TrialRun:
         outcome = self._outcome("completed", **values, **scores)
         outcome.grid = grid
         return outcome
+
+    def export_sae(self, path: str | Path) -> Path:
+        """The trained SAE in the SAELens layout, named by the model's resolvable name and carrying the trial."""
+        if self.result is None:
+            raise RuntimeError("export_sae before the trial trained an SAE")
+        p = self.profile
+        dataset = f"{p.forget_corpus} + {p.retain_corpus}" if p.corpus == "wmdp" else p.corpus
+        trial = {"trial_id": self.spec.key, "experiment": self.spec.experiment, "seed": self.spec.seed,
+                 "params": self.spec.params, "steps": self.result.steps, "model_source": self.model.source}
+        return export_saelens(self.result.sae, path, self.result.scale, model_name=self.model.name,
+                              hook_layer=self.model.layer, dataset_path=dataset, context_size=p.ctx_len,
+                              metadata={"hsae_trial": trial})
 
     def _degenerate(self, reason: str, metrics: dict[str, float]) -> TrialOutcome:
         """A guard tripped (in training or at evaluation): the row says why and carries no scores."""

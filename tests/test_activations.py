@@ -53,6 +53,55 @@ def test_truncated_shard_is_rebuilt_not_served(tiny_harvest_cfg, tmp_path):
     assert not Harvester(tiny_harvest_cfg, tmp_path, progress=None).cache.shard_is_valid("train", 1)
 
 
+def test_a_redone_shard_is_said_with_its_file_and_reason(tiny_harvest_cfg, tmp_path):
+    fresh: list[str] = []
+    first = harvest(tiny_harvest_cfg, root=tmp_path, progress=fresh.append)
+    assert not any("repair" in line.lower() for line in fresh)  # an empty cache is harvested, not repaired
+    assert any("harvesting train: 3/3 shards" in line for line in fresh)
+    shard_lines = [line for line in fresh if re.search(r"train shard \d/3: [\d,]+/[\d,]+ tokens", line)]
+    assert len(shard_lines) == 3 and "ETA" in shard_lines[0] and "done in" in shard_lines[-1]
+
+    labels = first.dir / "train_00001.labels.npy"  # shard 2 of 3: one flipped byte, same size
+    raw = bytearray(labels.read_bytes())
+    raw[-3] ^= 0xFF
+    labels.write_bytes(bytes(raw))
+    (first.dir / "eval_00000.json").unlink()  # eval shard 1 of 1: its sidecar deleted
+    harvester = Harvester(tiny_harvest_cfg, tmp_path, progress=None)
+    checksum = harvester.cache.shard_problem("train", 1)
+    sidecar = harvester.cache.shard_problem("eval", 0)
+    assert checksum is not None and "train shard 2/3" in checksum and "train_00001.labels.npy" in checksum
+    assert "checksum" in checksum and "does not match" in checksum
+    assert sidecar is not None and "eval_00000.json" in sidecar and "missing" in sidecar and "checksum" not in sidecar
+    assert harvester.cache.shard_problem("train", 0) is None
+
+    lines: list[str] = []
+    harvester.progress = lines.append
+    second = harvester.run()
+    repairs = [line for line in lines if "repairing the activation cache" in line]
+    assert repairs == [f"[hsae] repairing the activation cache: {checksum}; re-harvesting it",
+                       f"[hsae] repairing the activation cache: {sidecar}; re-harvesting it"]
+    assert any("harvesting train: 1/3 shards (2 already cached)" in line for line in lines)
+    assert harvester.forwards == 3  # shard 2 (two forwards of 8 contexts) and the eval shard (one)
+    assert all(harvester.cache.shard_is_valid(split, i) for split in ("train", "eval")
+               for i in range(tiny_harvest_cfg.n_shards(split)))
+    np.testing.assert_array_equal(second.arrays("train")[1], first.arrays("train")[1])
+
+
+def test_shard_problems_are_told_apart(tiny_harvest_cfg, tmp_path):
+    h = harvest(tiny_harvest_cfg, root=tmp_path, progress=None)
+    cache = Harvester(tiny_harvest_cfg, tmp_path, progress=None).cache
+    (h.dir / "train_00000.json").write_text("{not json")
+    (h.dir / "train_00001.tokens.npy").unlink()
+    (h.dir / "train_00002.json").unlink()
+    for name in ("train_00002.npy", "train_00002.labels.npy", "train_00002.tokens.npy"):
+        (h.dir / name).unlink()
+    assert "sidecar train_00000.json unreadable" in cache.shard_problem("train", 0)
+    assert cache.shard_problem("train", 1).endswith("train_00001.tokens.npy is missing")
+    assert cache.shard_problem("train", 2) == "train shard 3/3: not harvested yet"
+    assert not any(cache.shard_is_valid("train", i) for i in range(3))
+    assert cache.shard_is_valid("eval", 0)
+
+
 def test_domain_labels_line_up_with_their_tokens(tiny_harvest_cfg, tmp_path):
     h = harvest(tiny_harvest_cfg, root=tmp_path, progress=None)
     tok = load_model(tiny_harvest_cfg.model).tokenizer

@@ -91,6 +91,9 @@ def test_failing_trial_is_recorded_as_failed_and_exit_is_nonzero(sweep, capsys):
     (["--space", "ortho", "--seeds", "0"], "--seeds must be >= 1"),
     (["--space", "ortho", "--n-ctxs", "2"], "fewer than one batch"),
     (["--space", "ortho", "--profile", "huge"], "unknown profile 'huge'"),
+    (["--space", "ortho", "--objectives", "val_mse,nope"], "--objectives: unknown metric 'nope'; valid: ["),
+    (["--space", "ortho", "--objectives", "forget_acc_at_retain98", "--no-eval"], "needs the evaluation"),
+    (["--space", "ortho", "--search", "optuna", "--optuna-storage", "nope://x"], "is not a database URL"),
 ])
 def test_bad_input_exits_2_before_compute(args, message, tmp_path, capsys):
     rc = ablate.main([*args, "--out", str(tmp_path / "r"), *(["--profile", "tiny"] if "--profile" not in args else [])])

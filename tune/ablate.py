@@ -39,7 +39,6 @@ from hsae.spaces import (  # noqa: E402
     SPACE_NAMES,
     Profile,
     Space,
-    SpaceError,
     TrialSpec,
     get_profile,
     grid_trials,
@@ -51,6 +50,9 @@ from hsae.spaces import (  # noqa: E402
 from hsae.verdict import NEGATIVE_MAX, POSITIVE_MIN  # noqa: E402
 from tune.breakdown import breakdown, format_breakdown, write_breakdown  # noqa: E402
 from tune.nodes import SharedStorageError, check_shared_storage  # noqa: E402
+from tune.progress import SweepProgress  # noqa: E402
+from tune.search import OBJECTIVES, check_storage_url, parse_objectives, search_setup, storage_url, tune_name  # noqa: E402
+from tune.trackers import TRACKERS, check_trackers, tracker_callbacks  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
@@ -92,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     p.add_argument("--search", default="grid", choices=["grid", "optuna"])
     p.add_argument("--samples", type=int, default=8, help="trials per space block for --search optuna")
+    p.add_argument("--objectives", default="val_mse",
+                   help=f"--search optuna: metric or comma-separated metrics to optimise (several: a "
+                        f"multi-objective study, Pareto front in the report); one of {sorted(OBJECTIVES)}")
+    p.add_argument("--optuna-storage", default=None, help="--search optuna: the study's database URL (default "
+                                                          "sqlite:///<out>/optuna.db; open it with optuna-dashboard)")
+    p.add_argument("--log", action="append", default=[], choices=list(TRACKERS),
+                   help="also log every trial to an experiment tracker (Ray Tune's callback; repeatable; "
+                        "pip install -e '.[trackers]')")
+    p.add_argument("--verbose", action="store_true", help="print Ray Tune's own status tables as well")
     p.add_argument("--scheduler", default=None, choices=["asha", "fifo"], help="default: the space's")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="concurrent trials (default: one per CPU; a local cluster gets at least this many CPUs)")
@@ -128,6 +139,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.tokens is not None and (args.tokens < 1 or args.steps is not None):
         raise ValueError(f"--tokens must be >= 1 and not given with --steps, got {args.tokens}")
+    args.objectives_parsed = parse_objectives(args.objectives, evaluate=not args.no_eval)
+    if args.search == "optuna":
+        check_storage_url(storage_url(args))
+    check_trackers(args.log)
 
 
 def resolve_profile(args: argparse.Namespace) -> Profile:
@@ -294,20 +309,23 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
     if args.search == "grid" and not pending and not args.resume:
         print(f"[hsae] {trials[0].experiment}: all {len(trials)} trials already finished; nothing to run")
         return []
-    grid = make_tuner(space, trials, pending, plan.profile, args, server_name).fit()
-    return record_unfinished(grid, store, plan.profile, model)
+    tuner = make_tuner(space, trials, pending, plan.profile, args, server_name)
+    if tuner is None:
+        print(f"[hsae] {trials[0].experiment}: the Optuna study already has its {args.samples} trials; nothing to run")
+        return []
+    return record_unfinished(tuner.fit(), store, plan.profile, model)
 
 
 def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], profile: Profile,
                args: argparse.Namespace, server_name: str) -> Any:
-    """A new Tuner over the pending trials, or the interrupted one restored (``--resume``)."""
+    """A new Tuner over the pending trials, or the interrupted one restored (``--resume``); None: nothing to run."""
+    import ray
     from ray import tune
 
     from tune.trainable import run_trial
 
     storage = str(Path(args.out).resolve() / "ray_results")
-    # Tune's own experiment is per sweep context: a resume never restores another model's or budget's run.
-    name = f"{trials[0].experiment}-{trials[0].context[:8]}"
+    name = tune_name(trials)
     trainable = tune.with_resources(run_trial, {"cpu": 1, "gpu": args.gpus_per_trial})
     path = os.path.join(storage, name)
     if args.resume and tune.Tuner.can_restore(path):
@@ -315,37 +333,15 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
     ctx = {"profile": asdict(profile), "out": str(Path(args.out).resolve()), "server": server_name,
            "hooks": list(args.trial_hooks), "controls_ok": args.controls_ok}
-    param_space, tune_config = search_setup(space, trials, pending, profile, args, ctx)
+    param_space, tune_config = search_setup(space, trials, pending, profile, args, ctx, trial_concurrency(args, ray))
+    if tune_config.num_samples == 0:
+        return None
+    total = len(pending) if args.search == "grid" else tune_config.num_samples
+    callbacks = [SweepProgress(args.out, total, profile.steps), *tracker_callbacks(args.log, args.out, name)]
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
+                                verbose=1 if args.verbose else 0)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-
-
-def search_setup(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], profile: Profile,
-                 args: argparse.Namespace, ctx: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """Param space and TuneConfig: a grid over the pending trials, or Optuna sampling one block's ranges."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    # Searches prune (ASHA); ablation grids keep every arm (the space file says, FIFO by default).
-    scheduler_name = args.scheduler or ("asha" if args.search == "optuna" else space.scheduler)
-    # ASHA: time = training step, metric = validation MSE. Grace period: a third of training (early
-    # losses of sparse, orthogonality-penalised SAEs cross); halving at each rung (reduction factor 2);
-    # max_t one past the last step so the final report (evaluation) is never cut.
-    scheduler = (ASHAScheduler(time_attr="step", grace_period=max(1, profile.steps // 3), reduction_factor=2,
-                               max_t=profile.steps + 1) if scheduler_name == "asha" else FIFOScheduler())
-    max_concurrent = trial_concurrency(args, ray)
-    common = dict(metric="val_mse", mode="min", scheduler=scheduler, max_concurrent_trials=max_concurrent)
-    if args.search == "grid":
-        return {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}, tune.TuneConfig(**common)
-    if len(space.blocks) != 1:
-        raise SpaceError(f"--search optuna takes one block per space; {space.name!r} has {len(space.blocks)}")
-    from ray.tune.search.optuna import OptunaSearch
-
-    sampled = {k: to_tune_domain(v) for k, v in space.blocks[0].params.items() if isinstance(v, dict)}
-    param_space = {"trial": trials[0].as_dict(), "sampled": sampled, "ctx": ctx}
-    return param_space, tune.TuneConfig(search_alg=OptunaSearch(seed=42), num_samples=args.samples, **common)
 
 
 def record_unfinished(grid: Any, store: ResultsStore, profile: Profile,
@@ -386,15 +382,6 @@ def reported_curves(result: Any, spec: TrialSpec) -> list[dict[str, Any]]:
     rows = frame[frame["step"] <= frame["step"].max()].to_dict("records")
     return [{**r, "experiment": spec.experiment, "trial_id": spec.key, "variant": spec.variant}
             for r in rows if "loss" in r and r.get("loss") == r.get("loss")]
-
-
-def to_tune_domain(spec: dict[str, Any]) -> Any:
-    from ray import tune
-
-    kind, arg = next(iter(spec.items()))
-    return {"uniform": lambda: tune.uniform(*arg), "loguniform": lambda: tune.loguniform(*arg),
-            "int": lambda: tune.randint(int(arg[0]), int(arg[1]) + 1), "choice": lambda: tune.choice(arg),
-            "grid": lambda: tune.choice(arg)}[kind]()
 
 
 def start_server(plan: Plan, ray: Any) -> tuple[str, Any, Any]:
@@ -490,7 +477,8 @@ def report_time(plan: Plan, args: argparse.Namespace, phases: dict[str, float], 
 
     rows = pd.read_parquet(Path(args.out) / "trials.parquet")
     started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - total_s))
-    ran = rows[rows["trial_id"].isin({t.key for ts in plan.trials.values() for t in ts})
+    # By experiment, not trial key: Optuna's trials get their keys from the sampled values.
+    ran = rows[rows["experiment"].isin({t.experiment for ts in plan.trials.values() for t in ts})
                & (rows["finished_at"] >= started)]
     concurrency = trial_concurrency(args, ray)
     parts = breakdown(total_s, phases, ran, concurrency)

@@ -1,6 +1,7 @@
 """``python tune/report.py RESULTS_DIR``: the paper's tables (Markdown) and figures (PNG) from Parquet.
 
-Writes RESULTS_DIR/report/report.md and RESULTS_DIR/report/*.png. With several seeds a cell reads
+Writes RESULTS_DIR/report/report.md, RESULTS_DIR/report/*.png and RESULTS_DIR/report/report.html (the same
+report as one interactive, self-contained page: tune/report_html.py). With several seeds a cell reads
 ``mean ± half-width of the 95% CI``; n counts the seeds behind it.
 
 The report leads with the verdict (``hsae/verdict.py``, docs/evaluation.md "The verdict"): a banner when
@@ -387,15 +388,22 @@ def banner_parts(problems: list[str]) -> list[str]:
     return [f"**{BANNER}** " + "; ".join(problems) + ". The numbers below are diagnostics only.\n"]
 
 
-def _frontier_line(ax: plt.Axes, rows: pd.DataFrame, x_min: float, label: str | None) -> None:
-    """One SAE's frontier as a step line: at each retain level, the lowest forget accuracy reachable."""
+def frontier_steps(rows: pd.DataFrame, x_min: float) -> tuple[list[float], list[float]]:
+    """One SAE's frontier as the vertices of a step line drawn 'pre' (report.md) or 'vh' (report.html): at
+    each retain level, the lowest forget accuracy reachable. Empty without rows."""
     p = frontier(rows[["retain_acc", "forget_acc"]].to_numpy(float))[::-1]  # retain ascending
     if not len(p):
-        return
+        return [], []
     xs, ys = [min(x_min, p[0, 0]), *p[:, 0]], [p[0, 1], *p[:, 1]]
     if xs[-1] < 1.0:
         xs, ys = [*xs, 1.0], [*ys, 1.0]  # nothing reaches higher retain: no removal there
-    ax.step(xs, ys, where="pre", color="C0", lw=1.3, label=label)
+    return [float(x) for x in xs], [float(y) for y in ys]
+
+
+def _frontier_line(ax: plt.Axes, rows: pd.DataFrame, x_min: float, label: str | None) -> None:
+    xs, ys = frontier_steps(rows, x_min)
+    if xs:
+        ax.step(xs, ys, where="pre", color="C0", lw=1.3, label=label)
 
 
 def _panel(ax: plt.Axes, grid: pd.DataFrame, trial_ids: list[str], x_min: float) -> None:
@@ -590,9 +598,16 @@ def verdict_parts(main: pd.DataFrame, grid: pd.DataFrame | None, questions: pd.D
         parts += ["![Forget vs retain accuracy per variant](forget_vs_retain.png)\n",
                   "_Forget vs retain accuracy, every grid setting (faint), the frontier of each seed (line), random-"
                   "feature control (×) and positive control (▲); dotted: retain bars._\n"]
+    return parts + verdict_text(v, main, grid, questions, problems)
+
+
+def verdict_text(v: Verdict, main: pd.DataFrame, grid: pd.DataFrame, questions: pd.DataFrame | None,
+                 problems: list[str]) -> list[str]:
+    """The verdict's Markdown after its figure (report.md and report.html both show it): the matched-retain
+    table, a verdict only when the controls are in range, the headline metric, the no-feature/tie counts."""
     claims = not problems
-    parts.append("## Verdict: forget accuracy at matched retain\n" if claims else
-                 "## Diagnostics (controls out of range — not results): forget accuracy at matched retain\n")
+    parts = ["## Verdict: forget accuracy at matched retain\n" if claims else
+             "## Diagnostics (controls out of range — not results): forget accuracy at matched retain\n"]
     parts += [matched_table(v, main, grid, claims), bank_line(v, questions, grid)]
     if claims:
         parts += headline_parts(v)
@@ -615,6 +630,9 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_b
     parts += figure_parts(write_figures(done, curves, controls, out))
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
+    from tune.report_html import write_html  # here, not at the top: report_html imports this module
+
+    write_html(results_dir, out, n_boot)
     return report
 
 

@@ -23,6 +23,7 @@ from hsae.server import fetch, stream_source
 from hsae.spaces import Profile, TrialSpec
 from hsae.train import ArrayBatches, DegenerateRunError, Progress
 from hsae.trial import Evaluate, TrialOutcome, TrialRun
+from tune.search import OBJECTIVES
 
 # A test-only seam: "module:function" names of hooks called as hook(spec, step, restored) when the trial
 # starts (step 0) and at every logged step; the fault tests use it to kill or fail trials.
@@ -54,8 +55,12 @@ def run_trial(config: dict[str, Any]) -> None:
             outcome = run.run(source, held_out, server_evaluate(server) if profile.evaluate else None)
         finally:  # a failed or stopped trial leaves the stream too, so it holds nobody back
             left = ray.get(server.stream_leave.remote(spec.key)) if profile.activations == "stream" else None
-    if left is not None:  # the sweep's LM cost so far: what streaming saves is measured here
-        outcome.row["stream_lm_tokens"] = left["lm_tokens"]
+        if left is not None:  # the sweep's LM cost so far: what streaming saves is measured here
+            outcome.row["stream_lm_tokens"] = left["lm_tokens"]
+        outcome.row["search_objectives"] = ctx.get("objectives")
+        if outcome.status == "completed":  # the SAE where a user looks for it, before the row that links it
+            outcome.row["sae_path"] = store.sae_path(spec.key)
+            run.export_sae(store.root / outcome.row["sae_path"])
     store.write_trial(outcome.row, outcome.curves, outcome.grid)
     tune.report(final_report(outcome, run.train_cfg.steps))
 
@@ -128,9 +133,9 @@ def final_report(outcome: TrialOutcome, steps: int) -> dict[str, Any]:
     """The last report, one step past training so that no scheduler cuts the evaluation."""
     if outcome.status == "degenerate":
         return {"step": steps + 1, "val_mse": float("nan"), "degenerate": 1}
-    score = outcome.row.get("unlearning_score")
-    return {"step": steps + 1, "val_mse": outcome.row["val_mse"],
-            "unlearning_score": float("nan") if score is None else score}
+    # Every metric a study may optimise (tune/search.py), NaN where the trial has none (no evaluation).
+    values = {name: outcome.row.get(name) for name in OBJECTIVES}
+    return {"step": steps + 1, **{k: float("nan") if v is None else float(v) for k, v in values.items()}}
 
 
 def load_hooks(names: Sequence[str]) -> list[TrialHook]:

@@ -10,6 +10,7 @@ the CE/KL contexts.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from hsae.evaluation.unlearning import (
 )
 from hsae.keys import content_key
 from hsae.models import LoadedModel, stopped_forward
+from hsae.progress import ProgressLine, format_duration
 from hsae.train import DegenerateRunError
 from hsae.variants import build_sae
 
@@ -94,9 +96,13 @@ class Evaluator:
         eval_tokens: np.ndarray,
         eval_domains: np.ndarray,
         cfg: EvalConfig | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.loaded = loaded
         self.cfg = cfg or EvalConfig()
+        # Where the one-off work (question residuals, controls) reports progress; per-SAE evaluations
+        # stay silent: concurrent trials' lines would interleave.
+        self.progress = progress
         require_bank_sizes(bank, self.cfg.unlearning.min_forget_questions, self.cfg.unlearning.min_retain_questions)
         self.bank = bank
         # Held-out content activations (no BOS/EOS/pad) for firing frequencies and control directions.
@@ -108,12 +114,17 @@ class Evaluator:
         self._prepare_ce(eval_tokens, eval_domains)
         self._results: dict[str, dict[str, Any]] = {}
 
+    def _say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(f"[hsae] {msg}")
+
     # -- question residuals (once) --------------------------------------------------------------
     def _prepare_questions(self) -> None:
         bank, loaded = self.bank, self.loaded
         pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         order = np.argsort([len(p) for p in bank.prompts], kind="stable")
         self.batches = []
+        line = ProgressLine(self.progress, "[hsae] question residuals", len(bank), "prompts")
         for start in range(0, len(bank), self.cfg.batch):
             idx = order[start : start + self.cfg.batch]
             ids, last = pad_prompts([bank.prompts[i] for i in idx], pad)
@@ -125,6 +136,7 @@ class Evaluator:
                 "answer": torch.tensor([bank.answer[i] for i in idx]),
                 "domain": np.array([bank.domain[i] for i in idx]),
             })
+            line.advance(len(idx))
 
     @torch.no_grad()
     def accuracy(self, intervention: Any) -> Outcome:
@@ -230,21 +242,36 @@ class Evaluator:
         center = 0.5 * (mu_f + mu_r)
         dom = (mu_f - mu_r) / (mu_f - mu_r).norm()
         rand = torch.randn(dom.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))
-        out: dict[str, Any] = {}
-        for name, direction in (("positive", dom), ("negative", rand / rand.norm())):
-            retain_proj = ((x[labels == RETAIN] - center) @ direction).numpy()
-            thresholds = {q: float(np.percentile(retain_proj, q)) for q in self.cfg.control_percentiles}
-            settings = [{"percentile": q, "strength": s} for q in self.cfg.control_percentiles
-                        for s in self.cfg.control_strengths]
-            res = run_grid(settings, lambda s, d=direction, th=thresholds: ConditionalProjection(
-                d, center, th[s["percentile"]], s["strength"]), self.accuracy, self.domains,
-                self.cfg.unlearning.retain_bar)
-            for g in res.grid:
-                g["bank"] = self.bank.key
-            out[name] = res.as_dict()
+        settings = [{"percentile": q, "strength": s} for q in self.cfg.control_percentiles
+                    for s in self.cfg.control_strengths]
+        n = 2 * len(settings)
+        self._say(f"evaluation controls: {n} settings (positive and negative direction) on {len(self.domains)} "
+                  "questions")
+        line = ProgressLine(self.progress, "[hsae] evaluation controls", n, "settings")
+
+        def counted(intervention: Any) -> Outcome:
+            outcome = self.accuracy(intervention)
+            line.advance()
+            return outcome
+
+        out: dict[str, Any] = {name: self._control_grid(direction, center, x[labels == RETAIN], settings, counted)
+                               for name, direction in (("positive", dom), ("negative", rand / rand.norm()))}
         out["eval_s"] = time.perf_counter() - t0
+        self._say(f"evaluation controls: {n} settings done in {format_duration(out['eval_s'])}")
         self._results["controls"] = out
         return out
+
+    def _control_grid(self, direction: torch.Tensor, center: torch.Tensor, retain_x: torch.Tensor,
+                      settings: list[dict[str, Any]], accuracy: Callable[[Any], Outcome]) -> dict[str, Any]:
+        """One control's grid: conditional removal along ``direction`` past each retain-projection percentile."""
+        retain_proj = ((retain_x - center) @ direction).numpy()
+        thresholds = {q: float(np.percentile(retain_proj, q)) for q in self.cfg.control_percentiles}
+        res = run_grid(settings, lambda s: ConditionalProjection(
+            direction, center, thresholds[s["percentile"]], s["strength"]), accuracy, self.domains,
+            self.cfg.unlearning.retain_bar)
+        for g in res.grid:
+            g["bank"] = self.bank.key
+        return res.as_dict()
 
     # -- CE / KL --------------------------------------------------------------------------------------
     def _prepare_ce(self, tokens: np.ndarray, domains: np.ndarray) -> None:

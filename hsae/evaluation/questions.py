@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from hsae.evaluation.tail import final_hidden, token_logits
 from hsae.hub import dataset_identity, load_hub_dataset
 from hsae.keys import content_key
 from hsae.models import LoadedModel, cache_root, start_token
+from hsae.progress import ProgressLine, format_duration
 
 FIRST_SENTENCE = re.compile(
     r"^(?P<subject>[A-Z][^.,;:()\[\]\"]{1,60}?) (?P<verb>is|was|are|were) (?P<det>an|a|the) "
@@ -226,17 +228,23 @@ def option_scores(loaded: LoadedModel, hidden_last: torch.Tensor, options: Seque
 
 
 @torch.no_grad()
-def answers_correct(loaded: LoadedModel, bank: QuestionBank, batch: int = 64) -> np.ndarray:
-    """Whether the unmodified model answers each question correctly (full forward, answer tokens only)."""
+def answers_correct(loaded: LoadedModel, bank: QuestionBank, batch: int = 64,
+                    progress: Callable[[str], None] | None = None) -> np.ndarray:
+    """Whether the unmodified model answers each question correctly (full forward, answer tokens only).
+
+    A letter bank on a real model is tens of thousands of prompts (24 orderings each): minutes, so
+    ``progress`` gets a line with an ETA now and then (``hsae.progress.ProgressLine``)."""
     out = np.zeros(len(bank), dtype=bool)
     order = np.argsort([len(p) for p in bank.prompts])
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    line = ProgressLine(progress, "[hsae] question bank scoring", len(bank), "prompts")
     for start in range(0, len(bank), batch):
         idx = order[start : start + batch]
         ids, last = pad_prompts([bank.prompts[i] for i in idx], pad)
         hidden = final_hidden(loaded, ids)
         scores = option_scores(loaded, hidden[torch.arange(len(idx)), last], [bank.options[i] for i in idx])
         out[idx] = (scores.argmax(dim=-1).cpu().numpy() == np.array([bank.answer[i] for i in idx]))
+        line.advance(len(idx))
     return out
 
 
@@ -268,14 +276,18 @@ def build_bank(
             return replace(QuestionBank.from_json(path.read_text()), key=key)
         except (ValueError, TypeError):
             path.unlink()
+    say = progress or (lambda _: None)
+    t0 = time.perf_counter()
+    say(f"[hsae] question bank: building the {cfg.kind} bank once (cached at {path})")
     bank, group_size = candidates()
-    if progress:
-        progress(f"[hsae] question bank: scoring {len(bank)} candidate prompts (once; cached at {path})")
-    correct = answers_correct(loaded, bank)
+    say(f"[hsae] question bank: {len(bank):,} candidate prompts in {format_duration(time.perf_counter() - t0)}; "
+        "scoring them with the unmodified model")
+    t1 = time.perf_counter()
+    correct = answers_correct(loaded, bank, progress=progress)
     kept = replace(keep_answered(bank, correct, cfg, group_size), key=key)
     atomic_write_text(path, kept.to_json())
-    if progress:
-        progress(f"[hsae] question bank: {kept.count(FORGET)} forget, {kept.count(RETAIN)} retain questions kept")
+    say(f"[hsae] question bank: {kept.count(FORGET)} forget, {kept.count(RETAIN)} retain questions kept "
+        f"(scored in {format_duration(time.perf_counter() - t1)})")
     return kept
 
 

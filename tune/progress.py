@@ -1,0 +1,105 @@
+"""What the sweep prints while Tune runs: one line per finished trial, and every minute what is running.
+
+Tune's own status tables (≈ 40 lines per report) are behind ``--verbose``; this callback reads each finished
+trial's row from the results directory, so the line shows the numbers the report will use.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from hsae.progress import format_duration
+from hsae.results import ResultsStore
+from hsae.spaces import TrialSpec
+
+
+def trial_label(spec: TrialSpec) -> str:
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(spec.params.items()))
+    return f"{spec.variant} seed {spec.seed}" + (f" ({params})" if params else "")
+
+
+def row_numbers(row: dict[str, Any]) -> str:
+    """The key numbers of a finished trial's row, in the report's words."""
+    def num(name: str, fmt: str) -> str | None:
+        value = row.get(name)
+        return None if value is None or value != value else format(float(value), fmt)
+
+    parts = [f"EV {num('explained_variance', '.3f')}", f"L0 {num('l0', '.1f')}", f"val_mse {num('val_mse', '.4g')}"]
+    parts.append("converged" if row.get("converged") else "NOT converged")
+    forget = num("forget_acc_at_retain98", ".3f")
+    if forget is not None:
+        parts.append(f"forget acc at retain >= 0.98 {forget}")
+    if num("unlearning_score", ".3f") is not None:
+        parts.append(f"unlearning {num('unlearning_score', '.3f')}")
+    if row.get("status") == "degenerate":
+        parts = [f"degenerate: {row.get('error')}"]
+    return ", ".join(parts)
+
+
+class SweepProgress(Callback):
+    """One line per finished trial with its key numbers and the sweep's ETA; a status line every ``every_s``."""
+
+    def __init__(self, out: str, total: int, steps: int, every_s: float = 60.0) -> None:
+        self.store, self.total, self.steps, self.every_s = ResultsStore(out), total, steps, every_s
+        self.started: dict[str, float] = {}
+        self.step: dict[str, int] = {}
+        self.durations: list[float] = []
+        self.peak_running = 1
+        self.last_status = time.monotonic()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started[trial.trial_id] = time.monotonic()
+        self.peak_running = max(self.peak_running, len(self.started))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.step[trial.trial_id] = int(result.get("step") or 0)
+        if time.monotonic() - self.last_status >= self.every_s:
+            self.last_status = time.monotonic()
+            print(self.status_line(trials), flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        spec = self._spec(trial)
+        row = self.store.row(spec.experiment, spec.key) if spec else None
+        if row is None:  # a scheduler stopped it: its row is written when the Tuner returns
+            what = f"stopped early at step {self.step.get(trial.trial_id, 0)}"
+        else:
+            what = row_numbers(row)
+        self._finished(trial, spec, what)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial, self._spec(trial), "FAILED (listed at the end)")
+
+    def _finished(self, trial: Any, spec: TrialSpec | None, what: str) -> None:
+        took = time.monotonic() - self.started.pop(trial.trial_id, time.monotonic())
+        self.durations.append(took)
+        label = trial_label(spec) if spec else trial.trial_id
+        print(f"[hsae] trial {len(self.durations)}/{self.total} done in {format_duration(took)}: {label}: {what}"
+              f"{self.eta()}", flush=True)
+
+    def eta(self) -> str:
+        """Remaining trials x mean trial time / trials at once: an estimate, labelled so."""
+        left = self.total - len(self.durations)
+        if left <= 0 or not self.durations:
+            return ""
+        mean = sum(self.durations) / len(self.durations)
+        return f"; {left} to go, ETA ~{format_duration(left * mean / self.peak_running)}"
+
+    def status_line(self, trials: list) -> str:
+        running = [t for t in trials if t.trial_id in self.started]
+        parts = []
+        for t in running:
+            spec, step = self._spec(t), self.step.get(t.trial_id, 0)
+            where = "evaluating" if step >= self.steps else f"step {step}/{self.steps}"
+            parts.append(f"{trial_label(spec) if spec else t.trial_id} {where}")
+        return (f"[hsae] {len(self.durations)}/{self.total} trials done, {len(running)} running: "
+                f"{'; '.join(parts) or '-'}{self.eta()}")
+
+    @staticmethod
+    def _spec(trial: Any) -> TrialSpec | None:
+        from tune.trainable import trial_spec
+
+        config = getattr(trial, "config", None) or {}
+        return trial_spec(config) if config.get("trial") else None

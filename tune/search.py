@@ -1,0 +1,180 @@
+"""How a space's trials are chosen: every grid point, or Optuna sampling one block's ranges.
+
+Optuna's study lives in an Optuna storage (``--optuna-storage``, default ``sqlite:///<out>/optuna.db``), so
+``optuna-dashboard`` opens it while the sweep runs, and a crashed sweep continues the same study: its complete
+and pruned trials count against ``--samples`` (a failed one runs again) and inform the sampler.
+``--objectives`` names one metric or several (a multi-objective study, e.g. reconstruction against forget
+accuracy at matched retain); the report draws the Pareto front of the rows (docs/sweeps.md, "Optuna").
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from hsae.spaces import Profile, Space, SpaceError, TrialSpec
+from hsae.verdict import BARS, bar_metric
+
+# Every metric a study may optimise, with its direction; the evaluated ones exist only when a trial is scored.
+EVALUATED_OBJECTIVES = {**{bar_metric(bar): "min" for bar in BARS}, "unlearning_score": "max"}
+OBJECTIVES = {"val_mse": "min", "explained_variance": "max", "l0": "min", **EVALUATED_OBJECTIVES}
+
+
+def parse_objectives(text: str, evaluate: bool) -> list[tuple[str, str]]:
+    """``"val_mse,forget_acc_at_retain98"`` -> [(metric, "min"|"max")]; ValueError names the valid choices."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"--objectives must name distinct metrics, got {text!r}; valid: {sorted(OBJECTIVES)}")
+    for name in names:
+        if name not in OBJECTIVES:
+            raise ValueError(f"--objectives: unknown metric {name!r}; valid: {sorted(OBJECTIVES)}")
+        if name in EVALUATED_OBJECTIVES and not evaluate:
+            raise ValueError(f"--objectives {name} needs the evaluation; drop --no-eval or choose from "
+                             f"{sorted(set(OBJECTIVES) - set(EVALUATED_OBJECTIVES))}")
+    return [(name, OBJECTIVES[name]) for name in names]
+
+
+def objectives_text(objectives: list[tuple[str, str]]) -> str:
+    """The rows' ``search_objectives`` value: ``metric:direction`` pairs, comma-separated."""
+    return ",".join(f"{name}:{mode}" for name, mode in objectives)
+
+
+def parse_objectives_text(text: str) -> list[tuple[str, str]]:
+    """The inverse of ``objectives_text`` (the report reads the rows' column)."""
+    return [(pair.partition(":")[0], pair.partition(":")[2]) for pair in text.split(",") if pair]
+
+
+def storage_url(args: argparse.Namespace) -> str:
+    """``--optuna-storage``, or an SQLite file in the results directory."""
+    return args.optuna_storage or f"sqlite:///{Path(args.out).resolve() / 'optuna.db'}"
+
+
+def check_storage_url(url: str) -> None:
+    """A storage URL that SQLAlchemy can parse, checked before compute (nothing is opened or written)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ValueError(f"--optuna-storage {url!r} is not a database URL (e.g. sqlite:///results/optuna.db, "
+                         f"postgresql://user@host/db): {exc}") from exc
+
+
+def tune_name(trials: list[TrialSpec]) -> str:
+    """Tune's experiment and Optuna's study: one per sweep context, so a resume never mixes models or budgets."""
+    return f"{trials[0].experiment}-{trials[0].context[:8]}"
+
+
+def open_study(url: str, name: str, objectives: list[tuple[str, str]]) -> tuple[Any, Any]:
+    """The storage and the (new or existing) study; trials a crash left running are marked failed."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(url)
+    directions = ["minimize" if mode == "min" else "maximize" for _, mode in objectives]
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ValueError(f"Optuna study {name!r} in {url} optimises {study.directions}, not {objectives}: use "
+                         f"another --experiment or --optuna-storage")
+    for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    return storage, study
+
+
+def finished_in_study(study: Any) -> int:
+    """Trials of the study that count against --samples: complete or pruned (a failed one is run again)."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(states=states))
+
+
+def study_searcher(storage: Any, name: str, objectives: list[tuple[str, str]], seen: int) -> Any:
+    """Ray Tune's OptunaSearch on the persisted study, told each trial's objectives once it is evaluated."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        @property
+        def metric(self) -> None:
+            # The objectives arrive with the final (evaluated) result only, so Tune must not demand them at
+            # every step; the study's own metric names stay in ``_metric``.
+            return None
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            pass  # no intermediate values: the pruner is Optuna's NopPruner, ASHA does the pruning
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials:
+                return
+            values = [None if result is None else result.get(m) for m in self._metric]
+            state = optuna.trial.TrialState.COMPLETE
+            if any(v is None or v != v for v in values):  # stopped early, degenerate, or no point at the bar
+                failed = error or bool(result and result.get("degenerate"))
+                state, values = (optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED), None
+            self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
+            self._completed_trials.add(trial_id)
+
+    # TPE seeded past the trials the study has seen: a resumed study draws new points, not its first ones again.
+    return StudySearch(metric=[m for m, _ in objectives], mode=[d for _, d in objectives], study_name=name,
+                       storage=storage, sampler=optuna.samplers.TPESampler(seed=42 + seen))
+
+
+def make_scheduler(name: str, profile: Profile) -> Any:
+    """ASHA on held-out MSE (searches) or FIFO (ablation grids keep every arm)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    # Grace period: a third of training (early losses of sparse, orthogonality-penalised SAEs cross); halving
+    # at each rung; max_t one past the last step so the final report (evaluation) is never cut.
+    if name == "asha":
+        return ASHAScheduler(time_attr="step", metric="val_mse", mode="min", grace_period=max(1, profile.steps // 3),
+                             reduction_factor=2, max_t=profile.steps + 1)
+    return FIFOScheduler()
+
+
+def default_scheduler(args: argparse.Namespace, space: Space) -> str:
+    """ASHA prunes on val_mse, so it suits a search on val_mse alone; other studies keep every trial."""
+    if args.scheduler:
+        return args.scheduler
+    if args.search == "optuna":
+        return "asha" if args.objectives_parsed == [("val_mse", "min")] else "fifo"
+    return space.scheduler
+
+
+def search_setup(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], profile: Profile,
+                 args: argparse.Namespace, ctx: dict[str, Any], max_concurrent: int) -> tuple[dict[str, Any], Any]:
+    """Param space and TuneConfig: a grid over the pending trials, or Optuna sampling one block's ranges."""
+    from ray import tune
+
+    common = dict(scheduler=make_scheduler(default_scheduler(args, space), profile),
+                  max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname)
+    if args.search == "grid":
+        return {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}, tune.TuneConfig(**common)
+    if len(space.blocks) != 1:
+        raise SpaceError(f"--search optuna takes one block per space; {space.name!r} has {len(space.blocks)}")
+    url, name = storage_url(args), tune_name(trials)
+    storage, study = open_study(url, name, args.objectives_parsed)
+    remaining = args.samples - finished_in_study(study)
+    print(f"[hsae] Optuna study {name!r} in {url}: {args.samples - remaining} of {args.samples} trials over; "
+          f"optuna-dashboard {url}")
+    sampled = {k: to_tune_domain(v) for k, v in space.blocks[0].params.items() if isinstance(v, dict)}
+    param_space = {"trial": trials[0].as_dict(), "sampled": sampled,
+                   "ctx": {**ctx, "objectives": objectives_text(args.objectives_parsed)}}
+    searcher = study_searcher(storage, name, args.objectives_parsed, len(study.trials))
+    return param_space, tune.TuneConfig(search_alg=searcher, num_samples=max(0, remaining), **common)
+
+
+def trial_dirname(trial: Any) -> str:
+    """A trial's folder under ray_results/: variant and Tune's id (Tune's default spells out the whole config)."""
+    variant = (trial.config.get("trial") or {}).get("variant", "trial")
+    return f"{variant}_{trial.trial_id}"
+
+
+def to_tune_domain(spec: dict[str, Any]) -> Any:
+    from ray import tune
+
+    kind, arg = next(iter(spec.items()))
+    return {"uniform": lambda: tune.uniform(*arg), "loguniform": lambda: tune.loguniform(*arg),
+            "int": lambda: tune.randint(int(arg[0]), int(arg[1]) + 1), "choice": lambda: tune.choice(arg),
+            "grid": lambda: tune.choice(arg)}[kind]()
