@@ -4,8 +4,9 @@ Both fold the training normalisation back into the weights, so a saved SAE takes
 with x_n = s x, f = ReLU((s x - b_dec) W_enc + b_enc) and x_hat = (f W_dec + b_dec) / s, the folded weights are
 W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b_dec / s. Feature activations keep the training unit.
 
-``hub_folder`` (CLI: ``python -m hsae.export hub RESULTS_DIR DEST``) lays a sweep's SAELens exports out as one
-folder ready to upload to a model hub, with the release's entry for SAELens's pretrained-SAE registry.
+``hub_folder`` (CLI: ``hsae-export hub RESULTS_DIR DEST``, or ``python -m hsae.export``) lays a sweep's SAELens
+exports out as one folder ready to upload to a model hub, with the release's entry for SAELens's pretrained-SAE
+registry.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def hub_folder(results_dir: str | Path, dest: str | Path, release: str | None = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hsae.export", description="Share a sweep's SAEs.")
+    parser = argparse.ArgumentParser(prog="hsae-export", description="Share a sweep's SAEs.")
     sub = parser.add_subparsers(dest="command", required=True)
     hub = sub.add_parser("hub", help="lay a sweep's exported SAEs out as one folder ready to upload to a model hub")
     hub.add_argument("results_dir", type=Path, help="the sweep's results directory (holds trials.parquet)")

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hsae.atomic import atomic_file, atomic_write_text  # noqa: E402
+from hsae.pareto import study_fronts  # noqa: E402
 from hsae.results import load_curves, load_trials  # noqa: E402
 from hsae.schema import REPORT_METRICS, label  # noqa: E402
 from hsae.spaces import mean_ci95  # noqa: E402
@@ -311,6 +312,41 @@ def write_figures(done: pd.DataFrame, curves: pd.DataFrame, controls: dict, out:
     if fig_l0_ev(done, out / "l0_vs_ev.png"):
         figures.append(("L0 vs explained variance", "l0_vs_ev.png"))
     return figures
+
+
+def fig_pareto(rows: pd.DataFrame, objectives: list[tuple[str, str]], path: Path) -> None:
+    """The first two objectives of a study: every converged trial, the front joined in order."""
+    (x, dx), (y, dy) = objectives[:2]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter(rows[x], rows[y], c="0.7", s=18, label="converged trials")
+    front = rows[rows["on_front"]].sort_values(x)
+    ax.plot(front[x], front[y], "o-", c="C3", ms=6, label="Pareto front")
+    ax.set_xlabel(f"{x} ({'lower' if dx == 'min' else 'higher'} is better)")
+    ax.set_ylabel(f"{y} ({'lower' if dy == 'min' else 'higher'} is better)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def pareto_parts(trials: pd.DataFrame, out: Path) -> list[str]:
+    """Each multi-objective Optuna study's Pareto front: a figure (first two objectives) and its rows."""
+    parts = []
+    for experiment, objectives, rows in study_fronts(trials):
+        names = [m for m, _ in objectives]
+        sampled = [c for c in rows.columns if c.startswith("cfg_") and rows[c].astype(str).nunique() > 1]
+        png = f"pareto_{experiment}.png"
+        fig_pareto(rows, objectives, out / png)
+        front = rows[rows["on_front"]].sort_values(names[0])
+        parts += [f"## Pareto front: {experiment}\n",
+                  f"Optuna study over {', '.join(f'{m} ({d})' for m, d in objectives)}: {len(front)} of "
+                  f"{len(rows)} converged trials are on the front (no other trial is as good on every "
+                  f"objective and better on one; docs/sweeps.md, \"Optuna\").\n", f"![Pareto front]({png})\n",
+                  "| trial | variant | seed | " + " | ".join(sampled + names) + " |",
+                  "|---|---|---|" + "---|" * len(sampled + names)]
+        parts += [f"| {r['trial_id']} | {r['variant']} | {r['seed']} | "
+                  + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in sampled + names) + " |"
+                  for _, r in front.iterrows()]
+        parts.append("")
+    return parts
 
 
 def figure_parts(figures: list[tuple[str, str]]) -> list[str]:
@@ -627,7 +663,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_b
     parts = header_parts(results_dir, trials) + banner_parts(problems)
     parts += verdict_parts(converged(main_trials(done)), grid, questions, problems, out, n_boot)
     parts += convergence_parts(done) + controls_parts(controls) + section_parts(trials, done)
-    parts += figure_parts(write_figures(done, curves, controls, out))
+    parts += figure_parts(write_figures(done, curves, controls, out)) + pareto_parts(trials, out)
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
     from tune.report_html import write_html  # here, not at the top: report_html imports this module

@@ -26,6 +26,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from hsae.atomic import atomic_write_text
+from hsae.pareto import study_fronts
 from hsae.results import load_curves, load_trials
 from hsae.schema import label
 from hsae.verdict import BARS, Verdict, build_verdict, controls_problems
@@ -391,8 +392,36 @@ def trials_section(inp: Inputs) -> str:
     return f'<h2>Trials ({len(t)})</h2><div class="scroll">{table}</div>'
 
 
+def _pareto_hover(rows: pd.DataFrame, names: list[str]) -> list[str]:
+    sampled = [c for c in rows.columns if c.startswith("cfg_") and rows[c].astype(str).nunique() > 1]
+    return [f"{r['trial_id']} ({r['variant']}, seed {r['seed']})<br>"
+            + "<br>".join(f"{c} {r[c]:.4g}" if isinstance(r[c], float) else f"{c} {r[c]}" for c in names + sampled)
+            for _, r in rows.iterrows()]
+
+
+def pareto_section(inp: Inputs) -> str:
+    """Each multi-objective Optuna study: its converged trials on the first two objectives, the front joined."""
+    parts = []
+    for i, (experiment, objectives, rows) in enumerate(study_fronts(inp.trials)):
+        (x, dx), (y, dy) = objectives[:2]
+        names = [m for m, _ in objectives]
+        front = rows[rows["on_front"]].sort_values(x)
+        fig = go.Figure([
+            go.Scatter(x=rows[x], y=rows[y], mode="markers", name="converged trials", marker={"color": "#aaa"},
+                       text=_pareto_hover(rows, names), hoverinfo="text"),
+            go.Scatter(x=front[x], y=front[y], mode="lines+markers", name="Pareto front",
+                       marker={"color": "#d62728", "size": 9}, text=_pareto_hover(front, names), hoverinfo="text")])
+        fig.update_layout(height=420, xaxis_title=f"{x} ({dx})", yaxis_title=f"{y} ({dy})",
+                          margin={"t": 30, "b": 50})
+        parts.append(f"<h2>Pareto front: {html.escape(experiment)}</h2>" + figure_html(
+            fig, f"pareto-{i}", f"{len(front)} of {len(rows)} converged trials are on the front of the study over "
+                                f"{html.escape(', '.join(f'{m} ({d})' for m, d in objectives))}."))
+    return "\n".join(parts)  # no multi-objective study: no section
+
+
 SECTIONS: list[Callable[[Inputs], str]] = [
-    header_section, verdict_section, forget_retain_section, parcoords_section, curves_section, trials_section,
+    header_section, verdict_section, forget_retain_section, parcoords_section, curves_section, pareto_section,
+    trials_section,
 ]
 
 

@@ -40,11 +40,6 @@ def objectives_text(objectives: list[tuple[str, str]]) -> str:
     return ",".join(f"{name}:{mode}" for name, mode in objectives)
 
 
-def parse_objectives_text(text: str) -> list[tuple[str, str]]:
-    """The inverse of ``objectives_text`` (the report reads the rows' column)."""
-    return [(pair.partition(":")[0], pair.partition(":")[2]) for pair in text.split(",") if pair]
-
-
 def storage_url(args: argparse.Namespace) -> str:
     """``--optuna-storage``, or an SQLite file in the results directory."""
     return args.optuna_storage or f"sqlite:///{Path(args.out).resolve() / 'optuna.db'}"
