@@ -52,6 +52,7 @@ def sweep(ray_session, tmp_path, monkeypatch):
     return run, out
 
 
+@pytest.mark.slow  # three sweeps (32 s): in the full suite, out of the fast loop
 def test_rerun_into_the_same_folder_with_another_model_gets_new_rows(sweep, tmp_path, capsys):
     run, out = sweep
     save_tiny(tmp_path / "m", seed=1)
