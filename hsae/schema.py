@@ -66,6 +66,8 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "to the results directory: saes/<trial_id>; completed trials only", group=_META),
     _c("search_objectives", "string", "--search optuna: the study's objectives as metric:direction, comma-separated "
        "(two or more: a multi-objective study; the report draws its Pareto front)", group=_META),
+    _c("search_study", "string", "--search optuna: the Optuna study the trial belongs to (in --optuna-storage, "
+       "default optuna.db in the results directory)", group=_META),
     _c("steps", "Int64", "training steps taken", "steps", group=_TRAIN),
     _c("tokens", "Int64", "training tokens seen (steps x batch size)", "tokens", group=_TRAIN),
     _c("wall_s", "float64", "training wall time", "s", group=_TRAIN),

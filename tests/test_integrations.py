@@ -43,8 +43,11 @@ def test_multi_objective_study_persists_resumes_and_matches_the_rows(sweep):
     assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
     rows = pd.read_parquet(out / "trials.parquet")
     assert len(rows) == 2 and (rows["search_objectives"] == "val_mse:min,forget_acc_at_retain98:min").all()
+    assert (rows["search_study"] == study.study_name).all()
     # Each complete Optuna trial is a row: same alpha, same two values.
-    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 2
+    for t in complete:
         row = rows[(rows["cfg_alpha"] - t.params["sampled/alpha"]).abs() < 1e-12].iloc[0]
         assert t.values == pytest.approx([row["val_mse"], row["forget_acc_at_retain98"]])
     # A crash leaves a trial running in the study; the next run fails it and runs only what is left.

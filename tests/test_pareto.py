@@ -27,23 +27,30 @@ def study_rows():
     return pd.DataFrame({
         "experiment": "tiny-search", "trial_id": [f"t{i}" for i in range(n)], "variant": "fixed_ortho", "seed": 42,
         "status": ["completed"] * (n - 1) + ["failed"], "converged": [True] * (n - 2) + [False, None],
-        "search_objectives": "val_mse:min,forget_acc_at_retain98:min",
+        "search_objectives": "val_mse:min,forget_acc_at_retain98:min", "search_study": "tiny-search-15b79aef-s",
         "cfg_alpha": rng.uniform(0, 0.4, n), "val_mse": rng.uniform(0.1, 0.2, n),
         "forget_acc_at_retain98": rng.uniform(0.5, 1.0, n)})
 
 
 def test_study_fronts_rank_only_converged_completed_rows(tmp_path):
     rows = study_rows()
-    ((experiment, objectives, ranked),) = study_fronts(rows)
-    assert experiment == "tiny-search" and objectives == [("val_mse", "min"), ("forget_acc_at_retain98", "min")]
+    rows.loc[3, "forget_acc_at_retain98"] = np.nan  # no setting met the bar: never on the front
+    ((study, objectives, ranked),) = study_fronts(rows)
+    assert study == "tiny-search-15b79aef-s" and objectives == [("val_mse", "min"), ("forget_acc_at_retain98", "min")]
     assert len(ranked) == 10  # the unconverged and the failed row are not ranked
+    assert not ranked.loc[3, "on_front"]
     expected = pareto_mask(ranked[["val_mse", "forget_acc_at_retain98"]].to_numpy(), ["min", "min"])
     assert ranked["on_front"].tolist() == expected.tolist() and expected.any()
     # A single-objective study or a grid sweep has no front.
     assert study_fronts(rows.assign(search_objectives="val_mse:min")) == []
     assert study_fronts(rows.drop(columns="search_objectives")) == []
+    # Two studies of one experiment (another model into the same folder) are two fronts, never one.
+    other = rows.assign(search_study="tiny-search-0000aaaa-s", trial_id=[f"u{i}" for i in range(len(rows))])
+    assert [s for s, _, _ in study_fronts(pd.concat([rows, other]))] == ["tiny-search-0000aaaa-s",
+                                                                         "tiny-search-15b79aef-s"]
     text = "\n".join(pareto_parts(rows, tmp_path))
-    assert "## Pareto front: tiny-search" in text and (tmp_path / "pareto_tiny-search.png").stat().st_size > 1000
+    assert "## Pareto front: Optuna study tiny-search-15b79aef-s" in text
+    assert (tmp_path / "pareto_0.png").stat().st_size > 1000
     front_ids = set(ranked.loc[ranked["on_front"], "trial_id"])
     listed = {line.split("|")[1].strip() for line in text.splitlines()
               if line.startswith("| t") and not line.startswith("| trial")}

@@ -139,7 +139,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.tokens is not None and (args.tokens < 1 or args.steps is not None):
         raise ValueError(f"--tokens must be >= 1 and not given with --steps, got {args.tokens}")
-    args.objectives_parsed = parse_objectives(args.objectives, evaluate=not args.no_eval)
     if args.search == "optuna":
         check_storage_url(storage_url(args))
     check_trackers(args.log)
@@ -153,6 +152,7 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
     profile = with_token_budget(profile, args.tokens, args.activations)
     if args.no_eval:
         profile = replace(profile, evaluate=False)
+    args.objectives_parsed = parse_objectives(args.objectives, evaluate=profile.evaluate)
     profile.train_config(42)  # validates steps, batch size, lr
     rows = profile.cache_rows()
     if rows < profile.batch_size:
@@ -332,7 +332,7 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
         print(f"[hsae] resuming Tune experiment at {path}")
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
     ctx = {"profile": asdict(profile), "out": str(Path(args.out).resolve()), "server": server_name,
-           "hooks": list(args.trial_hooks), "controls_ok": args.controls_ok}
+           "hooks": list(args.trial_hooks), "controls_ok": args.controls_ok, "verbose": args.verbose}
     param_space, tune_config = search_setup(space, trials, pending, profile, args, ctx, trial_concurrency(args, ray))
     if tune_config.num_samples == 0:
         return None
@@ -349,7 +349,7 @@ def record_unfinished(grid: Any, store: ResultsStore, profile: Profile,
     """Rows for the trials that wrote none (stopped by the scheduler, or failed); returns the failed ones."""
     from hsae.config import SAEConfig
     from hsae.results import trial_row
-    from tune.trainable import describe_failure, trial_spec
+    from tune.trainable import describe_failure, search_values, trial_spec
 
     failed: list[tuple[TrialSpec | None, str]] = []
     for result in grid:
@@ -363,7 +363,8 @@ def record_unfinished(grid: Any, store: ResultsStore, profile: Profile,
         # Tune kept the metrics the trial reported: they become its row and its curve.
         metrics = result.metrics or {}
         sae_cfg = SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
-        row = partial(trial_row, spec, profile, model, sae_cfg, profile.train_config(spec.seed))
+        row = partial(trial_row, spec, profile, model, sae_cfg, profile.train_config(spec.seed),
+                      **search_values(cfg.get("ctx", {})))
         if result.error is not None:
             reason = describe_failure(result.error)
             store.write_trial(row("failed", error=reason, steps=metrics.get("step")), reported_curves(result, spec))

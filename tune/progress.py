@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pandas as pd
 from ray.tune import Callback
 
 from hsae.progress import format_duration
@@ -23,19 +24,21 @@ def trial_label(spec: TrialSpec) -> str:
 
 def row_numbers(row: dict[str, Any]) -> str:
     """The key numbers of a finished trial's row, in the report's words."""
+    if row.get("status") == "degenerate":
+        return f"degenerate: {row.get('error')}"
+
     def num(name: str, fmt: str) -> str | None:
         value = row.get(name)
-        return None if value is None or value != value else format(float(value), fmt)
+        return None if value is None or pd.isna(value) else format(float(value), fmt)
 
     parts = [f"EV {num('explained_variance', '.3f')}", f"L0 {num('l0', '.1f')}", f"val_mse {num('val_mse', '.4g')}"]
-    parts.append("converged" if row.get("converged") else "NOT converged")
+    converged = row.get("converged")
+    parts.append("converged" if converged is not None and not pd.isna(converged) and converged else "NOT converged")
     forget = num("forget_acc_at_retain98", ".3f")
     if forget is not None:
         parts.append(f"forget acc at retain >= 0.98 {forget}")
     if num("unlearning_score", ".3f") is not None:
         parts.append(f"unlearning {num('unlearning_score', '.3f')}")
-    if row.get("status") == "degenerate":
-        parts = [f"degenerate: {row.get('error')}"]
     return ", ".join(parts)
 
 
@@ -56,7 +59,10 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.step[trial.trial_id] = int(result.get("step") or 0)
-        if time.monotonic() - self.last_status >= self.every_s:
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # Every loop of Tune's controller, results or not: evaluating trials report nothing for minutes.
+        if self.started and time.monotonic() - self.last_status >= self.every_s:
             self.last_status = time.monotonic()
             print(self.status_line(trials), flush=True)
 

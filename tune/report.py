@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hsae.atomic import atomic_file, atomic_write_text  # noqa: E402
-from hsae.pareto import study_fronts  # noqa: E402
+from hsae.pareto import study_fronts, varying_params  # noqa: E402
 from hsae.results import load_curves, load_trials  # noqa: E402
 from hsae.schema import REPORT_METRICS, label  # noqa: E402
 from hsae.spaces import mean_ci95  # noqa: E402
@@ -330,13 +330,13 @@ def fig_pareto(rows: pd.DataFrame, objectives: list[tuple[str, str]], path: Path
 def pareto_parts(trials: pd.DataFrame, out: Path) -> list[str]:
     """Each multi-objective Optuna study's Pareto front: a figure (first two objectives) and its rows."""
     parts = []
-    for experiment, objectives, rows in study_fronts(trials):
+    for i, (study, objectives, rows) in enumerate(study_fronts(trials)):
         names = [m for m, _ in objectives]
-        sampled = [c for c in rows.columns if c.startswith("cfg_") and rows[c].astype(str).nunique() > 1]
-        png = f"pareto_{experiment}.png"
+        sampled = varying_params(rows)
+        png = f"pareto_{i}.png"
         fig_pareto(rows, objectives, out / png)
         front = rows[rows["on_front"]].sort_values(names[0])
-        parts += [f"## Pareto front: {experiment}\n",
+        parts += [f"## Pareto front: Optuna study {study}\n",
                   f"Optuna study over {', '.join(f'{m} ({d})' for m, d in objectives)}: {len(front)} of "
                   f"{len(rows)} converged trials are on the front (no other trial is as good on every "
                   f"objective and better on one; docs/sweeps.md, \"Optuna\").\n", f"![Pareto front]({png})\n",

@@ -26,7 +26,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from hsae.atomic import atomic_write_text
-from hsae.pareto import study_fronts
+from hsae.pareto import study_fronts, varying_params
 from hsae.results import load_curves, load_trials
 from hsae.schema import label
 from hsae.verdict import BARS, Verdict, build_verdict, controls_problems
@@ -393,7 +393,7 @@ def trials_section(inp: Inputs) -> str:
 
 
 def _pareto_hover(rows: pd.DataFrame, names: list[str]) -> list[str]:
-    sampled = [c for c in rows.columns if c.startswith("cfg_") and rows[c].astype(str).nunique() > 1]
+    sampled = varying_params(rows)
     return [f"{r['trial_id']} ({r['variant']}, seed {r['seed']})<br>"
             + "<br>".join(f"{c} {r[c]:.4g}" if isinstance(r[c], float) else f"{c} {r[c]}" for c in names + sampled)
             for _, r in rows.iterrows()]
@@ -402,7 +402,7 @@ def _pareto_hover(rows: pd.DataFrame, names: list[str]) -> list[str]:
 def pareto_section(inp: Inputs) -> str:
     """Each multi-objective Optuna study: its converged trials on the first two objectives, the front joined."""
     parts = []
-    for i, (experiment, objectives, rows) in enumerate(study_fronts(inp.trials)):
+    for i, (study, objectives, rows) in enumerate(study_fronts(inp.trials)):
         (x, dx), (y, dy) = objectives[:2]
         names = [m for m, _ in objectives]
         front = rows[rows["on_front"]].sort_values(x)
@@ -413,7 +413,7 @@ def pareto_section(inp: Inputs) -> str:
                        marker={"color": "#d62728", "size": 9}, text=_pareto_hover(front, names), hoverinfo="text")])
         fig.update_layout(height=420, xaxis_title=f"{x} ({dx})", yaxis_title=f"{y} ({dy})",
                           margin={"t": 30, "b": 50})
-        parts.append(f"<h2>Pareto front: {html.escape(experiment)}</h2>" + figure_html(
+        parts.append(f"<h2>Pareto front: Optuna study {html.escape(study)}</h2>" + figure_html(
             fig, f"pareto-{i}", f"{len(front)} of {len(rows)} converged trials are on the front of the study over "
                                 f"{html.escape(', '.join(f'{m} ({d})' for m, d in objectives))}."))
     return "\n".join(parts)  # no multi-objective study: no section

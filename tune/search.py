@@ -1,8 +1,8 @@
 """How a space's trials are chosen: every grid point, or Optuna sampling one block's ranges.
 
 Optuna's study lives in an Optuna storage (``--optuna-storage``, default ``sqlite:///<out>/optuna.db``), so
-``optuna-dashboard`` opens it while the sweep runs, and a crashed sweep continues the same study: its complete
-and pruned trials count against ``--samples`` (a failed one runs again) and inform the sampler.
+``optuna-dashboard`` opens it while the sweep runs, and a crashed sweep continues the same study: its finished
+trials count against ``--samples`` (one a crash cut short runs again) and inform the sampler.
 ``--objectives`` names one metric or several (a multi-objective study, e.g. reconstruction against forget
 accuracy at matched retain); the report draws the Pareto front of the rows (docs/sweeps.md, "Optuna").
 """
@@ -30,7 +30,8 @@ def parse_objectives(text: str, evaluate: bool) -> list[tuple[str, str]]:
         if name not in OBJECTIVES:
             raise ValueError(f"--objectives: unknown metric {name!r}; valid: {sorted(OBJECTIVES)}")
         if name in EVALUATED_OBJECTIVES and not evaluate:
-            raise ValueError(f"--objectives {name} needs the evaluation; drop --no-eval or choose from "
+            raise ValueError(f"--objectives {name} needs the evaluation, which is off (--no-eval or --set "
+                             f"evaluate=false); choose from "
                              f"{sorted(set(OBJECTIVES) - set(EVALUATED_OBJECTIVES))}")
     return [(name, OBJECTIVES[name]) for name in names]
 
@@ -58,8 +59,17 @@ def check_storage_url(url: str) -> None:
 
 
 def tune_name(trials: list[TrialSpec]) -> str:
-    """Tune's experiment and Optuna's study: one per sweep context, so a resume never mixes models or budgets."""
+    """Tune's experiment: one per sweep context, so a resume never mixes models or budgets."""
     return f"{trials[0].experiment}-{trials[0].context[:8]}"
+
+
+def study_name(trials: list[TrialSpec], objectives: list[tuple[str, str]]) -> str:
+    """Optuna's study: Tune's experiment and what it optimises (other objectives are another study)."""
+    return f"{tune_name(trials)}-{'+'.join(m for m, _ in objectives)}"
+
+
+# A trial a crashed sweep left RUNNING: failed by the next run, and not counted against --samples.
+CRASHED_ATTR = "hsae_crashed"
 
 
 def open_study(url: str, name: str, objectives: list[tuple[str, str]]) -> tuple[Any, Any]:
@@ -69,20 +79,31 @@ def open_study(url: str, name: str, objectives: list[tuple[str, str]]) -> tuple[
     storage = optuna.storages.RDBStorage(url)
     directions = ["minimize" if mode == "min" else "maximize" for _, mode in objectives]
     study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
-    if [d.name.lower() for d in study.directions] != directions:
-        raise ValueError(f"Optuna study {name!r} in {url} optimises {study.directions}, not {objectives}: use "
-                         f"another --experiment or --optuna-storage")
     for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_user_attr(trial._trial_id, CRASHED_ATTR, True)
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
     return storage, study
 
 
 def finished_in_study(study: Any) -> int:
-    """Trials of the study that count against --samples: complete or pruned (a failed one is run again)."""
+    """Trials that count against --samples: every finished one but those a crash cut short (run again)."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(states=states))
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return sum(not t.user_attrs.get(CRASHED_ATTR) for t in study.get_trials(states=states))
+
+
+def told_state(result: dict | None, error: bool, metrics: list[str]) -> tuple[Any, list[float] | None]:
+    """What Optuna is told of a finished trial: its values once evaluated (the final report), else why not."""
+    import optuna
+
+    values = [None if result is None else result.get(m) for m in metrics]
+    if result is not None and result.get("degenerate"):
+        return optuna.trial.TrialState.FAIL, None  # a guard tripped: no values exist
+    if result is None or not result.get("final") or any(v is None or v != v for v in values):
+        # Stopped early (a half-trained val_mse is no result), failed, or no setting met the retain bar.
+        return (optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED), None
+    return optuna.trial.TrialState.COMPLETE, [float(v) for v in values]
 
 
 def study_searcher(storage: Any, name: str, objectives: list[tuple[str, str]], seen: int) -> Any:
@@ -101,15 +122,24 @@ def study_searcher(storage: Any, name: str, objectives: list[tuple[str, str]], s
             pass  # no intermediate values: the pruner is Optuna's NopPruner, ASHA does the pruning
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials:
+            if trial_id not in self._ot_trials:
                 return
-            values = [None if result is None else result.get(m) for m in self._metric]
-            state = optuna.trial.TrialState.COMPLETE
-            if any(v is None or v != v for v in values):  # stopped early, degenerate, or no point at the bar
-                failed = error or bool(result and result.get("degenerate"))
-                state, values = (optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED), None
-            self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
+            state, values = told_state(result, error, self._metric)
+            if trial_id in self._completed_trials:
+                self._retried(self._ot_trials[trial_id], state, values)
+                return
+            try:  # a trial told before a crash and reported again after --resume is already finished
+                self._ot_study.tell(self._ot_trials[trial_id], values, state=state, skip_if_finished=True)
+            except (ValueError, RuntimeError) as exc:
+                print(f"[hsae] Optuna could not record trial {trial_id}: {exc}")
             self._completed_trials.add(trial_id)
+
+        def _retried(self, ot_trial: Any, state: Any, values: list[float] | None) -> None:
+            """A trial told FAIL that --resume ran again to the end: its values join the study as a new trial."""
+            told = self._ot_study._storage.get_trial(ot_trial._trial_id)
+            if told.state == optuna.trial.TrialState.FAIL and state == optuna.trial.TrialState.COMPLETE:
+                self._ot_study.add_trial(optuna.trial.create_trial(params=told.params, values=values,
+                                                                   distributions=told.distributions))
 
     # TPE seeded past the trials the study has seen: a resumed study draws new points, not its first ones again.
     return StudySearch(metric=[m for m, _ in objectives], mode=[d for _, d in objectives], study_name=name,
@@ -148,14 +178,14 @@ def search_setup(space: Space, trials: list[TrialSpec], pending: list[TrialSpec]
         return {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}, tune.TuneConfig(**common)
     if len(space.blocks) != 1:
         raise SpaceError(f"--search optuna takes one block per space; {space.name!r} has {len(space.blocks)}")
-    url, name = storage_url(args), tune_name(trials)
+    url, name = storage_url(args), study_name(trials, args.objectives_parsed)
     storage, study = open_study(url, name, args.objectives_parsed)
     remaining = args.samples - finished_in_study(study)
     print(f"[hsae] Optuna study {name!r} in {url}: {args.samples - remaining} of {args.samples} trials over; "
           f"optuna-dashboard {url}")
     sampled = {k: to_tune_domain(v) for k, v in space.blocks[0].params.items() if isinstance(v, dict)}
     param_space = {"trial": trials[0].as_dict(), "sampled": sampled,
-                   "ctx": {**ctx, "objectives": objectives_text(args.objectives_parsed)}}
+                   "ctx": {**ctx, "objectives": objectives_text(args.objectives_parsed), "study": name}}
     searcher = study_searcher(storage, name, args.objectives_parsed, len(study.trials))
     return param_space, tune.TuneConfig(search_alg=searcher, num_samples=max(0, remaining), **common)
 

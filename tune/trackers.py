@@ -96,7 +96,8 @@ def wandb_callback(out: str | Path, experiment: str) -> Any:
             super().log_trial_end(trial, failed)
 
     mode = os.environ.get("WANDB_MODE")
-    return HsaeWandbCallback(project=os.environ.get("WANDB_PROJECT", "hsae"), group=experiment,
+    # resume="allow": a trial restarted by --resume continues its run (same id) instead of clashing with it.
+    return HsaeWandbCallback(project=os.environ.get("WANDB_PROJECT", "hsae"), group=experiment, resume="allow",
                              **({"mode": mode} if mode else {}))
 
 
@@ -104,6 +105,14 @@ def mlflow_callback(out: str | Path, experiment: str) -> Any:
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class HsaeMLflowCallback(MLflowLoggerCallback):
+        def log_trial_start(self, trial: Any) -> None:
+            if trial not in self._trial_runs:  # --resume: continue the trial's run from before the crash
+                client = self.mlflow_util._get_client()
+                runs = client.search_runs([self.mlflow_util.experiment_id], f"tags.trial_name = '{trial}'")
+                if runs:
+                    self._trial_runs[trial] = runs[0].info.run_id
+            super().log_trial_start(trial)
+
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
             # Our step (the trainer's), not Tune's report count: curves line up with curves.parquet.
             run_id = self._trial_runs[trial]

@@ -8,6 +8,7 @@ ObjectRefs from the activation server, and evaluation runs there (the SAE goes t
 from __future__ import annotations
 
 import importlib
+import logging
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
@@ -33,6 +34,8 @@ TrialHook = Callable[[TrialSpec, int, bool], None]
 def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(1)  # one CPU per trial: two threads in a busy process do worse here
     ctx, spec = config["ctx"], trial_spec(config)
+    if not ctx.get("verbose"):  # Ray says "Checkpoint successfully created" at every checkpoint of every trial
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     store = ResultsStore(ctx["out"])
     if report_if_finished(store, spec):
         return
@@ -57,12 +60,17 @@ def run_trial(config: dict[str, Any]) -> None:
             left = ray.get(server.stream_leave.remote(spec.key)) if profile.activations == "stream" else None
         if left is not None:  # the sweep's LM cost so far: what streaming saves is measured here
             outcome.row["stream_lm_tokens"] = left["lm_tokens"]
-        outcome.row["search_objectives"] = ctx.get("objectives")
+        outcome.row.update(search_values(ctx))
         if outcome.status == "completed":  # the SAE where a user looks for it, before the row that links it
             outcome.row["sae_path"] = store.sae_path(spec.key)
             run.export_sae(store.root / outcome.row["sae_path"])
     store.write_trial(outcome.row, outcome.curves, outcome.grid)
     tune.report(final_report(outcome, run.train_cfg.steps))
+
+
+def search_values(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The row's link to its Optuna study (None under a grid search)."""
+    return {"search_objectives": ctx.get("objectives"), "search_study": ctx.get("study")}
 
 
 def training_source(server: Any, info: Any, store: ResultsStore, spec: TrialSpec, run: TrialRun) -> Any:
@@ -96,9 +104,7 @@ def report_if_finished(store: ResultsStore, spec: TrialSpec) -> bool:
     done = store.row(spec.experiment, spec.key)
     if done is None or done["status"] not in ("completed", "degenerate"):
         return False
-    val = done["val_mse"]
-    tune.report({"step": int(done["steps"] or 0), "val_mse": float("nan") if val is None else float(val),
-                 "skipped": 1})
+    tune.report({**final_values(done, int(done["steps"] or 0)), "skipped": 1})
     return True
 
 
@@ -131,11 +137,17 @@ def server_evaluate(server: Any) -> Evaluate:
 
 def final_report(outcome: TrialOutcome, steps: int) -> dict[str, Any]:
     """The last report, one step past training so that no scheduler cuts the evaluation."""
-    if outcome.status == "degenerate":
-        return {"step": steps + 1, "val_mse": float("nan"), "degenerate": 1}
-    # Every metric a study may optimise (tune/search.py), NaN where the trial has none (no evaluation).
-    values = {name: outcome.row.get(name) for name in OBJECTIVES}
-    return {"step": steps + 1, **{k: float("nan") if v is None else float(v) for k, v in values.items()}}
+    return final_values(outcome.row, steps)
+
+
+def final_values(row: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A finished trial's last report from its row: every metric a study may optimise (tune/search.py), NaN
+    where the trial has none; ``final`` tells the searcher that training and evaluation are over."""
+    if row["status"] == "degenerate":
+        return {"step": steps + 1, "val_mse": float("nan"), "degenerate": 1, "final": 1}
+    values = {name: row.get(name) for name in OBJECTIVES}
+    return {"step": steps + 1, "final": 1,
+            **{k: float("nan") if v is None or v != v else float(v) for k, v in values.items()}}
 
 
 def load_hooks(names: Sequence[str]) -> list[TrialHook]:

@@ -1,0 +1,94 @@
+"""What the Optuna study is told, and what the sweep prints per trial, without a Ray cluster."""
+
+import math
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from tune.progress import SweepProgress, row_numbers
+from tune.search import CRASHED_ATTR, finished_in_study, open_study, parse_objectives, study_searcher, told_state
+
+OBJECTIVES = [("val_mse", "min"), ("forget_acc_at_retain98", "min")]
+DONE = {"final": 1, "val_mse": 0.2, "forget_acc_at_retain98": 0.7}
+
+
+@pytest.mark.parametrize("result,error,state", [
+    (DONE, False, "COMPLETE"),
+    ({"val_mse": 0.2, "forget_acc_at_retain98": 0.7, "step": 500}, False, "PRUNED"),  # stopped early: no final
+    ({**DONE, "forget_acc_at_retain98": math.nan}, False, "PRUNED"),  # no setting met the retain bar
+    ({"final": 1, "val_mse": math.nan, "degenerate": 1}, False, "FAIL"),
+    (None, True, "FAIL"),
+])
+def test_optuna_is_told_values_only_from_the_final_report(result, error, state):
+    told, values = told_state(result, error, [m for m, _ in OBJECTIVES])
+    assert told.name == state
+    assert values == ([0.2, 0.7] if state == "COMPLETE" else None)
+
+
+def test_the_searcher_tells_the_study_and_survives_a_second_report(tmp_path):
+    from ray import tune
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage, study = open_study(url, "s", OBJECTIVES)
+    searcher = study_searcher(storage, "s", OBJECTIVES, seen=0)
+    searcher.set_search_properties(None, None, {"alpha": tune.uniform(0.0, 0.4)})
+    assert searcher.metric is None  # Tune must not demand the objectives at every step
+    for tid, result in (("a", DONE), ("b", {"val_mse": 0.3, "step": 10}), ("c", None)):
+        assert 0.0 <= searcher.suggest(tid)["alpha"] <= 0.4
+        searcher.on_trial_complete(tid, result, error=result is None)
+    searcher.on_trial_complete("a", None, error=True)  # reported again (a resumed driver): ignored
+    searcher.on_trial_complete("b", DONE)  # a pruned trial reported again stays pruned
+    states = [t.state.name for t in optuna.load_study(study_name="s", storage=url).trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]
+    searcher.on_trial_complete("c", DONE)  # the failed trial, run again by --resume to the end: a new trial
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
+    assert trials[3].params == trials[2].params and trials[3].values == [0.2, 0.7]
+    # A crash leaves a trial running: the next run fails it, and it does not count against --samples.
+    searcher.suggest("d")
+    _, study = open_study(url, "s", OBJECTIVES)
+    assert study.trials[-1].state.name == "FAIL" and study.trials[-1].user_attrs[CRASHED_ATTR]
+    assert finished_in_study(study) == 4
+
+
+def test_objectives_need_the_evaluation():
+    assert parse_objectives("val_mse,unlearning_score", evaluate=True) == [("val_mse", "min"),
+                                                                          ("unlearning_score", "max")]
+    with pytest.raises(ValueError, match="evaluation, which is off"):
+        parse_objectives("forget_acc_at_retain98", evaluate=False)
+
+
+def fake_trial(tid, variant="relu", seed=42, params=None):
+    trial = {"experiment": "e", "space": "s", "variant": variant, "params": params or {}, "seed": seed,
+             "context": "c" * 16}
+    return SimpleNamespace(trial_id=tid, config={"trial": trial})
+
+
+def test_sweep_progress_prints_one_line_per_trial_and_an_eta(tmp_path, capsys, monkeypatch):
+    clock = iter(range(0, 10_000, 100))
+    monkeypatch.setattr("tune.progress.time.monotonic", lambda: next(clock))
+    progress = SweepProgress(str(tmp_path), total=3, steps=100, every_s=150)
+    a, b = fake_trial("a"), fake_trial("b", "topk", 43, {"k": 8})
+    for t in (a, b):
+        progress.on_trial_start(0, [a, b], t)
+    progress.on_trial_result(0, [a, b], a, {"step": 100})
+    progress.on_trial_result(0, [a, b], b, {"step": 40})
+    progress.on_step_end(0, [a, b])
+    progress.on_trial_complete(0, [a, b], a)  # no row: a scheduler stopped it
+    progress.on_trial_error(0, [a, b], b)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[hsae] 0/3 trials done, 2 running: relu seed 42 evaluating; topk seed 43 (k=8) "
+                               "step 40/100")
+    assert lines[1].startswith("[hsae] trial 1/3 done in ") and "stopped early at step 100" in lines[1]
+    assert "2 to go, ETA ~" in lines[1]
+    assert "topk seed 43 (k=8): FAILED" in lines[2] and "1 to go" in lines[2]
+
+
+def test_row_numbers_read_nullable_and_degenerate_rows():
+    import pandas as pd
+
+    assert row_numbers({"status": "degenerate", "error": "L0 = 0", "converged": pd.NA}) == "degenerate: L0 = 0"
+    text = row_numbers({"status": "completed", "explained_variance": 0.91, "l0": 40.0, "val_mse": 0.1,
+                        "converged": pd.NA, "forget_acc_at_retain98": None, "unlearning_score": float("nan")})
+    assert text == "EV 0.910, L0 40.0, val_mse 0.1, NOT converged"
