@@ -7,6 +7,18 @@ from hsae.train import ArrayBatches, Trainer, to_batch
 
 D_IN, D_SAE, BATCH = 32, 256, 256
 
+# Group counts that divide a 64-feature dictionary; everything else at the defaults (contract and export tests).
+TINY_PARAMS = {
+    "fixed_ortho": {"n_groups": 8},
+    "adaptive_ortho": {"n_groups": 8},
+    "enhanced_adaptive": {"n_groups": 8},
+    "static_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
+    "dynamic_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
+    "contrastive_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
+    "topk": {"k": 8},
+    "matryoshka_batchtopk": {"k": 8},
+}
+
 # Group counts that fit a 256-feature dictionary at test size; everything else stays at paper defaults.
 SMALL_PARAMS = {
     "fixed_ortho": {"n_groups": 8},

@@ -26,21 +26,12 @@ from safetensors.torch import load_file
 from hsae.config import SAEConfig
 from hsae.export import REGISTRY_FILE, SAELENS_STRUCTURE, export_saelens, hub_folder, main
 from hsae.variants import VARIANTS, build_sae
+from tests.helpers import TINY_PARAMS
 
 D_IN, D_SAE = 24, 64
 # A realistic fold: raw activations ~27x the unit the SAE trained in (residual streams are far larger).
 SCALE = 0.037
 TOLERANCE = 1e-4
-PARAMS = {
-    "fixed_ortho": {"n_groups": 8},
-    "adaptive_ortho": {"n_groups": 8},
-    "enhanced_adaptive": {"n_groups": 16},
-    "static_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
-    "dynamic_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
-    "contrastive_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
-    "topk": {"k": 8},
-    "matryoshka_batchtopk": {"k": 8},
-}
 ARCHITECTURE = {"topk": ("topk", "TopKSAE"), "matryoshka_batchtopk": ("jumprelu", "JumpReLUSAE")}
 STRUCTURE_KIND = {"fixed_ortho": "groups", "adaptive_ortho": "groups", "enhanced_adaptive": "groups",
                   "static_hier": "hierarchy", "dynamic_hier": "hierarchy", "contrastive_hier": "hierarchy",
@@ -58,7 +49,7 @@ def raw_activations(seed: int, n: int = 512) -> torch.Tensor:
 def trained_like(variant: str, seed: int = 0) -> torch.nn.Module:
     """An SAE of ``variant`` with random, trained-looking weights and learned structure, in eval mode."""
     gen = torch.Generator().manual_seed(1000 + seed)
-    sae = build_sae(SAEConfig(variant, D_IN, D_SAE, PARAMS.get(variant, {})), generator=gen)
+    sae = build_sae(SAEConfig(variant, D_IN, D_SAE, TINY_PARAMS.get(variant, {})), generator=gen)
     sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=gen) / D_IN**0.5)
     sae.W_dec.copy_(F.normalize(torch.randn(D_SAE, D_IN, generator=gen), dim=1))
     sae.b_enc.copy_(torch.randn(D_SAE, generator=gen) * 0.3 - 0.1)

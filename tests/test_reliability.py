@@ -33,6 +33,7 @@ def rows(out):
     return pd.read_parquet(Path(out) / "trials.parquet").set_index("trial_id").sort_index()
 
 
+@pytest.mark.slow  # two sweeps with a kill (≈ 18 s): in the full suite, out of the fast loop
 def test_killed_trial_resumes_from_checkpoint_to_the_same_numbers(tiny, tmp_path):
     assert tiny(tmp_path / "clean", "--space", "groups", "--experiment", "e") == 0
     # Each trial's first attempt is SIGKILLed at step 25; Tune retries it from its step-20 checkpoint.

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import TINY_PARAMS
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FUNCTION_LINES = 50
 
@@ -176,17 +178,6 @@ def test_no_function_longer_than_50_lines():
 
 
 # -- the variant contract -----------------------------------------------------------------------
-# Group counts that divide a 64-feature dictionary; everything else at the defaults.
-TINY_PARAMS = {
-    "fixed_ortho": {"n_groups": 8},
-    "adaptive_ortho": {"n_groups": 8},
-    "enhanced_adaptive": {"n_groups": 8},
-    "static_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
-    "dynamic_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
-    "contrastive_hier": {"n_groups_l1": 4, "n_groups_l2": 4},
-    "topk": {"k": 8},
-    "matryoshka_batchtopk": {"k": 8},
-}
 LOSS_TERMS = {"mse", "l1", "ortho", "entropy", "nce", "matryoshka", "aux"}
 
 

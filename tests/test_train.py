@@ -16,7 +16,13 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("variant", ["relu", "enhanced_adaptive", "contrastive_hier", "matryoshka_batchtopk"])
+# In the fast loop the variant with the most state to restore (attention assignment, temperature, InfoNCE);
+# the others (plain, regrouping, thresholds) with the slow tests.
+SLOW_RESUME_VARIANTS = ("relu", "enhanced_adaptive", "matryoshka_batchtopk")
+
+
+@pytest.mark.parametrize("variant", ["contrastive_hier",
+                                     *(pytest.param(v, marks=pytest.mark.slow) for v in SLOW_RESUME_VARIANTS)])
 def test_resume_from_checkpoint_reproduces_final_weights_exactly(synthetic, tmp_path, variant):
     _, uninterrupted = train_small(synthetic, variant, steps=30, checkpoint_dir=tmp_path / "a",
                                    checkpoint_every=10, log_every=1)
