@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 import torch
 from ray import tune
@@ -147,7 +148,7 @@ def final_values(row: dict[str, Any], steps: int) -> dict[str, Any]:
         return {"step": steps + 1, "val_mse": float("nan"), "degenerate": 1, "final": 1}
     values = {name: row.get(name) for name in OBJECTIVES}
     return {"step": steps + 1, "final": 1,
-            **{k: float("nan") if v is None or v != v else float(v) for k, v in values.items()}}
+            **{k: float("nan") if v is None or pd.isna(v) else float(v) for k, v in values.items()}}
 
 
 def load_hooks(names: Sequence[str]) -> list[TrialHook]:
