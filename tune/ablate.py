@@ -152,7 +152,6 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
     profile = with_token_budget(profile, args.tokens, args.activations)
     if args.no_eval:
         profile = replace(profile, evaluate=False)
-    args.objectives_parsed = parse_objectives(args.objectives, evaluate=profile.evaluate)
     profile.train_config(42)  # validates steps, batch size, lr
     rows = profile.cache_rows()
     if rows < profile.batch_size:
@@ -184,6 +183,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     """Everything validated before any compute; raises ValueError/SpaceError/FileNotFoundError."""
     check_args(args)
     profile = resolve_profile(args)
+    args.objectives_parsed = parse_objectives(args.objectives, evaluate=profile.evaluate)
     spec = ModelSpec(profile.model, layer=profile.layer)
     config = model_config(spec)
     model = describe_model(spec, config)  # the model's facts, layer checked
