@@ -1,11 +1,16 @@
 """Training-step cost of every variant against the floor, a plain PyTorch SAE and SAELens.
 
     python bench/train_step.py [--steps 5] [--sizes 640x640,640x5120,2304x2304] [--threads 1]
+    python bench/train_step.py --embedded [--autocast bf16]   # the main job's shape: 640x1280, batch 1024
 
-For each (variant, d, n) at batch 2048, fp32 on the CPU, it prints the time of one training step of
+For each (variant, d, n) at batch 2048 (``--batch``), fp32 on the CPU (``--autocast bf16``: the Trainer's
+bfloat16 autocast, and the floor's GEMMs in bfloat16), it prints the time of one training step of
 our Trainer loop (loss, backward, clipping, AdamW, decoder renormalisation, regrouping) and the floor:
 the same step's dense matmuls alone (encoder forward, decoder forward, and their backward: 5 GEMMs),
-timed in the same run. Then our `relu` step against an independent plain-PyTorch SAE step written
+timed in the same run, and the step as a multiple of relu's at the same size. ``--l0 L`` first sets each
+SAE's encoder bias so that about L latents fire per token, as in a trained SAE (at initialisation about
+half of them fire, which no trained SAE does; costs that scale with the active latents show only then).
+Then our `relu` step against an independent plain-PyTorch SAE step written
 here as simply as possible, and against SAELens' own training step for its standard SAE when
 `sae-lens` is installed (`pip install -e ".[bench]"`). Ratios, not absolute times, are the result:
 this machine is noisy.
@@ -39,11 +44,11 @@ def timed(fn, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def floor_seconds(d: int, n: int, reps: int) -> float:
+def floor_seconds(d: int, n: int, reps: int, batch: int = BATCH, dtype: torch.dtype = torch.float32) -> float:
     """The five dense GEMMs of one SAE step, each timed on its own."""
-    x, g_out = torch.randn(BATCH, d), torch.randn(BATCH, d)
-    w_enc, w_dec = torch.randn(d, n), torch.randn(n, d)
-    f, g_pre = torch.randn(BATCH, n), torch.randn(BATCH, n)
+    x, g_out = torch.randn(batch, d, dtype=dtype), torch.randn(batch, d, dtype=dtype)
+    w_enc, w_dec = torch.randn(d, n, dtype=dtype), torch.randn(n, d, dtype=dtype)
+    f, g_pre = torch.randn(batch, n, dtype=dtype), torch.randn(batch, n, dtype=dtype)
     gemms = [
         lambda: x @ w_enc,  # encoder forward
         lambda: f @ w_dec,  # decoder forward
@@ -58,16 +63,31 @@ def bench_params(variant: str, n: int) -> dict:
     return {"topk": {"k": 64}, "matryoshka_batchtopk": {"k": 64}}.get(variant, {})
 
 
-def our_step_seconds(variant: str, d: int, n: int, data, steps: int) -> float:
-    """Seconds per step of the real Trainer loop, from its own step clock (evaluation excluded)."""
+@torch.no_grad()
+def set_active_latents(trainer: Trainer, x: torch.Tensor, l0: float) -> None:
+    """Shift each latent's encoder bias so it fires on a fraction l0 / n of the tokens of ``x`` (L0 ~ l0)."""
+    sae = trainer.sae
+    pre = sae.pre_activation(x.to(trainer.device).float() * trainer.scale)
+    cut = torch.quantile(pre.float(), 1.0 - l0 / pre.shape[1], dim=0)
+    sae.b_enc.sub_(cut)
+
+
+def our_step_seconds(variant: str, d: int, n: int, data, steps: int, batch: int = BATCH,
+                     autocast: str = "none", l0: float = 0.0) -> tuple[float, float]:
+    """Seconds per step of the real Trainer loop, from its own step clock (evaluation excluded), and the
+    mean L0 of the timed steps."""
     cfg = SAEConfig(variant, d, n, bench_params(variant, n))
     warm = 2
     records = []
-    trainer = Trainer(cfg, TrainConfig(steps=warm + steps, batch_size=BATCH, log_every=1),
+    trainer = Trainer(cfg, TrainConfig(steps=warm + steps, batch_size=batch, log_every=1, autocast=autocast),
                       on_progress=lambda p: records.append(p.record))
-    trainer.fit(ArrayBatches(data.x, data.labels, BATCH, 0), guard=False)
+    source = ArrayBatches(data.x, data.labels, batch, 0)
+    if l0:
+        trainer._initialise_from(source.batch_at(0))
+        set_active_latents(trainer, source.batch_at(0).x, l0)
+    trainer.fit(source, guard=False)
     walls = [r["wall_s"] for r in records]
-    return (walls[-1] - walls[warm - 1]) / steps
+    return (walls[-1] - walls[warm - 1]) / steps, statistics.mean(r["l0"] for r in records[warm:])
 
 
 def plain_step_seconds(d: int, n: int, data, steps: int) -> float:
@@ -151,15 +171,40 @@ def compile_ratio(variant: str, d: int, n: int, data, steps: int) -> tuple[float
     return eager, timed(compiled_step, steps, warmup=1), compile_s
 
 
+def step_table(sizes: list[tuple[int, int]], variants: list[str], args: argparse.Namespace) -> None:
+    """Each variant's step against the five-GEMM floor and against relu's step at the same size."""
+    dtype = torch.bfloat16 if args.autocast == "bf16" else torch.float32
+    print(f"batch {args.batch}, autocast {args.autocast}, CPU, {args.threads} thread(s), median/mean of "
+          f"{args.steps} steps" + (f", encoder bias set for L0 ~ {args.l0:g}" if args.l0 else ""))
+    print(f"{'variant':22s} {'d':>5s} {'n':>5s} {'L0':>6s} {'step_ms':>8s} {'floor_ms':>8s} {'floor_x':>7s} "
+          f"{'relu_x':>6s}")
+    for d, n in sizes:
+        data = sparse_dictionary_data(args.batch * 4, d=d, n_atoms=4 * d, seed=0)
+        floor = floor_seconds(d, n, args.steps, args.batch, dtype)
+        relu = None
+        for variant in (["relu"] if "relu" not in variants else []) + variants:
+            ours, l0 = our_step_seconds(variant, d, n, data, args.steps, args.batch, args.autocast, args.l0)
+            relu = ours if variant == "relu" else relu
+            print(f"{variant:22s} {d:5d} {n:5d} {l0:6.0f} {ours * 1e3:8.1f} {floor * 1e3:8.1f} {ours / floor:7.2f} "
+                  f"{ours / relu:6.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--sizes", default="640x640,640x5120,2304x2304")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--autocast", choices=("none", "bf16"), default="none")
+    ap.add_argument("--l0", type=float, default=0.0, help="set each SAE's encoder bias for about this L0 first")
+    ap.add_argument("--embedded", action="store_true",
+                    help="the main job's shape only (640x1280, batch 1024, L0 ~ 50); no comparison to other SAEs")
     ap.add_argument("--compile", action="store_true", help="only measure torch.compile of the loss vs eager")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.embedded:
+        args.sizes, args.batch, args.l0 = "640x1280", 1024, args.l0 or 50.0
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     if args.compile:
         print(f"{'variant':22s} {'d':>5s} {'n':>5s} {'eager_ms':>8s} {'compiled':>8s} {'ratio':>6s} {'compile_s':>9s}")
@@ -170,19 +215,14 @@ def main() -> None:
                 print(f"{variant:22s} {d:5d} {n:5d} {eager * 1e3:8.1f} {comp * 1e3:8.1f} {comp / eager:6.2f} "
                       f"{compile_s:9.1f}", flush=True)
         return
-    print(f"batch {BATCH}, fp32, CPU, {args.threads} thread(s), median/mean of {args.steps} steps")
-    print(f"{'variant':22s} {'d':>5s} {'n':>5s} {'step_ms':>8s} {'floor_ms':>8s} {'ratio':>6s}")
-    for d, n in sizes:
-        data = sparse_dictionary_data(BATCH * 4, d=d, n_atoms=4 * d, seed=0)
-        floor = floor_seconds(d, n, args.steps)
-        for variant in args.variants.split(","):
-            ours = our_step_seconds(variant, d, n, data, args.steps)
-            print(f"{variant:22s} {d:5d} {n:5d} {ours * 1e3:8.1f} {floor * 1e3:8.1f} {ours / floor:6.2f}", flush=True)
+    step_table(sizes, args.variants.split(","), args)
+    if args.embedded:
+        return
     print()
     print(f"{'relu vs':22s} {'d':>5s} {'n':>5s} {'ours_ms':>8s} {'other_ms':>8s} {'ratio':>6s}")
     for d, n in sizes:
         data = sparse_dictionary_data(BATCH * 4, d=d, n_atoms=4 * d, seed=0)
-        ours = our_step_seconds("relu", d, n, data, args.steps)
+        ours, _ = our_step_seconds("relu", d, n, data, args.steps)
         plain = plain_step_seconds(d, n, data, args.steps)
         print(f"{'plain PyTorch SAE':22s} {d:5d} {n:5d} {ours * 1e3:8.1f} {plain * 1e3:8.1f} {ours / plain:6.2f}")
         lens = saelens_step_seconds(d, n, data, args.steps)

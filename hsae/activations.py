@@ -23,13 +23,23 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from hsae.atomic import atomic_file, atomic_write_text
 from hsae.checks import check_positive_int
-from hsae.corpora import CorpusSpec, corpus_identity, load_corpus, pack_contexts, split_documents
+from hsae.corpora import (
+    HELDOUT_ROLES,
+    CorpusSpec,
+    corpus_identity,
+    heldout_indices,
+    heldout_roles,
+    load_corpus,
+    pack_contexts,
+    split_documents,
+)
 from hsae.keys import content_key, file_sha256
 from hsae.models import (
     LoadedModel,
@@ -38,6 +48,7 @@ from hsae.models import (
     cache_root,
     describe_model,
     load_model,
+    load_tokenizer,
     spec_identity,
     stopped_forward,
     with_layer,
@@ -46,7 +57,12 @@ from hsae.progress import eta_text, format_duration, rate_text
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 SPLITS = ("train", "eval")
-FORMAT_VERSION = 3  # 2: documents split per domain (corpora.heldout_indices); 3: outlier rows dropped
+# 2: documents split per domain (corpora.heldout_indices); 3: outlier rows dropped; 4: held-out contexts packed
+# per document role (select / test), each row's context recorded
+FORMAT_VERSION = 4
+# A context's role, as stored (``roles_<split>.npy``): train contexts, and the held-out ones packed from "select"
+# or from "test" documents only (corpora.heldout_roles), so no select context holds a token of a test document.
+CONTEXT_ROLES = ("train", *HELDOUT_ROLES)
 # A row whose norm exceeds this many times the shard's median row norm is an attention sink (docs/training.md).
 OUTLIER_FACTOR = 10.0
 # The reason ``ActivationCache.shard_problem`` gives for a shard no harvest has started: work, not a repair.
@@ -73,7 +89,7 @@ class HarvestConfig:
             object.__setattr__(self, "model", with_layer(self.model))
         check_positive_int("ctx_len", self.ctx_len, minimum=2)
         check_positive_int("n_ctxs", self.n_ctxs)
-        check_positive_int("n_eval_ctxs", self.n_eval_ctxs)
+        check_positive_int("n_eval_ctxs", self.n_eval_ctxs, minimum=2)  # select and test contexts, one each
         check_positive_int("shard_ctxs", self.shard_ctxs)
         check_positive_int("forward_batch", self.forward_batch)
         if not isinstance(self.outlier_factor, (int, float)) or self.outlier_factor <= 1:
@@ -115,6 +131,7 @@ class Shard:
     x: np.ndarray  # (rows, d) activations, position 0 and outlier rows excluded
     labels: np.ndarray  # (rows,) int8 domain of each token
     tokens: np.ndarray  # (rows,) int64 token id of each row (lines labels up with their text)
+    contexts: np.ndarray  # (rows,) int64 index of each row's context in its split (tokens_<split>.npy)
     outliers: int = 0  # rows dropped by the outlier rule
 
 
@@ -146,7 +163,8 @@ class ActivationCache:
 
     def _files(self, split: str, i: int) -> dict[str, Path]:
         return {"sha256": self.shard_path(split, i), "labels_sha256": self._labels_path(split, i),
-                "tokens_sha256": self._tokens_path(split, i)}
+                "tokens_sha256": self._tokens_path(split, i),
+                "contexts_sha256": self.dir / f"{split}_{i:05d}.contexts.npy"}
 
     def shard_problem(self, split: str, i: int) -> str | None:
         """What is wrong with shard ``i`` of ``split``, in words naming the shard and the file; None if it is
@@ -182,20 +200,21 @@ class ActivationCache:
 
     def write_shard(self, split: str, i: int, shard: Shard) -> None:
         self._sidecar(split, i).unlink(missing_ok=True)
-        for array, path in zip((shard.x, shard.labels, shard.tokens), self._files(split, i).values(), strict=True):
+        arrays = (shard.x, shard.labels, shard.tokens, shard.contexts)
+        for array, path in zip(arrays, self._files(split, i).values(), strict=True):
             _atomic_save_npy(path, array)
         meta = {k: file_sha256(p) for k, p in self._files(split, i).items()}
         meta.update(rows=int(shard.x.shape[0]), outliers=int(shard.outliers))
         atomic_write_text(self._sidecar(split, i), json.dumps(meta))
 
     def read_shard(self, split: str, i: int) -> Shard:
-        x, labels, tokens = (np.load(p) for p in self._files(split, i).values())
+        x, labels, tokens, contexts = (np.load(p) for p in self._files(split, i).values())
         outliers = int(json.loads(self._sidecar(split, i).read_text()).get("outliers", 0))
-        return Shard(x=x, labels=labels, tokens=tokens, outliers=outliers)
+        return Shard(x=x, labels=labels, tokens=tokens, contexts=contexts, outliers=outliers)
 
     def contexts(self, split: str) -> tuple[np.ndarray, np.ndarray] | None:
         tok, dom = self.dir / f"tokens_{split}.npy", self.dir / f"domains_{split}.npy"
-        if tok.is_file() and dom.is_file():
+        if tok.is_file() and dom.is_file() and self.context_roles(split) is not None:
             try:
                 tokens, domains = np.load(tok), np.load(dom)
                 if tokens.shape == (self.cfg.n_contexts(split), self.cfg.ctx_len) and domains.shape == tokens.shape[:1]:
@@ -204,9 +223,27 @@ class ActivationCache:
                 pass
         return None
 
-    def write_contexts(self, split: str, tokens: np.ndarray, domains: np.ndarray) -> None:
+    def context_roles(self, split: str) -> np.ndarray | None:
+        """Each context's document role (``CONTEXT_ROLES`` names); None when not (validly) written yet."""
+        try:
+            roles = read_context_roles(self.dir, split)
+        except (ValueError, OSError):
+            return None
+        return roles if roles.shape == (self.cfg.n_contexts(split),) else None
+
+    def write_contexts(self, split: str, tokens: np.ndarray, domains: np.ndarray, roles: np.ndarray) -> None:
+        codes = np.asarray([CONTEXT_ROLES.index(r) for r in roles], dtype=np.int8)
+        _atomic_save_npy(self.dir / f"roles_{split}.npy", codes)
         _atomic_save_npy(self.dir / f"tokens_{split}.npy", tokens)
         _atomic_save_npy(self.dir / f"domains_{split}.npy", domains)
+
+
+def read_context_roles(directory: Path, split: str) -> np.ndarray:
+    """The role names of ``split``'s contexts from ``roles_<split>.npy`` in a harvest directory."""
+    codes = np.load(directory / f"roles_{split}.npy")
+    if codes.ndim != 1 or not np.isin(codes, np.arange(len(CONTEXT_ROLES))).all():
+        raise ValueError(f"{directory / f'roles_{split}.npy'}: role codes must be 0..{len(CONTEXT_ROLES) - 1}")
+    return np.asarray(CONTEXT_ROLES, dtype=object)[codes]
 
 
 def shard_context_slice(cfg: HarvestConfig, i: int, n_contexts: int) -> slice:
@@ -245,6 +282,14 @@ class Harvest:
         """The token id of every row of ``split`` (lines rows up with their text)."""
         return np.concatenate([s.tokens for s in self.shards[split]])
 
+    def row_contexts(self, split: str) -> np.ndarray:
+        """The context (index into ``tokens_<split>.npy``) of every row of ``split``."""
+        return np.concatenate([s.contexts for s in self.shards[split]])
+
+    def row_roles(self, split: str) -> np.ndarray:
+        """The document role ("train" / "select" / "test") of every row of ``split``: its context's role."""
+        return read_context_roles(self.dir, split)[self.row_contexts(split)]
+
 
 class Harvester:
     """Builds or reads a harvest. The model is loaded only if some shard has to be computed."""
@@ -281,19 +326,51 @@ class Harvester:
         cached = self.cache.contexts(split)
         if cached is not None:
             return cached
+        tokens, domains, _, _, roles = self._pack(split, self.loaded.tokenizer)
+        self.cache.write_contexts(split, tokens, domains, roles)
+        return tokens, domains
+
+    def _pack(self, split: str, tokenizer: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
+        """The packed contexts of ``split``, the document row of each token (-1: BOS), the documents, and each
+        context's role. Held-out contexts are packed from "select" documents (the first half, rounded up) and
+        from "test" documents (the rest) separately: a context never mixes the two roles."""
         cfg = self.cfg
         dataset = load_corpus(cfg.corpus)
         train_docs, heldout_docs = split_documents(dataset, cfg.holdout_fraction, cfg.seed)
-        docs = train_docs if split == "train" else heldout_docs
-        tokens, domains = pack_contexts(self.loaded.tokenizer, docs, cfg.ctx_len, cfg.n_contexts(split),
-                                        seed=cfg.seed + (0 if split == "train" else 1),
-                                        forget_fraction=cfg.forget_fraction)
-        self.cache.write_contexts(split, tokens, domains)
-        return tokens, domains
+        n = cfg.n_contexts(split)
+        if split == "train":
+            tokens, domains, rows = pack_contexts(tokenizer, train_docs, cfg.ctx_len, n, seed=cfg.seed,
+                                                  forget_fraction=cfg.forget_fraction, with_documents=True)
+            return tokens, domains, rows, train_docs, np.full(n, "train", dtype=object)
+        all_domains = np.asarray(dataset["domain"])
+        doc_roles = heldout_roles(all_domains, cfg.holdout_fraction, cfg.seed)[
+            heldout_indices(all_domains, cfg.holdout_fraction, cfg.seed)]  # heldout_docs' order
+        parts = []
+        for k, (role, count) in enumerate(zip(HELDOUT_ROLES, ((n + 1) // 2, n // 2), strict=True)):
+            members = np.flatnonzero(doc_roles == role)
+            tokens, domains, rows = pack_contexts(tokenizer, heldout_docs.select(members), cfg.ctx_len, count,
+                                                  seed=cfg.seed + 1 + k, forget_fraction=cfg.forget_fraction,
+                                                  with_documents=True)
+            parts.append((tokens, domains, np.where(rows >= 0, members[np.maximum(rows, 0)], -1),
+                          np.full(count, role, dtype=object)))
+        tokens, domains, rows, roles = (np.concatenate(a) for a in zip(*parts, strict=True))
+        return tokens, domains, rows, heldout_docs, roles
+
+    def context_documents(self, split: str) -> tuple[np.ndarray, Any]:
+        """Which document every token of ``split``'s contexts comes from: (n_contexts, ctx_len) rows of the
+        returned documents (a ``datasets.Dataset``; -1 for the BOS), re-packed with the harvest's settings
+        (tokenizer only, no forward) and checked against the cached contexts."""
+        tokenizer = self._loaded.tokenizer if self._loaded is not None else load_tokenizer(self.cfg.model)
+        tokens, _, rows, docs, _ = self._pack(split, tokenizer)
+        if not np.array_equal(tokens, self.packed_contexts(split)[0]):
+            raise ValueError(f"the {split} contexts re-packed for their document ids differ from the cached "
+                             f"ones in {self.cache.dir}: the corpus or tokenizer changed under one harvest key")
+        return rows, docs
 
     @torch.no_grad()
-    def compute_shard(self, tokens: np.ndarray, domains: np.ndarray) -> Shard:
-        """Stopped forward over the shard's contexts; position 0 (the start token) and outlier rows dropped."""
+    def compute_shard(self, tokens: np.ndarray, domains: np.ndarray, first_context: int = 0) -> Shard:
+        """Stopped forward over the shard's contexts; position 0 (the start token) and outlier rows dropped.
+        Rows record their context's index, counted from ``first_context`` (the shard's first context)."""
         cfg, loaded = self.cfg, self.loaded
         outs = []
         for start in range(0, len(tokens), cfg.forward_batch):
@@ -310,7 +387,9 @@ class Harvester:
         labels = np.repeat(domains.astype(np.int8), cfg.ctx_len - 1)
         sinks = sink_rows(x, cfg.outlier_factor)
         keep = ~sinks
-        return Shard(stored[keep], labels[keep], tokens[:, 1:].reshape(-1)[keep], outliers=int(sinks.sum()))
+        contexts = np.repeat(np.arange(first_context, first_context + len(tokens), dtype=np.int64), cfg.ctx_len - 1)
+        return Shard(stored[keep], labels[keep], tokens[:, 1:].reshape(-1)[keep], contexts[keep],
+                     outliers=int(sinks.sum()))
 
     def run(self, splits: tuple[str, ...] = SPLITS) -> Harvest:
         """Harvest (or read) ``splits``; the stream mode harvests only the held-out split to disk."""
@@ -355,7 +434,7 @@ class Harvester:
         done, t_split = 0, time.perf_counter()
         for i in missing:
             sl = shard_context_slice(cfg, i, len(tokens))
-            shard = self.compute_shard(tokens[sl], domains[sl])
+            shard = self.compute_shard(tokens[sl], domains[sl], first_context=sl.start)
             cache.write_shard(split, i, shard)
             done += tokens[sl].size
             elapsed = time.perf_counter() - t_split

@@ -38,7 +38,7 @@ class SAEConfig:
         if not isinstance(self.params, Mapping):
             raise ValueError(f"params must be a mapping of parameter names to values, got {self.params!r}")
         cls = VARIANTS[self.variant]
-        resolved = build_params(cls.Params, dict(self.params), f"variant {self.variant!r}")
+        resolved = build_params(cls.Params, cls.Params.resolve_given(dict(self.params)), f"variant {self.variant!r}")
         resolved.validate(self.d_sae)
         object.__setattr__(self, "params", dict(self.params))
         object.__setattr__(self, "resolved", resolved)
@@ -99,6 +99,18 @@ class TrainConfig:
     # torch.compile the variant's loss: 5-10% faster steps on this CPU (docs/performance.md) for a
     # 10-40 s compile per process, so it pays only on long runs.
     compile: bool = False
+    # The calibration phase (docs/training.md, "Target L0"): during the first ``calibration_fraction`` of the
+    # steps the trainer may change the objective (the L0 controller scales the shared sparsity coefficient of an
+    # SAE with a ``target_l0``) and the dictionary (dead latents resampled); after it both are frozen, and the
+    # convergence rule judges the held-out MSE on the constant-rate steps that follow.
+    calibration_fraction: float = 0.6
+    # The controller: log(multiplier) += gain * log(L0 EMA / target) each step after the L1 warm-up.
+    l0_control_gain: float = 0.02
+    # Smoothing of the training-batch L0 the controller reads (EMA weight of the past).
+    l0_ema_decay: float = 0.9
+    # Resample latents dead for ``dead_tokens`` (the variant's parameter) every this many steps of the
+    # calibration phase, in variants with an L1 penalty (0: never; docs/training.md, "Dead latents").
+    resample_every: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
@@ -122,6 +134,21 @@ class TrainConfig:
         check_positive_int("keep_checkpoints", self.keep_checkpoints)
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of 'cpu', 'cuda', 'cuda:N', 'auto', got {self.device!r}")
+        for name in ("calibration_fraction", "l0_ema_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        check_positive("l0_control_gain", self.l0_control_gain)
+        check_positive_int("resample_every", self.resample_every, minimum=0)
+
+    def calibration_end(self) -> int:
+        """The first step after the calibration phase: from here the objective and the dictionary's
+        interventions are fixed."""
+        return round(self.calibration_fraction * self.steps)
+
+    def decay_start(self) -> int:
+        """The first step of the linear learning-rate decay (``steps`` when there is none)."""
+        return self.steps - round(self.lr_decay_fraction * self.steps)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the step that follows ``step`` completed steps."""

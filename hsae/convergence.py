@@ -1,8 +1,13 @@
 """The convergence verdict every trial carries (docs/training.md, "When is an SAE trained?").
 
-A run is converged when its held-out MSE changed by less than ``TOLERANCE`` (relative) over the last
-``WINDOW`` of its steps. Pure functions of (step, val_mse) pairs, so anyone can recompute the verdict
-from ``curves.parquet``.
+Two checks, both on the held-out MSE, both pure functions of (step, val_mse) pairs so anyone can
+recompute the verdict from ``curves.parquet``:
+
+- the plateau: over the constant-rate steps before the learning-rate decay, after the calibration phase
+  (a fixed objective at a fixed rate), the MSE changed by less than ``TOLERANCE`` per ``WINDOW`` of the
+  steps. A decay schedule cannot pass it: it is read before the decay starts;
+- the end: over the last ``WINDOW`` of the steps it changed by less than ``TOLERANCE`` (no instability or
+  over-fitting at the end).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Sequence
 WINDOW = 0.2  # the last fifth of the steps
 TOLERANCE = 0.02  # |relative change of held-out MSE| over the window
 MAX_LOG_GAP = 0.05  # held-out MSE is logged at least every 5% of the steps
+MIN_PLATEAU = 0.1  # a plateau window shorter than this fraction of the steps gives no verdict
 
 
 def val_mse_rel_change(steps: Sequence[float], val_mse: Sequence[float], total_steps: int) -> float:
@@ -37,3 +43,46 @@ def is_converged(rel_change: float) -> bool:
 def log_every_for(steps: int) -> int:
     """The largest log interval that still logs held-out MSE every ``MAX_LOG_GAP`` of ``steps``."""
     return max(1, math.floor(steps * MAX_LOG_GAP))
+
+
+def _finite_points(steps: Sequence[float], val_mse: Sequence[float]) -> dict[float, float]:
+    return {float(s): float(v) for s, v in zip(steps, val_mse, strict=True) if v is not None and math.isfinite(v)}
+
+
+def plateau_window(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, fixed_from: int,
+                   decay_start: int) -> tuple[float, float] | None:
+    """The logged steps (start, end) the plateau is read between: the last ``WINDOW`` of the steps before
+    ``decay_start``, starting no earlier than ``fixed_from`` (the end of the calibration phase); None when the
+    logged points inside that span are less than ``MIN_PLATEAU`` of the steps apart."""
+    points = _finite_points(steps, val_mse)
+    lo = max(float(fixed_from), decay_start - WINDOW * total_steps)
+    inside = sorted(s for s in points if lo - 1e-9 <= s <= decay_start + 1e-9)
+    if len(inside) < 2 or inside[-1] - inside[0] < MIN_PLATEAU * total_steps - 1e-9:
+        return None
+    return inside[0], inside[-1]
+
+
+def plateau_rel_change(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, fixed_from: int,
+                       decay_start: int) -> float:
+    """Relative change of held-out MSE across the plateau window, scaled to ``WINDOW`` of the steps (a
+    shorter window's change is extrapolated at its rate); NaN without a window."""
+    window = plateau_window(steps, val_mse, total_steps, fixed_from, decay_start)
+    if window is None:
+        return float("nan")
+    points = _finite_points(steps, val_mse)
+    start, end = points[window[0]], points[window[1]]
+    if start <= 0:
+        return float("nan")
+    return (end - start) / start * (WINDOW * total_steps) / (window[1] - window[0])
+
+
+def convergence_verdict(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, fixed_from: int,
+                        decay_start: int) -> dict[str, float | bool | None]:
+    """The row's convergence columns: both checks, the window the plateau was read on and the verdict."""
+    end_change = val_mse_rel_change(steps, val_mse, total_steps)
+    plateau = plateau_rel_change(steps, val_mse, total_steps, fixed_from, decay_start)
+    window = plateau_window(steps, val_mse, total_steps, fixed_from, decay_start)
+    return {"val_mse_rel_change": end_change, "plateau_rel_change": plateau,
+            "plateau_start_step": None if window is None else int(window[0]),
+            "plateau_end_step": None if window is None else int(window[1]),
+            "converged": is_converged(end_change) and is_converged(plateau)}

@@ -95,7 +95,7 @@ def _embedded() -> Any:
     raw = json.loads(wiki_summaries_path().read_text())
     rows = [
         {"doc_id": a.get("title", key), "title": a.get("title", key), "text": a.get("extract", ""),
-         "domain": FORGET if is_forget_article(a) else RETAIN}
+         "domain": FORGET if is_forget_article(a) else RETAIN, "topic": a.get("topic") or "Uncategorized"}
         for key, a in sorted(raw.items())
         if a.get("extract")
     ]
@@ -170,15 +170,56 @@ def split_documents(dataset: Any, holdout_fraction: float, seed: int) -> tuple[A
     return dataset.select(train), dataset.select(held)
 
 
+# Held-out documents are split once more, per domain and by document: whatever *selects* (firing frequencies,
+# control directions, the grid setting that meets a retain bar, probe latents and fits) reads only "select"
+# documents; every reported number is measured on "test" documents (docs/evaluation.md, "Select and test").
+HELDOUT_ROLES = ("select", "test")
+
+
+def heldout_roles(domains: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
+    """Each document's role: "train", or "select" / "test" for the two halves of the held-out documents of
+    each domain (a seeded permutation, independent of the train/held-out draw)."""
+    domains = np.asarray(domains)
+    role = np.full(len(domains), "train", dtype=object)
+    held = heldout_indices(domains, holdout_fraction, seed)
+    for domain in (RETAIN, FORGET):
+        idx = held[domains[held] == domain]
+        perm = np.random.default_rng([seed, domain, 1]).permutation(len(idx))
+        half = (len(idx) + 1) // 2
+        role[idx[perm[:half]]] = "select"
+        role[idx[perm[half:]]] = "test"
+    return role
+
+
 def split_table(dataset: Any, holdout_fraction: float, seed: int) -> Any:
-    """The split as a table (doc_id, domain, part in {train, heldout}): what split.parquet holds."""
+    """The split as a table (doc_id, domain, part in {train, heldout}, role in {train, select, test}): what
+    split.parquet holds."""
     import pandas as pd
 
     domains = np.asarray(dataset["domain"])
     part = np.full(len(dataset), "train", dtype=object)
     part[heldout_indices(domains, holdout_fraction, seed)] = "heldout"
     return pd.DataFrame({"doc_id": list(dataset["doc_id"]), "domain": [DOMAIN_NAMES[int(d)] for d in domains],
-                         "part": part})
+                         "part": part, "role": heldout_roles(domains, holdout_fraction, seed)})
+
+
+def _token_stream(tokenizer: Any, dataset: Any, rows: np.ndarray, order: np.ndarray, needed: int,
+                  eos: int) -> tuple[list[int], list[int]]:
+    """Documents ``rows[order]`` tokenised and joined with EOS until ``needed`` tokens, and the dataset row of
+    every token (an EOS belongs to the document it ends)."""
+    docs = dataset.select(rows)
+    stream: list[int] = []
+    source: list[int] = []
+    for start in range(0, len(order), 256):
+        chunk = order[start : start + 256]
+        texts = [docs[int(i)]["text"] for i in chunk]
+        for i, ids in zip(chunk, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+            stream.extend(ids)
+            stream.append(eos)
+            source.extend([int(rows[i])] * (len(ids) + 1))
+        if len(stream) >= needed:
+            break
+    return stream, source
 
 
 def pack_contexts(
@@ -188,8 +229,11 @@ def pack_contexts(
     n_ctxs: int,
     seed: int,
     forget_fraction: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token contexts (n_ctxs, ctx_len) starting with BOS, and each context's domain (n_ctxs,).
+    with_documents: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """Token contexts (n_ctxs, ctx_len) starting with BOS, and each context's domain (n_ctxs,); with
+    ``with_documents``, also the row of ``dataset`` every token comes from (n_ctxs, ctx_len; -1 for the BOS
+    that starts a context; an EOS belongs to the document it ends).
 
     Documents are shuffled with ``seed``, tokenised, joined per domain with EOS and cut into pieces of
     ctx_len - 1 tokens. ``forget_fraction`` of the contexts come from the forget domain (balanced by
@@ -200,21 +244,13 @@ def pack_contexts(
     want[RETAIN] = n_ctxs - want[FORGET]
     rng = np.random.default_rng(seed)
     all_domains = np.asarray(dataset["domain"])
-    contexts, domains = [], []
+    contexts, domains, sources = [], [], []
     for domain in (RETAIN, FORGET):
         if want[domain] == 0:
             continue
-        docs = dataset.select(np.flatnonzero(all_domains == domain))
-        order = rng.permutation(len(docs))
-        stream: list[int] = []
+        rows = np.flatnonzero(all_domains == domain)
         needed = want[domain] * (ctx_len - 1)
-        for start in range(0, len(order), 256):
-            texts = [docs[int(i)]["text"] for i in order[start : start + 256]]
-            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-                stream.extend(ids)
-                stream.append(eos)
-            if len(stream) >= needed:
-                break
+        stream, source = _token_stream(tokenizer, dataset, rows, rng.permutation(len(rows)), needed, eos)
         have = len(stream) // (ctx_len - 1)
         if have < want[domain]:
             raise ValueError(
@@ -224,6 +260,10 @@ def pack_contexts(
         body = np.asarray(stream[:needed], dtype=np.int64).reshape(want[domain], ctx_len - 1)
         contexts.append(np.concatenate([np.full((want[domain], 1), bos, dtype=np.int64), body], axis=1))
         domains.append(np.full(want[domain], domain, dtype=np.int64))
+        rows_of = np.asarray(source[:needed], dtype=np.int64).reshape(want[domain], ctx_len - 1)
+        sources.append(np.concatenate([np.full((want[domain], 1), -1, dtype=np.int64), rows_of], axis=1))
     tokens, labels = np.concatenate(contexts), np.concatenate(domains)
     perm = rng.permutation(len(tokens))
+    if with_documents:
+        return tokens[perm], labels[perm], np.concatenate(sources)[perm]
     return tokens[perm], labels[perm]

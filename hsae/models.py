@@ -13,7 +13,6 @@ The model runs only up to the hooked layer (``stopped_forward``): nothing after 
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from hsae.atomic import atomic_dir
 from hsae.checks import check_positive_int
 from hsae.keys import content_key, file_sha256
+from hsae.machine import cache_root, resolve_precision
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -36,11 +36,6 @@ PAPER_LAYER, PAPER_LAYERS = 19, 26
 def default_layer(n_layers: int) -> int:
     """The paper's relative depth on a model with ``n_layers`` blocks (13 of 18, 2 of 4, 19 of 26)."""
     return (n_layers * PAPER_LAYER) // PAPER_LAYERS
-
-
-def cache_root() -> Path:
-    """Where converted models and activation shards live: $HSAE_CACHE or ~/.cache/hsae."""
-    return Path(os.environ.get("HSAE_CACHE", Path.home() / ".cache" / "hsae"))
 
 
 @dataclass(frozen=True)
@@ -147,8 +142,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The harvest's dtype. "auto": bfloat16 on a GPU that computes it natively (the same capability rule as
+    training, hsae.machine), float32 elsewhere. On a CPU the harvest stays float32 even where bf16 is fast:
+    the dtype changes the activations, hence the study's data and its harvest key, and a bf16 harvest has
+    not been shown to give the same SAEs (docs/performance.md, "Precision and concurrency")."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if resolve_precision("auto", device, 1, 1).precision == "bf16" else torch.float32
+        return torch.float32
     return DTYPES[name]
 
 

@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from hsae.external import WEIGHTS_FILE as EXTERNAL_WEIGHTS
+from hsae.external import is_external
+
 GiB = 1024**3
 # Adam keeps two moments per parameter; with the parameter and its gradient that is 4 copies.
 ADAM_COPIES = 4
@@ -109,6 +112,10 @@ def plan_sizes(profile: Any, model: Any, model_config: Any, trials: list[Any]) -
         store = cache + 4 * model.d_model * window_rows
     per_variant: dict[str, int] = {}
     for t in trials:
+        if is_external(t.variant):  # loaded, not trained: its weights alone
+            b = (Path(t.params["path"]) / EXTERNAL_WEIGHTS).stat().st_size
+            per_variant[t.variant] = max(per_variant.get(t.variant, 0), b)
+            continue
         n = sae_parameters(t.variant, model.d_model, profile.d_sae, t.params)
         b = trial_bytes(n, profile.batch_size, model.d_model, profile.d_sae)
         per_variant[t.variant] = max(per_variant.get(t.variant, 0), b)

@@ -4,7 +4,9 @@ Layout under the results directory (``--out``):
 
     parts/trials/<experiment>/<trial_id>.parquet   one row, written by the trial when it ends
     parts/curves/<experiment>/<trial_id>.parquet   that trial's per-step metrics
-    trials.parquet, curves.parquet                 every part, consolidated (rebuilt after each sweep)
+    parts/probe/<experiment>/<trial_id>.parquet    that trial's sparse-probe grid (every task x k)
+    trials.parquet, curves.parquet                 every part, consolidated (rebuilt after each sweep; also
+    grid, probe, questions and split.parquet)
 
 Every file is written to a temp name in the same directory and renamed into place, so a reader sees
 a whole file or none; consolidation holds a lock so two sweeps sharing a directory never interleave.
@@ -29,7 +31,7 @@ import pandas as pd
 from hsae import schema
 from hsae.atomic import atomic_file, atomic_write_text
 from hsae.schema import SAE_METRICS
-from hsae.verdict import BARS, bar_metric, forget_at_retain
+from hsae.verdict import BARS, bar_metric, matched_retain_select_test
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig, TrainConfig
@@ -121,8 +123,9 @@ class ResultsStore:
         return pd.read_parquet(path) if path.is_file() else None
 
     def write_trial(self, row: dict[str, Any], curves: list[dict[str, Any]] | None = None,
-                    grid: list[dict[str, Any]] | None = None) -> None:
-        """Write the trial's curves and grid, then its row (the row's presence means the trial is recorded)."""
+                    grid: list[dict[str, Any]] | None = None, probe: list[dict[str, Any]] | None = None) -> None:
+        """Write the trial's curves, grid and sparse-probe grid, then its row (the row's presence means the
+        trial is recorded)."""
         if row.get("status") not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
         exp, tid = str(row["experiment"]), str(row["trial_id"])
@@ -131,6 +134,8 @@ class ResultsStore:
             _atomic_parquet(df, self._part("curves", exp, tid))
         if grid:
             _atomic_parquet(typed_frame(grid, schema.GRID_COLUMNS), self._part("grid", exp, tid))
+        if probe:
+            _atomic_parquet(typed_frame(probe, schema.PROBE_COLUMNS), self._part("probe", exp, tid))
         _atomic_parquet(trial_frame(row), self._part("trials", exp, tid))
 
     def write_records(self, kind: str, name: str, records: list[dict[str, Any]]) -> None:
@@ -177,10 +182,11 @@ class ResultsStore:
                 curves = pd.DataFrame({c: [] for c in CURVE_COLUMNS})
             _atomic_parquet(trials, self.root / "trials.parquet")
             _atomic_parquet(curves, self.root / "curves.parquet")
-            for kind in ("grid", "questions", "split"):
+            for kind in ("grid", "probe", "questions", "split"):
                 frame = self._concat(kind)
                 if frame is not None:
-                    _atomic_parquet(frame.drop_duplicates() if kind != "grid" else frame, self.root / f"{kind}.parquet")
+                    per_trial = kind in ("grid", "probe")  # rows that may repeat legitimately: never deduplicated
+                    _atomic_parquet(frame if per_trial else frame.drop_duplicates(), self.root / f"{kind}.parquet")
         return self.root / "trials.parquet", self.root / "curves.parquet"
 
     def _concat(self, kind: str) -> pd.DataFrame | None:
@@ -207,16 +213,20 @@ def load_curves(root: str | Path) -> pd.DataFrame:
 
 
 # -- rows ---------------------------------------------------------------------------------------------
-def trial_row(spec: TrialSpec, profile: Profile, model: ModelInfo, sae_cfg: SAEConfig, train_cfg: TrainConfig,
-              status: str, **values: Any) -> dict[str, Any]:
-    """A trial's Parquet row: identity, status, the given values, and every config value as cfg_* columns."""
+def trial_row(spec: TrialSpec, profile: Profile, model: ModelInfo, sae_cfg: SAEConfig | None,
+              train_cfg: TrainConfig | None, status: str, **values: Any) -> dict[str, Any]:
+    """A trial's Parquet row: identity, status, the given values, and every config value as cfg_* columns
+    (none for an external arm's SAE, which this sweep neither configured nor trained: both None)."""
     row: dict[str, Any] = {
         "experiment": spec.experiment, "space": spec.space, "variant": spec.variant, "trial_id": spec.key,
         "seed": spec.seed, "status": status, "profile": profile.name, "model": model.source,
         "layer": model.layer, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "arm": spec.arm or None, "headline_metric": profile.headline_metric,
     }
-    row.update({f"cfg_{k}": v for k, v in sae_cfg.flat().items()})
-    row.update({f"cfg_{k}": v for k, v in asdict(train_cfg).items() if k != "seed"})
+    if sae_cfg is not None:
+        row.update({f"cfg_{k}": v for k, v in sae_cfg.flat().items()})
+    if train_cfg is not None:
+        row.update({f"cfg_{k}": v for k, v in asdict(train_cfg).items() if k != "seed"})
     row.update(values)
     return row
 
@@ -229,21 +239,44 @@ def training_values(steps: int, batch_size: int, wall_s: float, final_loss: floa
             "final_loss": final_loss, **{name: metrics.get(name) for name in SAE_METRICS}}
 
 
+# The grid accuracies the matched-retain rule reads, in ``matched_retain_select_test``'s order.
+SELECT_TEST_KEYS = ("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test")
+
+
+def matched_retain(grid: list[dict[str, Any]], bar: float) -> float:
+    """The test forget accuracy of the grid setting chosen on select questions at retain >= ``bar`` (NaN if
+    none): ``hsae.verdict.matched_retain_select_test`` on the grid points' accuracies."""
+    if not grid:
+        raise ValueError("a matched-retain value needs at least one grid setting")
+    for i, g in enumerate(grid):
+        missing = [k for k in SELECT_TEST_KEYS if g.get(k) is None]
+        if missing:
+            raise ValueError(f"grid setting {i} lacks {missing}: matched retain chooses on select questions and "
+                             "reports on test questions (docs/evaluation.md, 'Select and test')")
+    arrays = [[float(g[k]) for g in grid] for k in SELECT_TEST_KEYS]
+    return float(matched_retain_select_test(*arrays, bar)[0])
+
+
 def evaluation_values(out: dict[str, Any], eval_s: float) -> dict[str, Any]:
     """The evaluation columns of a row from the activation server's ``evaluate`` answer."""
     u, ce = out["unlearning"], out.get("ce", {})
-    forget = [g["forget_acc"] for g in u["grid"]]
-    retain = [g["retain_acc"] for g in u["grid"]]
     summary = [{k: v for k, v in g.items() if not k.endswith("_correct")} for g in u["grid"]]
     return {
         "unlearning_score": u["score"], "random_feature_score": u.get("random_feature_score"),
         "unlearning_tied_settings": u["tied_settings"], "n_forget_questions": u["n_forget"],
         "n_retain_questions": u["n_retain"], "unlearning_grid": json.dumps(summary),
-        **{bar_metric(bar): _clean(forget_at_retain(forget, retain, bar)) for bar in BARS},
+        # Chosen on select questions, reported on test questions (docs/evaluation.md, "Select and test").
+        **{bar_metric(bar): _clean(matched_retain(u["grid"], bar)) for bar in BARS},
         "settings_selecting_none": sum(1 for g in u["grid"] if g.get("features_selected") == 0),
         "ce_score_forget": ce.get("ce_score_forget"), "ce_score_retain": ce.get("ce_score_retain"),
         "kl_forget": ce.get("kl_forget"), "kl_retain": ce.get("kl_retain"), "eval_s": eval_s,
+        **{name: _clean(v) for name, v in out.get("sparse_probe", {}).get("columns", {}).items()},
     }
+
+
+def probe_rows(trial_id: str, out: dict[str, Any]) -> list[dict[str, Any]]:
+    """probe.parquet rows of one trial: every (task, features, k) of its sparse probe."""
+    return [{"trial_id": trial_id, **g} for g in out.get("sparse_probe", {}).get("grid", [])]
 
 
 def grid_rows(trial_id: str, out: dict[str, Any]) -> list[dict[str, Any]]:

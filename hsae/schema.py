@@ -56,6 +56,10 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "layer, corpus split, profile and training settings): stable across re-runs, new for another model or budget",
        group=_ID),
     _c("seed", "Int64", "training seed (42, 43, ... with --seeds N)", group=_ID),
+    _c("arm", "string", "the space block's arm: label (docs/sweeps.md, \"Arms\"); null for an unlabelled block, whose "
+       "arm is its variant and parameters. A labelled arm trains from a seed derived from (seed, arm)", group=_ID),
+    _c("headline_metric", "string", "the metric the verdict's claims are made on, declared before the run "
+       "(Profile.headline_metric; docs/evaluation.md, \"Headline\")", group=_META),
     _c("status", "string", "completed, early_stopped (ASHA), failed (exception) or degenerate (guard tripped)",
        group=_META),
     _c("error", "string", "the reason for a failed or degenerate trial", group=_META),
@@ -64,6 +68,12 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("layer", "Int64", "model layer the activations came from", group=_ID),
     _c("sae_path", "string", "the trained SAE in the SAELens layout (cfg.json + sae_weights.safetensors), relative "
        "to the results directory: saes/<trial_id>; completed trials only", group=_META),
+    _c("source", "string", "external arms only (docs/sweeps.md, \"External arms\"): how the SAE was named, folder "
+       "(a path) or registry (a pretrained_saes.yaml entry); null for a trained arm", group=_ID),
+    _c("source_path", "string", "external arms only: the absolute folder the SAE was loaded from (cfg.json + "
+       "sae_weights.safetensors)", group=_ID),
+    _c("source_architecture", "string", "external arms only: the architecture its cfg.json names (standard, topk, "
+       "jumprelu, gated)", group=_ID),
     _c("search_objectives", "string", "--search optuna: the study's objectives as metric:direction, comma-separated "
        "(two or more: a multi-objective study; the report draws its Pareto front)", group=_META),
     _c("search_study", "string", "--search optuna: the Optuna study the trial belongs to (in --optuna-storage, "
@@ -107,24 +117,48 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        group=_TRAIN),
     _c("val_mse_rel_change", "float64", "relative change of held-out MSE over the last 20% of steps "
        "(curves.parquet; docs/training.md)", "fraction", group=_TRAIN),
-    _c("converged", "boolean", "|val_mse_rel_change| < 0.02: the SAE stopped improving; unconverged rows are "
-       "marked in the report and never ranked", label="converged", group=_TRAIN),
+    _c("plateau_rel_change", "float64", "relative change of held-out MSE over the constant-rate steps before the "
+       "lr decay and after the calibration phase (plateau_start_step .. plateau_end_step), per 20% of the steps "
+       "(docs/training.md)", "fraction", group=_TRAIN),
+    _c("plateau_start_step", "Int64", "first logged step of the plateau window (null: the schedule leaves no "
+       "window of >= 10% of the steps: never converged)", "steps", group=_TRAIN),
+    _c("plateau_end_step", "Int64", "last logged step of the plateau window (at or before the lr decay starts)",
+       "steps", group=_TRAIN),
+    _c("converged", "boolean", "|plateau_rel_change| < 0.02 and |val_mse_rel_change| < 0.02: more tokens at the "
+       "constant rate stopped helping and the end is stable; unconverged rows are marked in the report and never "
+       "ranked", label="converged", group=_TRAIN),
+    _c("sparsity_coeff_final", "float64", "the shared sparsity (L1) coefficient trained with: l1_coeff x the "
+       "multiplier the L0 controller froze (cfg_target_l0; docs/training.md); null for TopK-family variants",
+       group=_TRAIN),
+    _c("l0_target_met", "boolean", "held-out l0 within 5% of cfg_target_l0; null without a target", group=_TRAIN),
+    _c("revived_latents", "Int64", "dead latents resampled during the calibration phase (cfg_resample_every)",
+       "latents", group=_TRAIN),
     _c("unique_train_tokens", "Int64", "distinct activation rows (tokens) the SAE's batches drew from", "tokens",
        group=_TRAIN),
     _c("stream_start_batch", "Int64", "stream mode: the first stream batch the trial trained on (it trained on "
        "batches start .. start + steps - 1; docs/sweeps.md)", "batches", group=_TRAIN),
+    _c("stream_join", "string", "stream mode: where the trial's batches started (Profile.stream_join): \"first\" = "
+       "batch 0, its data a function of the step alone; \"oldest\" = the oldest batch buffered when it started, so "
+       "timing decided its data and a seed is no shared data order (docs/sweeps.md)", group=_TRAIN),
     _c("stream_lm_tokens", "Int64", "stream mode: LM tokens the server had computed for the sweep's training "
        "stream when the trial finished (the last row's value is the sweep's cost)", "tokens", group=_TRAIN),
     _c("outlier_tokens", "Int64", "training tokens of the harvest dropped as attention sinks (norm > 10x the median; "
        "docs/training.md)", "tokens", group=_TRAIN),
-    _c("unlearning_score", "float64", "SAEBench unlearning score (docs/evaluation.md); null unless completed",
+    _c("precision", "string", "the precision training computed in (bf16 or fp32), resolved on the trial's device from "
+       "--precision (auto: measured, hsae.machine); a run setting, not part of the trial key", group=_META),
+    _c("precision_reason", "string", "why: the CUDA capability, or the measured bf16 speed-up on this CPU",
+       group=_META),
+    _c("device", "string", "the device the trial trained on (cpu, cuda:0, ...)", group=_META),
+    _c("unlearning_score", "float64", "SAEBench unlearning score as SAEBench defines it, on all questions "
+       "(docs/evaluation.md); null unless completed",
        "fraction", "higher", "unlearning", _EVAL),
     _c("random_feature_score", "float64", "the same grid clamping random live features (negative control)",
        "fraction", label="random-feature ctrl", group=_EVAL),
     _c("unlearning_tied_settings", "Int64", "SAEBench settings whose (forget, retain) accuracies duplicate another's",
        "settings", group=_EVAL),
-    _c("forget_acc_at_retain99", "float64", "lowest forget accuracy over the SAE's settings (SAEBench + extended grid) "
-       "whose retain accuracy is >= 0.99; null if none", "fraction", "lower", "forget@retain≥.99", _EVAL),
+    _c("forget_acc_at_retain99", "float64", "test-question forget accuracy of the setting (SAEBench + extended grid) "
+       "chosen on select questions: lowest select forget accuracy among those with select retain accuracy >= 0.99; "
+       "null if none (hsae.verdict.matched_retain_select_test)", "fraction", "lower", "forget@retain≥.99", _EVAL),
     _c("forget_acc_at_retain98", "float64", "the same at retain accuracy >= 0.98", "fraction", "lower",
        "forget@retain≥.98", _EVAL),
     _c("forget_acc_at_retain95", "float64", "the same at retain accuracy >= 0.95", "fraction", "lower",
@@ -145,6 +179,26 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("kl_retain", "float64", "KL divergence of the model's outputs with the SAE spliced in, retain set", "nats",
        "lower", group=_EVAL),
     _c("eval_s", "float64", "evaluation wall time", "s", group=_EVAL),
+    *(_c(f"sparse_probe_forget_k{k}", "float64", f"k-sparse probe, forget-vs-rest task: test-document balanced "
+         f"accuracy of a logistic probe on the {k} latents with the largest select-document class-mean difference "
+         "(docs/evaluation.md, 'Second witness'); null when too few documents", "fraction", "higher",
+         f"probe forget k={k}", _EVAL) for k in (1, 2, 5, 20)),
+    *(_c(f"sparse_probe_mean_k{k}", "float64", f"the same, k={k}, averaged over every scored one-vs-rest task (the "
+         "forget domain and each labelled topic)", "fraction", "higher", f"probe mean k={k}", _EVAL)
+      for k in (1, 2, 5, 20)),
+    *(_c(f"sparse_probe_random_mean_k{k}", "float64", f"floor: the same probe on {k} random live latents of the SAE "
+         "(mean of 5 draws), averaged over tasks", "fraction", label=f"probe random k={k}", group=_EVAL)
+      for k in (1, 2, 5, 20)),
+    _c("sparse_probe_raw_forget", "float64", "ceiling: the same probe on all d_in mean-pooled raw activations, "
+       "forget task (no SAE in it)", "fraction", label="probe raw forget", group=_EVAL),
+    _c("sparse_probe_raw_mean", "float64", "ceiling, averaged over tasks", "fraction", label="probe raw mean",
+       group=_EVAL),
+    _c("sparse_probe_tasks", "Int64", "one-vs-rest tasks the probe scored (each class >= 2 select and >= 2 test "
+       "documents)", "tasks", group=_EVAL),
+    _c("sparse_probe_test_docs", "Int64", "held-out test documents the probe accuracies are measured on", "documents",
+       group=_EVAL),
+    _c("sparse_probe_s", "float64", "sparse-probe wall time for this SAE (encode + every probe fit)", "s",
+       group=_EVAL),
     _c("unlearning_grid", "string", "JSON list of the unlearning grid settings with their accuracies (per-question "
        "outcomes in grid.parquet)", group=_EVAL),
     _c("finished_at", "string", "ISO time the row was written", group=_META),
@@ -172,6 +226,10 @@ CURVE_COLUMNS: tuple[Column, ...] = (
        group=_TRAIN),
     _c("l0", "float64", "active features per token on the training batch", "features/token", group=_TRAIN),
     _c("lr", "float64", "learning rate of the step (warm-up, constant, linear decay)", group=_TRAIN),
+    _c("sparsity_multiplier", "float64", "target_l0: the L0 controller's multiplier of the sparsity coefficient "
+       "(frozen after the calibration phase)", "ratio", group=_TRAIN),
+    _c("revived_latents", "float64", "dead latents resampled since the previous logged step (resampling on)",
+       "latents", group=_TRAIN),
     _c("val_mse", "float64", "held-out MSE at this step (the convergence rule reads it)", "normalised units",
        "lower", group=_TRAIN),
     _c("val_inter_group_correlation", "float64", "held-out mean activation correlation across groups (reference "
@@ -210,9 +268,16 @@ GRID_COLUMNS: tuple[Column, ...] = (
     _c("percentile", "float64", "positive control: retain-projection percentile above which it edits", group=_EVAL),
     _c("features_selected", "Int64", "features the setting actually clamps (0: it cannot change anything)",
        "features", group=_EVAL),
-    _c("forget_acc", "float64", "forget-question accuracy under the intervention", "fraction", "lower", group=_EVAL),
-    _c("retain_acc", "float64", "retain-question accuracy under the intervention", "fraction", "higher",
-       group=_EVAL),
+    _c("forget_acc", "float64", "forget-question accuracy under the intervention (all questions)", "fraction",
+       "lower", group=_EVAL),
+    _c("retain_acc", "float64", "retain-question accuracy under the intervention (all questions)", "fraction",
+       "higher", group=_EVAL),
+    _c("forget_acc_select", "float64", "forget accuracy on select questions (what chooses a matched-retain "
+       "setting: docs/evaluation.md, 'Select and test')", "fraction", "lower", group=_EVAL),
+    _c("retain_acc_select", "float64", "retain accuracy on select questions", "fraction", "higher", group=_EVAL),
+    _c("forget_acc_test", "float64", "forget accuracy on test questions (what a matched-retain value reports)",
+       "fraction", "lower", group=_EVAL),
+    _c("retain_acc_test", "float64", "retain accuracy on test questions", "fraction", "higher", group=_EVAL),
     _c("retain_acc_exact", "boolean", "false when retain questions were skipped (an upper bound)", group=_EVAL),
     _c("questions_touched", "Int64", "prompts the intervention changed (re-run)", "questions", group=_EVAL),
     _c("edit_ratio", "float64", "mean ||edit|| / ||residual|| over edited token positions: one scale for SAE "
@@ -228,10 +293,27 @@ QUESTION_COLUMNS: tuple[Column, ...] = (
     _c("question_id", "Int64", "position in the bank (the bit position in grid.parquet, per domain in order)",
        group=_ID),
     _c("domain", "string", "forget | retain", group=_ID),
+    _c("role", "string", "select (chooses settings, never reported) | test (every reported accuracy): its "
+       "document's role in split.parquet (WMDP/MMLU: halves of each domain's questions)", group=_ID),
     _c("doc_id", "string", "the held-out document the question comes from (WMDP/MMLU: subject:index)", group=_ID),
     _c("prompt", "string", "the prompt text", group=_META),
     _c("options", "string", "JSON list of the option texts", group=_META),
     _c("answer", "Int64", "index of the correct option", group=_META),
+)
+
+# probe.parquet: one row per (trial, task, features, k) of the k-sparse probe (hsae.evaluation.sparse_probe).
+PROBE_COLUMNS: tuple[Column, ...] = (
+    _c("trial_id", "string", "the trial the SAE belongs to", group=_ID),
+    _c("task", "string", "one-vs-rest task: 'forget' (the forget domain) or a topic label", group=_ID),
+    _c("features", "string", "sae (top-k latents by select-document class-mean difference) | random (k random live "
+       "latents, mean of the draws: floor) | raw (all d_in raw dimensions: ceiling)", group=_ID),
+    _c("k", "Int64", "features the probe reads (d_in for raw)", "features", group=_EVAL),
+    _c("accuracy", "float64", "balanced accuracy on the test documents", "fraction", "higher", group=_EVAL),
+    _c("latents", "string", "sae rows: JSON list of the chosen latent indices", group=_EVAL),
+    _c("n_select_pos", "Int64", "select documents of the task's class (probe fitting)", "documents", group=_EVAL),
+    _c("n_select_neg", "Int64", "select documents of the rest", "documents", group=_EVAL),
+    _c("n_test_pos", "Int64", "test documents of the task's class (scoring)", "documents", group=_EVAL),
+    _c("n_test_neg", "Int64", "test documents of the rest", "documents", group=_EVAL),
 )
 
 # split.parquet: every corpus document and whether SAEs train on it.
@@ -241,6 +323,9 @@ SPLIT_COLUMNS: tuple[Column, ...] = (
     _c("domain", "string", "forget | retain", group=_ID),
     _c("part", "string", "train (SAE training activations) | heldout (questions, feature selection, control "
        "directions, CE text)", group=_ID),
+    _c("role", "string", "train | select (held out: what selects, i.e. firing frequencies, control directions, "
+       "the grid setting meeting a retain bar) | test (held out: the questions and CE text every reported number "
+       "comes from); the held-out documents of each domain split in halves", group=_ID),
 )
 
 # Metrics that hsae.metrics.evaluate returns and every trial row stores, in row order.

@@ -20,9 +20,19 @@ import numpy as np
 import ray
 
 from hsae.activations import SPLITS, Harvest, HarvestConfig, Harvester
-from hsae.corpora import corpus_identity, load_corpus, split_table
-from hsae.evaluation.evaluator import EvalConfig, Evaluator
+from hsae.corpora import corpus_identity, heldout_roles, load_corpus, split_table
+from hsae.evaluation.evaluator import EvalConfig, Evaluator, sae_from_weights
 from hsae.evaluation.questions import BankConfig, bank_identity, bank_source, build_bank, questions_table
+from hsae.evaluation.sparse_probe import (
+    CorpusDocuments,
+    HeldoutDocuments,
+    ProbeConfig,
+    documents_from_harvest,
+    encode_pooled,
+    raw_probe_grid,
+    sparse_probe,
+    split_noise,
+)
 from hsae.models import ModelInfo, load_model, spec_identity
 from hsae.stream import ActivationStream, BlockSource, StreamBatches, StreamConfig
 from hsae.train import Batch, to_batch
@@ -83,6 +93,9 @@ class ActivationServer:
         self._info: ServedInfo | None = None
         self._harvest: Harvest | None = None
         self._evaluator: Evaluator | None = None
+        self.probe_cfg = ProbeConfig()
+        self._documents: HeldoutDocuments | None = None  # the sparse probe's held-out documents, built once
+        self._raw_probe: list[dict[str, Any]] | None = None  # its raw-activation ceiling (no SAE in it)
         # Seconds spent building the evaluator (bank + question residuals) and running the controls.
         self._timings: dict[str, float] = {}
 
@@ -128,27 +141,34 @@ class ActivationServer:
                         **bank_identity(self.bank_cfg)}
             say = self.harvester.progress  # the server's one progress callback (print)
             bank = build_bank(loaded, self.bank_cfg, source, identity, progress=say, root=self.cache_root)
-            x, labels = self.heldout_content_rows()
-            tokens, domains = self.harvester.cache.contexts("eval")
+            x, labels = self.select_content_rows()
+            tokens, domains = self.test_contexts()
             self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg, progress=say)
             self._timings["banks"] = time.perf_counter() - t0
         return self._evaluator
 
-    def heldout_content_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Held-out activations and labels of content tokens only: BOS, EOS and padding never count."""
+    def select_content_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """What selects (firing frequencies, control directions): held-out activations and labels of content
+        tokens of contexts packed from *select* documents only; BOS, EOS and padding never count."""
         info = self.prepare().model  # read once, in prepare
         assert self._harvest is not None
         x, labels = self._harvest.arrays("eval")
         special = [t for t in (info.bos_id, info.eos_id) if t is not None]  # packed contexts have no padding
-        keep = ~np.isin(self._harvest.token_ids("eval"), special)
+        keep = ~np.isin(self._harvest.token_ids("eval"), special) & (self._harvest.row_roles("eval") == "select")
         return x[keep], labels[keep]
+
+    def test_contexts(self) -> tuple[np.ndarray, np.ndarray]:
+        """What CE/KL is measured on: the held-out contexts packed from *test* documents, and their domains."""
+        tokens, domains = self.harvester.packed_contexts("eval")
+        test = self.harvester.cache.context_roles("eval") == "test"
+        return tokens[test], domains[test]
 
     def questions(self) -> list[dict[str, Any]]:
         """Every question of the bank (what questions.parquet holds), in bank order."""
         return questions_table(self.evaluator().bank)
 
     def split(self) -> dict[str, list[Any]]:
-        """The document split of the corpus (what split.parquet holds): doc_id, domain, part."""
+        """The document split of the corpus (what split.parquet holds): doc_id, domain, part, role."""
         return split_table(load_corpus(self.cfg.corpus), self.cfg.holdout_fraction, self.cfg.seed).to_dict("list")
 
     def evaluate(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray], ce: bool = True) -> dict[str, Any]:
@@ -157,7 +177,54 @@ class ActivationServer:
         out = {"unlearning": ev.unlearning(sae_cfg, state)}
         if ce:
             out["ce"] = ev.ce_scores(sae_cfg, state)
+        out["sparse_probe"] = self.sparse_probe(sae_cfg, state)
         return out
+
+    def heldout_documents(self) -> HeldoutDocuments:
+        """The held-out documents of the eval split (built once; tokenizer only, no forward): every content
+        row tagged with its document, and each document's domain, topic and select/test role."""
+        if self._documents is None:
+            info = self.prepare().model
+            assert self._harvest is not None
+            cfg = self.cfg
+            doc_rows, docs = self.harvester.context_documents("eval")
+            dataset = load_corpus(cfg.corpus)
+            role_of = dict(zip(dataset["doc_id"], heldout_roles(np.asarray(dataset["domain"]), cfg.holdout_fraction,
+                                                                cfg.seed), strict=True))
+            doc_ids = np.asarray(docs["doc_id"], dtype=object)
+            topic = docs["topic"] if "topic" in docs.column_names else [""] * len(docs)
+            corpus = CorpusDocuments(doc_ids, np.asarray(docs["domain"]), np.asarray(topic, dtype=object),
+                                     np.asarray([role_of[d] for d in doc_ids], dtype=object))
+            shards = [(s.x, s.tokens) for s in self._harvest.shards["eval"]]
+            special = [t for t in (info.bos_id, info.eos_id) if t is not None]
+            self._documents = documents_from_harvest(shards, self.harvester.packed_contexts("eval")[0], doc_rows,
+                                                     cfg.shard_ctxs, special, corpus)
+        return self._documents
+
+    def _pooled_latents(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        sae = sae_from_weights(sae_cfg, state)
+
+        @torch.no_grad()
+        def encode(x: np.ndarray) -> np.ndarray:
+            return sae.encode(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+        return encode_pooled(encode, self.heldout_documents(), self.probe_cfg.encode_batch)
+
+    def sparse_probe(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
+        """k-sparse probing of held-out topics on one SAE by value (hsae.evaluation.sparse_probe): its grid
+        (probe.parquet rows without trial_id) and the row's sparse_probe_* columns."""
+        docs = self.heldout_documents()
+        if self._raw_probe is None:
+            self._raw_probe = raw_probe_grid(docs, self.probe_cfg)
+        result = sparse_probe(self._pooled_latents(sae_cfg, state), docs, self.probe_cfg, self._raw_probe)
+        return {"grid": result.grid, "columns": result.columns}
+
+    def sparse_probe_noise(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray],
+                           n_splits: int = 10) -> dict[str, dict[str, float | None]]:
+        """The probe's split-to-split spread on one SAE: re-drawn select/test halves (``split_noise``)."""
+        return split_noise(self._pooled_latents(sae_cfg, state), self.heldout_documents(), self.probe_cfg, n_splits)
 
     def controls(self) -> dict[str, Any]:
         """The evaluation controls; the driver asks before any trial starts, so this (and the bank and
@@ -194,7 +261,8 @@ class ActivationServer:
 
     @ray.method(concurrency_group=STREAM_GROUP)
     def stream_join(self, consumer: str, steps: int) -> int:
-        """Register a trial for ``steps`` batches; its first stream batch (the oldest still buffered)."""
+        """Register a trial for ``steps`` batches; its first stream batch (0, or the oldest still buffered under
+        the ``"oldest"`` join policy: ``StreamConfig.join``)."""
         return self._the_stream().join(consumer, steps)
 
     @ray.method(concurrency_group=STREAM_GROUP)

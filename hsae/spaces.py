@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,11 @@ import yaml
 
 from hsae.config import SAEConfig, TrainConfig
 from hsae.convergence import log_every_for
+from hsae.external import ExternalArm, ExternalSAEError, is_external
+from hsae.external import parse_block as parse_external_block
 from hsae.keys import content_key
-from hsae.stream import StreamConfig
+from hsae.machine import AUTOCAST, RunSettings
+from hsae.stream import StreamConfig, check_join_policy
 
 
 def default_spaces_dir() -> Path:
@@ -96,9 +98,6 @@ class Profile:
     # fraction of the steps.
     lr_warmup_steps: int = 0
     lr_decay_fraction: float = 0.0
-    # TrainConfig.autocast: "auto" is bfloat16 on CUDA only; "bf16" also on a CPU with native bfloat16
-    # (docs/training.md: same held-out MSE to 4 digits, 1.6x faster steps on this machine's CPU).
-    autocast: str = "auto"
     # Where training rows come from: "cache" (harvested once to disk, every trial samples the same rows) or
     # "stream" (hsae.stream: computed as trials consume them; memory bounded by the window whatever the
     # budget). --tokens beyond the cache's rows switches to "stream" unless --activations says otherwise.
@@ -106,10 +105,24 @@ class Profile:
     stream_block_contexts: int = 256
     stream_window_blocks: int = 4
     stream_stall_s: float = 120.0
+    # Where each trial's stream batches start (hsae.stream.JOIN_POLICIES): "first" = batch 0 for every trial,
+    # so its data are a function of the step alone; "oldest" = the oldest batch buffered when it starts (no
+    # LM pass of its own, but timing decides its data: its rows say stream_join = "oldest").
+    stream_join: str = "first"
+    # The held-out L0 every trial trains to (docs/training.md, "Target L0"), unless its block sets target_l0:
+    # L1 variants calibrate their sparsity coefficient to it, TopK variants take k = target_l0. None: off.
+    target_l0: int | None = None
+    # TrainConfig.calibration_fraction and resample_every (dead latents resampled; 0: never).
+    calibration_fraction: float = 0.6
+    resample_every: int = 0
+    # The metric the verdict's claims are made on, declared before the run (docs/evaluation.md, "Headline");
+    # every other candidate is secondary. Recorded on each trial row.
+    headline_metric: str = "frontier_area"
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATION_SOURCES:
             raise ValueError(f"activations must be one of {list(ACTIVATION_SOURCES)}, got {self.activations!r}")
+        check_join_policy("stream_join", self.stream_join)
 
     def cache_rows(self) -> int:
         """Training rows a harvest of this profile holds (contexts x tokens after the start token)."""
@@ -119,16 +132,27 @@ class Profile:
         if self.activations != "stream":
             return None
         return StreamConfig(batch_size=self.batch_size, block_contexts=self.stream_block_contexts,
-                            window_blocks=self.stream_window_blocks, stall_s=self.stream_stall_s)
+                            window_blocks=self.stream_window_blocks, stall_s=self.stream_stall_s,
+                            join=self.stream_join)
 
-    def train_config(self, seed: int) -> TrainConfig:
-        # "auto": the GPU Ray gave the trial (--gpus-per-trial), else the CPU. The log interval never exceeds
-        # 5% of the steps, so the convergence rule can be recomputed from the curves at any --steps.
+    def train_config(self, seed: int, settings: RunSettings | None = None) -> TrainConfig:
+        # Device "auto": the GPU Ray gave the trial (--gpus-per-trial), else the CPU. Precision is the run's
+        # (RunSettings), not the profile's: the trainer resolves "auto" on its device (hsae.machine). The log
+        # interval never exceeds 5% of the steps, so the convergence rule recomputes from the curves at any --steps.
+        precision = (settings or RunSettings()).precision
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
                            lr_warmup_steps=min(self.lr_warmup_steps, self.steps // 10),
                            lr_decay_fraction=self.lr_decay_fraction,
                            log_every=min(self.log_every, log_every_for(self.steps)),
-                           checkpoint_every=self.checkpoint_every, device="auto", autocast=self.autocast)
+                           checkpoint_every=self.checkpoint_every, device="auto",
+                           autocast=AUTOCAST.get(precision, precision),
+                           calibration_fraction=self.calibration_fraction, resample_every=self.resample_every)
+
+    def trial_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A space block's parameters with the profile's ``target_l0`` filled in where the block sets none."""
+        if self.target_l0 is None or "target_l0" in params:
+            return dict(params)
+        return {**params, "target_l0": self.target_l0}
 
 
 PROFILES: dict[str, Profile] = {
@@ -140,13 +164,15 @@ PROFILES: dict[str, Profile] = {
     # still held out for feature selection, control directions and CE text.
     # What runs here offline on 2 CPU cores: Gemma-3-270M layer 13 (same relative depth), 2048 contexts
     # (260k training tokens, ~6 min to harvest), a 2x dictionary, 1500 steps x 1024 at lr 2e-3 with warm-up
-    # and a linear decay over the second half, in bfloat16: every variant converges (docs/training.md). 40% of
+    # and a linear decay over the last 20%; every variant trained to a held-out L0 of 64 (its sparsity coefficient
+    # calibrated over the first 60% of the steps, dead latents resampled every 250 steps meanwhile) and judged
+    # converged on the constant-rate steps 60-80% (docs/training.md). 40% of
     # each domain's articles are held out (the cloze questions come from them), which leaves the forget
     # corpus 721 training contexts: 35% of the 2048.
     "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=2048, n_eval_ctxs=256,
                         ctx_len=128, d_sae=1280, steps=1500, batch_size=1024, lr=2e-3, log_every=75,
                         checkpoint_every=300, ce_contexts_per_domain=2, holdout_fraction=0.4, forget_fraction=0.35,
-                        lr_warmup_steps=50, lr_decay_fraction=0.5, autocast="bf16"),
+                        lr_warmup_steps=50, lr_decay_fraction=0.2, target_l0=64, resample_every=250),
     # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
                     d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
@@ -165,17 +191,27 @@ def get_profile(name: str, **overrides: Any) -> Profile:
     return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
+# Profile fields whose default is None, with the type a --set value must have (null turns them off again).
+OPTIONAL_PROFILE_FIELDS: dict[str, type] = {"target_l0": int}
+
+
 def parse_profile_settings(pairs: list[str], profile: Profile) -> dict[str, Any]:
     """``--set field=value`` pairs as typed overrides of ``profile``'s fields (values read as YAML)."""
     out: dict[str, Any] = {}
     current = asdict(profile)
     for pair in pairs:
         field_name, sep, text = pair.partition("=")
+        if field_name in ("autocast", "precision", "device"):
+            raise ValueError(f"--set {pair!r}: precision and device are run settings, not part of the study (they "
+                             f"never change a trial's key): use --precision {{auto,bf16,fp32}} or --gpus-per-trial")
         if not sep or field_name not in current or field_name == "name":
             raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of "
                              f"{sorted(k for k in current if k != 'name')}")
         value, old = yaml.safe_load(text), current[field_name]
-        expected = type(old) if old is not None else str
+        if value is None and field_name in OPTIONAL_PROFILE_FIELDS:
+            out[field_name] = None
+            continue
+        expected = type(old) if old is not None else OPTIONAL_PROFILE_FIELDS.get(field_name, str)
         ok = (isinstance(value, expected) and not (expected is int and isinstance(value, bool))) or (
             expected is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
@@ -189,6 +225,8 @@ def parse_profile_settings(pairs: list[str], profile: Profile) -> dict[str, Any]
 class Block:
     variant: str
     params: dict[str, Any]
+    external: ExternalArm | None = None  # an external arm (hsae.external): SAEs loaded, not trained
+    arm: str | None = None  # a label naming this block's arm in the verdict (docs/sweeps.md, "Arms")
 
 
 @dataclass(frozen=True)
@@ -218,14 +256,22 @@ class TrialSpec:
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 42
     context: str = ""
+    arm: str = ""  # the block's ``arm:`` label ("" for none); a labelled arm is an independent replicate
 
     @property
     def key(self) -> str:
         return content_key(self.as_dict(), length=16)
 
+    @property
+    def train_seed(self) -> int:
+        """The training seed: ``seed``, or for a labelled arm one derived from (seed, arm), so that arms of
+        one configuration are independent replicates rather than byte-identical copies (an A/A test)."""
+        return self.seed if not self.arm else int(content_key({"seed": self.seed, "arm": self.arm}, length=7), 16)
+
     def as_dict(self) -> dict[str, Any]:
-        return {"experiment": self.experiment, "space": self.space, "variant": self.variant,
-                "params": dict(self.params), "seed": self.seed, "context": self.context}
+        out = {"experiment": self.experiment, "space": self.space, "variant": self.variant,
+               "params": dict(self.params), "seed": self.seed, "context": self.context}
+        return {**out, "arm": self.arm} if self.arm else out  # unlabelled trials keep their keys
 
 
 def sweep_context(profile: Profile, harvest_key: str) -> str:
@@ -271,18 +317,34 @@ def parse_space(name: str, text: str, source: str = "<string>") -> Space:
     blocks = []
     for i, raw in enumerate(doc["trials"]):
         where = f"{source}: trials[{i}]"
+        if isinstance(raw, dict) and set(raw) == {"external"}:
+            blocks.append(_external_block(raw["external"], where, source))
+            continue
         if not isinstance(raw, dict) or "variant" not in raw:
-            raise SpaceError(f"{where}: each block needs a 'variant' (and optional 'params')")
-        extra = sorted(set(raw) - {"variant", "params"})
+            raise SpaceError(f"{where}: each block needs a 'variant' (and optional 'params'), or is one 'external' "
+                             "arm (docs/sweeps.md, \"External arms\")")
+        extra = sorted(set(raw) - {"variant", "params", "arm"})
         if extra:
-            raise SpaceError(f"{where}: unknown key(s) {extra}; valid: ['variant', 'params']")
+            raise SpaceError(f"{where}: unknown key(s) {extra}; valid: ['variant', 'params', 'arm']")
+        if "arm" in raw and not (isinstance(raw["arm"], str) and raw["arm"].strip()):
+            raise SpaceError(f"{where}: 'arm' must be a non-empty name, got {raw['arm']!r}")
         params = raw.get("params") or {}
         if not isinstance(params, dict):
             raise SpaceError(f"{where}: 'params' must be a mapping, got {params!r}")
         for pname, spec in params.items():
             _check_sampler(where, pname, spec)
-        blocks.append(Block(str(raw["variant"]), dict(params)))
+        blocks.append(Block(str(raw["variant"]), dict(params), arm=raw.get("arm")))
     return Space(name, str(doc.get("description", "")), scheduler, tuple(blocks), source)
+
+
+def _external_block(raw: Any, where: str, source: str) -> Block:
+    """An ``external:`` block; its relative paths are relative to the space file's folder."""
+    base = Path(source).resolve().parent if Path(source).is_file() else Path.cwd()
+    try:
+        arm = parse_external_block(raw, where, base)
+    except ExternalSAEError as exc:
+        raise SpaceError(str(exc)) from exc
+    return Block(arm.variant, {}, arm)
 
 
 def load_space(name: str, spaces_dir: Path | None = None) -> Space:
@@ -306,33 +368,25 @@ def grid_trials(space: Space, experiment: str, seeds: list[int], context: str = 
         raise SpaceError(f"{space.source}: space {space.name!r} has sampled parameters: use --search optuna")
     out = []
     for block in space.blocks:
+        if block.external is not None:  # one trial per SAE, seeds 42, 43, ... in order (not --seeds)
+            out += [TrialSpec(experiment, space.name, block.variant, src.params(), seed, context)
+                    for seed, src in block.external.seeded()]
+            continue
         names = list(block.params)
         choices = [v["grid"] if isinstance(v, dict) else [v] for v in block.params.values()]
         for combo in itertools.product(*choices):
             for seed in seeds:
                 params = dict(zip(names, combo, strict=True))
-                out.append(TrialSpec(experiment, space.name, block.variant, params, seed, context))
+                out.append(TrialSpec(experiment, space.name, block.variant, params, seed, context, block.arm or ""))
     return out
 
 
 def validate_trials(trials: list[TrialSpec], profile: Profile, d_in: int) -> None:
     """Build every SAEConfig now, so a bad value fails before Ray starts; name the trial that is wrong."""
     for t in trials:
+        if is_external(t.variant):  # checked against the model by hsae.external.check_matches
+            continue
         try:
             SAEConfig(t.variant, d_in, profile.d_sae, t.params)
         except ValueError as exc:
             raise SpaceError(f"space {t.space!r}, variant {t.variant!r}, params {t.params}: {exc}") from exc
-
-
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of a t-based 95% confidence interval (NaN half-width for one value)."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    n = len(vals)
-    mean = sum(vals) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    t975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-    return mean, t975.get(n, 1.96) * sd / math.sqrt(n)

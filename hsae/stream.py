@@ -8,20 +8,28 @@ block's activation rows (start token and attention sinks dropped, as in a harves
 (seed, block) and cut into batches, so every batch mixes rows of hundreds of contexts. Batch ``i`` of
 the stream is batch ``i % per_block`` of block ``i // per_block``, whoever asks and whenever.
 
-Consumers (trials) *join* at the oldest batch still buffered, so trials that start within the buffer's
-reach see the same batches and a trial that starts later joins where the stream is. The producer
-thread computes blocks ahead of the slowest attached consumer, up to ``window_blocks`` blocks and never
-beyond the last batch any consumer asked for. Memory is therefore at most ``window_blocks`` blocks,
-plus one block per consumer that is recomputing, whatever the token budget.
+Who reads which batches is the join policy (``StreamConfig.join``). ``"first"`` (the default): every
+trial trains on batches ``0 .. steps - 1``, so its data are a function of (corpus, split, seed, step)
+alone, whenever it starts, as in cache mode. ``"oldest"``: a trial joins at the oldest batch still
+buffered, which costs no LM pass of its own but depends on timing (its row says so).
 
-Back-pressure: when the window is full because of one slow consumer, the producer waits ``stall_s``
-seconds. Every consumer at the lowest block is then *detached*: the window moves on, and each block
-such a consumer asks for later is recomputed for it alone, once (counted in ``lm_tokens``), and not
-kept in the window. It is attached again once it reaches the window or is the only consumer left.
-Only attached consumers drive the producer. A failed block stops the producer; the consumer that
-needs the block computes it itself and meets the error. A consumer that asks nothing for ``lease_s``
-seconds (finished, stopped by ASHA, crashed) has left. A resumed trial asks for the batches it would
-have seen, and evicted ones are recomputed. A restarted server recomputes whatever is asked.
+The producer thread computes the blocks attached consumers will read next: for each, its current block
+and the ones after it, up to ``window_blocks`` blocks ahead and never beyond the last batch it asked for,
+nearest first. Trials that read together share each block; a trial that starts later (a late joiner,
+say the fifth of four slots) is served from its own first block, which the window recomputes for it and
+for every trial that starts with it. Memory is at most ``window_blocks`` blocks, plus one block per
+consumer that is recomputing, whatever the token budget. A block is evicted (oldest first) only when
+the window is full and no attached consumer will read it.
+
+Back-pressure: when the window is full of blocks attached consumers still want and another block is
+missing, the producer waits ``stall_s`` seconds. Every consumer that stayed in the same window block all
+that time is then *detached*: the window moves on, and each block such a consumer asks for later is
+recomputed for it alone, once (counted in ``lm_tokens``), and not kept in the window. It is attached
+again once it reaches the window or is the only consumer left. Only attached consumers drive the
+producer. A failed block stops the producer; the consumer that needs the block computes it itself and
+meets the error. A consumer that asks nothing for ``lease_s`` seconds (finished, stopped by ASHA,
+crashed) has left. A resumed trial asks for the batches it would have seen, and evicted ones are
+recomputed. A restarted server recomputes whatever is asked.
 """
 
 from __future__ import annotations
@@ -39,6 +47,14 @@ from hsae.checks import check_positive, check_positive_int
 from hsae.corpora import load_corpus, pack_contexts, split_documents
 
 EPOCHS_KEPT = 64  # packed epochs kept (token ids only: 2 MB each for the real profile)
+# Where a trial's batches start: "first" = stream batch 0 for every trial (its data are a function of the
+# step alone); "oldest" = the oldest batch buffered when it joins (cheaper, but depends on timing).
+JOIN_POLICIES = ("first", "oldest")
+
+
+def check_join_policy(name: str, value: str) -> None:
+    if value not in JOIN_POLICIES:
+        raise ValueError(f"{name} must be one of {list(JOIN_POLICIES)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class StreamConfig:
     window_blocks: int = 4  # blocks kept published at once: the memory bound
     stall_s: float = 120.0  # how long the producer waits for the slowest consumer before detaching it
     lease_s: float = 600.0  # a consumer silent this long has left
+    join: str = "first"  # JOIN_POLICIES: where a trial's batches start
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "block_contexts"):
@@ -55,6 +72,7 @@ class StreamConfig:
         check_positive_int("window_blocks", self.window_blocks, minimum=2)  # one being read, one being made
         check_positive("stall_s", self.stall_s)
         check_positive("lease_s", self.lease_s)
+        check_join_policy("join", self.join)
 
 
 class BlockSource:
@@ -115,6 +133,7 @@ class Consumer:
     position: int  # the next batch it will ask for
     end: int  # one past the last batch it needs
     seen: float  # when it last asked
+    moved: float  # when its position last entered a new block
     attached: bool = True
     held: tuple[int, list[tuple[Any, Any]]] | None = field(default=None, repr=False)  # its current block
 
@@ -143,14 +162,15 @@ class ActivationStream:
 
     # -- consumers ------------------------------------------------------------------------------------
     def join(self, consumer: str, steps: int) -> int:
-        """Register ``consumer`` for ``steps`` batches; returns its first batch (the oldest one buffered)."""
+        """Register ``consumer`` for ``steps`` batches; returns its first batch (0, or the oldest one buffered
+        under the ``"oldest"`` join policy)."""
         with self.lock:
             known = self.consumers.get(consumer)
             if known is not None:
                 return known.start
-            first = min(self.window) if self.window else self._next_block()
-            start = first * self.per_block
-            self.consumers[consumer] = Consumer(start, start, start + steps, self.clock())
+            start = self._oldest_block() * self.per_block if self.cfg.join == "oldest" else 0
+            now = self.clock()
+            self.consumers[consumer] = Consumer(start, start, start + steps, now, now)
             self._start_producer()
             self.lock.notify_all()
             return start
@@ -160,8 +180,10 @@ class ActivationStream:
         with self.lock:
             c = self.consumers.get(consumer)
             if c is None:  # a restarted server meets a consumer it never saw join
-                c = self.consumers[consumer] = Consumer(start, start, start + count, self.clock())
-            c.position, c.end, c.seen = start, max(c.end, start + count), self.clock()
+                now = self.clock()
+                c = self.consumers[consumer] = Consumer(start, start, start + count, now, now)
+            self._move(c, start)
+            c.end = max(c.end, start + count)
             if not any(o.attached for o in self.consumers.values()):
                 c.attached = True  # alone, it drives the producer again rather than recomputing every block
             self._start_producer()  # it ends when nobody needs more; this consumer may need more now
@@ -173,10 +195,17 @@ class ActivationStream:
                 c.held = (block, self._block(consumer, block))
             out.append(c.held[1][k])
             with self.lock:  # its position moves as it receives: a request may span more than the window
-                c.position, c.seen = i + 1, self.clock()
+                self._move(c, i + 1)
                 self.consumers.setdefault(consumer, c)  # a lease that ran out mid-request is renewed
                 self.lock.notify_all()
         return out
+
+    def _move(self, c: Consumer, position: int) -> None:
+        """(Lock held.) The consumer's next batch is ``position``."""
+        now = self.clock()
+        if position // self.per_block != c.position // self.per_block:
+            c.moved = now
+        c.position, c.seen = position, now
 
     def leave(self, consumer: str) -> None:
         with self.lock:
@@ -223,11 +252,11 @@ class ActivationStream:
         return batches
 
     def _coming(self, block: int) -> bool:
-        """Whether the producer will publish ``block`` soon: it is being made, or within a window of the next."""
+        """Whether the producer will publish ``block`` soon: it is being made, or an attached consumer wants it."""
         if block in self._computing:
             return True
         producing = self._producer is not None and self._producer.is_alive()
-        return producing and self._next_block() <= block < self._next_block() + self.cfg.window_blocks
+        return producing and block in self._wanted()
 
     def _attach(self, consumer: str) -> None:
         c = self.consumers.get(consumer)
@@ -240,12 +269,24 @@ class ActivationStream:
             self.lm_tokens += self.source.tokens_per_block
         return batches
 
-    def _next_block(self) -> int:
-        """The block the producer makes next: one past the newest published (the first asked for, at start)."""
+    def _wanted(self) -> list[int]:
+        """Blocks attached consumers read next, nearest first: each one's current block, then the following
+        ones up to ``window_blocks`` ahead, never past the last batch it asked for."""
+        ahead: dict[int, int] = {}
+        for c in self.consumers.values():
+            if not c.attached or c.position >= c.end:
+                continue
+            first, last = c.position // self.per_block, (c.end - 1) // self.per_block
+            for block in range(first, min(last, first + self.cfg.window_blocks - 1) + 1):
+                ahead[block] = min(ahead.get(block, block - first), block - first)
+        return sorted(ahead, key=lambda block: (ahead[block], block))
+
+    def _oldest_block(self) -> int:
+        """The oldest block buffered; with none, the first one an attached consumer wants (0 if none does)."""
         if self.window:
-            return max(self.window) + 1
-        asked = [c.position // self.per_block for c in self.consumers.values() if c.attached]
-        return min(asked) if asked else 0
+            return min(self.window)
+        wanted = self._wanted()
+        return min(wanted) if wanted else 0
 
     # -- the producer ---------------------------------------------------------------------------------
     def _start_producer(self) -> None:
@@ -261,7 +302,8 @@ class ActivationStream:
             while True:
                 with self.lock:
                     block = self._wait_for_room()
-                    if block is None:
+                    if block is None:  # let go under the lock: the next request starts a new producer
+                        self._producer = None
                         return
                     self._computing.add(block)
                 batches = self._compute(block)
@@ -276,7 +318,8 @@ class ActivationStream:
         finally:  # on an error too: waiting consumers then compute the block themselves and meet the error
             with self.lock:
                 self._computing.discard(block)
-                self._producer = None
+                if self._producer is threading.current_thread():
+                    self._producer = None
                 self.lock.notify_all()
 
     def _wait_for_room(self) -> int | None:
@@ -284,39 +327,36 @@ class ActivationStream:
         waited_since = self.clock()
         while not self._stop:
             self._drop_silent()
-            block = self._next_block()
-            # Only attached consumers drive production: a detached one recomputes what it needs itself.
-            needed = [c for c in self.consumers.values() if c.attached and c.end > block * self.per_block]
-            if not needed:
+            wanted = self._wanted()
+            if not wanted:
                 return None  # nobody attached needs more: the producer ends (a request restarts it)
-            self._evict_unneeded()
-            if len(self.window) < self.cfg.window_blocks:
-                return block
-            if self.clock() - waited_since > self.cfg.stall_s:
-                self._detach_slowest()
-                waited_since = self.clock()
+            missing = [block for block in wanted if block not in self.window and block not in self._computing]
+            if not missing:
+                waited_since = self.clock()  # everything wanted is published: waiting for readers, not stalled
+            else:
+                self._evict_unwanted(wanted)
+                if len(self.window) < self.cfg.window_blocks:
+                    return missing[0]
+                if self.clock() - waited_since > self.cfg.stall_s:
+                    self._detach_stalled(waited_since)
+                    waited_since = self.clock()
             self.lock.wait(timeout=min(1.0, self.cfg.stall_s))
         return None
 
-    def _attached_low(self) -> int | None:
-        """The lowest block an attached consumer still needs."""
-        lows = [c.position // self.per_block for c in self.consumers.values() if c.attached]
-        return min(lows) if lows else None
-
-    def _evict_unneeded(self) -> None:
-        low = self._attached_low()
-        for block in sorted(self.window):
-            if len(self.window) < self.cfg.window_blocks or (low is not None and block >= low):
+    def _evict_unwanted(self, wanted: list[int]) -> None:
+        """While the window is full, drop its oldest blocks that no attached consumer will read."""
+        for block in sorted(set(self.window) - set(wanted)):
+            if len(self.window) < self.cfg.window_blocks:
                 break
             del self.window[block]
 
-    def _detach_slowest(self) -> None:
-        """Detach every attached consumer at the lowest block (all of those holding the window back)."""
-        low = self._attached_low()
+    def _detach_stalled(self, since: float) -> None:
+        """Detach every attached consumer that has read the same window block since ``since``: those holding
+        the window back (a consumer waiting for a missing block is not one of them)."""
         for c in self.consumers.values():
-            if c.attached and c.position // self.per_block == low:
+            if c.attached and c.position // self.per_block in self.window and c.moved <= since:
                 c.attached = False
-        self._evict_unneeded()
+        self._evict_unwanted(self._wanted())
 
     def _drop_silent(self) -> None:
         now = self.clock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -18,7 +19,10 @@ from safetensors.torch import load_file, save_file
 from hsae import metrics as M
 from hsae.atomic import atomic_dir
 from hsae.config import SAEConfig, TrainConfig
+from hsae.l0_control import L0Controller
+from hsae.machine import PrecisionChoice, resolve_precision
 from hsae.models import resolve_device
+from hsae.resampling import resample_dead
 from hsae.variants import SAE, LossOutput, StepInput, build_sae
 
 
@@ -153,6 +157,10 @@ class TrainResult:
     wall_s: float
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    # The shared sparsity coefficient the SAE ended with (L1 coefficient x the calibrated multiplier); None for
+    # variants without one (TopK).
+    sparsity_coeff: float | None = None
+    revived_latents: int = 0  # dead latents resampled over the run
 
     @property
     def tokens_per_s(self) -> float:
@@ -165,6 +173,11 @@ def check_trained(steps: int, final_loss: float, metrics: dict[str, float]) -> N
         raise DegenerateRunError(f"trained {steps} steps: an untrained SAE has no scores", metrics)
     if not math.isfinite(final_loss):
         raise DegenerateRunError(f"final training loss is not finite ({final_loss})", metrics)
+    check_live(metrics)
+
+
+def check_live(metrics: dict[str, float]) -> None:
+    """Raise DegenerateRunError unless the SAE reconstructs (explained variance > 0) with live features."""
     ev, l0, dead = metrics.get("explained_variance"), metrics.get("l0"), metrics.get("dead_fraction")
     if l0 is None or not math.isfinite(l0) or l0 <= 0:
         raise DegenerateRunError(f"L0 = {l0}: no feature fires on the evaluation batch", metrics)
@@ -217,11 +230,50 @@ class Trainer:
         self.wall_s = 0.0
         self.history: list[dict[str, float]] = []
         self.last_loss = float("nan")
+        self.controller = self._make_controller()
+        self.revived_total = 0
+        self.revived_since_log = 0
+
+    def _make_controller(self) -> L0Controller | None:
+        """The L0 controller when the SAE has a ``target_l0`` and a sparsity coefficient to calibrate."""
+        target = self.sae.p.target_l0
+        if target is None or self.sae.sparsity_coeff() is None:
+            return None
+        cfg = self.cfg
+        start, end = max(cfg.l1_warmup_steps, cfg.lr_warmup_steps), cfg.calibration_end()
+        if end <= start:
+            raise ValueError(f"calibration_fraction={cfg.calibration_fraction} ends the calibration at step {end}, "
+                             f"before the warm-up ends (step {start}): no step is left to reach target_l0={target}")
+        return L0Controller(target=float(target), start=start, end=end, gain=cfg.l0_control_gain,
+                            ema_decay=cfg.l0_ema_decay)
+
+    @property
+    def objective_fixed_from(self) -> int:
+        """The first step from which the objective and the dictionary's treatment no longer change: after the
+        calibration phase when a controller or resampling acts on this SAE, else after the warm-ups."""
+        cfg = self.cfg
+        if self.controller is not None or self._resamples():
+            return cfg.calibration_end()
+        return max(cfg.l1_warmup_steps, cfg.lr_warmup_steps)
+
+    def _resamples(self) -> bool:
+        return bool(self.cfg.resample_every) and self.sae.sparsity_coeff() is not None
+
+    def sparsity_coeff(self) -> float | None:
+        """The shared sparsity coefficient in effect (after the warm-up)."""
+        base = self.sae.sparsity_coeff()
+        if base is None:
+            return None
+        return base * (self.controller.multiplier if self.controller is not None else 1.0)
+
+    @functools.cached_property
+    def precision(self) -> PrecisionChoice:
+        """The precision this trainer computes in, and why: "auto" measured on this device (hsae.machine)."""
+        requested = {"none": "fp32"}.get(self.cfg.autocast, self.cfg.autocast)
+        return resolve_precision(requested, self.device, self.sae_cfg.d_in, self.sae_cfg.d_sae)
 
     def _autocast(self) -> Any:
-        mode = self.cfg.autocast
-        enabled = mode == "bf16" or (mode == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.precision == "bf16")
 
     # -- data ----------------------------------------------------------------------------------
     def _prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -242,12 +294,9 @@ class Trainer:
         the unit the sparsity penalty is measured in.
         """
         x = first.x.to(self.device).float()
-        mean = x.mean(dim=0)
-        var = float((x - mean).pow(2).sum(dim=1).mean())
-        if not math.isfinite(var) or var <= 0:
-            raise ValueError(f"the first activation batch has variance {var}: cannot train on it")
-        self.scale = math.sqrt(self.sae_cfg.d_in / var) if self.cfg.normalize_activations else 1.0
-        centre = geometric_median(x) if self.cfg.geometric_median_init else mean
+        scale = activation_scale(x)  # also refuses a batch without variance
+        self.scale = scale if self.cfg.normalize_activations else 1.0
+        centre = geometric_median(x) if self.cfg.geometric_median_init else x.mean(dim=0)
         self.sae.b_dec.copy_(centre * self.scale)
 
     # -- training ------------------------------------------------------------------------------
@@ -290,17 +339,30 @@ class Trainer:
         labels = labels[order] if labels is not None else None
         cfg = self.cfg
         warm = min(1.0, (self.step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
+        multiplier = self.controller.multiplier if self.controller is not None else 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step)
         with self._autocast():
-            out = self._loss(StepInput(x, labels, self.step, sparsity_scale=warm))
+            out = self._loss(StepInput(x, labels, self.step, sparsity_scale=warm * multiplier))
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
         self.sae.on_step_end(self.step, out.f.detach())
+        if self.controller is not None:
+            self.controller.observe(self.step - 1, float((out.f.detach() != 0).sum(dim=-1).float().mean()))
+        self._maybe_resample(x)
         return out, x.shape[0]
+
+    def _maybe_resample(self, x: torch.Tensor) -> None:
+        """Every ``resample_every`` steps of the calibration phase, resample the dead latents."""
+        every = self.cfg.resample_every
+        if not self._resamples() or self.step % every or self.step >= self.cfg.calibration_end():
+            return
+        revived = resample_dead(self.sae, x, self.optimizer, self.cfg.seed, self.step)
+        self.revived_total += revived
+        self.revived_since_log += revived
 
     def _is_checkpoint_step(self) -> bool:
         every = self.cfg.checkpoint_every
@@ -318,6 +380,11 @@ class Trainer:
         record["l0"] = float((out.f.detach() != 0).sum(dim=-1).float().mean())
         record["tokens_per_s"] = record["tokens"] / max(self.wall_s, 1e-9)
         record["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.controller is not None:
+            record["sparsity_multiplier"] = self.controller.multiplier
+        if self._resamples():
+            record["revived_latents"] = float(self.revived_since_log)
+            self.revived_since_log = 0
         if eval_batch is not None:
             record.update(self.validation_record(eval_batch))
         self.last_loss = record["loss"]
@@ -352,7 +419,8 @@ class Trainer:
             check_trained(self.step, self.last_loss, final)
         return TrainResult(sae=self.sae, scale=float(self.scale if self.scale is not None else 1.0), steps=self.step,
                            tokens=self.step * self.cfg.batch_size, wall_s=self.wall_s, metrics=final,
-                           history=list(self.history))
+                           history=list(self.history), sparsity_coeff=self.sparsity_coeff(),
+                           revived_latents=self.revived_total)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
@@ -367,6 +435,8 @@ class Trainer:
             "sae_config": self.sae_cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
             "history": self.history,
+            "controller": None if self.controller is None else self.controller.state(),
+            "revived": [self.revived_total, self.revived_since_log],
         }
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / "sae.safetensors"))
@@ -390,6 +460,19 @@ class Trainer:
         self.wall_s = float(meta["wall_s"])
         self.last_loss = float(meta["last_loss"])
         self.history = list(meta["history"])
+        if self.controller is not None:
+            self.controller.load(meta["controller"])
+        self.revived_total, self.revived_since_log = (int(v) for v in meta.get("revived", (0, 0)))
+
+
+@torch.no_grad()
+def activation_scale(x: torch.Tensor) -> float:
+    """The normalisation scale of a batch: sqrt(d / E||x - mean||^2), a centred per-element variance of 1."""
+    x = x.float()
+    var = float((x - x.mean(dim=0)).pow(2).sum(dim=1).mean())
+    if not math.isfinite(var) or var <= 0:
+        raise ValueError(f"the first activation batch has variance {var}: cannot train on it")
+    return math.sqrt(x.shape[1] / var)
 
 
 @torch.no_grad()

@@ -1,33 +1,38 @@
-"""The verdict: does a variant remove forget knowledge better than a plain ReLU SAE at matched retain?
+"""The verdict: does an arm remove forget knowledge better than a plain ReLU SAE at matched retain?
 
-Pure numpy/pandas (no torch, no Ray). Everything is recomputed from grid.parquet's per-question outcomes
-(``docs/evaluation.md``, "The verdict"):
+Pure numpy/pandas/scipy (no torch, no Ray). Everything is recomputed from grid.parquet's per-question
+outcomes (``docs/evaluation.md``, "The verdict"):
 
-* **matched retain**: the lowest forget accuracy over an SAE's settings whose retain accuracy is >= a bar;
-* **frontier area**: removal (1 - the forget accuracy reachable at retain >= r) averaged over retain levels
-  r on a fixed grid in [lo, 1]: removal averaged over the retain range a user could accept;
-* **intervals**: a bootstrap over questions (forget and retain questions resampled independently, the
-  same resamples for every trial, so differences are paired) and, for comparisons, over seeds too;
-* **claims**: "better/worse than relu" only when the paired interval excludes 0, else "not separable";
-* **headline**: the candidate metric whose between-variant spread is largest relative to its
-  seed-to-seed spread, among those defined for every trial.
+* **matched retain**: the grid setting whose retain accuracy meets a bar with the lowest forget accuracy,
+  chosen on *select* questions and scored on *test* questions (``matched_retain_select_test``) when
+  questions.parquet gives each question a role; on all questions otherwise;
+* **frontier area**: removal averaged over retain levels on a fixed grid in [lo, 1], each level's setting
+  chosen by the same rule;
+* **arms**: one configuration each (variant + its parameters, or the space file's ``arm:`` label);
+* **claims**: a randomized complete block test (arm x seed) with Dunnett's correction against the
+  ``relu`` arm (``hsae/stats.py``), on the headline metric the profile declared before the run
+  (``Profile.headline_metric``) and, labelled secondary, on any other metric given;
+* **question bootstrap**: the question noise of one number (a cell), not the seed-level test.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from hsae import stats
+
 BARS = (0.99, 0.98, 0.95)
 AREA_LO, AREA_STEP = 0.9, 0.005
 POSITIVE_MIN, NEGATIVE_MAX = 0.2, 0.05  # the controls' range (docs/evaluation.md, "Controls")
 BASELINE = "relu"
+ALPHA = 0.05  # family-wise error rate of the claims on one metric
 EPS = 1e-9  # accuracies are k/n: compare with a tolerance far below 1/n
+ROLES = ("select", "test")
 
 
 def bar_metric(bar: float) -> str:
@@ -38,22 +43,61 @@ def bar_metric(bar: float) -> str:
 CANDIDATES: tuple[str, ...] = ("unlearning_score", *(bar_metric(b) for b in BARS), "frontier_area")
 HIGHER_IS_BETTER: dict[str, bool] = {"unlearning_score": True, "frontier_area": True,
                                      **{bar_metric(b): False for b in BARS}}
-# Order of preference when no stability ranking is possible (and to break ties).
-PREFERENCE: tuple[str, ...] = (*(bar_metric(b) for b in BARS), "frontier_area", "unlearning_score")
+# Metric families whose direction follows from the name (the second witness's probe accuracies).
+HIGHER_IS_BETTER_PREFIXES = ("sparse_probe",)
+DEFAULT_HEADLINE = "frontier_area"  # Profile.headline_metric's default; why: docs/evaluation.md, "Headline"
+
+
+def higher_is_better(metric: str, directions: dict[str, bool] | None = None) -> bool:
+    """Which way ``metric`` is better; ValueError naming the known ones when nothing says."""
+    known = {**HIGHER_IS_BETTER, **(directions or {})}
+    if metric in known:
+        return known[metric]
+    if metric.startswith(HIGHER_IS_BETTER_PREFIXES):
+        return True
+    raise ValueError(f"no direction known for metric {metric!r}: pass directions={{{metric!r}: True/False}}; "
+                     f"known: {sorted(known)} and names starting with {list(HIGHER_IS_BETTER_PREFIXES)}")
+
+
+# -- selection on select questions, measurement on test questions --------------------------------
+def select_setting(forget_select: Any, retain_select: Any, bar: float) -> tuple[np.ndarray, np.ndarray]:
+    """The setting each column (resample) chooses: the lowest select-question forget accuracy among
+    settings whose select-question retain accuracy is >= ``bar`` (ties: higher retain, then the first).
+    Returns (index, found): (settings,) inputs give scalars-as-arrays, (settings, R) give (R,)."""
+    f, r = np.asarray(forget_select, dtype=float), np.asarray(retain_select, dtype=float)
+    if f.shape != r.shape:
+        raise ValueError(f"forget and retain accuracies differ in shape: {f.shape} vs {r.shape}")
+    # Accuracies are multiples of 1/n (n <= 10^5): a 1e-7 retain bonus breaks ties without reordering.
+    key = np.where(r >= bar - EPS, f - 1e-7 * np.nan_to_num(r), np.inf)
+    if key.shape[0] == 0:
+        shape = key.shape[1:]
+        return np.zeros(shape, dtype=int), np.zeros(shape, dtype=bool)
+    return key.argmin(axis=0), np.isfinite(key.min(axis=0))
+
+
+def matched_retain_select_test(forget_select: Any, retain_select: Any, forget_test: Any, retain_test: Any,
+                               bar: float) -> tuple[Any, Any]:
+    """Choose the grid setting on select questions (lowest forget accuracy with retain >= ``bar``), report
+    that setting's (forget, retain) accuracy on test questions; NaN when no setting meets the bar.
+
+    Inputs are per-setting accuracies, (settings,) or (settings, resamples); with select = test (no roles)
+    the forget value is ``forget_at_retain``."""
+    idx, found = select_setting(forget_select, retain_select, bar)
+    out = []
+    for test in (forget_test, retain_test):
+        t = np.asarray(test, dtype=float)
+        picked = np.take_along_axis(t, np.asarray(idx)[None, ...], axis=0)[0] if t.shape[0] else np.nan * idx
+        value = np.where(found, picked, np.nan)
+        out.append(float(value) if value.ndim == 0 else value)
+    return out[0], out[1]
 
 
 # -- point metrics ------------------------------------------------------------------------------
 def forget_at_retain(forget_acc: Any, retain_acc: Any, bar: float) -> Any:
     """Lowest forget accuracy over settings whose retain accuracy is >= ``bar``; NaN when none is.
 
-    Inputs of shape (settings,) give a float; (settings, resamples) give one value per resample.
-    """
-    f, r = np.asarray(forget_acc, dtype=float), np.asarray(retain_acc, dtype=float)
-    if f.shape != r.shape:
-        raise ValueError(f"forget and retain accuracies differ in shape: {f.shape} vs {r.shape}")
-    best = np.where(r >= bar - EPS, f, np.inf).min(axis=0, initial=np.inf)
-    out = np.where(np.isfinite(best), best, np.nan)
-    return float(out) if out.ndim == 0 else out
+    Inputs of shape (settings,) give a float; (settings, resamples) give one value per resample."""
+    return matched_retain_select_test(forget_acc, retain_acc, forget_acc, retain_acc, bar)[0]
 
 
 def frontier(points: Any) -> np.ndarray:
@@ -77,16 +121,26 @@ def retain_levels(lo: float = AREA_LO, step: float = AREA_STEP) -> np.ndarray:
     return np.round(np.linspace(lo, 1.0, int(round((1.0 - lo) / step)) + 1), 10)
 
 
+def area_select_test(forget_select: Any, retain_select: Any, forget_test: Any, lo: float = AREA_LO,
+                     step: float = AREA_STEP) -> Any:
+    """Frontier area: the mean over retain levels r of 1 - the test forget accuracy of the setting chosen at
+    r on select questions (0 where no setting reaches r). (settings,) -> float, (settings, R) -> (R,)."""
+    f = np.asarray(forget_select, dtype=float)
+    two = f.ndim == 1
+    cols = [np.asarray(a, dtype=float)[:, None] if two else np.asarray(a, dtype=float)
+            for a in (forget_select, retain_select, forget_test)]
+    removal = [1.0 - np.nan_to_num(matched_retain_select_test(cols[0], cols[1], cols[2], cols[2], r)[0], nan=1.0)
+               for r in retain_levels(lo, step)]
+    out = np.mean(removal, axis=0)
+    return float(out[0]) if two else out
+
+
 def area(forget_acc: Any, retain_acc: Any, lo: float = AREA_LO, step: float = AREA_STEP) -> Any:
     """Frontier area from accuracies: (settings,) -> float, (settings, resamples) -> (resamples,)."""
     f, r = np.asarray(forget_acc, dtype=float), np.asarray(retain_acc, dtype=float)
     if f.shape != r.shape:
         raise ValueError(f"forget and retain accuracies differ in shape: {f.shape} vs {r.shape}")
-    f2, r2 = (f[:, None], r[:, None]) if f.ndim == 1 else (f, r)
-    levels = retain_levels(lo, step)[:, None, None]
-    reach = np.where(r2[None] >= levels - EPS, f2[None], 1.0).min(axis=1, initial=1.0)  # (levels, resamples)
-    out = (1.0 - reach).mean(axis=0)
-    return float(out[0]) if f.ndim == 1 else out
+    return area_select_test(f, r, f, lo, step)
 
 
 def frontier_area(points: Any, lo: float = AREA_LO, step: float = AREA_STEP) -> float:
@@ -96,19 +150,31 @@ def frontier_area(points: Any, lo: float = AREA_LO, step: float = AREA_STEP) -> 
     return area(p[:, 1], p[:, 0], lo, step)
 
 
+SPLIT_COLUMNS = ("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test")
+
+
 def grid_metrics(rows: pd.DataFrame) -> dict[str, float]:
-    """Every candidate metric of one trial's (or control's) grid rows, from their accuracy columns."""
+    """Every candidate metric of one trial's (or control's) grid rows, from their accuracy columns (the
+    select/test ones when every row has them: settings chosen on select, scored on test questions)."""
     f, r = rows["forget_acc"].to_numpy(float), rows["retain_acc"].to_numpy(float)
     sb = (rows["grid"] == "saebench").to_numpy() if "grid" in rows else np.ones(len(rows), bool)
-    return {k: float(v) for k, v in metrics(f, r, sb).items()}
+    has_split = all(c in rows for c in SPLIT_COLUMNS) and rows[list(SPLIT_COLUMNS)].notna().all().all()
+    split = tuple(rows[c].to_numpy(float) for c in SPLIT_COLUMNS) if has_split and len(rows) else None
+    return {k: float(v) for k, v in metrics(f, r, sb, split).items()}
 
 
-def metrics(forget_acc: np.ndarray, retain_acc: np.ndarray, saebench: np.ndarray) -> dict[str, Any]:
-    """Every candidate metric from settings' accuracies ((settings,) or (settings, resamples)).
+def metrics(forget_acc: np.ndarray, retain_acc: np.ndarray, saebench: np.ndarray,
+            split: tuple[np.ndarray, ...] | None = None) -> dict[str, Any]:
+    """Every candidate metric from settings' accuracies on all questions ((settings,) or (settings, R)).
 
-    The SAEBench score uses SAEBench's settings only: 1 - min(forget if retain >= 0.99 else 1)."""
-    out: dict[str, Any] = {bar_metric(b): forget_at_retain(forget_acc, retain_acc, b) for b in BARS}
-    out["frontier_area"] = area(forget_acc, retain_acc)
+    ``split``: (forget, retain) accuracies on select questions, then on test questions, when questions have
+    roles: matched retain and frontier area choose on the first pair and report the second. The SAEBench
+    score keeps SAEBench's own rule on SAEBench's settings and all questions: 1 - min(forget if retain >=
+    0.99 else 1), a number comparable with SAEBench's."""
+    f_sel, r_sel, f_test, r_test = split if split is not None else (forget_acc, retain_acc, forget_acc, retain_acc)
+    out: dict[str, Any] = {bar_metric(b): matched_retain_select_test(f_sel, r_sel, f_test, r_test, b)[0]
+                           for b in BARS}
+    out["frontier_area"] = area_select_test(f_sel, r_sel, f_test)
     best = forget_at_retain(forget_acc[saebench], retain_acc[saebench], 0.99)
     out["unlearning_score"] = 1.0 - np.nan_to_num(best, nan=1.0) if saebench.any() else np.nan * best
     return {m: out[m] for m in CANDIDATES}
@@ -188,15 +254,57 @@ class Bootstrap:
     samples: dict[str, np.ndarray]  # metric -> (trials, n_boot), row i is trial_ids[i]
     n_forget: int = 0
     n_retain: int = 0
+    select_test: bool = False  # matched retain chosen on select questions, scored on test questions
 
     def rows(self, trial_ids: Any) -> list[int]:
         index = {t: i for i, t in enumerate(self.trial_ids)}
         return [index[t] for t in trial_ids if t in index]
 
 
-def bootstrap(outcomes: dict[str, Outcomes], n_boot: int = 1000, seed: int = 0) -> Bootstrap:
-    """Resample forget and retain questions independently (the same resamples for every trial) and
-    recompute every setting's accuracies and every candidate metric."""
+@dataclass(frozen=True)
+class Roles:
+    """Which forget and retain questions (bank order) are test questions; the others select."""
+
+    forget_test: np.ndarray  # (n_forget,) bool
+    retain_test: np.ndarray  # (n_retain,) bool
+
+
+def question_roles(questions: pd.DataFrame | None, n_forget: int, n_retain: int,
+                   bank: str | None = None) -> Roles | None:
+    """Each question's role from questions.parquet (``role`` in {select, test}; outcome strings follow
+    ``question_id`` order within a domain); None when the questions carry no roles."""
+    if questions is None or "role" not in questions:
+        return None
+    q = questions[questions["bank"].astype(str) == bank] if bank is not None and "bank" in questions else questions
+    q = q.sort_values("question_id")
+    bad = sorted(set(q["role"].dropna().astype(str)) - set(ROLES))
+    if bad or q["role"].isna().any():
+        raise ValueError(f"questions.parquet role must be one of {list(ROLES)}, got {bad or ['null']}")
+    test = {d: (q.loc[q["domain"] == d, "role"] == "test").to_numpy() for d in ("forget", "retain")}
+    if (len(test["forget"]), len(test["retain"])) != (n_forget, n_retain):
+        raise ValueError(f"questions.parquet has {len(test['forget'])} forget / {len(test['retain'])} retain "
+                         f"questions, the grid's outcomes {n_forget} / {n_retain}: roles cannot be matched")
+    for d, mask in test.items():
+        if len(mask) and (mask.all() or not mask.any()):
+            raise ValueError(f"questions.parquet: every {d} question has one role; need both select and test")
+    return Roles(test["forget"], test["retain"])
+
+
+def _split_accuracies(o: Outcomes, roles: Roles, counts: dict[str, np.ndarray] | None) -> tuple[np.ndarray, ...]:
+    """(forget select, retain select, forget test, retain test) accuracies: point values without ``counts``,
+    (settings, R) under each part's own resample counts with them."""
+    out = []
+    for part in ("select", "test"):
+        for name, correct, test in (("forget", o.forget, roles.forget_test), ("retain", o.retain, roles.retain_test)):
+            cols = correct[:, test if part == "test" else ~test]
+            out.append(cols.mean(axis=1) if counts is None else accuracies(cols, counts[f"{name}_{part}"]))
+    return out[0], out[1], out[2], out[3]
+
+
+def bootstrap(outcomes: dict[str, Outcomes], n_boot: int = 1000, seed: int = 0,
+              roles: Roles | None = None) -> Bootstrap:
+    """Resample forget and retain questions independently (the same resamples for every trial; with roles,
+    select and test questions each within their part) and recompute every candidate metric."""
     ids = list(outcomes)
     sizes = {(o.forget.shape[1], o.retain.shape[1]) for o in outcomes.values()}
     if len(sizes) > 1:
@@ -204,16 +312,23 @@ def bootstrap(outcomes: dict[str, Outcomes], n_boot: int = 1000, seed: int = 0) 
     n_f, n_r = sizes.pop() if sizes else (0, 0)
     rng = np.random.default_rng(seed)
     cf, cr = resample_counts(n_f, n_boot, rng), resample_counts(n_r, n_boot, rng)
+    split_counts = None
+    if roles is not None:
+        split_counts = {f"{name}_{part}": resample_counts(int((mask if part == "test" else ~mask).sum()), n_boot, rng)
+                        for name, mask in (("forget", roles.forget_test), ("retain", roles.retain_test))
+                        for part in ("select", "test")}
     samples = {m: np.full((len(ids), n_boot), np.nan) for m in CANDIDATES}
     point = {}
     for i, tid in enumerate(ids):
         o = outcomes[tid]
         f, r = o.forget.mean(axis=1), o.retain.mean(axis=1)
-        point[tid] = {m: float(v) for m, v in metrics(f, r, o.saebench).items()}
-        for m, v in metrics(accuracies(o.forget, cf), accuracies(o.retain, cr), o.saebench).items():
+        split = _split_accuracies(o, roles, None) if roles is not None else None
+        point[tid] = {m: float(v) for m, v in metrics(f, r, o.saebench, split).items()}
+        split = _split_accuracies(o, roles, split_counts) if roles is not None else None
+        for m, v in metrics(accuracies(o.forget, cf), accuracies(o.retain, cr), o.saebench, split).items():
             samples[m][i] = v
     frame = pd.DataFrame.from_dict(point, orient="index", columns=list(CANDIDATES))
-    return Bootstrap(ids, frame, samples, n_f, n_r)
+    return Bootstrap(ids, frame, samples, n_f, n_r, roles is not None)
 
 
 def nanmean(a: np.ndarray, axis: int) -> np.ndarray:
@@ -242,25 +357,102 @@ def mean_interval(boot: Bootstrap, trial_ids: Any, metric: str) -> tuple[float, 
     return interval(nanmean(boot.samples[metric][rows], axis=0))
 
 
-# -- paired comparisons -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Comparison:
-    """A variant minus the baseline on one metric, seed by seed on the same question resamples."""
+# -- arms: one configuration each -----------------------------------------------------------------
+ARM_COLUMN = "arm"  # the space file's optional per-block label (docs/sweeps.md, "Arms")
 
-    variant: str
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(list(value)) if isinstance(value, (list, tuple, np.ndarray)) else str(value)
+
+
+def default_params(variant: str) -> dict[str, str]:
+    """A variant's default parameters as text (imported lazily: the registry pulls in torch)."""
+    import dataclasses
+
+    from hsae.variants import VARIANTS
+
+    if variant not in VARIANTS:
+        return {}
+    params = VARIANTS[variant].Params()
+    return {f.name: _value_text(getattr(params, f.name)) for f in dataclasses.fields(params)}
+
+
+def arm_names(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's arm: its ``arm`` label when the space file gave one, else its variant, followed by
+    ``[name=value, ...]`` for the ``cfg_*`` values that differ between that variant's configurations here
+    (the configuration with the variant's default values keeps the bare name: ``relu`` is relu at its
+    defaults, ``relu[l1_coeff=0.14]`` another relu arm)."""
+    names = pd.Series(trials["variant"].astype(str).to_numpy(), index=trials.index, dtype=object)
+    labelled = trials[ARM_COLUMN].notna() & (trials[ARM_COLUMN].astype(str) != "") if ARM_COLUMN in trials \
+        else pd.Series(False, index=trials.index)
+    cfg = [c for c in trials if c.startswith("cfg_") and c != "cfg_variant"]
+    for variant, rows in trials[~labelled].groupby("variant", sort=False):
+        text = rows[cfg].map(_cell_text)
+        varying = [c for c in cfg if text[c].nunique() > 1]
+        if not varying:
+            continue
+        defaults = default_params(str(variant))
+        for idx, row in text[varying].iterrows():
+            pairs = {c.removeprefix("cfg_"): row[c] for c in varying}
+            if any(defaults.get(k) != v for k, v in pairs.items()):
+                names[idx] = f"{variant}[{', '.join(f'{k}={v}' for k, v in pairs.items())}]"
+    if labelled.any():
+        names[labelled] = trials.loc[labelled, ARM_COLUMN].astype(str)
+    return names
+
+
+def _cell_text(value: Any) -> str:
+    """A cfg_* cell as text ('' when missing: a parameter the variant does not have)."""
+    missing = value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+    return "" if missing else _value_text(value)
+
+
+# -- the seed-level test: arm x seed block design, Dunnett against relu ---------------------------
+@dataclass(frozen=True)
+class ArmResult:
+    """One arm minus the baseline arm on one metric, from the block design."""
+
+    arm: str
     metric: str
-    n: int  # seeds present in both
-    diff: float  # mean over those seeds of (variant - baseline)
-    lo: float
+    n: int  # seeds (blocks) behind the difference
+    diff: float  # mean over those seeds of (arm - baseline)
+    lo: float  # Dunnett-adjusted (simultaneous) 95% interval of the difference
     hi: float
-    sd_diff: float  # s.d. over seeds of the per-seed differences (NaN below 2 seeds)
-    verdict: str
+    p_adj: float  # Dunnett-adjusted p value
+    claim: str  # "better than relu" / "worse than relu" / "not separable"
     seeds: tuple = ()
+
+
+@dataclass(frozen=True)
+class MetricTest:
+    """The many-to-one test of every arm against the baseline on one metric."""
+
+    metric: str
+    role: str  # "headline" (declared before the run) or "secondary"
+    higher_is_better: bool
+    baseline: str
+    arms: tuple[ArmResult, ...]
+    seeds: tuple = ()  # the blocks: the baseline's seeds with a value
+    df: int = 0  # residual degrees of freedom, (arms - 1)(seeds - 1)
+    sd_resid: float = math.nan  # pooled residual s.d. of the arm + seed model, over every tested arm
+    crit: float = math.nan  # Dunnett's two-sided critical value
+    mdd: float = math.nan  # minimal detectable difference at these seeds (alpha 0.05, power 0.8)
+    mdd_by_seeds: dict[int, float] = field(default_factory=dict)  # the same at other seed counts
+    untested: dict[str, str] = field(default_factory=dict)  # arm -> why it is not in the test
+    note: str = ""  # why there is no test at all
+
+    def by_arm(self) -> dict[str, ArmResult]:
+        return {a.arm: a for a in self.arms}
+
+    def inseparable(self) -> list[str]:
+        return [a.arm for a in self.arms if a.claim.startswith("not separable")]
 
 
 def claim(lo: float, hi: float, higher_is_better: bool, n_seeds: int, baseline: str = BASELINE,
           min_seeds: int = 2) -> str:
-    """'better than relu' / 'worse than relu' only when the interval excludes 0 (and the pair has at
+    """'better than relu' / 'worse than relu' only when the adjusted interval excludes 0 (and there are at
     least ``min_seeds`` seeds: one seed says nothing of seed-to-seed variation); else 'not separable'."""
     if n_seeds < min_seeds:
         return f"not separable (needs ≥ {min_seeds} seeds)"
@@ -269,60 +461,80 @@ def claim(lo: float, hi: float, higher_is_better: bool, n_seeds: int, baseline: 
     return f"better than {baseline}" if (lo > 0) == higher_is_better else f"worse than {baseline}"
 
 
-def seed_values(per_trial: pd.DataFrame, boot: Bootstrap, metric: str,
-                variant: str) -> tuple[list, np.ndarray, np.ndarray]:
-    """Seeds of ``variant``, its point metric per seed and its (seeds, n_boot) resamples (trials sharing a
-    variant and seed are averaged)."""
-    rows = per_trial[(per_trial["variant"] == variant) & per_trial["trial_id"].isin(boot.trial_ids)]
-    seeds, points, samples = [], [], []
-    for seed, g in rows.groupby("seed", sort=True):
-        idx = boot.rows(g["trial_id"])
-        seeds.append(seed)
-        points.append(float(nanmean(boot.point.loc[g["trial_id"], metric].to_numpy(float), axis=0)))
-        samples.append(nanmean(boot.samples[metric][idx], axis=0))
-    n_boot = next(iter(boot.samples.values())).shape[1] if boot.samples else 0
-    return seeds, np.asarray(points), np.asarray(samples).reshape(len(seeds), n_boot)
+POWER_SEEDS = (2, 3, 5, 10)
 
 
-def compare(per_trial: pd.DataFrame, boot: Bootstrap, metric: str, variant: str, baseline: str = BASELINE,
-            seed: int = 0) -> Comparison:
-    """Paired comparison by a two-level bootstrap: resample the shared seeds with replacement and, with
-    each seed resample, one question resample (the same for both variants)."""
-    sv, pv, bv = seed_values(per_trial, boot, metric, variant)
-    sb, pb, bb = seed_values(per_trial, boot, metric, baseline)
-    common = sorted(set(sv) & set(sb))
-    if not common:
-        return Comparison(variant, metric, 0, math.nan, math.nan, math.nan, math.nan, "no paired seed")
-    iv, ib = [sv.index(s) for s in common], [sb.index(s) for s in common]
-    d_point, d_boot = pv[iv] - pb[ib], bv[iv] - bb[ib]  # (n,), (n, n_boot)
-    n, n_boot = d_boot.shape
-    pick = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    # Rounded far below any 1/n: equal accuracies summed in another order must give a difference of exactly 0.
-    lo, hi = (round(x, 12) for x in interval(nanmean(d_boot[pick, np.arange(n_boot)[:, None]], axis=1)))
-    finite = d_point[np.isfinite(d_point)]
-    sd = round(float(np.std(finite, ddof=1)), 12) if len(finite) >= 2 else math.nan
-    verdict = claim(lo, hi, HIGHER_IS_BETTER[metric], n, baseline)
-    diff = round(float(nanmean(d_point, axis=0)), 12)
-    return Comparison(variant, metric, n, diff, lo, hi, sd, verdict, tuple(common))
+def seed_table(per_trial: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """arm x seed means of ``metric`` (trials sharing an arm and seed are averaged; NaN: no value)."""
+    values = per_trial.assign(_v=per_trial[metric].astype(float))
+    return values.groupby(["arm", "seed"])["_v"].mean().unstack("seed")
 
 
-def compare_all(per_trial: pd.DataFrame, boot: Bootstrap, metric: str, baseline: str = BASELINE,
-                seed: int = 0) -> list[Comparison]:
-    """Every variant other than the baseline against it (empty when the baseline has no trial)."""
-    variants = list(dict.fromkeys(per_trial["variant"]))
-    if baseline not in variants:
-        return []
-    return [compare(per_trial, boot, metric, v, baseline, seed) for v in variants if v != baseline]
+def arm_test(per_trial: pd.DataFrame, metric: str, role: str = "headline", baseline: str = BASELINE,
+                alpha: float = ALPHA, directions: dict[str, bool] | None = None) -> MetricTest:
+    """Every arm against ``baseline`` on ``metric``: blocks are the baseline's seeds; an arm without a value
+    at one of them is left out (said why); the rest go through ``stats.many_to_one`` together."""
+    better = higher_is_better(metric, directions)
+    if metric not in per_trial:
+        return MetricTest(metric, role, better, baseline, (), note=f"no column {metric!r}")
+    table = seed_table(per_trial, metric)
+    if baseline not in table.index:
+        return MetricTest(metric, role, better, baseline, (), note=f"no {baseline} arm with a value")
+    seeds = tuple(s for s in table.columns if np.isfinite(table.loc[baseline, s]))
+    others = [a for a in table.index if a != baseline]
+    untested = {a: "no value at seed(s) " + ", ".join(str(s) for s in seeds if not np.isfinite(table.loc[a, s]))
+                for a in others if not np.isfinite(table.loc[a, list(seeds)].to_numpy(float)).all()}
+    tested = [a for a in others if a not in untested]
+    if len(seeds) < 2 or not tested:
+        arms = tuple(ArmResult(a, metric, len(seeds), _mean_diff(table, a, baseline, seeds), math.nan, math.nan,
+                               math.nan, claim(math.nan, math.nan, better, len(seeds), baseline), seeds)
+                     for a in tested)
+        why = f"{len(seeds)} {baseline} seed(s)" if len(seeds) < 2 else "no arm has a value at every baseline seed"
+        return MetricTest(metric, role, better, baseline, arms, seeds, untested=untested, note=why)
+    y = table.loc[[baseline, *tested], list(seeds)].to_numpy(float)
+    res = stats.many_to_one(y, alpha)
+    arms = tuple(ArmResult(a, metric, len(seeds), _round(res.diff[i]), _round(res.lo[i]), _round(res.hi[i]),
+                           float(res.p_adj[i]), claim(_round(res.lo[i]), _round(res.hi[i]), better, len(seeds),
+                                                      baseline), seeds)
+                 for i, a in enumerate(tested))
+    sd = float(res.sd_resid)
+    k = len(tested) + 1
+    mdd = {n: stats.min_detectable_difference(sd, k, n, alpha) for n in sorted({*POWER_SEEDS, len(seeds)})}
+    return MetricTest(metric, role, better, baseline, arms, seeds, res.df, sd, res.crit, mdd[len(seeds)], mdd,
+                      untested)
 
 
-# -- which metric leads, and what the seed count can detect --------------------------------------
+def _round(x: float) -> float:
+    """Rounded far below any 1/n: equal accuracies summed in another order give a difference of exactly 0."""
+    return round(float(x), 12)
+
+
+def _mean_diff(table: pd.DataFrame, arm: str, baseline: str, seeds: tuple) -> float:
+    d = (table.loc[arm, list(seeds)] - table.loc[baseline, list(seeds)]).to_numpy(float)
+    return _round(d.mean()) if len(d) else math.nan
+
+
+def arm_tests(per_trial: pd.DataFrame, headline: str, secondary: list[str] | tuple[str, ...] = (),
+                 baseline: str = BASELINE, alpha: float = ALPHA,
+                 directions: dict[str, bool] | None = None) -> list[MetricTest]:
+    """The headline metric and each secondary metric through the same calibrated test, in that order.
+
+    The family-wise error rate is controlled per metric (over the arms); secondary metrics are labelled
+    so and are not corrected across metrics (docs/evaluation.md, "Headline and secondary metrics")."""
+    out = [arm_test(per_trial, headline, "headline", baseline, alpha, directions)]
+    return out + [arm_test(per_trial, m, "secondary", baseline, alpha, directions)
+                  for m in dict.fromkeys(secondary) if m != headline]
+
+
+# -- exploratory: how each candidate spreads ----------------------------------------------------
 def stability(per_trial: pd.DataFrame, candidates: tuple[str, ...] = CANDIDATES) -> pd.DataFrame:
-    """Per candidate: defined for every trial?, pooled within-variant (seed-to-seed) s.d., s.d. of the
-    variant means, and their ratio between / within (NaN when the metric is constant everywhere)."""
+    """Per candidate: defined for every trial?, pooled within-arm (seed-to-seed) s.d., s.d. of the arm
+    means, and their ratio between / within. Exploratory: it chooses nothing (the headline is declared)."""
+    key = "arm" if "arm" in per_trial else "variant"
     rows = []
     for m in candidates:
         v = per_trial[m].astype(float) if m in per_trial else pd.Series(np.nan, index=per_trial.index)
-        groups = per_trial.assign(_v=v).groupby("variant")["_v"]
+        groups = per_trial.assign(_v=v).groupby(key)["_v"]
         dof = (groups.count() - 1).clip(lower=0)
         within = math.sqrt(float((groups.var(ddof=1).fillna(0.0) * dof).sum() / dof.sum())) if dof.sum() else math.nan
         means = groups.mean().dropna()
@@ -334,102 +546,6 @@ def stability(per_trial: pd.DataFrame, candidates: tuple[str, ...] = CANDIDATES)
         rows.append({"metric": m, "defined": bool(len(v)) and bool(v.notna().all()), "within_sd": within,
                      "between_sd": between, "ratio": ratio})
     return pd.DataFrame(rows).set_index("metric")
-
-
-def choose_headline(stab: pd.DataFrame, per_trial: pd.DataFrame | None = None) -> tuple[str | None, str]:
-    """The defined candidate with the best between/within ratio, and why; a metric null or constant
-    everywhere cannot answer the question. Without a ranking (one variant or one seed): the first defined,
-    varying candidate in ``PREFERENCE``."""
-    order = [m for m in PREFERENCE if m in stab.index]
-    ranked = [m for m in order if stab.loc[m, "defined"] and not math.isnan(stab.loc[m, "ratio"])]
-    if ranked:
-        best = max(ranked, key=lambda m: (stab.loc[m, "ratio"], -order.index(m)))
-        s = stab.loc[best]
-        return best, (f"the most stable defined candidate: between-variant s.d. {s.between_sd:.3g} vs "
-                      f"seed-to-seed s.d. {s.within_sd:.3g} (ratio {s.ratio:.3g})")
-    varying = [m for m in order if stab.loc[m, "defined"] and per_trial is not None
-               and per_trial[m].astype(float).nunique() > 1]
-    if varying:
-        return varying[0], "no stability ranking is possible (it needs ≥ 2 variants, one with ≥ 2 seeds)"
-    return None, "no candidate metric is defined for every completed trial and varies across them"
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betai(a: float, b: float, x: float) -> float:
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Student's t distribution function (no scipy needed)."""
-    tail = 0.5 * _betai(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-@lru_cache(maxsize=4096)
-def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t with ``df`` degrees of freedom (bisection on ``t_cdf``)."""
-    if not 0 < p < 1 or df <= 0:
-        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p!r}, df={df!r}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo < 1e-12:
-            break
-    return (lo + hi) / 2
-
-
-def min_detectable_difference(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest mean paired difference n seeds detect (two-sided alpha, given power):
-    (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd_diff / sqrt(n). NaN below 2 seeds or without an s.d."""
-    if n < 2 or not math.isfinite(sd_diff):
-        return math.nan
-    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd_diff / math.sqrt(n)
-
-
-def seeds_needed(diff: float, sd_diff: float, cap: int = 100, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest seed count whose minimal detectable difference is <= |diff|: NaN when diff is 0 or
-    undefined (nothing to detect), inf when more than ``cap`` seeds would be needed."""
-    if not (math.isfinite(diff) and math.isfinite(sd_diff)) or diff == 0:
-        return math.nan
-    for n in range(2, cap + 1):
-        if min_detectable_difference(sd_diff, n, alpha, power) <= abs(diff):
-            return float(n)
-    return math.inf
-
-
-def pooled_sd(comparisons: list[Comparison]) -> float:
-    """Pooled s.d. of per-seed paired differences over the comparisons that have one."""
-    have = [c for c in comparisons if c.n >= 2 and math.isfinite(c.sd_diff)]
-    dof = sum(c.n - 1 for c in have)
-    return math.sqrt(sum((c.n - 1) * c.sd_diff ** 2 for c in have) / dof) if dof else math.nan
 
 
 # -- bookkeeping --------------------------------------------------------------------------------
@@ -448,6 +564,12 @@ def setting_counts(grid: pd.DataFrame, control: str = "sae") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["trial_id", "grid", "settings", "selecting_none", "tied"])
 
 
+def controls_in_range(positive: float | None, negative: float | None) -> bool:
+    """The one range check of the evaluation controls: positive >= 0.2 and negative <= 0.05 (a missing
+    score is not out of range)."""
+    return (positive is None or positive >= POSITIVE_MIN) and (negative is None or negative <= NEGATIVE_MAX)
+
+
 def controls_problems(done: pd.DataFrame, controls: dict) -> list[str]:
     """Why the evaluation cannot be trusted: completed trials flagged ``controls_ok == False``, or the
     controls file's positive control below 0.2 / negative control above 0.05. Empty: nothing wrong."""
@@ -458,9 +580,9 @@ def controls_problems(done: pd.DataFrame, controls: dict) -> list[str]:
             problems.append(f"{bad} completed trial(s) ran with evaluation controls out of range (controls_ok false)")
     pos = (controls.get("positive") or {}).get("score")
     neg = (controls.get("negative") or {}).get("score")
-    if pos is not None and not pos >= POSITIVE_MIN:
+    if not controls_in_range(pos, None):
         problems.append(f"positive control {pos:.3f} < {POSITIVE_MIN} (the removal it must detect is not detected)")
-    if neg is not None and not neg <= NEGATIVE_MAX:
+    if not controls_in_range(None, neg):
         problems.append(f"negative control {neg:.3f} > {NEGATIVE_MAX} (random directions 'remove' knowledge)")
     return problems
 
@@ -484,23 +606,28 @@ def crosscheck(trials: pd.DataFrame, per_trial: pd.DataFrame, tol: float = 1e-6)
 # -- everything the report needs ----------------------------------------------------------------
 @dataclass
 class Verdict:
-    per_trial: pd.DataFrame  # trial_id, variant, seed + CANDIDATES (point values recomputed from the grid)
+    per_trial: pd.DataFrame  # trial_id, variant, arm, seed + CANDIDATES (recomputed) + secondary columns
     boot: Bootstrap
-    stability: pd.DataFrame
-    headline: str | None
-    reason: str
-    comparisons: list[Comparison]
+    stability: pd.DataFrame  # exploratory diagnostic, chooses nothing
+    headline: str  # declared before the run (Profile.headline_metric)
+    tests: list[MetricTest]  # the headline's first, then the secondary metrics'
     n_seeds: int  # distinct seeds among the trials compared
-    sd_diff: float  # pooled s.d. of per-seed paired differences on the headline metric
-    mdd: float  # smallest paired difference n_seeds can detect (alpha 0.05, power 0.8)
-    needed: dict[str, float]  # variant -> seeds needed to detect its observed difference
     counts: pd.DataFrame  # setting_counts of these trials
+    baseline: str = BASELINE
     excluded: dict[str, str] = field(default_factory=dict)  # trial_id -> why it is not in the verdict
     mismatches: list[str] = field(default_factory=list)  # crosscheck against the trial rows
     bank: str | None = None  # the question bank's key (grid.parquet ``bank``) when the grid names it
 
+    @property
+    def main(self) -> MetricTest:
+        """The headline metric's test: the one that makes the claims."""
+        return self.tests[0]
+
     def inseparable(self) -> list[str]:
-        return [c.variant for c in self.comparisons if c.verdict.startswith("not separable")]
+        return self.main.inseparable()
+
+    def arms(self) -> list[str]:
+        return list(dict.fromkeys(self.per_trial["arm"]))
 
 
 def one_bank(grid: pd.DataFrame, trial_ids: Any) -> str | None:
@@ -517,21 +644,45 @@ def one_bank(grid: pd.DataFrame, trial_ids: Any) -> str | None:
     return banks[0] if banks else None
 
 
-def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-                  baseline: str = BASELINE) -> Verdict:
-    """The verdict over the completed trials of ``trials`` (rank only those) from grid.parquet's rows."""
+def declared_headline(trials: pd.DataFrame, default: str = DEFAULT_HEADLINE) -> str:
+    """The headline the rows record (``headline_metric``, one value), else ``default``."""
+    if "headline_metric" not in trials:
+        return default
+    named = sorted(set(trials["headline_metric"].dropna().astype(str)))
+    if len(named) > 1:
+        raise ValueError(f"the trials declare {len(named)} headline metrics ({', '.join(named)}): "
+                         f"compare trials of one declaration at a time")
+    return named[0] if named else default
+
+
+def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None = None,
+                  secondary: list[str] | tuple[str, ...] | None = None, questions: pd.DataFrame | None = None,
+                  n_boot: int = 1000, seed: int = 0, baseline: str = BASELINE, alpha: float = ALPHA,
+                  directions: dict[str, bool] | None = None) -> Verdict:
+    """The verdict over the completed trials of ``trials`` from grid.parquet's rows.
+
+    ``headline``: the declared metric (None: ``declared_headline(trials)``); ``secondary``: other metrics
+    tested the same way (None: the other candidates); a metric not recomputed from the grid is read from
+    the trial rows (e.g. sparse-probing columns). With ``questions`` carrying roles, matched retain is
+    chosen on select questions and scored on test questions."""
     done = trials[trials["status"] == "completed"]
+    headline = headline or declared_headline(done)
+    secondary = [m for m in CANDIDATES if m != headline] if secondary is None else list(secondary)
+    for m in [headline, *secondary]:
+        higher_is_better(m, directions)  # a metric with no known direction fails here, naming it
     bank = one_bank(grid, done["trial_id"])
     outcomes, excluded = outcomes_by_trial(grid, list(done["trial_id"]))
-    boot = bootstrap(outcomes, n_boot, seed)
-    per_trial = done[["trial_id", "variant", "seed"]].merge(boot.point, left_on="trial_id", right_index=True)
-    stab = stability(per_trial)
-    headline, reason = choose_headline(stab, per_trial)
-    comparisons = compare_all(per_trial, boot, headline, baseline, seed) if headline else []
-    n_seeds = int(per_trial["seed"].nunique())
-    sd = pooled_sd(comparisons)
-    needed = {c.variant: seeds_needed(c.diff, sd) for c in comparisons}
+    sizes = {(o.forget.shape[1], o.retain.shape[1]) for o in outcomes.values()}
+    roles = question_roles(questions, *sizes.pop(), bank=bank) if len(sizes) == 1 else None
+    boot = bootstrap(outcomes, n_boot, seed, roles)
+    extra = [m for m in dict.fromkeys([headline, *secondary]) if m not in CANDIDATES]
+    missing = [m for m in extra if m not in done]
+    if missing:
+        raise ValueError(f"metric(s) {missing} are neither recomputed from the grid ({list(CANDIDATES)}) nor "
+                         f"columns of the trial rows")
+    ids = done[["trial_id", "variant", "seed", *extra]].assign(arm=arm_names(done).to_numpy())
+    per_trial = ids.merge(boot.point, left_on="trial_id", right_index=True).reset_index(drop=True)
+    tests = arm_tests(per_trial, headline, secondary, baseline, alpha, directions)
     counts = setting_counts(grid[grid["trial_id"].isin(per_trial["trial_id"])])
-    return Verdict(per_trial.reset_index(drop=True), boot, stab, headline, reason, comparisons, n_seeds, sd,
-                   min_detectable_difference(sd, n_seeds), needed, counts, excluded, crosscheck(done, per_trial),
-                   bank)
+    return Verdict(per_trial, boot, stability(per_trial), headline, tests, int(per_trial["seed"].nunique()),
+                   counts, baseline, excluded, crosscheck(done, per_trial), bank)

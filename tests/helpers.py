@@ -1,6 +1,12 @@
-"""Small shared pieces for the tests: quick synthetic training at test-friendly sizes."""
+"""Small shared pieces for the tests: quick synthetic training at test-friendly sizes, and the evaluator
+built the way a sweep builds it."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from hsae.config import SAEConfig, TrainConfig
 from hsae.train import ArrayBatches, Trainer, to_batch
@@ -42,3 +48,38 @@ def train_small(data, variant, steps=200, lr=3e-3, checkpoint_dir=None, checkpoi
     source = ArrayBatches(data.x[:n_train], data.labels[:n_train], BATCH, tcfg.seed)
     result = trainer.fit(source, eval_batch=to_batch(data.x[n_train:], data.labels[n_train:]), guard=guard)
     return trainer, result
+
+
+def served_evaluator(profile: str, root: Path, **overrides: Any) -> Any:
+    """The evaluator of a sweep on ``profile`` (``overrides``: its fields), built by ``ActivationServer``
+    itself (a plain object here, not an actor; Ray must be initialised for its ``ray.put``): the corpus
+    split by document first, the question bank from held-out documents only, firing frequencies and control
+    directions from held-out content activations. A regression in that split reaches every test using it."""
+    from hsae.server import ActivationServer
+    from hsae.spaces import get_profile
+    from tune.ablate import eval_config, harvest_config
+
+    chosen = get_profile(profile, **overrides)
+    eval_cfg, bank_cfg = eval_config(chosen)
+    server = ActivationServer(harvest_config(chosen), cache_root=str(root), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
+    return server.evaluator()
+
+
+def assert_evaluation_held_out(evaluator: Any, profile: str, root: Path, **overrides: Any) -> None:
+    """Nothing ``evaluator`` measures with comes from a document SAEs train on: every question's document is
+    held out, and every activation row it selects features and fits controls on is a held-out (eval) row."""
+    from hsae.activations import harvest
+    from hsae.corpora import load_corpus, split_table
+    from hsae.spaces import get_profile
+    from tune.ablate import harvest_config
+
+    cfg = harvest_config(get_profile(profile, **overrides))
+    split = split_table(load_corpus(cfg.corpus), cfg.holdout_fraction, cfg.seed)
+    heldout = set(split.loc[split["part"] == "heldout", "doc_id"])
+    trained_on = {q["doc_id"] for q in evaluator.bank.text} - heldout
+    assert not trained_on, f"questions from training documents: {sorted(trained_on)[:5]}"
+    eval_x, _ = harvest(cfg, root=root, progress=None).arrays("eval")
+    eval_rows = {np.asarray(row).tobytes() for row in eval_x[np.arange(len(eval_x))]}
+    select_x = np.asarray(evaluator.select_x[np.arange(len(evaluator.select_labels))])
+    outside = sum(row.tobytes() not in eval_rows for row in select_x)
+    assert len(select_x) > 0 and outside == 0, f"{outside} of {len(select_x)} selection rows are not held-out rows"

@@ -93,7 +93,7 @@ def test_shard_problems_are_told_apart(tiny_harvest_cfg, tmp_path):
     (h.dir / "train_00000.json").write_text("{not json")
     (h.dir / "train_00001.tokens.npy").unlink()
     (h.dir / "train_00002.json").unlink()
-    for name in ("train_00002.npy", "train_00002.labels.npy", "train_00002.tokens.npy"):
+    for name in ("train_00002.npy", "train_00002.labels.npy", "train_00002.tokens.npy", "train_00002.contexts.npy"):
         (h.dir / name).unlink()
     assert "sidecar train_00000.json unreadable" in cache.shard_problem("train", 0)
     assert cache.shard_problem("train", 1).endswith("train_00001.tokens.npy is missing")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from hsae.convergence import is_converged, log_every_for, val_mse_rel_change
+from hsae.convergence import convergence_verdict, is_converged, log_every_for, val_mse_rel_change
 from hsae.spaces import get_profile
 
 
@@ -48,3 +48,41 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
     assert lrs[half - 1] == pytest.approx(cfg.lr)
     assert all(b <= a for a, b in zip(lrs[half:], lrs[half + 1:], strict=False))
     assert 0 < lrs[-1] < 0.01 * cfg.lr
+
+
+# 1,000 steps logged every 50: calibration to 600, constant rate to 800, linear decay to 0 over the last 200.
+STEPS_1K = list(range(0, 1001, 50))
+
+
+def curve(before_decay_rate: float, during_decay_rate: float) -> list[float]:
+    """Held-out MSE falling by ``before_decay_rate`` per 50 steps up to step 800, then ``during_decay_rate``."""
+    out, mse = [], 1.0
+    for s in STEPS_1K:
+        out.append(mse)
+        mse *= 1 - (before_decay_rate if s < 800 else during_decay_rate)
+    return out
+
+
+def test_a_decay_alone_does_not_pass_a_run_still_improving_at_the_constant_rate():
+    # Improving 1% per 50 steps before the decay, flat during it: the old end-of-run rule passes it.
+    verdict = convergence_verdict(STEPS_1K, curve(0.01, 0.0), 1000, fixed_from=600, decay_start=800)
+    assert is_converged(verdict["val_mse_rel_change"])
+    assert verdict["plateau_rel_change"] == pytest.approx(0.99**4 - 1)
+    assert (verdict["plateau_start_step"], verdict["plateau_end_step"]) == (600, 800)
+    assert verdict["converged"] is False
+
+
+def test_a_plateau_before_the_decay_converges():
+    verdict = convergence_verdict(STEPS_1K, curve(0.001, 0.0), 1000, fixed_from=600, decay_start=800)
+    assert verdict["converged"] is True
+
+
+def test_a_short_window_is_judged_at_its_rate_and_a_missing_one_never_converges():
+    # Calibration to 700: the window 700..800 is 10% of the steps, its change counted per 20%.
+    short = convergence_verdict(STEPS_1K, curve(0.006, 0.0), 1000, fixed_from=700, decay_start=800)
+    assert short["plateau_rel_change"] == pytest.approx((0.994**2 - 1) * 2)
+    assert short["converged"] is False
+    # Calibration to 750: 50 steps of constant rate are not enough to judge anything.
+    none = convergence_verdict(STEPS_1K, curve(0.0, 0.0), 1000, fixed_from=750, decay_start=800)
+    assert none["plateau_start_step"] is None and math.isnan(none["plateau_rel_change"])
+    assert none["converged"] is False

@@ -27,30 +27,20 @@ def test_embedded_harvest_shapes_dtype_finiteness_and_labels(tmp_path):
     assert again.forwards == 0
 
 
-def test_embedded_question_banks_and_controls(tmp_path):
-    from hsae.activations import Harvester
-    from hsae.corpora import load_corpus
-    from hsae.evaluation.evaluator import EvalConfig, Evaluator
-    from hsae.evaluation.questions import BankConfig, build_bank, cloze_source
+def test_embedded_question_banks_and_controls(tmp_path, ray_session):
+    """The embedded profile's bank and evaluation controls as its sweep builds them: questions from held-out
+    articles only, control directions fit on the profile's held-out activations (its 256 eval contexts; 64 are
+    too few: the positive control measured 0.175). Evaluation reads no training row, so few are harvested."""
+    from tests.helpers import assert_evaluation_held_out, served_evaluator
 
-    cfg = HarvestConfig(model=ModelSpec("embedded"), corpus=CorpusSpec("embedded"), n_ctxs=128, n_eval_ctxs=8)
-    harvester = Harvester(cfg, root=tmp_path)
-    h = harvester.run()
-    loaded = harvester.loaded
-    bank_cfg = BankConfig()
-    messages = []
-    build = lambda: build_bank(loaded, bank_cfg, cloze_source(loaded.tokenizer, load_corpus(cfg.corpus), bank_cfg),  # noqa: E731
-                               {"test": "embedded"}, progress=messages.append, root=tmp_path)
-    bank = build()
+    sizes = {"n_ctxs": 16}
+    ev = served_evaluator("embedded", tmp_path, **sizes)
+    assert_evaluation_held_out(ev, "embedded", tmp_path, **sizes)
+    bank = ev.bank
     assert bank.count(FORGET) >= 150 and bank.count(RETAIN) >= 300
-    messages.clear()
-    assert build().prompts == bank.prompts and not any("scoring" in m for m in messages)  # cached on disk
-    x, labels = h.arrays("train")
-    tokens, domains = harvester.cache.contexts("eval")
-    ev = Evaluator(loaded, bank, x, labels, tokens, domains, EvalConfig())
+    assert ev.baseline_correct.all()  # measured: the evaluator's re-run path agrees with the bank's filter
     controls = ev.controls()
-    best = min(controls["positive"]["grid"], key=lambda g: g["forget_acc"] if g["retain_acc"] >= 0.99 else 1)
-    assert controls["positive"]["score"] >= 0.2 and best["retain_acc"] >= 0.99, controls["positive"]["grid"]
+    assert controls["positive"]["score"] >= 0.2, controls["positive"]["grid"]
     assert controls["negative"]["score"] <= 0.05, controls["negative"]["grid"]
     print("bank", bank.count(FORGET), bank.count(RETAIN), "positive", controls["positive"]["score"],
           "negative", controls["negative"]["score"])

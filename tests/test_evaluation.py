@@ -2,37 +2,41 @@ import numpy as np
 import pytest
 import torch
 
-from hsae.activations import harvest
 from hsae.config import SAEConfig
-from hsae.corpora import FORGET, RETAIN, CorpusSpec, load_corpus
+from hsae.corpora import FORGET, RETAIN
 from hsae.evaluation.evaluator import EvalConfig, Evaluator, eval_cache_key
 from hsae.evaluation.interventions import SAEClamp
-from hsae.evaluation.questions import BankConfig, build_bank, cloze_source
+from hsae.evaluation.questions import BankConfig
 from hsae.evaluation.tail import full_log_probs, tail_hidden, token_logits
 from hsae.evaluation.unlearning import UnlearningConfig, select_features, unlearning_score
-from hsae.models import load_model, stopped_forward
+from hsae.models import stopped_forward
 from hsae.train import DegenerateRunError
+from tests.helpers import assert_evaluation_held_out, served_evaluator
 
 SMALL = EvalConfig(unlearning=UnlearningConfig(min_forget_questions=10, min_retain_questions=10),
                    ce_contexts_per_domain=2)
 
 
 @pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    from hsae.activations import HarvestConfig
-    from hsae.models import ModelSpec
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
 
-    root = tmp_path_factory.mktemp("cache")
-    cfg = HarvestConfig(model=ModelSpec("tiny"), corpus=CorpusSpec("toy"), ctx_len=32, n_ctxs=40, n_eval_ctxs=8,
-                        shard_ctxs=16)
-    h = harvest(cfg, root=root, progress=None)
-    loaded = load_model(cfg.model)
-    bank_cfg = BankConfig(max_forget=1000, max_retain=1000)
-    bank = build_bank(loaded, bank_cfg, cloze_source(loaded.tokenizer, load_corpus(cfg.corpus), bank_cfg),
-                      {"test": "tiny"}, progress=None, root=root)
-    x, labels = h.arrays("eval")
-    tokens, domains = np.load(h.dir / "tokens_eval.npy"), np.load(h.dir / "domains_eval.npy")
-    return loaded, bank, Evaluator(loaded, bank, x, labels, tokens, domains, SMALL)
+
+@pytest.fixture(scope="module")
+def tiny_world(tiny_root, ray_session):
+    """The tiny profile's evaluator as its sweep builds it (held-out questions and activations only)."""
+    ev = served_evaluator("tiny", tiny_root)
+    assert_evaluation_held_out(ev, "tiny", tiny_root)
+    return ev.loaded, ev.bank, ev
+
+
+def test_question_bank_is_cached_on_disk(tiny_world, tiny_root, capsys):
+    _, bank, _ = tiny_world
+    capsys.readouterr()
+    again = served_evaluator("tiny", tiny_root)
+    printed = capsys.readouterr().out
+    assert again.bank.prompts == bank.prompts and again.bank.key == bank.key
+    assert "question bank" not in printed and "scoring" not in printed  # read back, not rebuilt
 
 
 def identity_sae(d=64):
@@ -50,6 +54,11 @@ def test_selection_follows_the_procedure_on_a_constructed_example():
     assert select_features(forget, retain, 0.01, 3).tolist() == [1, 2, 3]  # 1 and 2 tie: lower index first
     assert select_features(forget, retain, 0.001, 10).tolist() == [1, 3, 4]
     assert select_features(forget, retain, 0.5, 2).tolist() == [6, 0]
+
+
+def _point(forget_sel, retain_sel, forget_test, retain_test):
+    return {"forget_acc_select": forget_sel, "retain_acc_select": retain_sel, "forget_acc_test": forget_test,
+            "retain_acc_test": retain_test}
 
 
 def test_score_formula_matches_a_hand_computed_grid():
@@ -70,6 +79,31 @@ def test_bank_is_answered_correctly_by_the_unmodified_model(tiny_world):
     ids = torch.tensor([[o[0] for o in q] for q in b["options"]])
     scores = token_logits(loaded, hidden[torch.arange(len(ids)), b["last"]], ids)
     assert torch.equal(scores.argmax(-1), b["answer"])
+
+
+def test_baselines_are_measured_on_the_unmodified_model(tiny_world):
+    from dataclasses import replace
+
+    loaded, bank, ev = tiny_world
+    assert ev.baseline_correct.all()  # the bank keeps only what the unmodified model answers correctly
+    # A bank whose first forget question names the wrong option: the unmodified model now gets it wrong.
+    wrong = bank.domain.index(FORGET)
+    answers = list(bank.answer)
+    answers[wrong] = (answers[wrong] + 1) % len(bank.options[wrong])
+    tokens, domains = np.zeros((1, 32), dtype=np.int64), np.zeros(1, dtype=np.int64)
+    flawed = Evaluator(loaded, replace(bank, answer=answers), ev.select_x, ev.select_labels, tokens, domains, SMALL)
+    n_forget = bank.count(FORGET)
+    assert np.flatnonzero(~flawed.baseline_correct).tolist() == [wrong]
+    cfg, state = identity_sae()
+    out = flawed.unlearning(cfg, state)
+    assert out["baseline_forget_acc"] == pytest.approx((n_forget - 1) / n_forget) and out["baseline_retain_acc"] == 1.0
+    assert flawed.controls()["positive"]["baseline_forget_acc"] == out["baseline_forget_acc"]
+    # An intervention that touches no prompt leaves every question with the unmodified model's answer.
+    from hsae.evaluation.evaluator import sae_from_weights
+
+    sae = sae_from_weights(cfg, state)
+    noop = flawed.accuracy(SAEClamp(sae.encode, sae.W_dec.detach(), torch.tensor([], dtype=torch.long), 0.0))
+    assert noop.touched == 0 and np.array_equal(noop.correct, flawed.baseline_correct)
 
 
 def test_no_features_or_zero_multiplier_leaves_logits_unchanged(tiny_world):
@@ -119,11 +153,17 @@ def test_unlearning_returns_grid_counts_baselines_and_controls(tiny_world):
     assert ev.unlearning(cfg, state) is out  # same weights + config: served from the content-keyed cache
     controls = ev.controls()
     assert {"positive", "negative"} <= set(controls) and len(controls["positive"]["grid"]) == 12
-    # Every grid point keeps its per-question outcomes, consistent with its accuracies.
+    # Every grid point keeps its per-question outcomes, consistent with its accuracies on all, select and test
+    # questions (the roles of questions.parquet, in the same order).
     for g in out["grid"] + controls["positive"]["grid"]:
         assert len(g["forget_correct"]) == bank.count(FORGET) and len(g["retain_correct"]) == bank.count(RETAIN)
-        assert g["forget_correct"].count("1") / bank.count(FORGET) == pytest.approx(g["forget_acc"])
-        assert g["retain_correct"].count("1") / bank.count(RETAIN) == pytest.approx(g["retain_acc"])
+        for name, d in (("forget", FORGET), ("retain", RETAIN)):
+            correct = np.array([c == "1" for c in g[f"{name}_correct"]])
+            select = ev.is_select[ev.domains == d]
+            assert 0 < select.sum() < len(select)
+            assert correct.mean() == pytest.approx(g[f"{name}_acc"])
+            assert correct[select].mean() == pytest.approx(g[f"{name}_acc_select"])
+            assert correct[~select].mean() == pytest.approx(g[f"{name}_acc_test"])
 
 
 def test_a_setting_that_selects_nothing_is_recorded_as_such(tiny_world):
@@ -150,19 +190,21 @@ def test_a_setting_that_selects_nothing_is_recorded_as_such(tiny_world):
 def test_matched_retain_columns_equal_a_hand_computation():
     from hsae.results import evaluation_values
 
-    grid = [  # (retain threshold, forget acc, retain acc)
-        {"forget_acc": 0.40, "retain_acc": 0.96, "features_selected": 20},
-        {"forget_acc": 0.55, "retain_acc": 0.985, "features_selected": 20},
-        {"forget_acc": 0.70, "retain_acc": 0.99, "features_selected": 10},
-        {"forget_acc": 0.90, "retain_acc": 1.00, "features_selected": 10},
-        {"forget_acc": 1.00, "retain_acc": 1.00, "features_selected": 0},
-        {"forget_acc": 0.10, "retain_acc": 0.50, "features_selected": 40},
+    points = [  # (select forget, select retain, test forget, test retain, features selected)
+        (0.40, 0.96, 0.45, 0.95, 20),
+        (0.55, 0.985, 0.60, 0.99, 20),
+        (0.70, 0.99, 0.65, 0.97, 10),
+        (0.90, 1.00, 0.95, 1.00, 10),
+        (1.00, 1.00, 1.00, 1.00, 0),
+        (0.10, 0.50, 0.05, 0.995, 40),  # test retain meets every bar, select retain none: never chosen
     ]
+    grid = [{**_point(*p[:4]), "forget_acc": p[0], "retain_acc": p[1], "features_selected": p[4]} for p in points]
     unlearning = {"score": 0.3, "tied_settings": 0, "n_forget": 100, "n_retain": 200, "grid": grid}
     values = evaluation_values({"unlearning": unlearning}, 1.0)
-    assert values["forget_acc_at_retain99"] == 0.70
-    assert values["forget_acc_at_retain98"] == 0.55
-    assert values["forget_acc_at_retain95"] == 0.40
+    # Chosen on select questions, reported on test questions.
+    assert values["forget_acc_at_retain99"] == 0.65
+    assert values["forget_acc_at_retain98"] == 0.60
+    assert values["forget_acc_at_retain95"] == 0.45
     assert values["settings_selecting_none"] == 1
     high = evaluation_values({"unlearning": {**unlearning, "grid": grid[-1:]}}, 1.0)
     assert high["forget_acc_at_retain95"] is None  # no setting keeps retain >= 0.95
@@ -215,16 +257,20 @@ def test_stopping_retain_early_keeps_the_score_and_forget_accuracy_exact(tiny_wo
     d = ev.batches[0]["resid"].shape[-1]
     direction = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0)
     wrecking = ConditionalProjection(direction, torch.zeros(d), threshold=-1e9, strength=50.0)
-    def accuracies(evaluator):
-        o = evaluator.accuracy(wrecking)
-        return o.correct[ev.domains == FORGET].mean(), o.correct[ev.domains == RETAIN].mean(), o.exact
+    def point(evaluator):
+        from hsae.evaluation.unlearning import grid_point
 
-    f_fast, r_fast, exact_flag = accuracies(fast)
-    f_exact, r_exact, exact_flag2 = accuracies(exact)
-    assert exact_flag2 and r_exact < 0.99  # the edit breaks retain answers
-    assert not exact_flag and f_fast == f_exact and r_fast >= r_exact  # an upper bound, flagged
-    grid = lambda acc: [{"forget_acc": acc[0], "retain_acc": acc[1]}]  # noqa: E731
-    assert unlearning_score(grid((f_fast, r_fast))) == unlearning_score(grid((f_exact, r_exact)))
+        return grid_point({}, evaluator.accuracy(wrecking), ev.domains, ev.is_select)
+
+    fast_point, exact_point = point(fast), point(exact)
+    assert exact_point["retain_acc_exact"] and exact_point["retain_acc_select"] < 0.99  # the edit breaks retain
+    assert not fast_point["retain_acc_exact"]  # retain questions were skipped: flagged
+    for name in ("forget_acc", "forget_acc_select", "forget_acc_test"):
+        assert fast_point[name] == exact_point[name]
+    for name in ("retain_acc", "retain_acc_select", "retain_acc_test"):
+        assert fast_point[name] >= exact_point[name]  # an upper bound
+    assert fast_point["retain_acc"] < 0.99 and fast_point["retain_acc_select"] < 0.99  # still fails both bars
+    assert unlearning_score([fast_point]) == unlearning_score([exact_point])
 
 
 def test_letter_bank_keeps_only_questions_right_under_all_orderings(tiny_world):

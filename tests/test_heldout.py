@@ -59,3 +59,24 @@ def test_embedded_bank_questions_are_held_out_and_never_verbatim_in_training_tex
     corpus = load_corpus(CorpusSpec("embedded"))
     bank = _check_bank_is_held_out(load_tokenizer(ModelSpec("embedded")), corpus)
     assert bank.count(FORGET) >= 150  # enough candidates to keep a bank after the model's correctness filter
+
+
+def test_questions_inherit_the_role_of_their_held_out_document():
+    from hsae.models import byte_tokenizer
+
+    corpus = load_corpus(CorpusSpec("toy"))
+    table = split_table(corpus, 0.4, seed=42)
+    held = table[table.part == "heldout"]
+    # Each domain's held-out documents split in halves; training documents have role "train".
+    assert (table.loc[table.part == "train", "role"] == "train").all()
+    for _, docs in held.groupby("domain"):
+        assert abs((docs.role == "select").sum() - (docs.role == "test").sum()) <= 1
+    train, held_docs = split_documents(corpus, 0.4, seed=42)
+    role_of = dict(zip(table.doc_id, table.role, strict=True))
+    bank, _ = cloze_source(byte_tokenizer(), held_docs, BankConfig(candidates_per_domain=10_000),
+                           list(train["text"]), role_of)()
+    assert bank.role == [role_of[t["doc_id"]] for t in bank.text]
+    for d in (FORGET, RETAIN):
+        assert bank.count(d, "select") > 0 and bank.count(d, "test") > 0
+    with pytest.raises(ValueError, match="held-out documents"):  # a training document has no held-out role
+        cloze_source(byte_tokenizer(), corpus, BankConfig(), (), role_of)()

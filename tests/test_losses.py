@@ -132,3 +132,74 @@ def test_info_nce_gradient_is_finite_when_a_label_occurs_once():
     losses.info_nce(z, labels, 0.1).backward()
     assert torch.isfinite(z.grad).all()
     assert z.grad[5].abs().sum() > 0  # still a negative for the others
+
+
+def _sparse_features(tokens, n, active, generator):
+    """Non-negative features with about ``active`` of ``n`` latents firing per token, unevenly."""
+    pre = torch.randn(tokens, n, generator=generator, dtype=torch.float64)
+    cut = torch.quantile(pre, 1 - active / n, dim=0)
+    return torch.relu(pre - cut)
+
+
+def test_sparse_gram_equals_the_dense_gram_in_any_order():
+    g = torch.Generator().manual_seed(5)
+    f = _sparse_features(40, 30, 4, g)
+    f[7] = 0.0  # a token where nothing fires
+    f[:, 11] = 0.0  # a latent that never fires
+    dense = f.T @ f / torch.outer(f.pow(2).sum(0), f.pow(2).sum(0)).add(1e-8).sqrt()
+    torch.testing.assert_close(losses.sparse_cosine_gram(f).double(), dense, rtol=1e-6, atol=1e-7)
+    order = torch.randperm(30, generator=g)
+    torch.testing.assert_close(losses.sparse_cosine_gram(f, order).double(), dense[order][:, order],
+                               rtol=1e-6, atol=1e-7)
+
+
+def _blocks_and_gradients(pre, assignment, groups, weights):
+    """The blocks of relu(pre) and their weighted sum's gradient wrt pre (through the ReLU, as in an SAE)."""
+    pre = pre.clone().requires_grad_(True)
+    blocks = losses.block_cosine_sq(torch.relu(pre), assignment, groups)
+    (grad,) = torch.autograd.grad((blocks * weights).sum(), pre)
+    return blocks.detach().double(), grad.double()
+
+
+def test_block_sums_and_gradients_agree_on_every_path(monkeypatch):
+    # Hard groups (regrouped, so not contiguous) and soft assignments; sparse features, the dense path
+    # forced by an enormous cost per scattered product, the sparse one by a zero cost.
+    g = torch.Generator().manual_seed(7)
+    pre = torch.randn(64, 48, generator=g)
+    pre = pre - torch.quantile(pre, 1 - 5 / 48, dim=0)  # ~5 of 48 latents fire per token
+    groups = torch.randperm(48, generator=g) % 6
+    hard = F.one_hot(groups, 6).float()
+    soft = torch.softmax(torch.randn(48, 6, generator=g), dim=1)
+    weights = torch.rand(6, 6, generator=g)
+    # The straightforward formula, in float64: A^T (C o C) A.
+    f64 = torch.relu(pre.double())
+    for assignment, group_of in ((hard, groups), (hard, None), (soft, None)):
+        monkeypatch.setattr(losses, "SPARSE_PRODUCT_COST", 10**12)
+        dense_blocks, dense_grad = _blocks_and_gradients(pre, assignment, group_of, weights)
+        monkeypatch.setattr(losses, "SPARSE_PRODUCT_COST", 0)
+        sparse_blocks, sparse_grad = _blocks_and_gradients(pre, assignment, group_of, weights)
+        a = assignment.double()
+        reference = a.T @ losses.activation_cosine_gram(f64).pow(2) @ a
+        torch.testing.assert_close(sparse_blocks, reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dense_blocks, reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_gram_passes_no_gradient_to_inactive_latents():
+    g = torch.Generator().manual_seed(8)
+    f = _sparse_features(32, 20, 3, g).requires_grad_(True)
+    losses.sparse_cosine_gram(f).pow(2).sum().backward()
+    assert f.grad[f == 0].abs().max() == 0
+    assert f.grad[f != 0].abs().min() > 0
+
+
+def test_the_cost_rule_takes_the_sparse_gram_only_for_sparse_features(monkeypatch):
+    calls = []
+    real = losses.sparse_cosine_gram
+    monkeypatch.setattr(losses, "sparse_cosine_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(9)
+    assignment = F.one_hot(torch.arange(1280) // 40, 32).float()
+    losses.block_cosine_sq(_sparse_features(512, 1280, 50, g).float(), assignment)  # the main job's L0
+    assert calls == [1]
+    losses.block_cosine_sq(_sparse_features(512, 1280, 400, g).float(), assignment)  # dense-ish: GEMMs
+    assert calls == [1]

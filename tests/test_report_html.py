@@ -213,3 +213,21 @@ def test_missing_inputs_leave_a_note_not_a_crash(planted, tmp_path, how):
     if how == "no evaluation":
         assert "No controls/*.json in the results: the controls' status is unknown." in notes
         assert 'id="fig-parcoords"' in text and "unlearning" not in text  # no such axis, column or cell
+
+
+def test_the_verdict_is_computed_once_and_neither_rendering_imports_the_other(planted, tmp_path, monkeypatch):
+    import ast
+
+    import tune.report_data as report_data
+
+    calls = []
+    real = report_data.build_verdict
+    monkeypatch.setattr(report_data, "build_verdict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    root = tmp_path / "r"
+    shutil.copytree(planted[0], root, ignore=shutil.ignore_patterns("report"))
+    build_report(root, n_boot=50)
+    assert len(calls) == 1  # report.md and report.html render the one verdict object
+    for module, other in (("report_html", "tune.report"), ("report_data", "tune.report")):
+        tree = ast.parse((Path(__file__).parent.parent / "tune" / f"{module}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert other not in imported and "tune.report_html" not in imported, module

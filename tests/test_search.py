@@ -78,11 +78,31 @@ def test_sweep_progress_prints_one_line_per_trial_and_an_eta(tmp_path, capsys, m
     progress.on_trial_complete(0, [a, b], a)  # no row: a scheduler stopped it
     progress.on_trial_error(0, [a, b], b)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("[hsae] 0/3 trials done, 2 running: relu seed 42 evaluating; topk seed 43 (k=8) "
+    # The first logged interval gives the sweep's ETA at once, before any trial has finished.
+    assert lines[0].startswith("[hsae] first steps measured: ") and "2 at once; 3 to go, sweep ETA ~" in lines[0]
+    assert "for training alone" in lines[0]
+    assert lines[1].startswith("[hsae] 0/3 trials done, 2 running: relu seed 42 evaluating; topk seed 43 (k=8) "
                                "step 40/100")
-    assert lines[1].startswith("[hsae] trial 1/3 done in ") and "stopped early at step 100" in lines[1]
-    assert "2 to go, ETA ~" in lines[1]
-    assert "topk seed 43 (k=8): FAILED" in lines[2] and "1 to go" in lines[2]
+    assert "sweep ETA ~" in lines[1]  # the status line carries the early ETA until a trial finishes
+    assert lines[2].startswith("[hsae] trial 1/3 done in ") and "stopped early at step 100" in lines[2]
+    assert "2 to go, ETA ~" in lines[2]
+    assert "topk seed 43 (k=8): FAILED" in lines[3] and "1 to go" in lines[3]
+
+
+def test_the_early_eta_is_the_training_steps_left_at_the_measured_rate(tmp_path, capsys, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("tune.progress.time.monotonic", lambda: now[0])
+    progress = SweepProgress(str(tmp_path), total=4, steps=100, every_s=1e9)
+    a, b = fake_trial("a"), fake_trial("b", "topk", 43, {"k": 8})
+    for t in (a, b):
+        progress.on_trial_start(0, [a, b], t)
+    now[0] = 10.0
+    progress.on_trial_result(0, [a, b], a, {"step": 10})  # 1 step/s per trial, 2 at once
+    line = capsys.readouterr().out
+    # 4 trials x 100 steps, 10 done: 390 steps at 2 steps/s = 195 s
+    assert "1.00 steps/s per trial" in line and "sweep ETA ~3 min 15 s for training alone" in line
+    progress.on_trial_result(0, [a, b], b, {"step": 10})
+    assert capsys.readouterr().out == ""  # said once; later lines refine it
 
 
 def test_row_numbers_read_nullable_and_degenerate_rows():

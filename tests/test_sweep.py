@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from hsae.convergence import is_converged, val_mse_rel_change
+from hsae.convergence import convergence_verdict, is_converged, val_mse_rel_change
 from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
 from hsae.spaces import SpaceError, grid_trials, load_space, parse_space
 from tune import ablate
@@ -60,7 +60,14 @@ def assert_convergence_recomputable(trials, curves):
         assert curve["step"].diff().dropna().max() <= max(1, 0.05 * row.steps)
         change = val_mse_rel_change(curve["step"].tolist(), curve["val_mse"].tolist(), row.steps)
         assert change == pytest.approx(row.val_mse_rel_change)
-        assert bool(row.converged) == is_converged(change)
+        # No target and no resampling in these sweeps: the objective is fixed from the end of the lr warm-up.
+        fixed_from = max(row.cfg_l1_warmup_steps, row.cfg_lr_warmup_steps)
+        decay_start = row.steps - round(row.cfg_lr_decay_fraction * row.steps)
+        verdict = convergence_verdict(curve["step"].tolist(), curve["val_mse"].tolist(), row.steps, fixed_from,
+                                      decay_start)
+        assert verdict["plateau_rel_change"] == pytest.approx(row.plateau_rel_change, nan_ok=True)
+        assert bool(row.converged) == verdict["converged"] == (is_converged(change)
+                                                              and is_converged(verdict["plateau_rel_change"]))
 
 
 def test_rerun_with_same_experiment_skips_finished_trials(sweep, capsys):
@@ -179,6 +186,9 @@ def test_sweep_writes_split_questions_and_grid(sweep):
     grid, trials = pd.read_parquet(out / "grid.parquet"), pd.read_parquet(out / "trials.parquet")
     assert set(split["part"]) == {"train", "heldout"}
     assert set(questions["doc_id"]) <= set(split[split.part == "heldout"]["doc_id"])
+    role_of = dict(zip(split["doc_id"], split["role"], strict=True))  # each question has its document's role
+    assert (questions["role"] == questions["doc_id"].map(role_of)).all()
+    assert set(questions["role"]) == {"select", "test"}
     assert set(grid["control"]) == {"sae", "random", "positive"}
     assert set(grid[grid.control != "positive"]["trial_id"]) == set(trials["trial_id"])
     n_forget = int((questions.domain == "forget").sum())

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hsae import stats as S
 from hsae import verdict as V
 from hsae.results import trial_frame
 
@@ -173,14 +174,21 @@ def verdict(study) -> V.Verdict:
     return V.build_verdict(trials, grid, n_boot=400, seed=0)
 
 
-def test_a_variant_that_removes_far_more_is_better_and_a_relu_twin_is_not_separable(verdict):
-    by = {c.variant: c for c in verdict.comparisons}
-    assert set(by) == {"fixed_ortho", "adaptive_ortho"}
-    assert by["fixed_ortho"].verdict == "better than relu" and by["fixed_ortho"].hi < 0  # forget acc: lower
-    assert by["adaptive_ortho"].verdict == "not separable" and by["adaptive_ortho"].lo < 0 < by["adaptive_ortho"].hi
-    assert by["fixed_ortho"].n == 3 and by["fixed_ortho"].seeds == SEEDS  # the failed relu seed 45 is not paired
-    assert verdict.inseparable() == ["adaptive_ortho"]
-    assert "relu-45" not in set(verdict.per_trial["trial_id"])
+def test_a_variant_that_removes_far_more_is_better_and_a_relu_twin_is_not_separable(study):
+    trials, grid = study
+    v = V.build_verdict(trials, grid, headline="forget_acc_at_retain95", n_boot=100)
+    by = v.main.by_arm()
+    assert set(by) == {"fixed_ortho", "adaptive_ortho"} and v.main.role == "headline"
+    assert by["fixed_ortho"].claim == "better than relu" and by["fixed_ortho"].hi < 0  # forget acc: lower
+    assert by["fixed_ortho"].p_adj < 0.05 and by["adaptive_ortho"].p_adj > 0.05
+    assert by["adaptive_ortho"].claim == "not separable" and by["adaptive_ortho"].lo < 0 < by["adaptive_ortho"].hi
+    assert by["fixed_ortho"].n == 3 and by["fixed_ortho"].seeds == SEEDS  # the failed relu seed 45 is not a block
+    assert v.main.df == (3 - 1) * (3 - 1)  # residual pooled over all three arms
+    assert v.inseparable() == ["adaptive_ortho"]
+    assert "relu-45" not in set(v.per_trial["trial_id"])
+    # The secondary metrics went through the same test in the same call, labelled so.
+    assert [t.role for t in v.tests] == ["headline"] + ["secondary"] * (len(V.CANDIDATES) - 1)
+    assert {t.metric for t in v.tests} == set(V.CANDIDATES)
 
 
 def test_claim_rule_direction_and_seed_count():
@@ -197,11 +205,11 @@ def test_a_seed_without_a_completed_relu_trial_is_dropped_from_the_pair(study):
     trials = trials.copy()
     trials.loc[trials.trial_id == "relu-44", "status"] = "failed"
     v = V.build_verdict(trials, grid, n_boot=100)
-    assert {c.variant: c.seeds for c in v.comparisons}["fixed_ortho"] == (42, 43)
+    assert v.main.by_arm()["fixed_ortho"].seeds == (42, 43) and v.main.df == 2
 
 
-# -- (d) which metric leads ---------------------------------------------------------------------
-def test_stability_picks_the_planted_stable_metric():
+# -- (d) which metric leads: declared, not chosen from the data ----------------------------------
+def test_stability_is_exploratory_and_the_headline_is_the_declared_one(study):
     rng = np.random.default_rng(3)
     rows = []
     for i, variant in enumerate(("relu", "a", "b", "c")):
@@ -212,39 +220,79 @@ def test_stability_picks_the_planted_stable_metric():
                          "forget_acc_at_retain99": np.nan if (variant, seed) == ("c", 42) else 0.3 * i,  # gaps
                          "frontier_area": 0.05 * i + rng.normal(0, 0.05),
                          "unlearning_score": 0.0})  # the cliff: 0 everywhere
-    per_trial = pd.DataFrame(rows)
-    stab = V.stability(per_trial)
+    stab = V.stability(pd.DataFrame(rows))
     assert not stab.loc["forget_acc_at_retain99", "defined"]
     assert math.isnan(stab.loc["unlearning_score", "ratio"])
     assert stab.loc["forget_acc_at_retain95", "ratio"] > 10 * stab.loc["forget_acc_at_retain98", "ratio"]
-    headline, reason = V.choose_headline(stab, per_trial)
-    assert headline == "forget_acc_at_retain95" and "ratio" in reason
-    one_seed = per_trial[per_trial.seed == 42]
-    headline, reason = V.choose_headline(V.stability(one_seed), one_seed)
-    assert headline == "forget_acc_at_retain98" and "no stability ranking" in reason  # 99 undefined
-    constant = per_trial.assign(**{m: 0.0 for m in V.CANDIDATES})
-    assert V.choose_headline(V.stability(constant), constant)[0] is None
+    # The headline is what the rows declare (Profile.headline_metric), whatever the spread says.
+    trials, grid = study
+    assert V.declared_headline(trials) == V.DEFAULT_HEADLINE == "frontier_area"
+    declared = trials.assign(headline_metric="forget_acc_at_retain98")
+    assert V.build_verdict(declared, grid, n_boot=20).headline == "forget_acc_at_retain98"
+    with pytest.raises(ValueError, match="2 headline metrics"):
+        V.declared_headline(declared.assign(headline_metric=["unlearning_score"] + ["frontier_area"] * 9))
+    with pytest.raises(ValueError, match="no direction known for metric 'l0'"):
+        V.build_verdict(trials, grid, headline="l0", n_boot=20)
 
 
-# -- (f) power ------------------------------------------------------------------------------------
-def test_minimal_detectable_difference_on_a_known_case():
-    assert V.t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-4)
-    assert V.t_quantile(0.8, 2) == pytest.approx(1.0607, abs=1e-4)
-    assert V.t_quantile(0.975, 9) == pytest.approx(2.2622, abs=1e-4)
-    assert V.t_quantile(0.025, 9) == pytest.approx(-2.2622, abs=1e-4)
-    assert V.min_detectable_difference(1.0, 3) == pytest.approx((4.3027 + 1.0607) / math.sqrt(3), abs=1e-3)
-    assert V.min_detectable_difference(0.1, 10) == pytest.approx((2.2622 + 0.8834) * 0.1 / math.sqrt(10), abs=1e-4)
-    assert math.isnan(V.min_detectable_difference(1.0, 1))
-    assert V.seeds_needed(V.min_detectable_difference(1.0, 5) + 1e-9, 1.0) == 5
-    assert V.seeds_needed(-(V.min_detectable_difference(1.0, 5) + 1e-9), 1.0) == 5
-    assert math.isnan(V.seeds_needed(0.0, 1.0))
-    assert V.seeds_needed(1e-4, 1.0) == math.inf
+def test_a_trial_row_metric_runs_through_the_same_test(study):
+    """A second witness (sparse probing) is a column of the trial rows: one call tests it with the rest."""
+    trials, grid = study
+    shift = {"relu": 0.0, "fixed_ortho": 0.3, "adaptive_ortho": 0.0}
+    noise = {42: 0.01, 43: -0.01, 44: 0.0}
+    probe = [0.6 + shift[t.variant] + noise.get(t.seed, 0) for t in trials.itertuples()]
+    v = V.build_verdict(trials.assign(sparse_probe_mean_k1=probe), grid, secondary=["sparse_probe_mean_k1"],
+                        n_boot=20)
+    test = v.tests[1]
+    assert (test.metric, test.role, test.higher_is_better) == ("sparse_probe_mean_k1", "secondary", True)
+    assert test.by_arm()["fixed_ortho"].claim == "better than relu"
+    assert test.by_arm()["adaptive_ortho"].claim == "not separable"
+
+
+# -- (f) the test and its power -------------------------------------------------------------------
+def test_two_arms_in_blocks_are_exactly_the_paired_t_test():
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(2, 4)) + np.array([[0.0], [0.8]])
+    res = S.many_to_one(y)
+    paired = sps.ttest_rel(y[1], y[0])
+    assert res.df == 3 and res.p_adj[0] == pytest.approx(paired.pvalue, abs=1e-4)
+    assert res.crit == pytest.approx(sps.t.ppf(0.975, 3), abs=1e-6)
+    assert S.t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-4)
+    assert S.mean_ci95([1.0, 2.0, 3.0]) == pytest.approx((2.0, 4.3027 / math.sqrt(3)), abs=1e-4)
+
+
+def test_dunnett_agrees_with_scipy_on_a_one_way_layout():
+    """scipy.stats.dunnett (one-way, no blocks) and our distribution at the same degrees of freedom."""
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(7, 3))
+    y[3] += 1.5
+    ref = sps.dunnett(*y[1:], control=y[0], random_state=1).pvalue
+    sd = math.sqrt(((y - y.mean(axis=1, keepdims=True)) ** 2).sum() / (7 * 2))
+    t = (y[1:].mean(axis=1) - y[0].mean()) / (sd * math.sqrt(2 / 3))
+    assert S.dunnett_pvalue(t, 6, 14) == pytest.approx(ref, abs=2e-3)
+    assert S.dunnett_critical(6, 12) == pytest.approx(2.97, abs=0.01)  # Dunnett's (1964) two-sided table
+
+
+def test_minimal_detectable_difference_is_the_power_of_the_claims_test():
+    sd, arms, seeds = 0.07, 7, 3
+    mdd = S.min_detectable_difference(sd, arms, seeds)
+    df = (arms - 1) * (seeds - 1)
+    crit = S.dunnett_critical(arms - 1, df)
+    assert S.rejection_probability(mdd / (sd * math.sqrt(2 / seeds)), crit, df) == pytest.approx(0.8, abs=1e-6)
+    assert S.min_detectable_difference(2 * sd, arms, seeds) == pytest.approx(2 * mdd)  # linear in the s.d.
+    assert S.min_detectable_difference(sd, arms, 5) < mdd  # more seeds, smaller differences
+    assert math.isnan(S.min_detectable_difference(sd, arms, 1))
 
 
 def test_verdict_reports_power_of_the_main_job(verdict):
-    assert verdict.n_seeds == 3 and math.isfinite(verdict.sd_diff)
-    assert verdict.mdd == pytest.approx(V.min_detectable_difference(verdict.sd_diff, 3))
-    assert verdict.needed["fixed_ortho"] == 2  # a huge difference needs the fewest seeds
+    test = verdict.main
+    assert len(test.seeds) == 3 and math.isfinite(test.sd_resid)
+    assert test.mdd == pytest.approx(S.min_detectable_difference(test.sd_resid, 3, 3))
+    assert test.mdd_by_seeds[5] < test.mdd < test.mdd_by_seeds[2]
 
 
 def test_controls_problems():
@@ -301,7 +349,8 @@ def test_report_leads_with_the_figure_and_the_matched_retain_table(study, tmp_pa
     table = {line.split("|")[1].strip(): line for line in verdict_table.splitlines() if line.startswith("| ")}
     assert "better than relu" in table["fixed_ortho"] and "not separable" in table["adaptive_ortho"]
     assert "reference" in table["relu"] and "| 3 |" in table["relu"]
-    assert "Headline metric" in text and "smallest paired difference" in text
+    assert "Headline metric, declared before the run" in text.split("\n## ")[0]  # the report's first lines
+    assert "Power of this test" in text and "Secondary metrics" in text and "Exploratory" in text
     assert "The data cannot separate adaptive_ortho from relu" in text
     assert "Settings that select no feature" in text and "Mismatch" not in text
     assert "cannot detect removal" not in text
@@ -329,7 +378,7 @@ def test_report_with_controls_out_of_range_leads_with_the_banner_and_no_verdict(
     head = text.split("\n## ")[0]
     assert "the evaluation cannot detect removal on this model: no score below is a result" in head.lower()
     assert head.lower().index("cannot detect removal") < head.index("![Forget vs retain")
-    assert "## Verdict" not in text and "better than relu" not in text and "Headline metric" not in text
+    assert "## Verdict" not in text and "better than relu" not in text and "Headline metric (declared" not in text
     assert "## Diagnostics" in text and "| fixed_ortho |" in text  # the numbers stay, as diagnostics
 
 
@@ -340,3 +389,80 @@ def test_report_without_grid_keeps_todays_report(study, tmp_path):
     text = build_report(root).read_text()
     assert "## Six variants" in text and "## Verdict" not in text
     assert not (root / "report" / "forget_vs_retain.png").exists()
+
+
+# -- (g) arms are configurations ------------------------------------------------------------------
+def test_an_arm_is_a_configuration_named_by_what_differs():
+    trials = pd.DataFrame({
+        "trial_id": list("abcdefg"), "variant": ["relu"] * 5 + ["fixed_ortho"] * 2,
+        "cfg_l1_coeff": [0.1, 0.1, 0.14, 0.14, 0.1, 0.1, 0.1],  # relu's default is 0.1
+        "cfg_alpha": [None] * 5 + [0.1, 0.1],
+        "arm": [None, None, None, None, "relu_aa1", None, None],
+    })
+    assert V.arm_names(trials).tolist() == ["relu", "relu", "relu[l1_coeff=0.14]", "relu[l1_coeff=0.14]",
+                                            "relu_aa1", "fixed_ortho", "fixed_ortho"]
+    assert V.arm_names(trials.drop(columns=["arm", "cfg_l1_coeff", "cfg_alpha"])).tolist() == \
+        ["relu"] * 5 + ["fixed_ortho"] * 2
+
+
+def test_two_relu_configurations_are_two_arms_in_the_verdict(study):
+    trials, grid = study
+    trials = trials.assign(cfg_l1_coeff=np.where(trials.variant == "adaptive_ortho", 0.3, 0.1))
+    relabel = trials.variant == "adaptive_ortho"
+    trials.loc[relabel, "variant"] = "relu"  # relu at l1 0.3: its own arm, not averaged into relu
+    v = V.build_verdict(trials, grid, n_boot=20)
+    assert sorted(set(v.per_trial["arm"])) == ["fixed_ortho", "relu", "relu[l1_coeff=0.3]"]
+    assert v.main.by_arm()["relu[l1_coeff=0.3]"].n == 3
+    assert (v.per_trial["arm"] == "relu").sum() == 3
+
+
+# -- (h) settings chosen on select questions, numbers measured on test questions --------------------
+def test_matched_retain_chooses_on_select_and_reports_test():
+    # Three settings. On select questions setting 1 has the lowest forget accuracy at retain >= 0.95;
+    # on test questions setting 2 would look best: the rule still reports setting 1's test accuracies.
+    f_sel, r_sel = np.array([0.9, 0.3, 0.5]), np.array([1.0, 0.96, 0.97])
+    f_test, r_test = np.array([0.8, 0.6, 0.1]), np.array([1.0, 0.94, 0.99])
+    assert V.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 0.95) == (0.6, 0.94)
+    assert V.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 0.999) == (0.8, 1.0)
+    f, r = V.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 1.01)
+    assert math.isnan(f) and math.isnan(r)
+    # Ties on select forget accuracy go to the higher select retain accuracy.
+    assert V.select_setting(np.array([0.3, 0.3]), np.array([0.96, 0.99]), 0.95)[0] == 1
+
+
+def roles_for(n: int, rng: np.random.Generator) -> list[str]:
+    role = np.array(["select"] * (n // 2) + ["test"] * (n - n // 2))
+    rng.shuffle(role)
+    return role.tolist()
+
+
+def test_no_selection_step_reads_a_test_question(study):
+    trials, grid = study
+    rng = np.random.default_rng(5)
+    questions = pd.DataFrame({"question_id": range(N_FORGET + N_RETAIN),
+                              "domain": ["forget"] * N_FORGET + ["retain"] * N_RETAIN,
+                              "role": roles_for(N_FORGET, rng) + roles_for(N_RETAIN, rng)})
+    v = V.build_verdict(trials, grid, questions=questions, n_boot=20)
+    assert v.boot.select_test
+    roles = V.question_roles(questions, N_FORGET, N_RETAIN)
+    sae = grid[grid.control == "sae"]
+    # Scramble every test-question outcome: the chosen settings cannot move, only the reported numbers.
+    scrambled = sae.copy()
+    for col, mask in (("forget_correct", roles.forget_test), ("retain_correct", roles.retain_test)):
+        scrambled[col] = [
+            "".join(rng.choice(["0", "1"]) if m else ch for ch, m in zip(bits_, mask, strict=True))
+            for bits_ in scrambled[col]]
+    v2 = V.build_verdict(trials, pd.concat([scrambled, grid[grid.control != "sae"]]), questions=questions, n_boot=20)
+    for tid in ("relu-42", "fixed_ortho-43"):
+        o, o2 = (V.trial_outcomes(g[g.trial_id == tid]) for g in (sae, scrambled))
+        sel = [V.select_setting(x.forget[:, ~roles.forget_test].mean(1), x.retain[:, ~roles.retain_test].mean(1),
+                                0.95)[0] for x in (o, o2)]
+        assert sel[0] == sel[1]
+        # The verdict's value is the test-question forget accuracy of the setting chosen on select questions.
+        expected = o.forget[int(sel[0]), roles.forget_test].mean()
+        assert v.per_trial.set_index("trial_id").loc[tid, "forget_acc_at_retain95"] == pytest.approx(expected)
+        # With the test answers scrambled the verdict reports the same setting's (now scrambled) test accuracy.
+        scrambled_value = o2.forget[int(sel[0]), roles.forget_test].mean()
+        assert v2.per_trial.set_index("trial_id").loc[tid, "forget_acc_at_retain95"] == pytest.approx(scrambled_value)
+    with pytest.raises(ValueError, match="role must be one of"):
+        V.question_roles(questions.assign(role="train"), N_FORGET, N_RETAIN)

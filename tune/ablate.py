@@ -20,9 +20,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+# Tune's "snapshotting has been triggered multiple times" warning, printed at every burst of checkpoints of short
+# trials: chatter, not a fault (the snapshot is what --resume restores from).
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 from hsae.activations import HarvestConfig, cache_dir, harvest_key  # noqa: E402
 from hsae.atomic import atomic_write_text  # noqa: E402
@@ -30,7 +35,18 @@ from hsae.corpora import CorpusSpec  # noqa: E402
 from hsae.evaluation.evaluator import EvalConfig  # noqa: E402
 from hsae.evaluation.questions import BankConfig  # noqa: E402
 from hsae.evaluation.unlearning import UnlearningConfig  # noqa: E402
+from hsae.external import check_trials as check_external_trials  # noqa: E402
+from hsae.external import is_external  # noqa: E402
 from hsae.keys import content_key  # noqa: E402
+from hsae.machine import (  # noqa: E402
+    PRECISIONS,
+    Layout,
+    PrecisionChoice,
+    RunSettings,
+    default_layout,
+    machine_cores,
+    resolve_precision,
+)
 from hsae.models import ModelInfo, ModelSpec, cache_root, describe_model, model_config  # noqa: E402
 from hsae.preflight import Sizes, check_fits, check_plan, describe_sizes, plan_sizes  # noqa: E402
 from hsae.results import ResultsStore, control_grid_rows  # noqa: E402
@@ -47,8 +63,9 @@ from hsae.spaces import (  # noqa: E402
     sweep_context,
     validate_trials,
 )
-from hsae.verdict import NEGATIVE_MAX, POSITIVE_MIN  # noqa: E402
+from hsae.verdict import NEGATIVE_MAX, POSITIVE_MIN, controls_in_range  # noqa: E402
 from tune.breakdown import breakdown, format_breakdown, write_breakdown  # noqa: E402
+from tune.interrupt import Interrupts, SweepInterrupted, interrupted_message  # noqa: E402
 from tune.nodes import SharedStorageError, check_shared_storage  # noqa: E402
 from tune.progress import SweepProgress  # noqa: E402
 from tune.search import OBJECTIVES, check_storage_url, parse_objectives, search_setup, storage_url, tune_name  # noqa: E402
@@ -87,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-corpus", default=None, help="real profile: WikiText (hub id or local copy)")
     p.add_argument("--wmdp", default=None, help="real profile: WMDP question sets (hub id or local copy)")
     p.add_argument("--mmlu", default=None, help="real profile: MMLU (hub id or local copy)")
+    add_run_arguments(p)
+    return p
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What the run does with the study: profile overrides, where it runs and how, outputs, search, resume."""
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any profile field (docs/sweeps.md), e.g. --set batch_size=512; repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the plan (trials, devices, sizes, tokens) and exit")
@@ -105,12 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print Ray Tune's own status tables as well")
     p.add_argument("--scheduler", default=None, choices=["asha", "fifo"], help="default: the space's")
     p.add_argument("--max-concurrent", type=int, default=None,
-                   help="concurrent trials (default: one per CPU; a local cluster gets at least this many CPUs)")
+                   help="concurrent trials (default: the plan's layout for this machine's cores, printed; a local "
+                        "cluster gets a logical CPU per trial)")
+    p.add_argument("--threads-per-trial", type=int, default=None, help="torch threads per trial (default: the plan's "
+                                                                       "layout, 1 on CPUs)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="training precision: auto (bf16 where the device computes it natively and faster: CUDA by "
+                        "capability, a CPU by a measured probe) or forced; a run setting, not part of the trial key")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU fraction per trial on GPU clusters")
     p.add_argument("--resume", action="store_true", help="restore the interrupted Tune experiment")
     p.add_argument("--no-eval", action="store_true", help="skip the unlearning/CE evaluation")
     p.add_argument("--cache", default=None, help="cache directory (default $HSAE_CACHE or ~/.cache/hsae)")
-    return p
 
 
 @dataclass(frozen=True)
@@ -124,6 +152,9 @@ class Plan:
     trials: dict[str, list[TrialSpec]]
     sizes: Sizes
     eval_model: ModelInfo | None = None
+    settings: RunSettings = RunSettings()
+    layout: Layout = Layout(1, 1, "")
+    precision: PrecisionChoice | None = None  # None: resolved on each trial's node (GPU clusters)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -135,6 +166,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--gpus-per-trial must be in [0, 8], got {args.gpus_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ValueError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.threads_per_trial is not None and args.threads_per_trial < 1:
+        raise ValueError(f"--threads-per-trial must be >= 1, got {args.threads_per_trial}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.tokens is not None and (args.tokens < 1 or args.steps is not None):
@@ -174,9 +207,13 @@ def space_trials(space: Space, args: argparse.Namespace, profile: Profile, conte
     experiment = args.experiment or f"{profile.name}-{space.name}"
     seeds = [42 + i for i in range(args.seeds or profile.seeds)]
     if args.search == "grid":
-        return grid_trials(space, experiment, seeds, context)
-    return [TrialSpec(experiment, space.name, b.variant, {k: v for k, v in b.params.items() if not isinstance(v, dict)},
-                      s, context) for b in space.blocks for s in seeds]
+        return [t if is_external(t.variant) else replace(t, params=profile.trial_params(t.params))
+                for t in grid_trials(space, experiment, seeds, context)]
+    if any(b.external is not None for b in space.blocks):
+        raise ValueError(f"space {space.name!r} has an external arm: it has nothing to search; use --search grid")
+    return [TrialSpec(experiment, space.name, b.variant,
+                      profile.trial_params({k: v for k, v in b.params.items() if not isinstance(v, dict)}), s, context)
+            for b in space.blocks for s in seeds]
 
 
 def resolve(args: argparse.Namespace) -> Plan:
@@ -195,10 +232,37 @@ def resolve(args: argparse.Namespace) -> Plan:
     trials = {space.name: space_trials(space, args, profile, context) for space in spaces}
     for specs in trials.values():
         validate_trials(specs, profile, model.d_model)
+        check_external_trials(specs, model.d_model, model.layer, {model.name, model.source})
     if not args.dry_run:
         ResultsStore(args.out).check_writable()
     sizes = plan_sizes(profile, model, config, [t for ts in trials.values() for t in ts])
-    return Plan(profile, model, harvest, spaces, trials, sizes, twin)
+    layout = run_layout(args, profile)
+    settings = RunSettings(precision=args.precision, threads_per_trial=layout.threads)
+    return Plan(profile, model, harvest, spaces, trials, sizes, twin, settings, layout,
+                plan_precision(args, model.d_model, profile.d_sae, layout.threads))
+
+
+def run_layout(args: argparse.Namespace, profile: Profile) -> Layout:
+    """Trials at once x threads each: --max-concurrent / --threads-per-trial, else the rule for these cores."""
+    rule = default_layout(machine_cores(), profile.evaluate)
+    if args.max_concurrent is None and args.threads_per_trial is None:
+        return rule
+    trials, threads = args.max_concurrent or rule.trials, args.threads_per_trial or rule.threads
+    return Layout(trials, threads, f"{trials} trials x {threads} thread(s), as asked")
+
+
+def plan_precision(args: argparse.Namespace, d_in: int, d_sae: int, threads: int) -> PrecisionChoice | None:
+    """The trials' precision where the driver can tell (this machine's CPU); None when trials run on GPUs."""
+    if args.gpus_per_trial > 0 or (args.address and args.precision == "auto"):
+        return None
+    return resolve_precision(args.precision, torch.device("cpu"), d_in, d_sae, threads=threads)
+
+
+def format_machine(plan: Plan) -> str:
+    """The plan's machine line: precision and why, and the concurrency layout and its rule."""
+    precision = plan.precision.reason if plan.precision else (
+        f"{plan.settings.precision}: resolved on each trial's device (bf16 on CUDA capability >= 8.0)")
+    return f"[hsae] precision {precision}; concurrency {plan.layout.rule}"
 
 
 def check_eval_model(profile: Profile, model: ModelInfo) -> ModelInfo | None:
@@ -214,9 +278,10 @@ def check_eval_model(profile: Profile, model: ModelInfo) -> ModelInfo | None:
 
 def preflight(plan: Plan, args: argparse.Namespace) -> None:
     """Print the plan (--dry-run) and refuse one that cannot fit (PlanDoesNotFit, exit 2), before compute."""
-    concurrent = args.max_concurrent or local_cpus(None)
+    concurrent = plan.layout.trials
     if args.dry_run:
         print(format_plan(plan, args, concurrent))
+    print(format_machine(plan), flush=True)
     complete = (cache_dir(harvest_key(plan.harvest)) / "manifest.json").is_file()
     check_plan(plan.sizes, cache_root(), complete, concurrent, args.gpus_per_trial)
 
@@ -232,9 +297,10 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
                                                  if p.corpus == "wmdp" else ""),
              f"questions          {p.bank_kind}" + (f": {p.wmdp_questions}, {p.mmlu_questions}"
                                                      if p.bank_kind == "letter" else ""),
-             f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: 1 CPU + "
-             f"{args.gpus_per_trial} GPU each, up to {concurrent} at once",
+             f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: "
+             f"{plan.layout.threads} CPU + {args.gpus_per_trial} GPU each, up to {concurrent} at once",
              f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}",
+             f"headline metric    {p.headline_metric} (declared before the run; the others are secondary)",
              f"activations        {p.activations}" + (
                  f": blocks of {p.stream_block_contexts} contexts, {p.stream_window_blocks} buffered"
                  if p.activations == "stream" else f" ({p.cache_rows():,} rows harvested once)")]
@@ -274,15 +340,14 @@ def check_reachable(address: str) -> None:
                               f"or leave out --address to start a local cluster") from exc
 
 
-def local_cpus(max_concurrent: int | None) -> int:
-    """Logical CPUs of a local Ray: one more than the machine has (a trial spends about half its life waiting
-    for the server to evaluate its SAE, and a third trial keeps both cores busy then), and at least one per
-    trial --max-concurrent asks to run at once (streamed trials share one pass only if they do)."""
-    return max((os.cpu_count() or 1) + 1, max_concurrent or 0)
+def local_cpus(layout: Layout) -> int:
+    """Logical CPUs of a local Ray: what the layout's trials ask for together (streamed trials share one pass
+    only if they run at once)."""
+    return layout.trials * layout.threads
 
 
-def connect(address: str | None, max_concurrent: int | None = None) -> Any:
-    """Ray: the cluster at ``address``, or a local one with a logical CPU per trial asked to run at once."""
+def connect(address: str | None, layout: Layout | None = None) -> Any:
+    """Ray: the cluster at ``address``, or a local one with the logical CPUs the layout's trials ask for."""
     import ray
 
     if ray.is_initialized():
@@ -294,7 +359,7 @@ def connect(address: str | None, max_concurrent: int | None = None) -> Any:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(num_cpus=local_cpus(max_concurrent), include_dashboard=False)
+            ray.init(num_cpus=local_cpus(layout or default_layout(machine_cores(), True)), include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConnectionError(f"cannot connect to a Ray cluster at {address!r}: {exc}") from exc
     return ray
@@ -313,7 +378,9 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
     if tuner is None:
         print(f"[hsae] {trials[0].experiment}: the Optuna study already has its {args.samples} trials; nothing to run")
         return []
-    return record_unfinished(tuner.fit(), store, plan.profile, model)
+    with args.interrupts.tune_loop():
+        grid = tuner.fit()
+    return record_unfinished(grid, store, plan.profile, model, interrupted=args.interrupts.signum is not None)
 
 
 def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], profile: Profile,
@@ -326,12 +393,13 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
 
     storage = str(Path(args.out).resolve() / "ray_results")
     name = tune_name(trials)
-    trainable = tune.with_resources(run_trial, {"cpu": 1, "gpu": args.gpus_per_trial})
+    trainable = tune.with_resources(run_trial, {"cpu": args.plan_layout.threads, "gpu": args.gpus_per_trial})
     path = os.path.join(storage, name)
     if args.resume and tune.Tuner.can_restore(path):
         print(f"[hsae] resuming Tune experiment at {path}")
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
     ctx = {"profile": asdict(profile), "out": str(Path(args.out).resolve()), "server": server_name,
+           "settings": args.plan_settings.as_dict(),
            "hooks": list(args.trial_hooks), "controls_ok": args.controls_ok, "verbose": args.verbose}
     param_space, tune_config = search_setup(space, trials, pending, profile, args, ctx, trial_concurrency(args, ray))
     if tune_config.num_samples == 0:
@@ -344,9 +412,13 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
-def record_unfinished(grid: Any, store: ResultsStore, profile: Profile,
-                      model: ModelInfo) -> list[tuple[TrialSpec | None, str]]:
-    """Rows for the trials that wrote none (stopped by the scheduler, or failed); returns the failed ones."""
+def record_unfinished(grid: Any, store: ResultsStore, profile: Profile, model: ModelInfo,
+                      interrupted: bool = False) -> list[tuple[TrialSpec | None, str]]:
+    """Rows for the trials that wrote none (stopped by the scheduler, or failed); returns the failed ones.
+
+    After an interruption (SIGINT/SIGTERM) a trial without a row was stopped by the signal, not by the
+    scheduler: it gets no row, so the next invocation runs it again.
+    """
     from hsae.config import SAEConfig
     from hsae.results import trial_row
     from tune.trainable import describe_failure, search_values, trial_spec
@@ -362,14 +434,15 @@ def record_unfinished(grid: Any, store: ResultsStore, profile: Profile,
             continue
         # Tune kept the metrics the trial reported: they become its row and its curve.
         metrics = result.metrics or {}
-        sae_cfg = SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
-        row = partial(trial_row, spec, profile, model, sae_cfg, profile.train_config(spec.seed),
+        external = is_external(spec.variant)  # an external arm's row has no configuration or training columns
+        sae_cfg = None if external else SAEConfig(spec.variant, model.d_model, profile.d_sae, spec.params)
+        row = partial(trial_row, spec, profile, model, sae_cfg, None if external else profile.train_config(spec.seed),
                       **search_values(cfg.get("ctx", {})))
         if result.error is not None:
             reason = describe_failure(result.error)
             store.write_trial(row("failed", error=reason, steps=metrics.get("step")), reported_curves(result, spec))
             failed.append((spec, reason))
-        else:
+        elif not interrupted:
             store.write_trial(row("early_stopped", steps=metrics.get("step"), tokens=metrics.get("tokens"),
                                   val_mse=metrics.get("val_mse"), mse=metrics.get("mse"), l0=metrics.get("l0"),
                                   final_loss=metrics.get("loss")), reported_curves(result, spec))
@@ -399,7 +472,8 @@ def start_server(plan: Plan, ray: Any) -> tuple[str, Any, Any]:
                                       num_cpus=1 if has_gpu else 0, eval_cfg=eval_cfg, bank_cfg=bank_cfg,
                                       eval_model=profile.eval_model, stream=stream)
     info = ray.get(server.prepare.remote())
-    print(f"[hsae] activations ready: {info.rows} rows x {info.model.d_model} at layer {info.model.layer} of "
+    rows = f"{info.rows['train']:,} training + {info.rows['eval']:,} held-out rows"
+    print(f"[hsae] activations ready: {rows} x {info.model.d_model} at layer {info.model.layer} of "
           f"{info.model.source}; {info.outliers['train']} train / {info.outliers['eval']} held-out rows dropped as "
           f"attention sinks; cache {info.cache_dir}")
     return server_name, server, info
@@ -417,7 +491,7 @@ def run_controls(ray: Any, server: Any, profile: Profile, out: Path) -> bool:
     store = ResultsStore(out)
     store.write_records("questions", questions[0]["bank"], questions)
     store.write_records("grid", f"positive-control-{questions[0]['bank']}", control_grid_rows(controls))
-    ok = pos >= POSITIVE_MIN and neg <= NEGATIVE_MAX
+    ok = controls_in_range(pos, neg)
     verdict = "ok" if ok else "EVALUATION BROKEN: controls out of range, no score below is a result"
     print(f"[hsae] evaluation controls: positive {pos:.3f} (>= {POSITIVE_MIN}), negative {neg:.3f} "
           f"(<= {NEGATIVE_MAX}): {verdict}")
@@ -468,8 +542,10 @@ def format_stream(stats: dict[str, Any], profile: Profile) -> str:
 
 
 def trial_concurrency(args: argparse.Namespace, ray: Any) -> int:
-    """Trials Tune runs at once: --max-concurrent, else one per CPU of the cluster."""
-    return args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    """Trials Tune runs at once: --max-concurrent, else the plan's layout locally, one per CPU on a cluster."""
+    if args.max_concurrent or not args.address:
+        return args.plan_layout.trials
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // args.plan_layout.threads)
 
 
 def report_time(plan: Plan, args: argparse.Namespace, phases: dict[str, float], total_s: float, ray: Any) -> None:
@@ -492,6 +568,18 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
     """The sweep. ``trial_hooks`` ("module:function") is the fault tests' seam (``tune.trainable.TrialHook``)."""
     args = build_parser().parse_args(argv)
     args.trial_hooks = list(trial_hooks)
+    args.interrupts = Interrupts().install()
+    try:
+        return run_sweep(args, sys.argv[1:] if argv is None else list(argv))
+    except SweepInterrupted as exc:
+        print(interrupted_message(exc.signum, sys.argv[1:] if argv is None else list(argv)), file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        args.interrupts.uninstall()
+
+
+def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    """The sweep from validated input to the summary; the exit code."""
     if args.cache:
         os.environ["HSAE_CACHE"] = args.cache
     t0 = time.perf_counter()
@@ -502,7 +590,8 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
         if args.dry_run:
             return 0
         phases["convert"] = time.perf_counter() - t0
-        ray = connect(args.address, args.max_concurrent)
+        args.plan_layout, args.plan_settings = plan.layout, plan.settings
+        ray = connect(args.address, plan.layout)
         # Rows, Tune's storage (under --out) and the activation cache must be one storage on every node.
         check_shared_storage(ray, {"results": args.out, "cache": cache_root()})
         check_fits("the activations", plan.sizes.object_store_bytes,
@@ -521,6 +610,10 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
     for space in plan.spaces:
         print(f"[hsae] space {space.name!r}: {space.description}")
         failed += run_space(space, plan.trials[space.name], plan, args, server_name, info.model)
+        if args.interrupts.signum is not None:
+            ResultsStore(args.out).consolidate()  # the finished trials' rows, readable as they are
+            print(interrupted_message(args.interrupts.signum, argv), file=sys.stderr)
+            return args.interrupts.exit_code
     if plan.profile.activations == "stream":
         print(format_stream(ray.get(server.stream_stats.remote()), plan.profile))
     code = summarise(plan, args.out, failed, t0)

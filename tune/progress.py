@@ -52,13 +52,22 @@ class SweepProgress(Callback):
         self.durations: list[float] = []
         self.peak_running = 1
         self.last_status = time.monotonic()
+        self.reported: dict[str, float] = {}  # when each running trial last reported a training step
+        self.early_eta_printed = False
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = time.monotonic()
         self.peak_running = max(self.peak_running, len(self.started))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.step[trial.trial_id] = int(result.get("step") or 0)
+        step = int(result.get("step") or 0)
+        self.step[trial.trial_id] = step
+        if 0 < step <= self.steps and not result.get("skipped"):
+            self.reported[trial.trial_id] = time.monotonic()
+        if not self.early_eta_printed and not self.durations and self.training_rate() is not None:
+            self.early_eta_printed = True  # the first logged interval: a slow machine shows within minutes
+            print(f"[hsae] first steps measured: {self.training_rate():.2f} steps/s per trial, "
+                  f"{self.peak_running} at once{self.eta()}", flush=True)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         # Every loop of Tune's controller, results or not: evaluating trials report nothing for minutes.
@@ -80,18 +89,34 @@ class SweepProgress(Callback):
 
     def _finished(self, trial: Any, spec: TrialSpec | None, what: str) -> None:
         took = time.monotonic() - self.started.pop(trial.trial_id, time.monotonic())
+        self.reported.pop(trial.trial_id, None)
         self.durations.append(took)
         label = trial_label(spec) if spec else trial.trial_id
         print(f"[hsae] trial {len(self.durations)}/{self.total} done in {format_duration(took)}: {label}: {what}"
               f"{self.eta()}", flush=True)
 
+    def training_rate(self) -> float | None:
+        """Mean training steps per second of the trials that have logged a step (None before any has)."""
+        rates = [self.step[t] / (self.reported[t] - self.started[t]) for t in self.reported
+                 if t in self.started and self.reported[t] > self.started[t]]
+        return sum(rates) / len(rates) if rates else None
+
     def eta(self) -> str:
-        """Remaining trials x mean trial time / trials at once: an estimate, labelled so."""
+        """Remaining trials x mean trial time / trials at once; before a trial has finished, the training steps
+        left at the measured step rate (evaluation not yet counted). Estimates, labelled so."""
         left = self.total - len(self.durations)
-        if left <= 0 or not self.durations:
+        if left <= 0:
             return ""
-        mean = sum(self.durations) / len(self.durations)
-        return f"; {left} to go, ETA ~{format_duration(left * mean / self.peak_running)}"
+        if self.durations:
+            mean = sum(self.durations) / len(self.durations)
+            return f"; {left} to go, ETA ~{format_duration(left * mean / self.peak_running)}"
+        rate = self.training_rate()
+        if rate is None:
+            return ""
+        running = sum(min(self.step.get(t, 0), self.steps) for t in self.started)
+        steps_left = left * self.steps - running
+        return (f"; {left} to go, sweep ETA ~{format_duration(steps_left / (rate * self.peak_running))} for training "
+                f"alone (evaluation adds to it; refined when the first trial finishes)")
 
     def status_line(self, trials: list) -> str:
         running = [t for t in trials if t.trial_id in self.started]

@@ -4,10 +4,14 @@ Writes RESULTS_DIR/report/report.md, RESULTS_DIR/report/*.png and RESULTS_DIR/re
 report as one interactive, self-contained page: tune/report_html.py). With several seeds a cell reads
 ``mean ± half-width of the 95% CI``; n counts the seeds behind it.
 
-The report leads with the verdict (``hsae/verdict.py``, docs/evaluation.md "The verdict"): a banner when
-the evaluation's controls are out of range, the forget-vs-retain figure, forget accuracy at matched
-retain per variant with intervals over seeds and questions, the paired comparison with relu, and the
-settings that select nothing or tie. Results without grid.parquet get the rest of the report only.
+The report leads with the verdict (``hsae/verdict.py``, docs/evaluation.md "The verdict"), computed once in
+``tune/report_data.py`` and rendered here as Markdown and in ``tune/report_html.py`` as HTML: a banner when
+the evaluation's controls are out of range, the forget-vs-retain figure, forget accuracy at matched retain
+per arm with intervals over seeds and questions, the block-design test against relu on the declared headline
+metric (and the secondary metrics), its power, and the settings that select nothing or tie; then the second
+witness (k-sparse probing) with one agreement line per arm, the sparsity frontier when the trials span several
+target L0s, and convergence and health per arm (docs/evaluation.md, "Report sections"). External arms are ranked
+and drawn after the trained ones. Results without grid.parquet get the rest of the report only.
 """
 
 from __future__ import annotations
@@ -22,37 +26,39 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hsae.atomic import atomic_file, atomic_write_text  # noqa: E402
 from hsae.pareto import study_fronts, varying_params  # noqa: E402
-from hsae.results import load_curves, load_trials  # noqa: E402
 from hsae.schema import REPORT_METRICS, label  # noqa: E402
-from hsae.spaces import mean_ci95  # noqa: E402
-from hsae.variants import PAPER_VARIANTS  # noqa: E402
-from hsae.verdict import (  # noqa: E402
-    BARS,
-    BASELINE,
-    NEGATIVE_MAX,
-    POSITIVE_MIN,
-    Verdict,
-    bar_metric,
-    build_verdict,
-    controls_problems,
-    frontier,
-    grid_metrics,
-    mean_interval,
+from hsae.stats import mean_ci95  # noqa: E402
+from hsae.verdict import BARS, arm_names  # noqa: E402
+from tune.report_data import (  # noqa: E402
+    Block,
+    Heading,
+    Paragraph,
+    ReportInputs,
+    Table,
+    banner_blocks,
+    controls_blocks,
+    converged,
+    external_rows,
+    fmt,
+    frontier_blocks,
+    frontier_points,
+    frontier_steps,
+    header_blocks,
+    main_trials,
+    metric_label,
+    order_key,
+    ordered,
+    probe_blocks,
+    report_variants,
+    variant_index,
+    verdict_blocks,
 )
-
-VARIANT_ORDER = ["relu", *PAPER_VARIANTS, "topk", "matryoshka_batchtopk"]
-
-
-def fmt(values: list[float]) -> str:
-    mean, half = mean_ci95(values)
-    if mean != mean:
-        return "–"
-    digits = 4 if abs(mean) < 0.1 else 3
-    return f"{mean:.{digits}g}" if half != half else f"{mean:.{digits}g} ± {half:.2g}"
+from tune.report_html import write_html  # noqa: E402
 
 
 def summary(df: pd.DataFrame, by: list[str], metrics: list[str]) -> str:
@@ -63,25 +69,13 @@ def summary(df: pd.DataFrame, by: list[str], metrics: list[str]) -> str:
     header = by + ["n", "converged"] + [label(m) for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = [(key if isinstance(key, tuple) else (key,), g) for key, g in df.groupby(by, dropna=False, sort=False)]
-    for key, g in sorted(groups, key=lambda kg: _order_key(kg[0])):
+    for key, g in sorted(groups, key=lambda kg: order_key(kg[0])):
         n_conv = len(converged(g))
         mark = f"{n_conv}/{len(g)}" + ("" if n_conv == len(g) else " †")
         cells = [str(k) for k in key] + [str(len(g)), mark] + [fmt(g[m].dropna().astype(float).tolist())
                                                               for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _order_key(key: tuple) -> tuple:
-    out = []
-    for k in key:
-        if isinstance(k, str) and k in VARIANT_ORDER:
-            out.append((0, VARIANT_ORDER.index(k), ""))
-        elif isinstance(k, (int, float)) and k == k:
-            out.append((1, float(k), ""))
-        else:
-            out.append((2, 0.0, str(k)))
-    return tuple(out)
 
 
 def describe(row: object) -> str:
@@ -104,10 +98,10 @@ def _save(fig: plt.Figure, path: Path, rect: tuple[float, float, float, float] =
 
 
 def fig_unlearning(done: pd.DataFrame, controls: dict, path: Path) -> bool:
-    df = done[done["variant"].isin(VARIANT_ORDER)]
+    variants = report_variants(done["variant"])
+    df = done[done["variant"].isin(variants)]
     if df.empty or df["unlearning_score"].isna().all():
         return False
-    variants = [v for v in VARIANT_ORDER if v in set(df["variant"])]
     stats = [mean_ci95(df[df.variant == v]["unlearning_score"].dropna().tolist()) for v in variants]
     rand = [mean_ci95(df[df.variant == v]["random_feature_score"].dropna().tolist()) for v in variants]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -135,7 +129,7 @@ def fig_tradeoff(done: pd.DataFrame, path: Path, retain_bar: float = 0.99) -> bo
     if rows.empty:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for variant in [v for v in VARIANT_ORDER if v in set(rows["variant"])]:
+    for variant in report_variants(rows["variant"]):
         points = [g for grid in rows[rows.variant == variant]["unlearning_grid"] for g in json.loads(grid)]
         exact = [g for g in points if g.get("retain_acc_exact", True)]
         bound = [g for g in points if not g.get("retain_acc_exact", True)]
@@ -158,7 +152,7 @@ def fig_loss_curves(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> b
     if c.empty:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    for variant in [v for v in VARIANT_ORDER if v in set(c["variant"])]:
+    for variant in report_variants(c["variant"]):
         per_step = c[c.variant == variant].groupby("step")["loss"].mean()
         ax.plot(per_step.index, per_step.values, label=variant)
     ax.set_xlabel("step")
@@ -193,16 +187,15 @@ def fig_mechanisms(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> bo
     panels = [(m, t) for m, t in MECHANISM_PANELS if m in c and c[m].notna().any()]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (metric, title) in zip(axes.flat, panels, strict=False):
-        for variant in [v for v in VARIANT_ORDER if v in set(c["variant"])]:
+        for variant in report_variants(c["variant"]):
             per_step = c[c.variant == variant].groupby("step")[metric].mean().dropna()
             if not per_step.empty:  # one colour per variant in every panel, so the one legend holds
-                ax.plot(per_step.index, per_step.values, label=variant, color=f"C{VARIANT_ORDER.index(variant) % 10}")
+                ax.plot(per_step.index, per_step.values, label=variant, color=f"C{variant_index(variant) % 10}")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=f"C{VARIANT_ORDER.index(v) % 10}", label=v)
-               for v in VARIANT_ORDER if v in set(c["variant"])]
+    handles = [plt.Line2D([], [], color=f"C{variant_index(v) % 10}", label=v) for v in report_variants(c["variant"])]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle("Mechanisms during training (held-out rows; mean over seeds)")
     _save(fig, path, rect=(0, 0.05, 1, 1))  # room for the figure legend below the panels
@@ -228,7 +221,7 @@ def fig_l0_ev(done: pd.DataFrame, path: Path) -> bool:
     if done.empty:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in [v for v in VARIANT_ORDER if v in set(done["variant"])]:
+    for variant in report_variants(done["variant"]):
         d = done[done.variant == variant]
         ax.scatter(d["l0"], d["explained_variance"], label=variant, s=20)
     ax.set_xscale("log")
@@ -249,33 +242,6 @@ SECTIONS = [  # (title, space, grouping columns) of the tables, in report order
     ("Ablation: contrastive learning", "contrast", ["cfg_nce_temperature", "cfg_nce_weight"]),
     ("Baselines", "baselines", ["variant", "cfg_k"]),
 ]
-
-
-def load_controls(results_dir: Path) -> dict:
-    """The evaluation controls (the last controls/*.json by name), or {} when there are none."""
-    controls = {}
-    for path in sorted((results_dir / "controls").glob("*.json")):
-        controls = json.loads(path.read_text())
-    return controls
-
-
-def header_parts(results_dir: Path, trials: pd.DataFrame) -> list[str]:
-    counts = ", ".join(f"{k}: {v}" for k, v in trials["status"].value_counts().items())
-    return ["# hsae ablation report\n", f"Results: `{results_dir}` — {len(trials)} trials ({counts}).\n"]
-
-
-def controls_parts(controls: dict) -> list[str]:
-    """The 'Evaluation controls' section: both control scores and whether they are in range."""
-    if not controls:
-        return []
-    pos, neg = controls["positive"]["score"], controls["negative"]["score"]
-    ok = pos >= POSITIVE_MIN and neg <= NEGATIVE_MAX
-    return ["## Evaluation controls\n",
-            f"Positive control (difference-of-means removal): **{pos:.3f}**; negative control (random "
-            f"direction): **{neg:.3f}**; bank {controls['positive']['n_forget']} forget / "
-            f"{controls['positive']['n_retain']} retain questions. "
-            + ("The evaluation can detect removal.\n" if ok else
-               "**The controls are out of range: unlearning scores below cannot be trusted.**\n")]
 
 
 def section_parts(trials: pd.DataFrame, done: pd.DataFrame) -> list[str]:
@@ -355,85 +321,82 @@ def figure_parts(figures: list[tuple[str, str]]) -> list[str]:
     return ["## Figures\n", *(f"![{title}]({name})\n" for title, name in figures)]
 
 
-# -- the verdict (hsae/verdict.py): what the report leads with ------------------------------------
-METRIC_LABELS = {
-    **{bar_metric(b): f"forget acc at retain ≥ {b}" for b in BARS},
-    "frontier_area": "frontier area (retain 0.9–1)",
-    "unlearning_score": "SAEBench unlearning score",
-}
-BANNER = "The evaluation cannot detect removal on this model: no score below is a result."
+def _span(values: pd.Series, form: str) -> str:
+    """'min … max' of the values in ``form`` ('–' without any)."""
+    v = values.dropna().astype(float)
+    if not len(v):
+        return "–"
+    lo, hi = form.format(v.min()), form.format(v.max())
+    return lo if lo == hi else f"{lo} … {hi}"
 
 
-def load_optional(results_dir: Path, name: str) -> pd.DataFrame | None:
-    """A Parquet file of the results directory, or None when it is absent (results older than it)."""
-    path = results_dir / name
-    return pd.read_parquet(path) if path.is_file() else None
+def health_cells(g: pd.DataFrame) -> list[str]:
+    """An arm's convergence and health: seeds converged, the MSE changes, tokens, target and held-out L0, the
+    seeds within ±5% of the target, dead fraction and revived latents (external arms: no training)."""
+    def col(name: str) -> pd.Series:
+        return g[name] if name in g else pd.Series([], dtype=float)
 
-
-def load_grid(results_dir: Path) -> pd.DataFrame | None:
-    """grid.parquet with ``control`` and ``grid`` filled in (older grids lack them), or None."""
-    grid = load_optional(results_dir, "grid.parquet")
-    if grid is None or grid.empty:
-        return None
-    control = grid["control"].fillna("sae") if "control" in grid else "sae"
-    name = grid["grid"].fillna("saebench") if "grid" in grid else "saebench"
-    return grid.assign(control=control, grid=name)
-
-
-def converged(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows whose SAE converged (docs/training.md); rows from before the rule count as unconverged."""
-    if "converged" not in df:
-        return df.iloc[:0]
-    return df[df["converged"].fillna(False).astype(bool)]
+    external = bool(external_rows(g).all())
+    met = col("l0_target_met").dropna()
+    return ["– (external: no training)" if external else f"{len(converged(g))}/{len(g)}",
+            _span(col("val_mse_rel_change"), "{:+.2%}"), _span(col("plateau_rel_change"), "{:+.2%}"),
+            _span(col("unique_train_tokens"), "{:,.0f}"), _span(col("cfg_target_l0"), "{:g}"),
+            fmt(col("l0").tolist()), f"{int(met.astype(bool).sum())}/{len(met)}" if len(met) else "–",
+            fmt(col("dead_fraction").tolist()), _span(col("revived_latents"), "{:,.0f}")]
 
 
 def convergence_parts(done: pd.DataFrame) -> list[str]:
-    """Per variant of the main job: how many seeds converged, the held-out MSE change over the last 20% of
-    steps, the unique training tokens and dead fraction; then the unconverged trials by name."""
+    """Per arm of the main job: how many seeds converged, the held-out MSE change over the last 20% of steps
+    and over the constant-rate plateau, the unique training tokens, the target and held-out L0 (seeds within
+    ±5%), dead fraction and revived latents; then the unconverged trials by name."""
     main = main_trials(done)
     if main.empty:
         return []
-    parts = ["## Convergence (trained means converged: |Δ held-out MSE| < 2% over the last 20% of steps)\n",
-             "| variant | converged | Δ held-out MSE, last 20% | unique train tokens | dead |", "|---|---|---|---|---|"]
-    for variant in ordered(main["variant"]):
-        g = main[main["variant"] == variant]
-        change = g["val_mse_rel_change"].dropna().astype(float) if "val_mse_rel_change" in g else pd.Series([])
-        tokens = g["unique_train_tokens"].dropna() if "unique_train_tokens" in g else pd.Series([])
-        parts.append(f"| {variant} | {len(converged(g))}/{len(g)} | "
-                     + (f"{change.min():+.2%} … {change.max():+.2%}" if len(change) else "–") + " | "
-                     + (f"{int(tokens.min()):,}" if len(tokens) else "–") + f" | {fmt(g['dead_fraction'].tolist())} |")
+    main = main.assign(arm=arm_names(main).to_numpy())
+    header = ["arm", "converged", "Δ held-out MSE, last 20%", "Δ held-out MSE, plateau", "unique train tokens",
+              "target L0", "held-out L0", "within ±5% of target", "dead", "revived latents"]
+    parts = ["## Convergence and health (trained means converged: docs/training.md)\n",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in ordered(main["arm"]):
+        parts.append("| " + " | ".join([arm, *health_cells(main[main["arm"] == arm])]) + " |")
     missing = main[~main["trial_id"].isin(converged(main)["trial_id"])]
     if not missing.empty:
         parts.append("\n**Unconverged, marked † and never ranked:** "
-                     + ", ".join(f"{r.variant} seed {r.seed}" for r in missing.itertuples()) + ".")
+                     + ", ".join(f"{r.arm} seed {r.seed}" for r in missing.itertuples()) + ".")
     return parts + [""]
 
 
-def main_trials(done: pd.DataFrame) -> pd.DataFrame:
-    """The main job: the completed trials of the "variants" space if there are any, else all completed."""
-    return done[done["space"] == "variants"] if (done["space"] == "variants").any() else done
+def fig_frontier(points: pd.DataFrame, path: Path) -> bool:
+    """SAEBench's form: one panel per metric against held-out L0, a line per arm, mean ± 95% CI over seeds."""
+    metrics = list(dict.fromkeys(points["metric"]))
+    if not metrics:
+        return False
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    lines = ordered(points["line"])
+    for ax, metric in zip(axes.flat, metrics, strict=True):
+        for line in lines:
+            d = points[(points["metric"] == metric) & (points["line"] == line)].sort_values("target")
+            ax.errorbar(d["l0"], d["mean"], xerr=d["l0_half"].fillna(0), yerr=d["half"].fillna(0), marker="o",
+                        ms=4, capsize=2, label=line, color=f"C{variant_index(line.split('[')[0]) % 10}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("held-out L0")
+        ax.set_title(metric_label(metric), fontsize=9)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Sparsity frontier: each metric against held-out L0 (mean ± 95% CI over seeds)")
+    _save(fig, path)
+    return True
 
 
-def ordered(variants: object) -> list[str]:
-    return sorted(dict.fromkeys(variants), key=lambda v: _order_key((v,)))
-
-
-def banner_parts(problems: list[str]) -> list[str]:
-    if not problems:
+def frontier_parts(inp: ReportInputs, out: Path) -> list[str]:
+    """The sparsity frontier's heading and text, its figure, then the verdict at each target L0."""
+    blocks = frontier_blocks(inp)
+    if not blocks:
         return []
-    return [f"**{BANNER}** " + "; ".join(problems) + ". The numbers below are diagnostics only.\n"]
-
-
-def frontier_steps(rows: pd.DataFrame, x_min: float) -> tuple[list[float], list[float]]:
-    """One SAE's frontier as the vertices of a step line drawn 'pre' (report.md) or 'vh' (report.html): at
-    each retain level, the lowest forget accuracy reachable. Empty without rows."""
-    p = frontier(rows[["retain_acc", "forget_acc"]].to_numpy(float))[::-1]  # retain ascending
-    if not len(p):
-        return [], []
-    xs, ys = [min(x_min, p[0, 0]), *p[:, 0]], [p[0, 1], *p[:, 1]]
-    if xs[-1] < 1.0:
-        xs, ys = [*xs, 1.0], [*ys, 1.0]  # nothing reaches higher retain: no removal there
-    return [float(x) for x in xs], [float(y) for y in ys]
+    figure = (["![Sparsity frontier](sparsity_frontier.png)\n"]
+              if fig_frontier(frontier_points(inp), out / "sparsity_frontier.png") else [])
+    return markdown(blocks[:2]) + figure + markdown(blocks[2:])
 
 
 def _frontier_line(ax: plt.Axes, rows: pd.DataFrame, x_min: float, label: str | None) -> None:
@@ -463,20 +426,20 @@ def _panel(ax: plt.Axes, grid: pd.DataFrame, trial_ids: list[str], x_min: float)
 
 
 def fig_forget_vs_retain(grid: pd.DataFrame, per_trial: pd.DataFrame, path: Path, x_min: float = 0.8) -> bool:
-    """One panel per variant: its grid points (faint), its frontier per seed, the random-feature and
+    """One panel per arm: its grid points (faint), its frontier per seed, the random-feature and
     positive controls, and the retain bars (dotted). x = retain accuracy, y = forget accuracy."""
-    variants = ordered(per_trial["variant"])
-    if not variants:
+    arms = ordered(per_trial["arm"])
+    if not arms:
         return False
-    ncols = min(3, len(variants))
-    nrows = math.ceil(len(variants) / ncols)
+    ncols = min(3, len(arms))
+    nrows = math.ceil(len(arms) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.6 * nrows), sharex=True, sharey=True,
                              squeeze=False)
-    for ax, variant in zip(axes.flat, variants, strict=False):
-        ids = list(per_trial.loc[per_trial["variant"] == variant, "trial_id"])
+    for ax, arm in zip(axes.flat, arms, strict=False):
+        ids = list(per_trial.loc[per_trial["arm"] == arm, "trial_id"])
         _panel(ax, grid, ids, x_min)
-        ax.set_title(f"{variant} ({len(ids)} seed{'s' if len(ids) != 1 else ''})", fontsize=9)
-    for ax in axes.flat[len(variants):]:
+        ax.set_title(f"{arm} ({len(ids)} seed{'s' if len(ids) != 1 else ''})", fontsize=9)
+    for ax in axes.flat[len(arms):]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=6, loc="upper left")
     fig.supxlabel(f"retain accuracy (dotted: retain bars {', '.join(str(b) for b in BARS)})")
@@ -485,190 +448,53 @@ def fig_forget_vs_retain(grid: pd.DataFrame, per_trial: pd.DataFrame, path: Path
     return True
 
 
-def _interval(lo: float, hi: float, signed: bool = False) -> str:
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "[–]"
-    return f"[{lo:+.3g}, {hi:+.3g}]" if signed else f"[{lo:.3g}, {hi:.3g}]"
+# -- blocks (tune/report_data.py) as Markdown ---------------------------------------------------------
+MARKS = {"": "{}", "strong": "**{}**", "code": "`{}`", "em": "_{}_"}
 
 
-def _metric_cell(v: Verdict, ids: list[str], metric: str) -> str:
-    """mean ± 95% CI over seeds, then the question-bootstrap interval of that mean in brackets."""
-    values = v.per_trial.loc[v.per_trial["trial_id"].isin(ids), metric].dropna().astype(float).tolist()
-    return f"{fmt(values)} {_interval(*mean_interval(v.boot, ids, metric))}"
-
-
-def _random_area(grid: pd.DataFrame, ids: list[str]) -> str:
-    rnd = grid[(grid["control"] == "random") & grid["trial_id"].isin(ids)]
-    return fmt([grid_metrics(rows)["frontier_area"] for _, rows in rnd.groupby("trial_id")])
-
-
-def matched_table(v: Verdict, main: pd.DataFrame, grid: pd.DataFrame, claims: bool) -> str:
-    """One line per variant: matched-retain forget accuracies, frontier area, the SAEBench score and (with
-    ``claims``) the paired difference with relu on the headline metric and its verdict."""
-    metrics = [*(bar_metric(b) for b in BARS), "frontier_area"]
-    header = ["variant", "n", *(METRIC_LABELS[m] for m in metrics), "random-feature frontier area",
-              "SAEBench unlearning"]
-    by_variant = {c.variant: c for c in v.comparisons}
-    if claims and v.headline:
-        header += [f"Δ vs {BASELINE} ({METRIC_LABELS[v.headline]}) [95% CI]", "verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant in ordered(v.per_trial["variant"]):
-        ids = list(v.per_trial.loc[v.per_trial["variant"] == variant, "trial_id"])
-        score = main.loc[main["trial_id"].isin(ids), "unlearning_score"].dropna().astype(float).tolist()
-        cells = [variant, str(len(ids)), *(_metric_cell(v, ids, m) for m in metrics), _random_area(grid, ids),
-                 fmt(score)]
-        if claims and v.headline:
-            c = by_variant.get(variant)
-            cells += (["reference", "—"] if variant == BASELINE or c is None else
-                      [f"{c.diff:+.3g} {_interval(c.lo, c.hi, True)} (n={c.n})", c.verdict])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def stability_table(v: Verdict) -> str:
-    lines = ["| candidate | defined for every trial | seed-to-seed s.d. | between-variant s.d. | ratio |",
-             "|---|---|---|---|---|"]
-    for metric, s in v.stability.iterrows():
-        lines.append(f"| {METRIC_LABELS[metric]} | {'yes' if s.defined else 'no'} | {s.within_sd:.3g} | "
-                     f"{s.between_sd:.3g} | {s.ratio:.3g} |")
-    return "\n".join(lines) + "\n"
-
-
-def _seeds(n: float) -> str:
-    return "—" if n != n else ("> 100" if n == math.inf else str(int(n)))
-
-
-def power_lines(v: Verdict) -> list[str]:
-    """The smallest difference the main job can detect, and the seeds the observed differences need."""
-    if math.isfinite(v.mdd):
-        out = [f"With n = {v.n_seeds} seeds, the smallest paired difference the main job can detect (two-sided "
-               f"α = 0.05, power 0.8) is **{v.mdd:.3g}** (pooled s.d. of per-seed differences {v.sd_diff:.3g})."]
-    else:
-        out = [f"With n = {v.n_seeds} seed(s) the smallest detectable difference cannot be estimated: it needs "
-               f"≥ 2 seeds paired with {BASELINE}."]
-    if v.needed:
-        need = ", ".join(f"{k}: {_seeds(n)}" for k, n in v.needed.items())
-        out.append(f"Seeds needed to detect each observed difference (same test): {need}.")
-    return out
-
-
-def claim_lines(v: Verdict) -> list[str]:
-    if not v.comparisons:
-        return [f"No completed {BASELINE} trial with grid rows: no paired comparison."]
-    out = []
-    for word in ("better", "worse"):
-        names = [c.variant for c in v.comparisons if c.verdict.startswith(word)]
-        if names:
-            out.append(f"{word.capitalize()} than {BASELINE} on {METRIC_LABELS[v.headline]}: {', '.join(names)}.")
-    if v.inseparable():
-        out.append(f"**The data cannot separate {', '.join(v.inseparable())} from {BASELINE}** "
-                   f"(paired interval contains 0).")
-    return out
-
-
-def headline_parts(v: Verdict) -> list[str]:
-    if v.headline is None:
-        return [f"No headline metric: {v.reason}.\n"]
-    parts = [f"**Headline metric: {METRIC_LABELS[v.headline]}** — {v.reason}.\n", stability_table(v)]
-    return parts + [" ".join(power_lines(v)) + "\n", " ".join(claim_lines(v)) + "\n"]
-
-
-def counts_table(v: Verdict) -> str:
-    """Per variant and grid: settings selecting no feature and settings tying another (mean per trial)."""
-    c = v.counts.merge(v.per_trial[["trial_id", "variant"]], on="trial_id")
-    grids = [g for g in ("saebench", "extended") if g in set(c["grid"])]
-    header = ["variant", *(f"{g}: {k} / settings" for g in grids for k in ("selecting none", "tied"))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant in ordered(c["variant"]):
-        cells = [variant]
-        for g in grids:
-            rows = c[(c["variant"] == variant) & (c["grid"] == g)]
-            n = f" / {rows['settings'].mean():.3g}" if len(rows) else ""
-            cells += [f"{rows[k].astype(float).mean():.3g}{n}" if len(rows) else "–"
-                      for k in ("selecting_none", "tied")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _upper_bounds(v: Verdict, grid: pd.DataFrame) -> str:
-    """A note when some settings' retain accuracy is only an upper bound (retain questions were skipped)."""
-    if "retain_acc_exact" not in grid:
-        return ""
-    rows = grid[(grid["control"] == "sae") & grid["trial_id"].isin(v.per_trial["trial_id"])]
-    inexact = int(rows["retain_acc_exact"].astype("boolean").eq(False).fillna(False).sum())
-    return (f" **{inexact} setting(s) have retain accuracy as an upper bound (retain questions skipped): their "
-            f"matched-retain values are optimistic.**" if inexact else "")
-
-
-def bank_line(v: Verdict, questions: pd.DataFrame | None, grid: pd.DataFrame) -> str:
-    line = (f"Cells: mean ± 95% CI over seeds; in brackets the 95% interval of that mean over "
-            f"{next(iter(v.boot.samples.values())).shape[1]} bootstrap resamples of the {v.boot.n_forget} forget "
-            f"and {v.boot.n_retain} retain questions. Lower forget accuracy = more removed.") + _upper_bounds(v, grid)
-    if questions is not None and v.bank is not None and "bank" in questions:
-        questions = questions[questions["bank"].astype(str) == v.bank]
-    if questions is not None and "domain" in questions:
-        n = questions["domain"].value_counts()
-        if (n.get("forget", 0), n.get("retain", 0)) != (v.boot.n_forget, v.boot.n_retain):
-            line += (f" **questions.parquet holds {n.get('forget', 0)} forget / {n.get('retain', 0)} retain "
-                     f"questions, the grid's outcomes another count.**")
-    excluded = [f"{t} ({why})" for t, why in v.excluded.items()]
-    if excluded:
-        line += " Not in the verdict: " + ", ".join(excluded) + "."
-    return line + "".join(f" **Mismatch: {m}.**" for m in v.mismatches) + "\n"
-
-
-def verdict_parts(main: pd.DataFrame, grid: pd.DataFrame | None, questions: pd.DataFrame | None,
-                  problems: list[str], out: Path, n_boot: int = 1000) -> list[str]:
-    """The figure, the matched-retain table (a verdict only when the controls are in range), the headline
-    metric with its power, and the settings that select nothing or tie. Nothing without grid.parquet."""
-    if grid is None:
-        return []
-    try:
-        v = build_verdict(main, grid, n_boot=n_boot)
-    except ValueError as exc:
-        return [f"_Verdict not computed: {exc}._\n"]
-    if v.per_trial.empty:
-        return ["_No completed trial has grid rows: no verdict._\n"]
+def markdown(blocks: list[Block]) -> list[str]:
+    """Format-free blocks as report.md's parts: headings, paragraphs, pipe tables."""
     parts = []
-    if fig_forget_vs_retain(grid, v.per_trial, out / "forget_vs_retain.png"):
-        parts += ["![Forget vs retain accuracy per variant](forget_vs_retain.png)\n",
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"{'#' * block.level} {block.text}\n")
+        elif isinstance(block, Paragraph):
+            parts.append("".join(MARKS[style].format(text) for style, text in block.spans) + "\n")
+        elif isinstance(block, Table):
+            lines = ["| " + " | ".join(block.header) + " |", "|" + "---|" * len(block.header)]
+            lines += ["| " + " | ".join(row) + " |" for row in block.rows]
+            parts.append("\n".join(lines) + "\n")
+    return parts
+
+
+def verdict_parts(inp: ReportInputs, out: Path) -> list[str]:
+    """The figure, then the verdict's blocks; nothing without grid.parquet, a line when it cannot be computed."""
+    v = inp.verdict
+    if inp.grid is None:
+        return []
+    if isinstance(v, str):
+        return [f"_Verdict {v}._\n" if v.startswith("not computed") else f"_No verdict: {v}._\n"]
+    parts = []
+    if fig_forget_vs_retain(inp.grid, v.per_trial, out / "forget_vs_retain.png"):
+        parts += ["![Forget vs retain accuracy per arm](forget_vs_retain.png)\n",
                   "_Forget vs retain accuracy, every grid setting (faint), the frontier of each seed (line), random-"
                   "feature control (×) and positive control (▲); dotted: retain bars._\n"]
-    return parts + verdict_text(v, main, grid, questions, problems)
-
-
-def verdict_text(v: Verdict, main: pd.DataFrame, grid: pd.DataFrame, questions: pd.DataFrame | None,
-                 problems: list[str]) -> list[str]:
-    """The verdict's Markdown after its figure (report.md and report.html both show it): the matched-retain
-    table, a verdict only when the controls are in range, the headline metric, the no-feature/tie counts."""
-    claims = not problems
-    parts = ["## Verdict: forget accuracy at matched retain\n" if claims else
-             "## Diagnostics (controls out of range — not results): forget accuracy at matched retain\n"]
-    parts += [matched_table(v, main, grid, claims), bank_line(v, questions, grid)]
-    if claims:
-        parts += headline_parts(v)
-    return parts + ["### Settings that select no feature / tie another\n", counts_table(v)]
+    return parts + markdown(verdict_blocks(v, inp.main, inp.grid, inp.questions, inp.problems))
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_boot: int = 1000) -> Path:
-    results_dir = Path(results_dir)
-    out = Path(out_dir) if out_dir else results_dir / "report"
+    """report.md, its figures and report.html, from one ``ReportInputs`` (the verdict computed once)."""
+    inp = ReportInputs.load(results_dir, n_boot)
+    out = Path(out_dir) if out_dir else inp.results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    trials = load_trials(results_dir)
-    curves = load_curves(results_dir)
-    done = trials[trials["status"] == "completed"]
-    controls = load_controls(results_dir)
-    problems = controls_problems(done, controls)
-    grid, questions = load_grid(results_dir), load_optional(results_dir, "questions.parquet")
-    parts = header_parts(results_dir, trials) + banner_parts(problems)
-    parts += verdict_parts(converged(main_trials(done)), grid, questions, problems, out, n_boot)
-    parts += convergence_parts(done) + controls_parts(controls) + section_parts(trials, done)
-    parts += figure_parts(write_figures(done, curves, controls, out)) + pareto_parts(trials, out)
+    done, trials = inp.done, inp.trials
+    parts = markdown(header_blocks(inp) + banner_blocks(inp.problems)) + verdict_parts(inp, out)
+    parts += markdown(probe_blocks(inp)) + frontier_parts(inp, out) + convergence_parts(done)
+    parts += markdown(controls_blocks(inp.controls)) + section_parts(trials, done)
+    parts += figure_parts(write_figures(done, inp.curves, inp.controls, out)) + pareto_parts(trials, out)
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
-    from tune.report_html import write_html  # here, not at the top: report_html imports this module
-
-    write_html(results_dir, out, n_boot)
+    write_html(inp, out)
     return report
 
 

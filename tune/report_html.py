@@ -2,7 +2,8 @@
 
 plotly.js is inlined once, in <head>, so the page opens without a network; every figure is a plotly div
 that only calls ``Plotly.newPlot``. The page is the list ``SECTIONS``, in order: the header and the
-verdict (the same Markdown report.md leads with, tables as HTML), the forget-vs-retain figure per variant,
+verdict (the blocks of tune/report_data.py that report.md renders as Markdown, here as HTML; the verdict is
+computed once there), the forget-vs-retain figure per arm,
 parallel coordinates of the trials' parameters against their metrics, the training curves and the trial
 table. A section is a function ``Inputs -> str`` (an HTML fragment); one whose data is missing returns
 one line saying so. To add a section (say, an Optuna study's Pareto front), write such a function and
@@ -13,10 +14,7 @@ from __future__ import annotations
 
 import html
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -27,22 +25,25 @@ from plotly.subplots import make_subplots
 
 from hsae.atomic import atomic_write_text
 from hsae.pareto import study_fronts, varying_params
-from hsae.results import load_curves, load_trials
 from hsae.schema import label
-from hsae.verdict import BARS, Verdict, build_verdict, controls_problems
-from tune.report import (
-    VARIANT_ORDER,
-    banner_parts,
-    controls_parts,
-    converged,
+from hsae.verdict import BARS
+from tune.report_data import (
+    Block,
+    Heading,
+    Paragraph,
+    ReportInputs,
+    Table,
+    banner_blocks,
+    controls_blocks,
+    frontier_blocks,
+    frontier_points,
     frontier_steps,
-    header_parts,
-    load_controls,
-    load_grid,
-    load_optional,
-    main_trials,
+    header_blocks,
+    metric_label,
     ordered,
-    verdict_text,
+    probe_blocks,
+    variant_index,
+    verdict_blocks,
 )
 
 X_MIN = 0.8  # the forget-vs-retain view starts where report.md's figure does; zooming out shows the rest
@@ -69,88 +70,39 @@ td.better { background: #d9f2d9; font-weight: bold; } td.worse { background: #f8
 """
 
 
-@dataclass
-class Inputs:
-    """Everything a section may draw from one results directory; derived frames are computed once."""
-
-    results_dir: Path
-    trials: pd.DataFrame
-    curves: pd.DataFrame
-    grid: pd.DataFrame | None
-    questions: pd.DataFrame | None
-    controls: dict
-    n_boot: int = 1000
-
-    @cached_property
-    def done(self) -> pd.DataFrame:
-        return self.trials[self.trials["status"] == "completed"]
-
-    @cached_property
-    def problems(self) -> list[str]:
-        return controls_problems(self.done, self.controls)
-
-    @cached_property
-    def main(self) -> pd.DataFrame:
-        """The trials the verdict ranks: report.md's (converged trials of the main job)."""
-        return converged(main_trials(self.done)) if "space" in self.done else converged(self.done)
-
-    @cached_property
-    def verdict(self) -> Verdict | str:
-        """The verdict (the same seed and resamples as report.md's, so the same numbers), or why there is none."""
-        if self.grid is None:
-            return "no grid.parquet in the results"
-        try:
-            v = build_verdict(self.main, self.grid, n_boot=self.n_boot)
-        except ValueError as exc:
-            return f"not computed: {exc}"
-        return v if not v.per_trial.empty else "no converged, completed trial has grid rows"
+Inputs = ReportInputs  # a section is a function of the shared inputs (tune/report_data.py)
 
 
-def load_inputs(results_dir: Path, n_boot: int = 1000) -> Inputs:
-    return Inputs(results_dir, load_trials(results_dir), load_curves(results_dir), load_grid(results_dir),
-                  load_optional(results_dir, "questions.parquet"), load_controls(results_dir), n_boot)
+# -- blocks (tune/report_data.py) as HTML ----------------------------------------------------------
+TAGS = {"strong": "strong", "code": "code", "em": "em"}
 
 
-# -- Markdown (report.py's text) as HTML -----------------------------------------------------------
-def inline(text: str) -> str:
-    """The inline marks report.py writes (**bold**, `code`, a whole line in _italics_) as HTML, text escaped."""
-    out = html.escape(text.strip())
-    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return re.sub(r"^_(.+)_$", r"<em>\1</em>", out)
+def spans_html(spans: tuple[tuple[str, str], ...]) -> str:
+    return "".join(f"<{TAGS[style]}>{html.escape(text)}</{TAGS[style]}>" if style else html.escape(text)
+                   for style, text in spans)
 
 
-def _cell(text: str) -> str:
-    kind = next((k for k in ("better", "worse") if text.startswith(k)), "")  # the verdict column stands out
-    return f'<td class="{kind}">{inline(text)}</td>' if kind else f"<td>{inline(text)}</td>"
-
-
-def table_html(lines: list[str]) -> str:
-    """A Markdown pipe table as an HTML table (its first row the header, the |---| rule dropped)."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    rows = [r for r in rows if not all(re.fullmatch(r":?-+:?", c) for c in r)]
-    head = "".join(f"<th>{inline(c)}</th>" for c in rows[0])
-    body = "\n".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows[1:])
+def table_html(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.header)
+    body = "\n".join(
+        "<tr>" + "".join(f'<td class="{table.marks[(i, j)]}">{html.escape(c)}</td>' if (i, j) in table.marks
+                         else f"<td>{html.escape(c)}</td>" for j, c in enumerate(row)) + "</tr>"
+        for i, row in enumerate(table.rows))
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table></div>'
 
 
-def markdown_html(parts: list[str]) -> str:
-    """report.py's Markdown parts (headings, pipe tables, paragraphs) as HTML; images are left out."""
-    blocks: list[str] = []
-    table: list[str] = []
-    for line in "\n".join(parts).splitlines() + [""]:
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if table:
-            blocks.append(table_html(table))
-            table = []
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 4)
-            blocks.append(f"<h{level}>{inline(line.lstrip('#'))}</h{level}>")
-        elif line.strip() and not line.startswith("!["):
-            blocks.append(f"<p>{inline(line)}</p>")
-    return "\n".join(blocks)
+def blocks_html(blocks: list[Block]) -> str:
+    """Format-free blocks (headings, paragraphs, tables) as HTML, text escaped."""
+    out = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            level = min(block.level, 4)
+            out.append(f"<h{level}>{html.escape(block.text)}</h{level}>")
+        elif isinstance(block, Paragraph):
+            out.append(f"<p>{spans_html(block.spans)}</p>")
+        elif isinstance(block, Table):
+            out.append(table_html(block))
+    return "\n".join(out)
 
 
 def note(text: str) -> str:
@@ -165,16 +117,15 @@ def figure_html(fig: go.Figure, div_id: str, caption: str) -> str:
 
 def variant_color(variant: str) -> str:
     """The variant's colour in every figure (its place in VARIANT_ORDER, as report.py's mechanism figure)."""
-    i = VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER) + sum(map(ord, variant))
-    return PALETTE[i % len(PALETTE)]
+    return PALETTE[variant_index(variant) % len(PALETTE)]
 
 
 # -- sections -----------------------------------------------------------------------------------
 def header_section(inp: Inputs) -> str:
     """Title and results line, the banner when the controls are out of range, and the controls' status."""
-    head = markdown_html(header_parts(inp.results_dir, inp.trials))
-    banner = markdown_html(banner_parts(inp.problems))
-    controls = (markdown_html(controls_parts(inp.controls)) if inp.controls else "<h2>Evaluation controls</h2>"
+    head = blocks_html(header_blocks(inp))
+    banner = blocks_html(banner_blocks(inp.problems))
+    controls = (blocks_html(controls_blocks(inp.controls)) if inp.controls else "<h2>Evaluation controls</h2>"
                 + note("No controls/*.json in the results: the controls' status is unknown."))
     return head + (f'<div class="banner">{banner}</div>' if banner else "") + controls
 
@@ -183,7 +134,41 @@ def verdict_section(inp: Inputs) -> str:
     """The matched-retain table, headline metric and setting counts: report.md's verdict text, as HTML."""
     if isinstance(inp.verdict, str):
         return "<h2>Verdict</h2>" + note(f"No verdict: {inp.verdict}.")
-    return markdown_html(verdict_text(inp.verdict, inp.main, inp.grid, inp.questions, inp.problems))
+    return blocks_html(verdict_blocks(inp.verdict, inp.main, inp.grid, inp.questions, inp.problems))
+
+
+def probe_section(inp: Inputs) -> str:
+    """The second witness (k-sparse probing): its table, claims and agreement lines; nothing without columns."""
+    return blocks_html(probe_blocks(inp))
+
+
+def frontier_figure(points: pd.DataFrame) -> go.Figure:
+    """One panel per metric against held-out L0, a line per arm with seed intervals on both axes."""
+    metrics = list(dict.fromkeys(points["metric"]))
+    fig = make_subplots(1, len(metrics), subplot_titles=[metric_label(m) for m in metrics], horizontal_spacing=0.06)
+    for j, metric in enumerate(metrics, start=1):
+        for line in ordered(points["line"]):
+            d = points[(points["metric"] == metric) & (points["line"] == line)].sort_values("target")
+            fig.add_trace(go.Scatter(
+                x=d["l0"], y=d["mean"], mode="lines+markers", name=line, legendgroup=line, showlegend=j == 1,
+                line={"color": variant_color(line.split("[")[0])},
+                error_x={"type": "data", "array": d["l0_half"].fillna(0).tolist()},
+                error_y={"type": "data", "array": d["half"].fillna(0).tolist()},
+                text=[f"{line}, target L0 {t:g}" for t in d["target"]], hoverinfo="text+x+y"), row=1, col=j)
+    fig.update_xaxes(type="log", title_text="held-out L0")
+    fig.update_layout(height=420, margin={"t": 50}, hovermode="closest")
+    return fig
+
+
+def frontier_section(inp: Inputs) -> str:
+    """The sparsity frontier (only when the trials span several target L0s): figure, then per-target verdict."""
+    blocks = frontier_blocks(inp)
+    if not blocks:
+        return ""
+    points = frontier_points(inp)
+    figure = figure_html(frontier_figure(points), "fig-frontier", "Mean ± 95% CI over seeds of each metric and of "
+                         "held-out L0, one line per arm (one point per target L0).") if len(points) else ""
+    return blocks_html(blocks[:2]) + figure + blocks_html(blocks[2:])
 
 
 def _hover(rows: pd.DataFrame, seeds: dict[str, object]) -> list[str]:
@@ -252,22 +237,22 @@ def _panel(fig: go.Figure, grid: pd.DataFrame, per_trial: pd.DataFrame, colors: 
 
 
 def forget_retain_section(inp: Inputs) -> str:
-    """One subplot per variant: x = retain accuracy, y = forget accuracy; dotted lines are the retain bars."""
-    title = "<h2>Forget vs retain accuracy per variant</h2>"
+    """One subplot per arm: x = retain accuracy, y = forget accuracy; dotted lines are the retain bars."""
+    title = "<h2>Forget vs retain accuracy per arm</h2>"
     if isinstance(inp.verdict, str):
         return title + note(f"No forget-vs-retain figure: {inp.verdict}.")
     per_trial = inp.verdict.per_trial
-    variants = ordered(per_trial["variant"])
+    variants = ordered(per_trial["arm"])
     ncols = min(3, len(variants))
     nrows = math.ceil(len(variants) / ncols)
-    counts = per_trial["variant"].value_counts()
+    counts = per_trial["arm"].value_counts()
     titles = [f"{v} ({counts[v]} seed{'s' if counts[v] != 1 else ''})" for v in variants]
     fig = make_subplots(nrows, ncols, shared_xaxes="all", shared_yaxes="all", subplot_titles=titles,
                         horizontal_spacing=0.05, vertical_spacing=0.25 / nrows)
     colors = {s: SEED_PALETTE[i % len(SEED_PALETTE)] for i, s in enumerate(sorted(per_trial["seed"].unique()))}
     shown: set[str] = set()
     for i, variant in enumerate(variants):
-        rows = per_trial[per_trial["variant"] == variant]
+        rows = per_trial[per_trial["arm"] == variant]
         _panel(fig, inp.grid, rows, colors, (i // ncols + 1, i % ncols + 1), shown)
     for bar in BARS:
         fig.add_vline(x=bar, line={"dash": "dot", "width": 1, "color": "black"})
@@ -420,8 +405,8 @@ def pareto_section(inp: Inputs) -> str:
 
 
 SECTIONS: list[Callable[[Inputs], str]] = [
-    header_section, verdict_section, forget_retain_section, parcoords_section, curves_section, pareto_section,
-    trials_section,
+    header_section, verdict_section, probe_section, forget_retain_section, frontier_section, parcoords_section,
+    curves_section, pareto_section, trials_section,
 ]
 
 
@@ -433,9 +418,10 @@ def page(inp: Inputs, sections: list[Callable[[Inputs], str]] | None = None) -> 
             f"<body>\n{body}\n</body>\n</html>\n")
 
 
-def write_html(results_dir: str | Path, out: str | Path, n_boot: int = 1000) -> Path:
-    """Write ``out``/report.html for ``results_dir`` atomically; return its path."""
-    inp = load_inputs(Path(results_dir), n_boot)
+def write_html(source: str | Path | ReportInputs, out: str | Path, n_boot: int = 1000) -> Path:
+    """Write ``out``/report.html atomically from a results directory or from inputs already loaded (whose
+    verdict report.md used: computed once); return its path."""
+    inp = source if isinstance(source, ReportInputs) else ReportInputs.load(source, n_boot)
     path = Path(out) / "report.html"
     atomic_write_text(path, page(inp))
     return path

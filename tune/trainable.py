@@ -20,11 +20,13 @@ import ray
 import torch
 from ray import tune
 
+from hsae.external import is_external
+from hsae.machine import RunSettings
 from hsae.results import ResultsStore
 from hsae.server import fetch, stream_source
 from hsae.spaces import Profile, TrialSpec
 from hsae.train import ArrayBatches, DegenerateRunError, Progress
-from hsae.trial import Evaluate, TrialOutcome, TrialRun
+from hsae.trial import Evaluate, ExternalRun, TrialOutcome, TrialRun
 from tune.search import OBJECTIVES
 
 # A test-only seam: "module:function" names of hooks called as hook(spec, step, restored) when the trial
@@ -33,8 +35,9 @@ TrialHook = Callable[[TrialSpec, int, bool], None]
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    torch.set_num_threads(1)  # one CPU per trial: two threads in a busy process do worse here
     ctx, spec = config["ctx"], trial_spec(config)
+    settings = RunSettings(**ctx.get("settings", {}))
+    torch.set_num_threads(settings.threads_per_trial)  # the plan's layout (hsae.machine.default_layout)
     if not ctx.get("verbose"):  # Ray says "Checkpoint successfully created" at every checkpoint of every trial
         logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     store = ResultsStore(ctx["out"])
@@ -49,8 +52,12 @@ def run_trial(config: dict[str, Any]) -> None:
     held_out = fetch(info, "eval").eval_batch()
     profile = Profile(**ctx["profile"])
     with tempfile.TemporaryDirectory(prefix="hsae-trial-") as work:
-        run = TrialRun(spec, profile, info.model, work, on_progress=reporter(spec, hooks, restored is not None),
-                       controls_ok=ctx.get("controls_ok"))
+        run: TrialRun | ExternalRun
+        if is_external(spec.variant):  # an external arm: loaded (hsae.external), not trained
+            run = ExternalRun(spec, profile, info.model, controls_ok=ctx.get("controls_ok"))
+        else:
+            run = TrialRun(spec, profile, info.model, work, on_progress=reporter(spec, hooks, restored is not None),
+                           controls_ok=ctx.get("controls_ok"), settings=settings)
         if restored is not None:
             with restored.as_directory() as path:
                 run.restore(Path(path))
@@ -62,10 +69,11 @@ def run_trial(config: dict[str, Any]) -> None:
         if left is not None:  # the sweep's LM cost so far: what streaming saves is measured here
             outcome.row["stream_lm_tokens"] = left["lm_tokens"]
         outcome.row.update(search_values(ctx))
-        if outcome.status == "completed":  # the SAE where a user looks for it, before the row that links it
+        if outcome.status == "completed" and isinstance(run, TrialRun):  # the SAE where a user looks for it, before
+            # the row that links it (an external arm's row links its own folder: source_path)
             outcome.row["sae_path"] = store.sae_path(spec.key)
             run.export_sae(store.root / outcome.row["sae_path"])
-    store.write_trial(outcome.row, outcome.curves, outcome.grid)
+    store.write_trial(outcome.row, outcome.curves, outcome.grid, outcome.probe)
     tune.report(final_report(outcome, run.train_cfg.steps))
 
 
@@ -90,6 +98,7 @@ def training_source(server: Any, info: Any, store: ResultsStore, spec: TrialSpec
         start = ray.get(server.stream_join.remote(spec.key, run.train_cfg.steps))
         store.record_stream_start(spec.experiment, spec.key, start)
     run.source_values["stream_start_batch"] = start
+    run.source_values["stream_join"] = run.profile.stream_join  # "oldest": timing chose start (docs/sweeps.md)
     return stream_source(server, spec.key, start, batch_size, run.train_cfg.steps)
 
 

@@ -5,6 +5,11 @@ every SAE re-runs only the layers after L, only for the questions its interventi
 computes logits only for the answer tokens. Everything it uses is held out from SAE training: the
 questions, the activations that select features and set the control directions (``select_x``), and
 the CE/KL contexts.
+
+Select and test (docs/evaluation.md): ``select_x`` must come from *select* documents only and the CE/KL
+contexts from *test* documents (the activation server hands them over so); every question carries its
+document's role, and every grid setting records its accuracies on select and on test questions, so a
+matched-retain value chooses on the first and reports the second (``hsae.verdict.matched_retain_select_test``).
 """
 
 from __future__ import annotations
@@ -48,9 +53,15 @@ class EvalConfig:
 
 
 def sae_from_weights(cfg: dict[str, Any], state: dict[str, np.ndarray]) -> Any:
-    """An SAE (eval mode, raw-activation weights) from its config dict and folded state arrays."""
+    """An SAE (eval mode, raw-activation weights) from its config dict and folded state arrays; an external
+    arm's SAE (``{"external": SAELens config}``, hsae.external) is rebuilt by SAELens."""
+    if "external" in cfg:
+        from hsae.external import from_weights
+
+        return from_weights(cfg, state)
     sae = build_sae(SAEConfig.from_dict(cfg))
-    sae.load_weights({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    # A copy: arrays from Ray's object store are read-only.
+    sae.load_weights({k: torch.tensor(np.asarray(v)) for k, v in state.items()})
     return sae.eval()
 
 
@@ -81,9 +92,14 @@ class BatchFeatures:
         return hit[1]
 
 
+# Part of every evaluation's cache key: bump when what an evaluation returns changes for the same inputs.
+EVAL_FORMAT = 2  # 2: accuracies on select and test questions too (matched retain: chosen on select, reported on test)
+
+
 def eval_cache_key(cfg: dict[str, Any], state: dict[str, np.ndarray], eval_cfg: EvalConfig, extra: Any) -> str:
     """Content hash of weights + configs: results are never cached under a name."""
-    return content_key({"sae": cfg, "eval": asdict(eval_cfg), "extra": extra}, arrays=state, length=None)
+    return content_key({"sae": cfg, "eval": asdict(eval_cfg), "extra": extra, "format": EVAL_FORMAT},
+                       arrays=state, length=None)
 
 
 class Evaluator:
@@ -109,6 +125,7 @@ class Evaluator:
         self.select_x = select_x
         self.select_labels = np.asarray(select_labels)
         self.domains = np.asarray(bank.domain)
+        self.is_select = bank.is_select()  # select questions choose settings; test questions are reported
         self.n_forget, self.n_retain = bank.count(FORGET), bank.count(RETAIN)
         self._prepare_questions()
         self._prepare_ce(eval_tokens, eval_domains)
@@ -137,33 +154,51 @@ class Evaluator:
                 "domain": np.array([bank.domain[i] for i in idx]),
             })
             line.advance(len(idx))
+        # The unmodified model's answers, from the same residuals every setting starts from: the baseline each
+        # grid reports, and the answer a question keeps when an intervention leaves its prompt untouched.
+        self.baseline_correct = np.zeros(len(bank), dtype=bool)
+        for b in self.batches:
+            self.baseline_correct[b["idx"]] = self._answered(b, torch.arange(len(b["idx"])), b["resid"])
+
+    @torch.no_grad()
+    def _answered(self, b: dict[str, Any], rows: torch.Tensor, resid: torch.Tensor) -> np.ndarray:
+        """Whether questions ``rows`` of batch ``b`` are answered correctly from these layer-L residuals."""
+        hidden = tail_hidden(self.loaded, resid)
+        last = hidden[torch.arange(len(rows)), b["last"][rows]]
+        scores = option_scores(self.loaded, last, [b["options"][int(r)] for r in rows])
+        return (scores.argmax(dim=-1).cpu() == b["answer"][rows]).numpy()
 
     @torch.no_grad()
     def accuracy(self, intervention: Any) -> Outcome:
         """Which questions stay correct under ``intervention`` (bank order), and how hard it edits.
 
-        Untouched questions keep their (correct) baseline answer, so only changed prompts are re-run.
+        Untouched questions keep the unmodified model's answer (``baseline_correct``), so only changed
+        prompts are re-run.
         With ``stop_retain_early``, once retain errors exceed what the retain bar allows the remaining
         retain prompts are skipped: the retain accuracy is then an upper bound (exact = False).
         """
         ucfg = self.cfg.unlearning
-        budget = int(np.floor((1 - ucfg.retain_bar) * self.n_retain + 1e-9))
-        correct = np.ones(len(self.domains), dtype=bool)
+        # Skipping is safe once the setting fails the bar both where matched retain chooses (select retain
+        # questions) and where the SAEBench score looks (all retain questions): neither can then pick it.
+        retain, select_retain = self.domains == RETAIN, (self.domains == RETAIN) & self.is_select
+
+        def failed(correct: np.ndarray) -> bool:
+            return all(int((~correct[m]).sum()) > int(np.floor((1 - ucfg.retain_bar) * int(m.sum()) + 1e-9))
+                       for m in (retain, select_retain))
+
+        correct = self.baseline_correct.copy()
         touched, ratios = 0, []
         for b in self.batches:
             edited, changed = intervention.apply(b["resid"], b["valid"])
-            if ucfg.stop_retain_early and (~correct[self.domains == RETAIN]).sum() > budget:
+            if ucfg.stop_retain_early and failed(correct):
                 changed = changed & torch.as_tensor(b["domain"] == FORGET)
             if not bool(changed.any()):
                 continue
             rows = torch.nonzero(changed).flatten()
             touched += len(rows)
             ratios.append(edit_ratios(b["resid"][rows], edited[rows]))
-            hidden = tail_hidden(self.loaded, edited[rows])
-            last = hidden[torch.arange(len(rows)), b["last"][rows]]
-            scores = option_scores(self.loaded, last, [b["options"][int(r)] for r in rows])
-            correct[b["idx"][rows.numpy()]] = (scores.argmax(dim=-1).cpu() == b["answer"][rows]).numpy()
-        exact = not (ucfg.stop_retain_early and (~correct[self.domains == RETAIN]).sum() > budget)
+            correct[b["idx"][rows.numpy()]] = self._answered(b, rows, edited[rows])
+        exact = not (ucfg.stop_retain_early and failed(correct))
         ratio = float(torch.cat(ratios).mean()) if ratios and sum(len(r) for r in ratios) else float("nan")
         return Outcome(correct, touched, exact, ratio)
 
@@ -209,7 +244,8 @@ class Evaluator:
                 outcomes[key] = self.accuracy(c)
             return outcomes[key]
 
-        result = run_grid(settings, clamp, accuracy, self.domains, self.cfg.unlearning.retain_bar)
+        result = run_grid(settings, clamp, accuracy, self.domains, self.is_select, self.baseline_correct,
+                          self.cfg.unlearning.retain_bar)
         for g in result.grid:
             g["features_selected"] = int(len(features_for(g)))
             g["bank"] = self.bank.key
@@ -232,7 +268,9 @@ class Evaluator:
     # -- controls -------------------------------------------------------------------------------------
     def controls(self) -> dict[str, Any]:
         """Positive control (difference-of-means direction, conditional removal) and its negative twin
-        (a random direction through the same code), both from held-out activations. SAE-independent."""
+        (a random direction through the same code): direction, center and thresholds from the select documents'
+        activations (``select_x``), each grid's setting chosen on select questions and reported on test
+        questions, like an SAE's. SAE-independent."""
         if "controls" in self._results:
             return self._results["controls"]
         t0 = time.perf_counter()
@@ -268,7 +306,7 @@ class Evaluator:
         thresholds = {q: float(np.percentile(retain_proj, q)) for q in self.cfg.control_percentiles}
         res = run_grid(settings, lambda s: ConditionalProjection(
             direction, center, thresholds[s["percentile"]], s["strength"]), accuracy, self.domains,
-            self.cfg.unlearning.retain_bar)
+            self.is_select, self.baseline_correct, self.cfg.unlearning.retain_bar)
         for g in res.grid:
             g["bank"] = self.bank.key
         return res.as_dict()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hsae.atomic import atomic_write_text
-from hsae.corpora import DOMAIN_NAMES, FORGET, RETAIN
+from hsae.corpora import DOMAIN_NAMES, FORGET, HELDOUT_ROLES, RETAIN, heldout_roles
 from hsae.evaluation.tail import final_hidden, token_logits
 from hsae.hub import dataset_identity, load_hub_dataset
 from hsae.keys import content_key
@@ -46,7 +46,8 @@ FIRST_SENTENCE = re.compile(
 )
 LETTERS = "ABCD"
 # Part of every bank's cache key: bump when the generator's output changes.
-GENERATOR_VERSION = 3  # 3: held-out documents only, prompts absent from training text
+# 3: held-out documents only, prompts absent from training text; 4: every question has its document's role
+GENERATOR_VERSION = 4
 
 
 @dataclass
@@ -57,6 +58,8 @@ class QuestionBank:
     domain: list[int]
     text: list[dict[str, Any]] = field(default_factory=list)
     key: str = ""  # the content key it is cached under (grid.parquet and questions.parquet name it)
+    # Per question, its document's role: "select" (what selects: never reported) or "test" (what is reported).
+    role: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -64,10 +67,21 @@ class QuestionBank:
     def select(self, idx: Sequence[int]) -> QuestionBank:
         return QuestionBank([self.prompts[i] for i in idx], [self.options[i] for i in idx],
                             [self.answer[i] for i in idx], [self.domain[i] for i in idx],
-                            [self.text[i] for i in idx] if self.text else [])
+                            [self.text[i] for i in idx] if self.text else [],
+                            role=[self.role[i] for i in idx] if self.role else [])
 
-    def count(self, domain: int) -> int:
-        return sum(1 for d in self.domain if d == domain)
+    def count(self, domain: int, role: str | None = None) -> int:
+        """Questions of ``domain`` (and of ``role``, if given)."""
+        if role is not None and len(self.role) != len(self.domain):
+            raise ValueError("this question bank records no roles: rebuild it (GENERATOR_VERSION >= 4)")
+        return sum(1 for i, d in enumerate(self.domain) if d == domain and (role is None or self.role[i] == role))
+
+    def is_select(self) -> np.ndarray:
+        """(questions,) bool: True for select questions, False for test ones; ValueError if roles are missing."""
+        if len(self.role) != len(self.domain) or not set(self.role) <= set(HELDOUT_ROLES):
+            raise ValueError(f"every question needs a role in {list(HELDOUT_ROLES)}: rebuild the bank "
+                             "(GENERATOR_VERSION >= 4)")
+        return np.asarray([r == "select" for r in self.role], dtype=bool)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -203,7 +217,29 @@ def concat(banks: Sequence[QuestionBank]) -> QuestionBank:
         out.answer += b.answer
         out.domain += b.domain
         out.text += b.text
+        out.role += b.role
     return out
+
+
+def halves_by_document(doc_ids: Sequence[str], domains: Sequence[int], seed: int) -> dict[str, str]:
+    """Each distinct document of ``doc_ids`` -> "select" / "test": the halves of each domain's documents
+    (``corpora.heldout_roles`` with everything held out), for documents no split assigned a role to (letter
+    question sets; documents handed in without one)."""
+    first = dict(zip(doc_ids, domains, strict=True))  # insertion order: first appearance
+    roles = heldout_roles(np.asarray(list(first.values()), dtype=np.int64), 1.0, seed)
+    return dict(zip(first, roles, strict=True))
+
+
+def with_roles(bank: QuestionBank, role_of: dict[str, str]) -> QuestionBank:
+    """``bank`` with every question's role set to its document's (``role_of``: doc_id -> role)."""
+    roles = []
+    for text in bank.text:
+        role = role_of.get(text.get("doc_id", ""))
+        if role not in HELDOUT_ROLES:
+            raise ValueError(f"question from document {text.get('doc_id')!r} has role {role!r}: questions come "
+                             f"from held-out documents, whose role is one of {list(HELDOUT_ROLES)}")
+        roles.append(role)
+    return replace(bank, role=roles)
 
 
 # -- scoring ----------------------------------------------------------------------------------------
@@ -292,28 +328,46 @@ def build_bank(
 
 
 def questions_table(bank: QuestionBank) -> list[dict[str, Any]]:
-    """One record per question (question_id = bank position): domain, doc_id, prompt, options, answer."""
+    """One record per question (question_id = bank position): domain, role, doc_id, prompt, options, answer."""
     out = []
     for i, text in enumerate(bank.text):
         out.append({"bank": bank.key, "question_id": i, "domain": DOMAIN_NAMES[bank.domain[i]],
-                    "doc_id": text.get("doc_id", ""), "prompt": text.get("prompt", ""),
+                    "role": bank.role[i], "doc_id": text.get("doc_id", ""), "prompt": text.get("prompt", ""),
                     "options": list(text.get("options", [])), "answer": int(bank.answer[i])})
     return out
 
 
 def require_bank_sizes(bank: QuestionBank, min_forget: int, min_retain: int) -> None:
+    """Enough questions per domain, and each role (select, test) holding at least half of that minimum."""
     f, r = bank.count(FORGET), bank.count(RETAIN)
     if f < min_forget or r < min_retain:
         raise ValueError(
             f"question bank too small to measure unlearning: {f} forget / {r} retain questions answered "
             f"correctly, need >= {min_forget} / {min_retain} (the 0.99 retention bar needs that many to mean anything)"
         )
+    for role in HELDOUT_ROLES:
+        fr, rr = bank.count(FORGET, role), bank.count(RETAIN, role)
+        if fr < -(-min_forget // 2) or rr < -(-min_retain // 2):
+            raise ValueError(
+                f"question bank too small in its {role} part: {fr} forget / {rr} retain {role} questions, need >= "
+                f"{-(-min_forget // 2)} / {-(-min_retain // 2)} (half the minimum: settings are chosen on select "
+                "questions and reported on test questions)"
+            )
 
 
-def cloze_source(tokenizer: Any, documents: Any, cfg: BankConfig,
-                 training_texts: Sequence[str] = ()) -> Callable[[], tuple[QuestionBank, int]]:
-    """Cloze candidates from ``documents`` (held-out ones), minus prompts that occur in ``training_texts``."""
-    return lambda: (without_verbatim(cloze_candidates(tokenizer, documents, cfg), training_texts), 1)
+def cloze_source(tokenizer: Any, documents: Any, cfg: BankConfig, training_texts: Sequence[str] = (),
+                 roles: dict[str, str] | None = None) -> Callable[[], tuple[QuestionBank, int]]:
+    """Cloze candidates from ``documents`` (held-out ones), minus prompts that occur in ``training_texts``;
+    each question takes its document's role from ``roles`` (doc_id -> role; None: the halves of each domain's
+    ``documents``, ``halves_by_document``)."""
+
+    def build() -> tuple[QuestionBank, int]:
+        role_of = roles if roles is not None else halves_by_document(
+            list(documents["doc_id"]), list(documents["domain"]), cfg.seed)
+        bank = without_verbatim(cloze_candidates(tokenizer, documents, cfg), training_texts)
+        return with_roles(bank, role_of), 1
+
+    return build
 
 
 def without_verbatim(bank: QuestionBank, texts: Sequence[str]) -> QuestionBank:
@@ -327,15 +381,17 @@ def without_verbatim(bank: QuestionBank, texts: Sequence[str]) -> QuestionBank:
 LetterRows = Sequence[tuple[str, Sequence[dict[str, Any]]]]
 
 
-def letter_source(tokenizer: Any, forget_rows: Sequence[dict[str, Any]],
-                  retain_rows: LetterRows) -> Callable[[], tuple[QuestionBank, int]]:
-    """WMDP-bio rows as forget, (subject, rows) pairs of MMLU as retain; 24 orderings each."""
+def letter_source(tokenizer: Any, forget_rows: Sequence[dict[str, Any]], retain_rows: LetterRows,
+                  seed: int = 0) -> Callable[[], tuple[QuestionBank, int]]:
+    """WMDP-bio rows as forget, (subject, rows) pairs of MMLU as retain; 24 orderings each. A question (all
+    its orderings) is its own document: the halves of each domain's questions are select and test."""
 
     def build() -> tuple[QuestionBank, int]:
         parts = [letter_candidates(tokenizer, forget_rows, FORGET, "biology")]
         parts += [letter_candidates(tokenizer, rows, RETAIN, subject.replace("_", " "))
                   for subject, rows in retain_rows]
-        return concat(parts), 24
+        bank = concat(parts)
+        return with_roles(bank, halves_by_document([t["doc_id"] for t in bank.text], bank.domain, seed)), 24
 
     return build
 
@@ -369,6 +425,9 @@ def bank_source(loaded: LoadedModel, corpus: Any, cfg: BankConfig, holdout_fract
 
     if cfg.kind == "letter":
         forget_rows, retain = hub_letter_rows(cfg)
-        return letter_source(loaded.tokenizer, forget_rows, retain)
-    train_docs, heldout_docs = split_documents(load_corpus(corpus), holdout_fraction, split_seed)
-    return cloze_source(loaded.tokenizer, heldout_docs, cfg, list(train_docs["text"]))
+        return letter_source(loaded.tokenizer, forget_rows, retain, cfg.seed)
+    dataset = load_corpus(corpus)
+    train_docs, heldout_docs = split_documents(dataset, holdout_fraction, split_seed)
+    roles = dict(zip(dataset["doc_id"], heldout_roles(np.asarray(dataset["domain"]), holdout_fraction, split_seed),
+                     strict=True))  # split.parquet's role column
+    return cloze_source(loaded.tokenizer, heldout_docs, cfg, list(train_docs["text"]), roles)

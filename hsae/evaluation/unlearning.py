@@ -1,10 +1,13 @@
 """The unlearning score, following SAEBench's procedure.
 
-1. Firing frequencies of every feature on held-out forget and retain text (BOS/EOS/pad never counted).
+1. Firing frequencies of every feature on held-out forget and retain text of *select* documents
+   (BOS/EOS/pad never counted).
 2. For each retain threshold: drop features whose retain frequency >= threshold, sort the rest by
    forget frequency (descending; ties by index), take the top N.
 3. Clamp those features to -multiplier where they fire, at layer L, and re-answer the questions.
-4. effect = forget accuracy if retain accuracy >= 0.99 else 1; score = 1 - min(effect) over the grid.
+4. effect = forget accuracy if retain accuracy >= 0.99 else 1; score = 1 - min(effect) over the grid, on
+   all questions (SAEBench's definition). The matched-retain values choose the setting on *select*
+   questions and report its accuracy on *test* questions (``hsae.results.matched_retain``).
 
 Besides SAEBench's 16 settings (``grid = "saebench"``) an extended grid (more retain thresholds, feature
 counts scaled to the dictionary) traces each SAE's forget-vs-retain trade-off; every setting keeps its
@@ -13,7 +16,7 @@ per-question outcomes, so every accuracy and interval can be recomputed from gri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +80,10 @@ def select_features(forget_freq: np.ndarray, retain_freq: np.ndarray, retain_thr
     return candidates[order][:n]
 
 
-def unlearning_score(grid: Iterable[dict[str, Any]], retain_bar: float = RETAIN_BAR) -> float:
+def unlearning_score(grid: Sequence[dict[str, Any]], retain_bar: float = RETAIN_BAR) -> float:
+    """SAEBench's score as SAEBench defines it (comparable with the field), on all questions:
+    1 - min(forget_acc if retain_acc >= bar else 1). Setting and score share their questions here; the
+    matched-retain values (``hsae.results.matched_retain``) do not."""
     effects = [g["forget_acc"] if g["retain_acc"] >= retain_bar else 1.0 for g in grid]
     if not effects:
         raise ValueError("an unlearning score needs at least one grid setting")
@@ -116,11 +122,22 @@ class GridResult:
                 "tied_settings": self.ties, **self.extra}
 
 
-def grid_point(setting: dict[str, Any], outcome: Outcome, domains: np.ndarray) -> dict[str, Any]:
-    forget, retain = outcome.correct[domains == 1], outcome.correct[domains == 0]
-    return {**setting, "forget_acc": float(forget.mean()), "retain_acc": float(retain.mean()),
-            "retain_acc_exact": outcome.exact, "questions_touched": outcome.touched,
-            "edit_ratio": outcome.edit_ratio, "forget_correct": bits(forget), "retain_correct": bits(retain)}
+def grid_point(setting: dict[str, Any], outcome: Outcome, domains: np.ndarray, is_select: np.ndarray
+               ) -> dict[str, Any]:
+    """One setting's row: accuracies on all questions (``forget_acc``, ``retain_acc``), on select questions
+    (``*_select``: what chooses a setting) and on test questions (``*_test``: what a matched-retain value
+    reports), and the per-question outcomes of each domain in bank order (questions.parquet gives each
+    position's role)."""
+    correct, sel = outcome.correct, np.asarray(is_select, dtype=bool)
+    point = {**setting}
+    for name, d in (("forget", 1), ("retain", 0)):
+        mine, mask = correct[domains == d], sel[domains == d]
+        point[f"{name}_acc"] = float(mine.mean())
+        point[f"{name}_acc_select"] = float(mine[mask].mean())
+        point[f"{name}_acc_test"] = float(mine[~mask].mean())
+    return {**point, "retain_acc_exact": outcome.exact, "questions_touched": outcome.touched,
+            "edit_ratio": outcome.edit_ratio, "forget_correct": bits(correct[domains == 1]),
+            "retain_correct": bits(correct[domains == 0])}
 
 
 def run_grid(
@@ -128,15 +145,21 @@ def run_grid(
     make_intervention: Callable[[dict[str, Any]], Any],
     accuracy: Callable[[Any], Outcome],
     domains: np.ndarray,
+    is_select: np.ndarray,
+    baseline_correct: np.ndarray,
     retain_bar: float = RETAIN_BAR,
 ) -> GridResult:
-    """Score every setting with one accuracy function; the SAEBench score counts only SAEBench settings."""
-    grid = [grid_point(s, accuracy(make_intervention(s)), domains) for s in settings]
+    """Score every setting with one accuracy function; the SAEBench score counts only SAEBench settings.
+    ``is_select`` (bank order) marks the select questions (the rest are test questions);
+    ``baseline_correct`` (bank order) says which questions the unmodified model answers correctly."""
+    grid = [grid_point(s, accuracy(make_intervention(s)), domains, is_select) for s in settings]
     saebench = [g for g in grid if g.get("grid", "saebench") == "saebench"]
     outcomes = [(g["forget_acc"], g["retain_acc"]) for g in saebench]
     ties = len(outcomes) - len(set(outcomes))
     n_forget, n_retain = int((domains == 1).sum()), int((domains == 0).sum())
-    return GridResult(unlearning_score(saebench, retain_bar), grid, n_forget, n_retain, 1.0, 1.0, ties)
+    baseline_forget, baseline_retain = (float(baseline_correct[domains == d].mean()) for d in (1, 0))
+    return GridResult(unlearning_score(saebench, retain_bar), grid, n_forget, n_retain, baseline_forget,
+                      baseline_retain, ties)
 
 
 def firing_frequencies(encode: Callable[[torch.Tensor], torch.Tensor], x: Any, labels: np.ndarray,

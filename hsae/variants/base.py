@@ -46,12 +46,25 @@ class VariantParams:
     aux_coeff: float = 1 / 32
     aux_k: int = 0
     dead_tokens: int = 100_000
+    # The L0 (active latents per token) to train to; None: whatever the variant's own sparsity gives.
+    # L1 variants: the trainer calibrates the shared sparsity coefficient to it (docs/training.md);
+    # TopK variants: k = target_l0.
+    target_l0: int | None = None
 
     def validate(self, d_sae: int) -> None:
         """Raise ``ValueError`` naming the field for any bad value, given the dictionary size ``d_sae``."""
         check_finite_nonneg("aux_coeff", self.aux_coeff)
         check_positive_int("aux_k", self.aux_k, minimum=0)
         check_positive_int("dead_tokens", self.dead_tokens)
+        if self.target_l0 is not None:
+            check_positive_int("target_l0", self.target_l0)
+            if self.target_l0 > d_sae:
+                raise ValueError(f"target_l0={self.target_l0} must be <= d_sae={d_sae} (or null: no target)")
+
+    @classmethod
+    def resolve_given(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """The given parameter values with those a ``target_l0`` fixes filled in (none here; TopK: ``k``)."""
+        return given
 
     def gram_sample_size(self) -> int:
         """How many rows of each batch estimate the orthogonality Gram; 0 = the whole batch.
@@ -99,7 +112,7 @@ class StepInput:
     x: torch.Tensor                 # (B, d_in) normalised activations
     labels: torch.Tensor | None     # (B,) domain labels (0 retain, 1 forget) or None
     step: int                       # steps completed before this one
-    sparsity_scale: float = 1.0     # the trainer's L1 warm-up factor in [0, 1]
+    sparsity_scale: float = 1.0     # the trainer's L1 warm-up factor x the calibrated L0 multiplier
 
 
 @dataclass
@@ -183,6 +196,11 @@ class SAE(nn.Module):
 
     def sparsity_terms(self, f: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
         return {"l1": self.p.l1_coeff * scale * losses.l1_sparsity(f) / self.cfg.d_in**0.5}
+
+    def sparsity_coeff(self) -> float | None:
+        """The shared sparsity coefficient ``sparsity_scale`` multiplies (the L1 coefficient); None when the
+        variant's sparsity is not a penalty (TopK: k fixes it), so there is nothing to calibrate or revive."""
+        return self.p.l1_coeff if isinstance(self.p, L1Params) else None
 
     def structure_terms(
         self, x: torch.Tensor, f: torch.Tensor, labels: torch.Tensor | None, step: int

@@ -25,6 +25,16 @@ class TopKParams(VariantParams):
         if self.k > d_sae:
             raise ValueError(f"k={self.k} must be <= d_sae={d_sae}")
 
+    @classmethod
+    def resolve_given(cls, given: dict) -> dict:
+        """A ``target_l0`` sets k; giving both with different values is refused."""
+        target = given.get("target_l0")
+        if target is None:
+            return given
+        if "k" in given and given["k"] != target:
+            raise ValueError(f"k={given['k']} and target_l0={target} disagree: a TopK SAE's L0 is k; give one")
+        return {**given, "k": target}
+
 
 class TopKSAE(SAE):
     name = "topk"

@@ -1,0 +1,138 @@
+"""Precision and concurrency chosen for the machine in front of us, never part of a trial's identity."""
+
+import time
+
+import pytest
+import torch
+
+from hsae import machine
+from hsae.config import SAEConfig, TrainConfig
+from hsae.machine import RunSettings, default_layout, measure_bf16_speedup, resolve_precision
+from hsae.spaces import get_profile, parse_profile_settings
+from hsae.train import Trainer
+from tune import ablate
+
+
+@pytest.fixture
+def probe(monkeypatch, tmp_path):
+    """The CPU probe replaced by a planted speed-up; counts how often it is measured."""
+    monkeypatch.setenv("HSAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(machine, "_MEASURED", {})
+    calls = []
+
+    def plant(speedup):
+        def fake(d_in, d_out, threads=1, budget_s=machine.PROBE_BUDGET_S, matmul=None):
+            calls.append((d_in, d_out, threads))
+            return speedup
+        monkeypatch.setattr(machine, "measure_bf16_speedup", fake)
+        return calls
+
+    return plant
+
+
+def test_auto_is_fp32_where_bf16_is_slow_and_says_why(probe):
+    calls = probe(1 / 70)
+    choice = resolve_precision("auto", torch.device("cpu"), 640, 1280, threads=1)
+    assert (choice.precision, choice.autocast) == ("fp32", "none")
+    assert "bf16 is 70x slower on this CPU" in choice.reason
+    resolve_precision("auto", torch.device("cpu"), 640, 1280, threads=1)
+    assert calls == [(640, 1280, 1)]  # measured once, then cached
+
+
+def test_auto_is_bf16_where_bf16_is_fast(probe):
+    probe(1.6)
+    choice = resolve_precision("auto", torch.device("cpu"), 640, 1280, threads=1)
+    assert (choice.precision, choice.autocast) == ("bf16", "bf16")
+    assert choice.reason.startswith("bf16: 1.6x faster")
+
+
+def test_the_probe_is_cached_per_machine_on_disk(probe):
+    calls = probe(1.6)
+    resolve_precision("auto", torch.device("cpu"), 64, 128, threads=1)
+    machine._MEASURED.clear()  # a new process on the same machine reads the cache file
+    resolve_precision("auto", torch.device("cpu"), 64, 128, threads=1)
+    assert len(calls) == 1 and machine.probe_cache_path().is_file()
+    resolve_precision("auto", torch.device("cpu"), 64, 256, threads=1)  # other shapes: another probe
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp32")])
+def test_cuda_decides_by_capability(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    choice = resolve_precision("auto", torch.device("cuda", 0), 2304, 16384)
+    assert choice.precision == expected
+    assert f"{capability[0]}.{capability[1]}" in choice.reason
+
+
+def test_forced_precision_is_kept_and_bad_values_name_the_choices():
+    assert resolve_precision("fp32", torch.device("cpu"), 8, 16).precision == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu"), 8, 16).precision == "bf16"
+    with pytest.raises(ValueError, match=r"precision must be one of \['auto', 'bf16', 'fp32'\]"):
+        RunSettings(precision="fp16")
+
+
+def test_the_probe_is_bounded_in_time_even_when_bf16_crawls():
+    def crawling(a, w, bf16):
+        if bf16:
+            time.sleep(0.6)  # a bf16 product slower than the whole budget
+        return a @ w
+
+    t0 = time.perf_counter()
+    speedup = measure_bf16_speedup(32, 64, budget_s=0.5, matmul=crawling)
+    assert time.perf_counter() - t0 < 1.5  # one bf16 product, no repeats
+    assert speedup < 0.01
+
+
+def test_the_real_probe_runs_in_milliseconds_at_small_shapes():
+    t0 = time.perf_counter()
+    speedup = measure_bf16_speedup(64, 128)
+    assert speedup > 0 and time.perf_counter() - t0 < machine.PROBE_BUDGET_S * 2 + 1
+
+
+def test_the_trainer_uses_the_resolved_precision(probe):
+    probe(1 / 70)
+    trainer = Trainer(SAEConfig("relu", 16, 32), TrainConfig(steps=2, batch_size=8))
+    assert trainer.precision.precision == "fp32"
+    assert trainer._autocast()._enabled is False
+
+
+def test_precision_is_a_run_setting_not_a_profile_field():
+    with pytest.raises(ValueError, match="run settings, not part of the study"):
+        parse_profile_settings(["autocast=bf16"], get_profile("embedded"))
+    assert get_profile("embedded").train_config(42).autocast == "auto"
+    assert get_profile("embedded").train_config(42, RunSettings(precision="fp32")).autocast == "none"
+
+
+def test_trial_keys_do_not_depend_on_precision_or_layout(probe, tmp_path):
+    probe(1.6)
+    keys = []
+    for extra in (["--precision", "bf16"], ["--precision", "fp32", "--max-concurrent", "1"]):
+        args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "ortho", "--dry-run",
+                                                 "--out", str(tmp_path / "r"), *extra])
+        plan = ablate.resolve(args)
+        keys.append(sorted(t.key for t in plan.trials["ortho"]))
+    assert keys[0] == keys[1]
+
+
+@pytest.mark.parametrize("speedup, says", [(1 / 70, "fp32: bf16 is 70x slower"), (1.6, "bf16: 1.6x faster")])
+def test_the_plan_prints_the_precision_choice_and_the_layout(probe, tmp_path, capsys, speedup, says):
+    probe(speedup)
+    assert ablate.main(["--profile", "tiny", "--space", "ortho", "--dry-run", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert f"[hsae] precision {says}" in out
+    cores = machine.machine_cores()
+    assert f"concurrency {default_layout(cores, True).rule}" in out
+
+
+def test_the_default_layout_adds_a_trial_only_while_evaluations_wait():
+    assert (default_layout(2, True).trials, default_layout(2, True).threads) == (3, 1)
+    assert (default_layout(2, False).trials, default_layout(2, False).threads) == (2, 1)
+
+
+@pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((7, 0), torch.float32)])
+def test_the_harvest_follows_the_same_capability_rule_on_cuda(monkeypatch, capability, dtype):
+    from hsae.models import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == dtype
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

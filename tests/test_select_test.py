@@ -1,0 +1,223 @@
+"""Selection on one part, measurement on another (docs/evaluation.md, "Select and test").
+
+Held-out documents are split into select and test halves. Whatever selects (firing frequencies, control
+directions, the grid setting that meets a retain bar) reads only select documents and questions; every
+reported accuracy is measured on test questions. These tests prove it on the tiny profile's evaluator as
+a sweep builds it, with a spy on the selection step and with test questions poisoned.
+"""
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hsae.config import SAEConfig
+from hsae.corpora import FORGET, RETAIN, load_corpus, split_table
+from hsae.evaluation.questions import QuestionBank, questions_table, require_bank_sizes
+from hsae.verdict import area_select_test, matched_retain_select_test
+from tests.helpers import served_evaluator
+
+PROFILE = "tiny"
+
+
+# -- the rule, as a pure function ---------------------------------------------------------------------
+def test_setting_is_chosen_on_select_questions_and_reported_on_test_questions():
+    forget_sel = [0.40, 0.30, 0.30, 0.10]
+    retain_sel = [0.99, 0.995, 0.999, 0.90]  # the last removes most but fails the bar on select questions
+    forget_test = [0.50, 0.60, 0.70, 0.00]
+    retain_test = [0.98, 0.97, 0.96, 1.00]
+    # Lowest select forget among select retain >= 0.99: settings 1 and 2 tie at 0.30; the higher select retain
+    # (setting 2) wins; its *test* accuracies are reported.
+    assert matched_retain_select_test(forget_sel, retain_sel, forget_test, retain_test, 0.99) == (0.70, 0.96)
+    assert matched_retain_select_test(forget_sel, retain_sel, forget_test, retain_test, 0.90) == (0.00, 1.00)
+    forget, retain = matched_retain_select_test(forget_sel, retain_sel, forget_test, retain_test, 0.9999)
+    assert np.isnan(forget) and np.isnan(retain)  # nothing meets the bar on select questions
+
+
+def test_the_rule_reads_test_accuracies_only_to_report_them():
+    rng = np.random.default_rng(0)
+    ids = np.arange(12, dtype=float)
+    for _ in range(200):
+        f_sel, r_sel = rng.choice([0.2, 0.5, 0.8, 1.0], 12), rng.choice([0.9, 0.95, 0.99, 1.0], 12)
+        chosen, _ = matched_retain_select_test(f_sel, r_sel, ids, ids, 0.95)  # which setting is chosen
+        f_test, r_test = rng.random(12), rng.random(12)
+        got = matched_retain_select_test(f_sel, r_sel, f_test, r_test, 0.95)
+        assert got == (f_test[int(chosen)], r_test[int(chosen)])  # whatever the test numbers are
+
+
+def test_the_rule_on_resamples_is_the_rule_per_resample():
+    rng = np.random.default_rng(1)
+    f_sel, r_sel, f_test, r_test = (rng.choice([0.5, 0.9, 0.97, 0.99, 1.0], (6, 30)) for _ in range(4))
+    forget, retain = matched_retain_select_test(f_sel, r_sel, f_test, r_test, 0.97)
+    for b in range(30):
+        one = matched_retain_select_test(f_sel[:, b], r_sel[:, b], f_test[:, b], r_test[:, b], 0.97)
+        np.testing.assert_equal((forget[b], retain[b]), one)
+
+
+def test_frontier_area_chooses_each_level_on_select_questions():
+    # Setting 0 keeps retain 1.0 on select questions, setting 1 only 0.95. Levels 0.900..0.950 (11 of 21) choose
+    # setting 1 (test forget 0.2: removal 0.8), the 10 levels above choose setting 0 (test forget 0.5: 0.5).
+    got = area_select_test([0.4, 0.3], [1.0, 0.95], [0.5, 0.2])
+    assert got == pytest.approx((11 * 0.8 + 10 * 0.5) / 21)
+
+
+def test_a_bank_without_enough_test_questions_is_refused():
+    bank = QuestionBank([[1]] * 20, [[[2], [3]]] * 20, [0] * 20, [FORGET] * 10 + [RETAIN] * 10,
+                        [{"doc_id": str(i)} for i in range(20)], role=["select"] * 20)
+    with pytest.raises(ValueError, match="test part"):
+        require_bank_sizes(bank, 10, 10)
+    with pytest.raises(ValueError, match="role"):
+        replace(bank, role=[]).is_select()
+
+
+# -- the tiny profile's evaluator, as a sweep builds it ------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_session):
+    from hsae.activations import harvest
+    from hsae.spaces import get_profile
+    from tune.ablate import harvest_config
+
+    root = tmp_path_factory.mktemp("cache")
+    ev = served_evaluator(PROFILE, root)
+    cfg = harvest_config(get_profile(PROFILE))
+    return ev, harvest(cfg, root=root, progress=None), cfg, root
+
+
+def identity_sae(d: int):
+    eye = torch.eye(d)
+    state = {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),
+             "W_dec": torch.cat([eye, -eye], 0), "b_dec": torch.zeros(d)}
+    return SAEConfig("relu", d, 2 * d).to_dict(), {k: v.numpy() for k, v in state.items()}
+
+
+def test_questions_and_contexts_carry_their_documents_role(world):
+    from hsae.activations import Harvester
+
+    ev, h, cfg, root = world
+    split = split_table(load_corpus(cfg.corpus), cfg.holdout_fraction, cfg.seed)
+    role_of = dict(zip(split["doc_id"], split["role"], strict=True))
+    assert set(split.loc[split["part"] == "heldout", "role"]) == {"select", "test"}
+    assert (split.loc[split["part"] == "train", "role"] == "train").all()
+    table = pd.DataFrame(questions_table(ev.bank))
+    assert (table["role"] == table["doc_id"].map(role_of)).all()  # every question inherits its document's role
+    for domain in ("forget", "retain"):
+        assert set(table.loc[table["domain"] == domain, "role"]) == {"select", "test"}
+    # Every held-out context is packed from documents of one role, the role it is recorded with.
+    harvester = Harvester(cfg, root, progress=None)
+    doc_rows, docs = harvester.context_documents("eval")
+    context_roles = harvester.cache.context_roles("eval")
+    assert set(context_roles) == {"select", "test"}
+    for roles_of_context, rows in zip(context_roles, doc_rows, strict=True):
+        assert {role_of[docs[int(r)]["doc_id"]] for r in rows if r >= 0} == {roles_of_context}
+    assert set(h.row_roles("eval")) == {"select", "test"}
+
+
+def test_selection_reads_only_select_activations_and_ce_only_test_contexts(world):
+    ev, h, cfg, _ = world
+    x, labels = h.arrays("eval")
+    content = ~np.isin(h.token_ids("eval"), [t for t in (ev.loaded.info.bos_id, ev.loaded.info.eos_id)
+                                             if t is not None])
+    select = content & (h.row_roles("eval") == "select")
+    assert 0 < select.sum() < content.sum()  # test rows exist, and none of them is handed to selection
+    np.testing.assert_array_equal(np.asarray(ev.select_x), x[select])
+    np.testing.assert_array_equal(ev.select_labels, labels[select])
+    tokens = np.load(h.dir / "tokens_eval.npy")
+    roles = np.asarray(["select", "test"], dtype=object)[np.load(h.dir / "roles_eval.npy") - 1]
+    test_contexts = {t.tobytes() for t in tokens[roles == "test"]}
+    for data in ev.ce_sets.values():
+        assert all(row.numpy().tobytes() in test_contexts for row in data["ids"])
+
+
+def test_no_selection_step_reads_a_test_question(world, monkeypatch):
+    """Poison every test question (a wrong answer key) and spy on the firing frequencies: the features, the
+    select accuracies and the chosen settings do not move; only the reported test accuracies do."""
+    import hsae.evaluation.evaluator as evaluator_module
+    from hsae.evaluation.evaluator import Evaluator
+    from hsae.results import evaluation_values
+
+    ev, h, _, _ = world
+    seen: list[np.ndarray] = []
+    real = evaluator_module.firing_frequencies
+
+    def spy(encode, x, labels, *args, **kwargs):
+        seen.append(np.asarray(x[np.arange(len(labels))]))
+        return real(encode, x, labels, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "firing_frequencies", spy)
+    is_test = ~ev.bank.is_select()
+    poisoned_answers = [(a + 1) % len(o) if t else a for a, o, t in zip(ev.bank.answer, ev.bank.options, is_test,
+                                                                         strict=True)]
+    poisoned = Evaluator(ev.loaded, replace(ev.bank, answer=poisoned_answers), ev.select_x, ev.select_labels,
+                         np.zeros((1, 8), dtype=np.int64), np.zeros(1, dtype=np.int64), ev.cfg)
+    cfg, state = identity_sae(ev.batches[0]["resid"].shape[-1])
+    clean_out, bad_out = ev.unlearning(cfg, state), poisoned.unlearning(cfg, state)
+    assert len(seen) == 2 and all(np.array_equal(s, np.asarray(ev.select_x)) for s in seen)
+    clean, bad = pd.DataFrame(clean_out["grid"]), pd.DataFrame(bad_out["grid"])
+    for column in ("features_selected", "forget_acc_select", "retain_acc_select"):
+        pd.testing.assert_series_equal(clean[column], bad[column])
+    assert not np.allclose(clean["forget_acc_test"], bad["forget_acc_test"])  # the poison reached the test numbers
+    ids = np.arange(len(clean), dtype=float)
+    for bar in (0.99, 0.98, 0.95, 0.5):
+        pick = [matched_retain_select_test(g["forget_acc_select"], g["retain_acc_select"], ids, ids, bar)[0]
+                for g in (clean, bad)]
+        np.testing.assert_equal(pick[0], pick[1])
+    # The rows follow the rule: each value is the test accuracy of the setting chosen on select questions.
+    for out, g in ((clean_out, clean), (bad_out, bad)):
+        values = evaluation_values({"unlearning": out}, 1.0)
+        expect = matched_retain_select_test(g["forget_acc_select"], g["retain_acc_select"], g["forget_acc_test"],
+                                            g["retain_acc_test"], 0.95)[0]
+        assert values["forget_acc_at_retain95"] == (None if np.isnan(expect) else expect)
+    # The positive control's direction and thresholds come from the same select activations.
+    clean_pos, bad_pos = (pd.DataFrame(e.controls()["positive"]["grid"]) for e in (ev, poisoned))
+    pd.testing.assert_series_equal(clean_pos["forget_acc_select"], bad_pos["forget_acc_select"])
+    pd.testing.assert_series_equal(clean_pos["retain_acc_select"], bad_pos["retain_acc_select"])
+
+
+def test_row_values_recompute_from_grid_and_question_roles(world):
+    """grid.parquet's per-question outcomes and questions.parquet's roles give back every matched-retain value
+    of the trial row (what the report's verdict recomputes), with the setting chosen on select questions."""
+    from hsae import schema
+    from hsae.results import evaluation_values, grid_rows, typed_frame
+
+    ev, _, _, _ = world
+    cfg, state = identity_sae(ev.batches[0]["resid"].shape[-1])
+    out = {"unlearning": ev.unlearning(cfg, state)}
+    grid = typed_frame(grid_rows("t", out), schema.GRID_COLUMNS)
+    grid = grid[grid["control"] == "sae"]
+    questions = typed_frame(questions_table(ev.bank), schema.QUESTION_COLUMNS)
+
+    def accuracies(name: str, select: bool) -> np.ndarray:
+        correct = np.array([[c == "1" for c in s] for s in grid[f"{name}_correct"]])
+        mine = questions[questions["domain"] == name].sort_values("question_id")
+        mask = (mine["role"] == "select").to_numpy()
+        return correct[:, mask == select].mean(axis=1)
+
+    accs = [accuracies("forget", True), accuracies("retain", True), accuracies("forget", False),
+            accuracies("retain", False)]
+    values = evaluation_values(out, 1.0)
+    for bar in (0.99, 0.98, 0.95):
+        expect = matched_retain_select_test(*accs, bar)[0]
+        got = values[f"forget_acc_at_retain{round(bar * 100)}"]
+        assert (got is None and np.isnan(expect)) or got == pytest.approx(expect)
+    for name, acc in zip(("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test"), accs,
+                         strict=True):
+        np.testing.assert_allclose(grid[name].to_numpy(float), acc)  # the row's accuracies, from the outcomes
+
+
+def test_cache_keys_change_with_the_rule(monkeypatch):
+    import hsae.activations as activations
+    import hsae.evaluation.evaluator as evaluator_module
+    from hsae.activations import HarvestConfig, harvest_key
+    from hsae.evaluation.evaluator import EvalConfig, eval_cache_key
+    from hsae.models import ModelSpec
+
+    cfg, state = identity_sae(8)
+    before = eval_cache_key(cfg, state, EvalConfig(), "u")
+    monkeypatch.setattr(evaluator_module, "EVAL_FORMAT", evaluator_module.EVAL_FORMAT - 1)
+    assert eval_cache_key(cfg, state, EvalConfig(), "u") != before
+    harvest_cfg = HarvestConfig(model=ModelSpec("tiny"), n_eval_ctxs=8)
+    key = harvest_key(harvest_cfg)
+    monkeypatch.setattr(activations, "FORMAT_VERSION", activations.FORMAT_VERSION - 1)
+    assert harvest_key(harvest_cfg) != key

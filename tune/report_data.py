@@ -1,0 +1,666 @@
+"""What report.md (tune/report.py) and report.html (tune/report_html.py) both show, computed once.
+
+``ReportInputs`` loads a results directory and computes the verdict once (``hsae.verdict.build_verdict``);
+``header_blocks``, ``banner_blocks``, ``controls_blocks`` and ``verdict_blocks`` turn it into
+format-free blocks (headings, paragraphs of styled spans, tables) that each rendering writes in its own
+format. Neither rendering is imported here; both import this module (nothing is imported back).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from hsae.external import is_external
+from hsae.results import load_curves, load_trials
+from hsae.stats import mean_ci95
+from hsae.variants import PAPER_VARIANTS
+from hsae.verdict import (
+    BARS,
+    CANDIDATES,
+    NEGATIVE_MAX,
+    POSITIVE_MIN,
+    MetricTest,
+    Verdict,
+    arm_names,
+    bar_metric,
+    build_verdict,
+    controls_in_range,
+    controls_problems,
+    declared_headline,
+    frontier,
+    grid_metrics,
+    mean_interval,
+)
+
+VARIANT_ORDER = ["relu", *PAPER_VARIANTS, "topk", "matryoshka_batchtopk"]  # trained arms; external arms follow
+PROBE_KS = (1, 2, 5, 20)
+# The second witness's primary metric: k = 1 (does one latent carry the concept?), averaged over every scored
+# one-vs-rest task (less noisy than one task's few test documents; on a profile with only the forget task it is
+# that task). The forget task alone is secondary (docs/evaluation.md, "Report sections").
+PROBE_PRIMARY = "sparse_probe_mean_k1"
+PROBE_METRICS = (PROBE_PRIMARY, "sparse_probe_forget_k1")
+NO_PROBE = "no probe (too few held-out documents)"
+CE_METRIC = "ce_score_retain"  # SAEBench's CE loss score, on general (retain) text
+METRIC_LABELS = {
+    **{bar_metric(b): f"forget acc at retain ≥ {b}" for b in BARS},
+    "frontier_area": "frontier area (retain 0.9–1)",
+    "unlearning_score": "SAEBench unlearning score",
+    **{f"sparse_probe_mean_k{k}": f"probe accuracy, mean over tasks, k={k}" for k in PROBE_KS},
+    **{f"sparse_probe_forget_k{k}": f"probe accuracy, forget task, k={k}" for k in PROBE_KS},
+    "explained_variance": "explained variance",
+    CE_METRIC: "CE loss score (retain text)",
+}
+BANNER = "The evaluation cannot detect removal on this model: no score below is a result."
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+# -- format-free blocks -------------------------------------------------------------------------
+Span = tuple[str, str]  # (style, text); style "" (plain), "strong", "code" or "em"
+
+
+def strong(text: str) -> Span:
+    return ("strong", text)
+
+
+def code(text: str) -> Span:
+    return ("code", text)
+
+
+@dataclass(frozen=True)
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    spans: tuple[Span, ...]
+
+    @classmethod
+    def of(cls, *parts: str | Span) -> Paragraph:
+        return cls(tuple(("", p) if isinstance(p, str) else p for p in parts))
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    marks: dict[tuple[int, int], str] = field(default_factory=dict)  # (row, column) -> "better" / "worse"
+
+
+Block = Heading | Paragraph | Table
+
+
+# -- loading and the trials each part ranks --------------------------------------------------------
+def load_optional(results_dir: Path, name: str) -> pd.DataFrame | None:
+    """A Parquet file of the results directory, or None when it is absent (results older than it)."""
+    path = results_dir / name
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def load_grid(results_dir: Path) -> pd.DataFrame | None:
+    """grid.parquet with ``control`` and ``grid`` filled in (older grids lack them), or None."""
+    grid = load_optional(results_dir, "grid.parquet")
+    if grid is None or grid.empty:
+        return None
+    control = grid["control"].fillna("sae") if "control" in grid else "sae"
+    name = grid["grid"].fillna("saebench") if "grid" in grid else "saebench"
+    return grid.assign(control=control, grid=name)
+
+
+def load_controls(results_dir: Path) -> dict:
+    """The evaluation controls (the last controls/*.json by name), or {} when there are none."""
+    import json
+
+    controls = {}
+    for path in sorted((results_dir / "controls").glob("*.json")):
+        controls = json.loads(path.read_text())
+    return controls
+
+
+def external_rows(df: pd.DataFrame) -> pd.Series:
+    """Which rows are external arms' (variant "external:<name>", docs/sweeps.md "External arms")."""
+    if "variant" not in df:
+        return pd.Series(False, index=df.index)
+    return df["variant"].astype(str).map(is_external).astype(bool)
+
+
+def converged(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows the verdict may rank: SAEs that converged (docs/training.md; rows from before the rule count as
+    unconverged) and external arms' SAEs, which this sweep did not train (``converged`` null)."""
+    ok = external_rows(df)
+    if "converged" in df:
+        ok = ok | df["converged"].astype("boolean").fillna(False).astype(bool)
+    return df[ok]
+
+
+def main_trials(done: pd.DataFrame) -> pd.DataFrame:
+    """The main job: the completed trials of the "variants" space (and any external arm's) if there are any,
+    else all completed."""
+    if "space" not in done:
+        return done
+    main = done["space"] == "variants"
+    return done[main | external_rows(done)] if main.any() else done
+
+
+def report_variants(names: object) -> list[str]:
+    """The variants figures draw, in report order: the trained ones of VARIANT_ORDER, then external arms."""
+    present = set(names)
+    return [v for v in VARIANT_ORDER if v in present] + sorted(v for v in present if is_external(str(v)))
+
+
+def variant_index(variant: str) -> int:
+    """A variant's colour index: its place in VARIANT_ORDER, external arms after."""
+    if variant in VARIANT_ORDER:
+        return VARIANT_ORDER.index(variant)
+    return len(VARIANT_ORDER) + sum(map(ord, variant))
+
+
+def order_key(key: tuple) -> tuple:
+    out = []
+    for k in key:
+        if isinstance(k, str) and is_external(k):  # external arms after every trained one
+            out.append((3, 0.0, k))
+        elif isinstance(k, str) and k.split("[")[0] in VARIANT_ORDER:
+            out.append((0, VARIANT_ORDER.index(k.split("[")[0]), k))
+        elif isinstance(k, (int, float)) and k == k:
+            out.append((1, float(k), ""))
+        else:
+            out.append((2, 0.0, str(k)))
+    return tuple(out)
+
+
+def ordered(names: object) -> list[str]:
+    """Variants or arms in report order: relu first, the paper's variants, the rest by name, external arms last."""
+    return sorted(dict.fromkeys(names), key=lambda v: order_key((v,)))
+
+
+def fmt(values: list[float]) -> str:
+    mean, half = mean_ci95(values)
+    if mean != mean:
+        return "–"
+    digits = 4 if abs(mean) < 0.1 else 3
+    return f"{mean:.{digits}g}" if half != half else f"{mean:.{digits}g} ± {half:.2g}"
+
+
+def frontier_steps(rows: pd.DataFrame, x_min: float) -> tuple[list[float], list[float]]:
+    """One SAE's frontier as the vertices of a step line drawn 'pre' (report.md) or 'vh' (report.html): at
+    each retain level, the lowest forget accuracy reachable. Empty without rows."""
+    p = frontier(rows[["retain_acc", "forget_acc"]].to_numpy(float))[::-1]  # retain ascending
+    if not len(p):
+        return [], []
+    xs, ys = [min(x_min, p[0, 0]), *p[:, 0]], [p[0, 1], *p[:, 1]]
+    if xs[-1] < 1.0:
+        xs, ys = [*xs, 1.0], [*ys, 1.0]  # nothing reaches higher retain: no removal there
+    return [float(x) for x in xs], [float(y) for y in ys]
+
+
+@dataclass
+class ReportInputs:
+    """Everything a report draws from one results directory; the verdict is computed once, here."""
+
+    results_dir: Path
+    trials: pd.DataFrame
+    curves: pd.DataFrame
+    grid: pd.DataFrame | None
+    questions: pd.DataFrame | None
+    controls: dict
+    n_boot: int = 1000
+
+    @classmethod
+    def load(cls, results_dir: str | Path, n_boot: int = 1000) -> ReportInputs:
+        root = Path(results_dir)
+        return cls(root, load_trials(root), load_curves(root), load_grid(root),
+                   load_optional(root, "questions.parquet"), load_controls(root), n_boot)
+
+    @cached_property
+    def done(self) -> pd.DataFrame:
+        return self.trials[self.trials["status"] == "completed"]
+
+    @cached_property
+    def problems(self) -> list[str]:
+        return controls_problems(self.done, self.controls)
+
+    @cached_property
+    def main(self) -> pd.DataFrame:
+        """The trials the verdict ranks: the converged trials of the main job."""
+        return converged(main_trials(self.done))
+
+    @cached_property
+    def headline(self) -> str | None:
+        try:
+            return declared_headline(self.done)
+        except ValueError:
+            return None
+
+    @cached_property
+    def probes(self) -> list[str]:
+        """The second witness's metrics the ranked trials carry values of (none on the tiny profile)."""
+        return [m for m in PROBE_METRICS if m in self.main and self.main[m].notna().any()]
+
+    @cached_property
+    def verdict(self) -> Verdict | str:
+        """The verdict, or why there is none; the probe metrics are secondary metrics of the same test."""
+        return verdict_of(self.main, self, [*CANDIDATES, *self.probes])  # the headline is left out of secondary
+
+    @cached_property
+    def frontier(self) -> dict[float, Verdict | str]:
+        """The verdict within each target L0's trials (the sparsity frontier), or why there is none."""
+        rows = frontier_trials(self.done)
+        if rows.empty:
+            return {}
+        secondary = [m for m in PROBE_METRICS[:1] if m in rows and rows[m].notna().any()]
+        return {float(t): verdict_of(g, self, secondary) for t, g in rows.groupby("cfg_target_l0", sort=True)}
+
+
+def verdict_of(trials: pd.DataFrame, inp: ReportInputs, secondary: list[str]) -> Verdict | str:
+    """build_verdict on these trials with the inputs' grid and questions, or why there is none."""
+    if inp.grid is None:
+        return "no grid.parquet in the results"
+    try:
+        v = build_verdict(trials, inp.grid, secondary=secondary, questions=inp.questions, n_boot=inp.n_boot)
+    except ValueError as exc:
+        return f"not computed: {exc}"
+    return v if not v.per_trial.empty else "no converged, completed trial has grid rows"
+
+
+def frontier_trials(done: pd.DataFrame) -> pd.DataFrame:
+    """The ranked trials with a target L0 (the "frontier" space's when it ran), when they span > 1 target."""
+    rows = converged(done)
+    if "cfg_target_l0" not in rows:
+        return rows.iloc[:0]
+    rows = rows[rows["cfg_target_l0"].notna()]
+    if "space" in rows and (rows["space"] == "frontier").any():
+        rows = rows[rows["space"] == "frontier"]
+    return rows if rows["cfg_target_l0"].nunique() > 1 else rows.iloc[:0]
+
+
+# -- the blocks both renderings show ------------------------------------------------------------
+def header_blocks(inp: ReportInputs) -> list[Block]:
+    """Title, results line and the metric declared before the run (the report's first lines)."""
+    counts = ", ".join(f"{k}: {v}" for k, v in inp.trials["status"].value_counts().items())
+    blocks: list[Block] = [Heading(1, "hsae ablation report"),
+                           Paragraph.of("Results: ", code(str(inp.results_dir)),
+                                        f" — {len(inp.trials)} trials ({counts}).")]
+    if inp.headline is not None:
+        blocks.append(Paragraph.of("Headline metric, declared before the run (profile field ", code("headline_metric"),
+                                   "): ", strong(metric_label(inp.headline)), ". Every other metric is secondary."))
+    return blocks
+
+
+def banner_blocks(problems: list[str]) -> list[Block]:
+    if not problems:
+        return []
+    return [Paragraph.of(strong(BANNER), " " + "; ".join(problems) + ". The numbers below are diagnostics only.")]
+
+
+def controls_blocks(controls: dict) -> list[Block]:
+    """The 'Evaluation controls' section: both control scores and whether they are in range."""
+    if not controls:
+        return []
+    pos, neg = controls["positive"]["score"], controls["negative"]["score"]
+    verdict = ("The evaluation can detect removal." if controls_in_range(pos, neg) else
+               strong("The controls are out of range: unlearning scores below cannot be trusted."))
+    return [Heading(2, "Evaluation controls"),
+            Paragraph.of("Positive control (difference-of-means removal): ", strong(f"{pos:.3f}"),
+                         f" (must be ≥ {POSITIVE_MIN}); negative control (random direction): ", strong(f"{neg:.3f}"),
+                         f" (must be ≤ {NEGATIVE_MAX}); bank {controls['positive']['n_forget']} forget / "
+                         f"{controls['positive']['n_retain']} retain questions. ", verdict)]
+
+
+def interval_text(lo: float, hi: float, signed: bool = False) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "[–]"
+    return f"[{lo:+.3g}, {hi:+.3g}]" if signed else f"[{lo:.3g}, {hi:.3g}]"
+
+
+def p_text(p: float) -> str:
+    return "–" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _metric_cell(v: Verdict, ids: list[str], metric: str) -> str:
+    """mean ± 95% CI over seeds, then the question-bootstrap interval of that mean in brackets."""
+    values = v.per_trial.loc[v.per_trial["trial_id"].isin(ids), metric].dropna().astype(float).tolist()
+    return f"{fmt(values)} {interval_text(*mean_interval(v.boot, ids, metric))}"
+
+
+def _random_area(grid: pd.DataFrame, ids: list[str]) -> str:
+    rnd = grid[(grid["control"] == "random") & grid["trial_id"].isin(ids)]
+    return fmt([grid_metrics(rows)["frontier_area"] for _, rows in rnd.groupby("trial_id")])
+
+
+def _claim_cells(test: MetricTest, arm: str) -> list[str]:
+    """Δ vs relu [adjusted CI], adjusted p and the claim of one arm on one metric."""
+    if arm == test.baseline:
+        return ["reference", "—", "—"]
+    if arm in test.untested:
+        return ["–", "–", f"not tested ({test.untested[arm]})"]
+    r = test.by_arm().get(arm)
+    if r is None:
+        return ["–", "–", "not tested"]
+    return [f"{r.diff:+.3g} {interval_text(r.lo, r.hi, True)} (n={r.n})", p_text(r.p_adj), r.claim]
+
+
+def _mark(table: Table, column: int) -> Table:
+    for i, row in enumerate(table.rows):
+        kind = next((k for k in ("better", "worse") if row[column].startswith(k)), "")
+        if kind:
+            table.marks[(i, column)] = kind
+    return table
+
+
+def matched_table(v: Verdict, main: pd.DataFrame, grid: pd.DataFrame, claims: bool) -> Table:
+    """One row per arm: matched-retain forget accuracies, frontier area, the SAEBench score and (with
+    ``claims``) the headline metric's difference with relu, adjusted interval and p, and the claim."""
+    metrics = [*(bar_metric(b) for b in BARS), "frontier_area"]
+    header = ["arm", "n", *(metric_label(m) for m in metrics), "random-feature frontier area", "SAEBench unlearning"]
+    if claims:
+        header += [f"Δ vs {v.baseline} ({metric_label(v.headline)}, headline) [adjusted 95% CI]", "adjusted p",
+                   "claim"]
+    rows = []
+    for arm in ordered(v.per_trial["arm"]):
+        ids = list(v.per_trial.loc[v.per_trial["arm"] == arm, "trial_id"])
+        score = main.loc[main["trial_id"].isin(ids), "unlearning_score"].dropna().astype(float).tolist() \
+            if "unlearning_score" in main else []
+        cells = [arm, str(len(ids)), *(_metric_cell(v, ids, m) for m in metrics), _random_area(grid, ids), fmt(score)]
+        rows.append(cells + (_claim_cells(v.main, arm) if claims else []))
+    return _mark(Table(header, rows), len(header) - 1) if claims else Table(header, rows)
+
+
+def secondary_table(v: Verdict) -> Table | None:
+    """The secondary metrics through the same test: one row per arm, one column per metric."""
+    tests = v.tests[1:]
+    if not tests:
+        return None
+    header = ["arm", *(f"{metric_label(t.metric)} ({'higher' if t.higher_is_better else 'lower'} is better): "
+                       f"Δ [adj. CI], adj. p, claim" for t in tests)]
+    rows = []
+    for arm in ordered(v.per_trial["arm"]):
+        cells = [arm]
+        for t in tests:
+            diff, p, said = _claim_cells(t, arm)
+            cells.append(diff if diff in ("reference", "–") else f"{diff}, p {p}, {said}")
+        rows.append(cells)
+    return Table(header, rows)
+
+
+def power_paragraph(test: MetricTest) -> Paragraph:
+    """The smallest true difference the claims' own test detects, from the pooled residual s.d."""
+    if not math.isfinite(test.mdd):
+        return Paragraph.of(f"No power estimate: {test.note or 'the test needs ≥ 2 seeds and ≥ 2 arms'}.")
+    others = ", ".join(f"{n}: {d:.3g}" for n, d in test.mdd_by_seeds.items() if n != len(test.seeds))
+    return Paragraph.of(
+        f"Power of this test: with n = {len(test.seeds)} seeds and {len(test.arms) + 1} arms it detects a true "
+        f"difference from {test.baseline} of ", strong(f"{test.mdd:.3g}"),
+        f" with probability 0.8 (family-wise α = 0.05; pooled residual s.d. {test.sd_resid:.3g} over every arm, "
+        f"df {test.df}; no observed difference is taken as the truth). The same at other seed counts: {others}.")
+
+
+def claim_paragraph(v: Verdict) -> Paragraph:
+    test = v.main
+    if not test.arms:
+        return Paragraph.of(f"No claim: {test.note or 'no arm to compare'}.")
+    parts: list[str | Span] = []
+    for word in ("better", "worse"):
+        names = [a.arm for a in test.arms if a.claim.startswith(word)]
+        if names:
+            parts.append(f"{word.capitalize()} than {test.baseline} on {metric_label(test.metric)}: "
+                         f"{', '.join(names)}. ")
+    if test.inseparable():
+        parts.append(strong(f"The data cannot separate {', '.join(test.inseparable())} from {test.baseline}"))
+        parts.append(" (adjusted interval contains 0).")
+    return Paragraph.of(*parts)
+
+
+def stability_table(v: Verdict) -> Table:
+    rows = [[metric_label(str(m)), "yes" if s.defined else "no", f"{s.within_sd:.3g}", f"{s.between_sd:.3g}",
+             f"{s.ratio:.3g}"] for m, s in v.stability.iterrows()]
+    return Table(["candidate", "defined for every trial", "seed-to-seed s.d.", "between-arm s.d.", "ratio"], rows)
+
+
+def counts_table(v: Verdict) -> Table:
+    """Per arm and grid: settings selecting no feature and settings tying another (mean per trial)."""
+    c = v.counts.merge(v.per_trial[["trial_id", "arm"]], on="trial_id")
+    grids = [g for g in ("saebench", "extended") if g in set(c["grid"])]
+    header = ["arm", *(f"{g}: {k} / settings" for g in grids for k in ("selecting none", "tied"))]
+    rows = []
+    for arm in ordered(c["arm"]):
+        cells = [arm]
+        for g in grids:
+            sel = c[(c["arm"] == arm) & (c["grid"] == g)]
+            n = f" / {sel['settings'].mean():.3g}" if len(sel) else ""
+            cells += [f"{sel[k].astype(float).mean():.3g}{n}" if len(sel) else "–" for k in ("selecting_none", "tied")]
+        rows.append(cells)
+    return Table(header, rows)
+
+
+def _upper_bounds(v: Verdict, grid: pd.DataFrame) -> str:
+    """A note when some settings' retain accuracy is only an upper bound (retain questions were skipped)."""
+    if "retain_acc_exact" not in grid:
+        return ""
+    rows = grid[(grid["control"] == "sae") & grid["trial_id"].isin(v.per_trial["trial_id"])]
+    inexact = int(rows["retain_acc_exact"].astype("boolean").eq(False).fillna(False).sum())
+    return (f"{inexact} setting(s) have retain accuracy as an upper bound (retain questions skipped): their "
+            f"matched-retain values are optimistic." if inexact else "")
+
+
+def bank_paragraph(v: Verdict, questions: pd.DataFrame | None, grid: pd.DataFrame) -> Paragraph:
+    n_boot = next(iter(v.boot.samples.values())).shape[1]
+    rule = ("Matched retain and frontier area choose each setting on select questions and report it on test "
+            "questions. " if v.boot.select_test else
+            "Questions carry no select/test role: settings are chosen and scored on the same questions "
+            "(optimistic). ")
+    parts: list[str | Span] = [
+        f"Cells: mean ± 95% CI over seeds; in brackets the 95% interval of that mean over {n_boot} bootstrap "
+        f"resamples of the {v.boot.n_forget} forget and {v.boot.n_retain} retain questions (question noise "
+        f"only). Lower forget accuracy = more removed. " + rule]
+    if note := _upper_bounds(v, grid):
+        parts.append(strong(note))
+    if questions is not None and v.bank is not None and "bank" in questions:
+        questions = questions[questions["bank"].astype(str) == v.bank]
+    if questions is not None and "domain" in questions:
+        n = questions["domain"].value_counts()
+        if (n.get("forget", 0), n.get("retain", 0)) != (v.boot.n_forget, v.boot.n_retain):
+            parts.append(strong(f" questions.parquet holds {n.get('forget', 0)} forget / {n.get('retain', 0)} "
+                                f"retain questions, the grid's outcomes another count."))
+    excluded = [f"{t} ({why})" for t, why in v.excluded.items()]
+    if excluded:
+        parts.append(" Not in the verdict: " + ", ".join(excluded) + ".")
+    parts += [strong(f" Mismatch: {m}.") for m in v.mismatches]
+    return Paragraph.of(*parts)
+
+
+def verdict_blocks(v: Verdict, main: pd.DataFrame, grid: pd.DataFrame, questions: pd.DataFrame | None,
+                   problems: list[str]) -> list[Block]:
+    """The verdict after its figure: the matched-retain table with the headline's claims (only when the
+    controls are in range), the test's power, the secondary metrics, the exploratory spread table and the
+    no-feature/tie counts."""
+    claims = not problems
+    blocks: list[Block] = [Heading(2, "Verdict: forget accuracy at matched retain" if claims else
+                                   "Diagnostics (controls out of range — not results): forget accuracy at matched "
+                                   "retain"),
+                           matched_table(v, main, grid, claims), bank_paragraph(v, questions, grid)]
+    if claims:
+        blocks += [Paragraph.of(strong(f"Headline metric (declared before the run): {metric_label(v.headline)}"),
+                                f". Claims: two-way ANOVA of the arm × seed block design, residual variance pooled "
+                                f"over all arms, Dunnett's many-to-one correction against {v.baseline} "
+                                f"(family-wise α = 0.05; docs/evaluation.md)."),
+                   claim_paragraph(v), power_paragraph(v.main)]
+        secondary = secondary_table(v)
+        if secondary is not None:
+            blocks += [Heading(3, "Secondary metrics (same test; each corrected over the arms, not across metrics)"),
+                       secondary]
+        blocks += [Heading(3, "Exploratory: spread of each candidate (chooses nothing)"), stability_table(v)]
+    return blocks + [Heading(3, "Settings that select no feature / tie another"), counts_table(v)]
+
+
+# -- the second witness: k-sparse probing ---------------------------------------------------------
+def claim_word(said: str | None) -> str:
+    """'better' / 'worse' / 'not separable' from a claim text; '' when there is no claim (not tested)."""
+    said = said or ""
+    return next((w for w in ("better", "worse", "not separable") if said.startswith(w)), "")
+
+
+def agreement(unlearning: str | None, probe: str | None, baseline: str = "relu") -> str:
+    """Whether the two witnesses agree on one arm: both better / worse / not separable, a claim the other
+    witness cannot confirm, or a conflict (a claim the other witness contradicts, reported as such)."""
+    u, p = claim_word(unlearning), claim_word(probe)
+    if not u or not p:
+        return (f"no agreement to read (unlearning: {unlearning or 'not tested'}; probe: {probe or 'not tested'})")
+    if u == p:
+        return f"the witnesses agree: both {u}" + ("" if u == "not separable" else f" than {baseline}")
+    if "not separable" in (u, p):
+        said, by, other = (u, "unlearning", "the probe") if p == "not separable" else (p, "the probe", "unlearning")
+        return f"unconfirmed: {by} says {said} than {baseline}, {other} cannot separate it from {baseline}"
+    return (f"in conflict: unlearning says {u} than {baseline}, the probe says {p} than {baseline}: the claim is "
+            f"contradicted by the second witness")
+
+
+def _probe_cells(g: pd.DataFrame) -> list[str]:
+    """An arm's probe accuracies (mean ± 95% CI over seeds): mean and forget task per k, floor, ceiling."""
+    def cell(col: str) -> str:
+        return fmt(g[col].dropna().astype(float).tolist()) if col in g else "–"
+
+    floor = " / ".join(cell(f"sparse_probe_random_mean_k{k}") for k in (1, 20))
+    ceiling = f"{cell('sparse_probe_raw_mean')} / {cell('sparse_probe_raw_forget')}"
+    return [*(cell(f"sparse_probe_{task}_k{k}") for task in ("mean", "forget") for k in PROBE_KS), floor, ceiling]
+
+
+def probe_table(main: pd.DataFrame, test: MetricTest | None) -> Table:
+    """One row per arm of the ranked trials: the probe accuracies and (with ``test``) the primary's claim."""
+    header = ["arm", "n", *(f"mean over tasks k={k}" for k in PROBE_KS), *(f"forget task k={k}" for k in PROBE_KS),
+              "random-latent floor (mean, k=1 / k=20)", "raw-activation ceiling (mean / forget)"]
+    if test is not None:
+        header += [f"Δ vs {test.baseline} ({metric_label(test.metric)}, the witness's primary) [adjusted 95% CI]",
+                   "adjusted p", "claim"]
+    arms = arm_names(main)
+    rows = []
+    for arm in ordered(arms):
+        g = main[arms == arm]
+        probed = PROBE_PRIMARY in g and g[PROBE_PRIMARY].notna().any()
+        cells = [arm, str(len(g)), *(_probe_cells(g) if probed else [NO_PROBE] + ["–"] * 9)]
+        rows.append(cells + (_claim_cells(test, arm) if test is not None else []))
+    return _mark(Table(header, rows), len(header) - 1) if test is not None else Table(header, rows)
+
+
+def agreement_blocks(v: Verdict, test: MetricTest, main: pd.DataFrame) -> list[Block]:
+    """One line per arm: do the unlearning headline's claim and the probe primary's claim agree?"""
+    arms = arm_names(main)
+    out: list[Block] = []
+    for arm in ordered(arms):
+        if arm == v.baseline:
+            continue
+        g = main[arms == arm]
+        if PROBE_PRIMARY not in g or g[PROBE_PRIMARY].isna().all():
+            out.append(Paragraph.of(strong(arm), f": {NO_PROBE}: only the unlearning witness speaks."))
+            continue
+        u, p = (t.by_arm().get(arm) for t in (v.main, test))
+        out.append(Paragraph.of(strong(arm), ": " + agreement(u and u.claim, p and p.claim, v.baseline) + "."))
+    return out
+
+
+def probe_blocks(inp: ReportInputs) -> list[Block]:
+    """The 'Second witness' section: the probe table per arm, its primary metric's claims through the same
+    test (a secondary metric of the verdict) and one agreement line per arm. Nothing without probe columns."""
+    main = inp.main
+    if not any(c in main for c in PROBE_METRICS) or main.empty:
+        return []
+    v = inp.verdict
+    claims = not inp.problems and isinstance(v, Verdict)
+    test = next((t for t in v.tests if t.metric == PROBE_PRIMARY), None) if claims else None
+    blocks: list[Block] = [
+        Heading(2, "Second witness: k-sparse probing"),
+        Paragraph.of("Balanced accuracy of a logistic probe on the k latents with the largest class-mean difference "
+                     "(chosen and fitted on select documents, scored on test documents; docs/evaluation.md, \"Second "
+                     "witness\"). Cells: mean ± 95% CI over seeds. The witness's primary metric: ",
+                     strong(metric_label(PROBE_PRIMARY)), "; its claims come from the same block test against "
+                     f"{v.baseline if isinstance(v, Verdict) else 'relu'} as the headline, as a secondary metric."),
+        probe_table(main, test)]
+    if test is not None:
+        blocks += [Heading(3, "Do the two witnesses agree?")] + agreement_blocks(v, test, main)
+    elif not inp.probes:
+        blocks.append(Paragraph.of(f"Every ranked trial: {NO_PROBE}."))
+    return blocks
+
+
+# -- the sparsity frontier (SAEBench's form: every metric against held-out L0) ---------------------------
+def frontier_lines(done: pd.DataFrame) -> pd.Series:
+    """The frontier trials' line: their arm with the target (and the k it sets) left out."""
+    rows = frontier_trials(done)
+    return arm_names(rows.drop(columns=["cfg_target_l0", "cfg_k"], errors="ignore"))
+
+
+def frontier_points(inp: ReportInputs) -> pd.DataFrame:
+    """Per line, target L0 and metric: mean ± 95% CI half-width over seeds of the metric and of held-out L0.
+    The headline comes from the per-target verdict's recomputation (else the trial row)."""
+    rows = frontier_trials(inp.done).assign(line=frontier_lines(inp.done))
+    headline = inp.headline or "frontier_area"
+    recomputed = pd.concat([v.per_trial[["trial_id", headline]] for v in inp.frontier.values()
+                            if isinstance(v, Verdict)] or [pd.DataFrame(columns=["trial_id", headline])])
+    if headline in rows:
+        rows = rows.drop(columns=headline)
+    rows = rows.merge(recomputed, on="trial_id", how="left")
+    out = []
+    for metric in dict.fromkeys(["explained_variance", headline, CE_METRIC, PROBE_PRIMARY]):
+        if metric not in rows or rows[metric].isna().all():
+            continue
+        for (line, target), g in rows.groupby(["line", "cfg_target_l0"], sort=True):
+            m, half = mean_ci95(g[metric].dropna().astype(float).tolist())
+            l0, l0_half = mean_ci95(g["l0"].dropna().astype(float).tolist()) if "l0" in g else (math.nan, math.nan)
+            out.append({"metric": metric, "line": line, "target": float(target), "mean": m, "half": half,
+                        "l0": l0, "l0_half": l0_half})
+    return pd.DataFrame(out, columns=["metric", "line", "target", "mean", "half", "l0", "l0_half"])
+
+
+def frontier_claims_table(inp: ReportInputs, metric: str) -> Table:
+    """One row per line, one column per target L0: Δ vs relu [adjusted CI] and the claim, from the test run
+    within that target's trials."""
+    targets = sorted(inp.frontier)
+    lines = ordered(frontier_lines(inp.done))
+    header = ["arm", *(f"target L0 {t:g}: Δ vs relu [adj. 95% CI], claim" for t in targets)]
+    rows, marks = [], {}
+    for i, line in enumerate(lines):
+        cells = [line]
+        for j, t in enumerate(targets, start=1):
+            v = inp.frontier[t]
+            test = next((x for x in v.tests if x.metric == metric), None) if isinstance(v, Verdict) else None
+            if test is None:
+                cells.append("–" if isinstance(v, Verdict) else f"no verdict: {v}")
+                continue
+            diff, p, said = _claim_cells(test, line)
+            cells.append(diff if diff in ("reference", "–") else f"{diff}, p {p}, {said}")
+            kind = claim_word(said)
+            if kind in ("better", "worse") and diff not in ("reference", "–"):
+                marks[(i, j)] = kind
+        rows.append(cells)
+    return Table(header, rows, marks)
+
+
+def frontier_blocks(inp: ReportInputs) -> list[Block]:
+    """The 'Sparsity frontier' section (text and tables; the figure is each rendering's): only when the ranked
+    trials span more than one target L0."""
+    if not inp.frontier:
+        return []
+    headline = inp.headline or "frontier_area"
+    blocks: list[Block] = [
+        Heading(2, "Sparsity frontier: every metric against held-out L0"),
+        Paragraph.of(f"Trials trained to target L0 {', '.join(f'{t:g}' for t in sorted(inp.frontier))} (cfg_target_l0; "
+                     "docs/training.md, \"Target L0\"), in SAEBench's form: one line per arm, x = held-out L0, points "
+                     "at mean ± 95% CI over seeds. The verdict below is the same calibrated test (block ANOVA, "
+                     "Dunnett against relu) run within each target's trials, so arms are compared at matched L0.")]
+    if problems := inp.problems:
+        return blocks + [Paragraph.of(strong("No claims: " + "; ".join(problems) + "."))]
+    blocks += [Heading(3, f"Verdict at each target L0: {metric_label(headline)} (headline)"),
+               frontier_claims_table(inp, headline)]
+    if any(isinstance(v, Verdict) and any(t.metric == PROBE_PRIMARY for t in v.tests) for v in inp.frontier.values()):
+        blocks += [Heading(3, f"Verdict at each target L0: {metric_label(PROBE_PRIMARY)} (second witness)"),
+                   frontier_claims_table(inp, PROBE_PRIMARY)]
+    return blocks
