@@ -6,8 +6,9 @@ recompute the verdict from ``curves.parquet``:
 - the plateau: over the constant-rate steps before the learning-rate decay, after the calibration phase
   (a fixed objective at a fixed rate), the MSE changed by less than ``TOLERANCE`` per ``WINDOW`` of the
   steps. A decay schedule cannot pass it: it is read before the decay starts;
-- the end: over the last ``WINDOW`` of the steps it changed by less than ``TOLERANCE`` (no instability or
-  over-fitting at the end).
+- the end: over the last ``WINDOW`` of the steps it did not rise by ``TOLERANCE`` or more (no instability or
+  over-fitting at the end). One-sided: a learning-rate decay there is meant to lower it, and how much a decay
+  gains says nothing about whether more tokens would help (the plateau says that).
 """
 
 from __future__ import annotations
@@ -85,4 +86,9 @@ def convergence_verdict(steps: Sequence[float], val_mse: Sequence[float], total_
     return {"val_mse_rel_change": end_change, "plateau_rel_change": plateau,
             "plateau_start_step": None if window is None else int(window[0]),
             "plateau_end_step": None if window is None else int(window[1]),
-            "converged": is_converged(end_change) and is_converged(plateau)}
+            "converged": is_stable_at_end(end_change) and is_converged(plateau)}
+
+
+def is_stable_at_end(rel_change: float) -> bool:
+    """The end check: held-out MSE did not rise by TOLERANCE over the last WINDOW (falling is fine)."""
+    return math.isfinite(rel_change) and rel_change < TOLERANCE

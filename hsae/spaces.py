@@ -264,8 +264,9 @@ class TrialSpec:
 
     @property
     def train_seed(self) -> int:
-        """The training seed: ``seed``, or for a labelled arm one derived from (seed, arm), so that arms of
-        one configuration are independent replicates rather than byte-identical copies (an A/A test)."""
+        """The initialisation seed: ``seed``, or for a labelled arm one derived from (seed, arm), so that arms of
+        one configuration are independent replicates rather than byte-identical copies (an A/A test). The
+        batch order stays ``seed``'s (tune/trainable.py): a seed is one data order for every arm."""
         return self.seed if not self.arm else int(content_key({"seed": self.seed, "arm": self.arm}, length=7), 16)
 
     def as_dict(self) -> dict[str, Any]:

@@ -46,6 +46,9 @@ HIGHER_IS_BETTER: dict[str, bool] = {"unlearning_score": True, "frontier_area": 
 # Metric families whose direction follows from the name (the second witness's probe accuracies).
 HIGHER_IS_BETTER_PREFIXES = ("sparse_probe",)
 DEFAULT_HEADLINE = "frontier_area"  # Profile.headline_metric's default; why: docs/evaluation.md, "Headline"
+# Chosen and scored on the same (all) questions, as SAEBench defines it: shown, never claimed on
+# (docs/evaluation.md, "Select and test"); the other candidates choose on select and score on test questions.
+DESCRIPTIVE_ONLY: tuple[str, ...] = ("unlearning_score",)
 
 
 def higher_is_better(metric: str, directions: dict[str, bool] | None = None) -> bool:
@@ -383,17 +386,19 @@ def arm_names(trials: pd.DataFrame) -> pd.Series:
     """Each trial's arm: its ``arm`` label when the space file gave one, else its variant, followed by
     ``[name=value, ...]`` for the ``cfg_*`` values that differ between that variant's configurations here
     (the configuration with the variant's default values keeps the bare name: ``relu`` is relu at its
-    defaults, ``relu[l1_coeff=0.14]`` another relu arm)."""
+    defaults, ``relu[l1_coeff=0.14]`` another relu arm). Only the variant's own parameters name arms: the
+    training and machine columns (``cfg_device``, ``cfg_autocast``, ...) are the run's, not the arm's."""
     names = pd.Series(trials["variant"].astype(str).to_numpy(), index=trials.index, dtype=object)
     labelled = trials[ARM_COLUMN].notna() & (trials[ARM_COLUMN].astype(str) != "") if ARM_COLUMN in trials \
         else pd.Series(False, index=trials.index)
     cfg = [c for c in trials if c.startswith("cfg_") and c != "cfg_variant"]
     for variant, rows in trials[~labelled].groupby("variant", sort=False):
-        text = rows[cfg].map(_cell_text)
-        varying = [c for c in cfg if text[c].nunique() > 1]
+        defaults = default_params(str(variant))
+        own = [c for c in cfg if c.removeprefix("cfg_") in defaults]
+        text = rows[own].map(_cell_text)
+        varying = [c for c in own if text[c].nunique() > 1]
         if not varying:
             continue
-        defaults = default_params(str(variant))
         for idx, row in text[varying].iterrows():
             pairs = {c.removeprefix("cfg_"): row[c] for c in varying}
             if any(defaults.get(k) != v for k, v in pairs.items()):
@@ -666,8 +671,16 @@ def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None
     the trial rows (e.g. sparse-probing columns). With ``questions`` carrying roles, matched retain is
     chosen on select questions and scored on test questions."""
     done = trials[trials["status"] == "completed"]
+    if "stream_join" in done and (done["stream_join"] == "oldest").any():
+        raise ValueError("trials joined the activation stream at the oldest buffered batch (stream_join = "
+                         "'oldest'): timing chose their data, so a seed is not one data order for every arm and the "
+                         "block design does not apply; re-run with stream_join = 'first' (docs/sweeps.md)")
     headline = headline or declared_headline(done)
+    if headline in DESCRIPTIVE_ONLY:
+        raise ValueError(f"headline metric {headline!r} chooses its setting on the questions that score it, so no "
+                         f"claim rests on it; choose one of {[m for m in CANDIDATES if m not in DESCRIPTIVE_ONLY]}")
     secondary = [m for m in CANDIDATES if m != headline] if secondary is None else list(secondary)
+    secondary = [m for m in secondary if m not in DESCRIPTIVE_ONLY]
     for m in [headline, *secondary]:
         higher_is_better(m, directions)  # a metric with no known direction fails here, naming it
     bank = one_bank(grid, done["trial_id"])

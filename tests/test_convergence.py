@@ -77,6 +77,14 @@ def test_a_plateau_before_the_decay_converges():
     assert verdict["converged"] is True
 
 
+def test_what_a_decay_gains_at_the_end_does_not_unconverge_a_plateau_but_a_rise_does():
+    # Flat before the decay, then 3% lower through it (annealing): converged; rising 3% at the end: not.
+    annealed = convergence_verdict(STEPS_1K, curve(0.001, 0.0075), 1000, fixed_from=600, decay_start=800)
+    assert annealed["val_mse_rel_change"] < -0.02 and annealed["converged"] is True
+    rising = convergence_verdict(STEPS_1K, curve(0.001, -0.0075), 1000, fixed_from=600, decay_start=800)
+    assert rising["val_mse_rel_change"] > 0.02 and rising["converged"] is False
+
+
 def test_a_short_window_is_judged_at_its_rate_and_a_missing_one_never_converges():
     # Calibration to 700: the window 700..800 is 10% of the steps, its change counted per 20%.
     short = convergence_verdict(STEPS_1K, curve(0.006, 0.0), 1000, fixed_from=700, decay_start=800)

@@ -194,3 +194,17 @@ def test_one_target_l0_gives_no_frontier_section(tmp_path):
     assert ReportInputs.load(root, N_BOOT).frontier == {}
     text = report_text(root)
     assert "Sparsity frontier" not in text and not (root / "report" / "sparsity_frontier.png").exists()
+
+
+# -- 4. the exploratory report: a diagnostic over unconverged trials, labelled, never the default -----------
+def test_an_exploratory_report_ranks_unconverged_trials_and_says_so_at_the_top(tmp_path):
+    study = planted_study(np.random.default_rng(0))
+    write_results(tmp_path, study, unconverged=set(study[0]["trial_id"]))  # nothing converged
+    honest = build_report(tmp_path, n_boot=N_BOOT).read_text()
+    assert "No verdict: no converged, completed trial: nothing is ranked" in honest
+    assert "EXPLORATORY" not in honest
+    path = build_report(tmp_path, n_boot=N_BOOT, exploratory=True)
+    assert path.parent.name == "report-exploratory"  # the honest report is not overwritten
+    text = path.read_text()
+    assert text.index("EXPLORATORY, not a result:") < text.index("## Verdict")
+    assert "better than relu" in table_row(section(text, "Verdict"), "fixed_ortho")

@@ -482,10 +482,11 @@ def verdict_parts(inp: ReportInputs, out: Path) -> list[str]:
     return parts + markdown(verdict_blocks(v, inp.main, inp.grid, inp.questions, inp.problems))
 
 
-def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_boot: int = 1000) -> Path:
+def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_boot: int = 1000,
+                 exploratory: bool = False) -> Path:
     """report.md, its figures and report.html, from one ``ReportInputs`` (the verdict computed once)."""
-    inp = ReportInputs.load(results_dir, n_boot)
-    out = Path(out_dir) if out_dir else inp.results_dir / "report"
+    inp = ReportInputs.load(results_dir, n_boot, exploratory)
+    out = Path(out_dir) if out_dir else inp.results_dir / ("report-exploratory" if exploratory else "report")
     out.mkdir(parents=True, exist_ok=True)
     done, trials = inp.done, inp.trials
     parts = markdown(header_blocks(inp) + banner_blocks(inp.problems)) + verdict_parts(inp, out)
@@ -502,10 +503,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hsae-report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results_dir")
-    ap.add_argument("--out", default=None, help="report directory (default RESULTS_DIR/report)")
+    ap.add_argument("--out", default=None, help="report directory (default RESULTS_DIR/report, or "
+                                                "RESULTS_DIR/report-exploratory)")
+    ap.add_argument("--exploratory", action="store_true",
+                    help="a diagnostic, not a result: the verdict over every completed trial, unconverged ones "
+                         "included, labelled so at the top")
     args = ap.parse_args(argv)
     try:
-        path = build_report(args.results_dir, args.out)
+        path = build_report(args.results_dir, args.out, exploratory=args.exploratory)
     except FileNotFoundError as exc:
         print(f"hsae-report: error: {exc}", file=sys.stderr)
         return 2

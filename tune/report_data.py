@@ -214,12 +214,14 @@ class ReportInputs:
     questions: pd.DataFrame | None
     controls: dict
     n_boot: int = 1000
+    # A diagnostic for the researcher, never a result: the verdict over every completed trial, converged or not.
+    exploratory: bool = False
 
     @classmethod
-    def load(cls, results_dir: str | Path, n_boot: int = 1000) -> ReportInputs:
+    def load(cls, results_dir: str | Path, n_boot: int = 1000, exploratory: bool = False) -> ReportInputs:
         root = Path(results_dir)
         return cls(root, load_trials(root), load_curves(root), load_grid(root),
-                   load_optional(root, "questions.parquet"), load_controls(root), n_boot)
+                   load_optional(root, "questions.parquet"), load_controls(root), n_boot, exploratory)
 
     @cached_property
     def done(self) -> pd.DataFrame:
@@ -231,8 +233,8 @@ class ReportInputs:
 
     @cached_property
     def main(self) -> pd.DataFrame:
-        """The trials the verdict ranks: the converged trials of the main job."""
-        return converged(main_trials(self.done))
+        """The trials the verdict ranks: the converged trials of the main job (exploratory: all its completed ones)."""
+        return main_trials(self.done) if self.exploratory else converged(main_trials(self.done))
 
     @cached_property
     def headline(self) -> str | None:
@@ -265,6 +267,8 @@ def verdict_of(trials: pd.DataFrame, inp: ReportInputs, secondary: list[str]) ->
     """build_verdict on these trials with the inputs' grid and questions, or why there is none."""
     if inp.grid is None:
         return "no grid.parquet in the results"
+    if trials.empty:
+        return "no converged, completed trial: nothing is ranked (the convergence rule, docs/training.md)"
     try:
         v = build_verdict(trials, inp.grid, secondary=secondary, questions=inp.questions, n_boot=inp.n_boot)
     except ValueError as exc:
@@ -290,6 +294,10 @@ def header_blocks(inp: ReportInputs) -> list[Block]:
     blocks: list[Block] = [Heading(1, "hsae ablation report"),
                            Paragraph.of("Results: ", code(str(inp.results_dir)),
                                         f" — {len(inp.trials)} trials ({counts}).")]
+    if inp.exploratory:
+        blocks.append(Paragraph.of(strong("EXPLORATORY, not a result:"), " the verdict below includes trials that did "
+                                   "not converge (docs/training.md); the report without --exploratory ranks none of "
+                                   "them."))
     if inp.headline is not None:
         blocks.append(Paragraph.of("Headline metric, declared before the run (profile field ", code("headline_metric"),
                                    "): ", strong(metric_label(inp.headline)), ". Every other metric is secondary."))

@@ -92,7 +92,9 @@ def training_source(server: Any, info: Any, store: ResultsStore, spec: TrialSpec
     if run.profile.activations != "stream":
         train = fetch(info, "train")
         run.source_values["outlier_tokens"] = info.outliers["train"]
-        return ArrayBatches(train.x, train.labels, batch_size, run.train_cfg.seed)
+        # The block's seed, not a labelled arm's training seed: one seed is one data order for every arm (the
+        # verdict's block design); a labelled arm differs in its initialisation only.
+        return ArrayBatches(train.x, train.labels, batch_size, spec.seed)
     start = store.stream_start(spec.experiment, spec.key)
     if start is None:
         start = ray.get(server.stream_join.remote(spec.key, run.train_cfg.steps))
