@@ -256,7 +256,7 @@ class ReportInputs:
     @cached_property
     def frontier(self) -> dict[float, Verdict | str]:
         """The verdict within each target L0's trials (the sparsity frontier), or why there is none."""
-        rows = frontier_trials(self.done)
+        rows = frontier_trials(self.done, self.exploratory)
         if rows.empty:
             return {}
         secondary = [m for m in PROBE_METRICS[:1] if m in rows and rows[m].notna().any()]
@@ -268,7 +268,8 @@ def verdict_of(trials: pd.DataFrame, inp: ReportInputs, secondary: list[str]) ->
     if inp.grid is None:
         return "no grid.parquet in the results"
     if trials.empty:
-        return "no converged, completed trial: nothing is ranked (the convergence rule, docs/training.md)"
+        return ("no completed trial" if inp.exploratory else
+                "no converged, completed trial: nothing is ranked (the convergence rule, docs/training.md)")
     try:
         v = build_verdict(trials, inp.grid, secondary=secondary, questions=inp.questions, n_boot=inp.n_boot)
     except ValueError as exc:
@@ -276,9 +277,10 @@ def verdict_of(trials: pd.DataFrame, inp: ReportInputs, secondary: list[str]) ->
     return v if not v.per_trial.empty else "no converged, completed trial has grid rows"
 
 
-def frontier_trials(done: pd.DataFrame) -> pd.DataFrame:
-    """The ranked trials with a target L0 (the "frontier" space's when it ran), when they span > 1 target."""
-    rows = converged(done)
+def frontier_trials(done: pd.DataFrame, exploratory: bool = False) -> pd.DataFrame:
+    """The ranked trials (exploratory: all completed ones) with a target L0 (the "frontier" space's when it ran),
+    when they span > 1 target."""
+    rows = done if exploratory else converged(done)
     if "cfg_target_l0" not in rows:
         return rows.iloc[:0]
     rows = rows[rows["cfg_target_l0"].notna()]
@@ -600,16 +602,16 @@ def probe_blocks(inp: ReportInputs) -> list[Block]:
 
 
 # -- the sparsity frontier (SAEBench's form: every metric against held-out L0) ---------------------------
-def frontier_lines(done: pd.DataFrame) -> pd.Series:
+def frontier_lines(done: pd.DataFrame, exploratory: bool = False) -> pd.Series:
     """The frontier trials' line: their arm with the target (and the k it sets) left out."""
-    rows = frontier_trials(done)
+    rows = frontier_trials(done, exploratory)
     return arm_names(rows.drop(columns=["cfg_target_l0", "cfg_k"], errors="ignore"))
 
 
 def frontier_points(inp: ReportInputs) -> pd.DataFrame:
     """Per line, target L0 and metric: mean ± 95% CI half-width over seeds of the metric and of held-out L0.
     The headline comes from the per-target verdict's recomputation (else the trial row)."""
-    rows = frontier_trials(inp.done).assign(line=frontier_lines(inp.done))
+    rows = frontier_trials(inp.done, inp.exploratory).assign(line=frontier_lines(inp.done, inp.exploratory))
     headline = inp.headline or "frontier_area"
     recomputed = pd.concat([v.per_trial[["trial_id", headline]] for v in inp.frontier.values()
                             if isinstance(v, Verdict)] or [pd.DataFrame(columns=["trial_id", headline])])
@@ -632,7 +634,7 @@ def frontier_claims_table(inp: ReportInputs, metric: str) -> Table:
     """One row per line, one column per target L0: Δ vs relu [adjusted CI] and the claim, from the test run
     within that target's trials."""
     targets = sorted(inp.frontier)
-    lines = ordered(frontier_lines(inp.done))
+    lines = ordered(frontier_lines(inp.done, inp.exploratory))
     header = ["arm", *(f"target L0 {t:g}: Δ vs relu [adj. 95% CI], claim" for t in targets)]
     rows, marks = [], {}
     for i, line in enumerate(lines):
