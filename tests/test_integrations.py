@@ -37,19 +37,21 @@ def study_of(out):
 
 def test_multi_objective_study_persists_resumes_and_matches_the_rows(sweep):
     run, out = sweep
-    objectives = ["--objectives", "val_mse,forget_acc_at_retain98"]
+    # Two objectives every tiny trial defines: on the random tiny model no setting meets a 0.98 retain bar once
+    # the baseline is measured (issue 29), so forget_acc_at_retain98 would prune every trial.
+    objectives = ["--objectives", "val_mse,l0"]
     assert run("--search", "optuna", "--samples", "2", *objectives) == 0
     study = study_of(out)
     assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
     rows = pd.read_parquet(out / "trials.parquet")
-    assert len(rows) == 2 and (rows["search_objectives"] == "val_mse:min,forget_acc_at_retain98:min").all()
+    assert len(rows) == 2 and (rows["search_objectives"] == "val_mse:min,l0:min").all()
     assert (rows["search_study"] == study.study_name).all()
     # Each complete Optuna trial is a row: same alpha, same two values.
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 2
     for t in complete:
         row = rows[(rows["cfg_alpha"] - t.params["sampled/alpha"]).abs() < 1e-12].iloc[0]
-        assert t.values == pytest.approx([row["val_mse"], row["forget_acc_at_retain98"]])
+        assert t.values == pytest.approx([row["val_mse"], row["l0"]])
     # A crash leaves a trial running in the study; the next run fails it and runs only what is left.
     study.ask()
     assert run("--search", "optuna", "--samples", "4", *objectives) == 0

@@ -186,6 +186,8 @@ def test_sweep_writes_split_questions_and_grid(sweep):
     grid, trials = pd.read_parquet(out / "grid.parquet"), pd.read_parquet(out / "trials.parquet")
     assert set(split["part"]) == {"train", "heldout"}
     assert set(questions["doc_id"]) <= set(split[split.part == "heldout"]["doc_id"])
+    assert set(split.loc[split.part == "heldout", "role"]) == {"select", "test"}  # every held-out document's role
+    assert set(split.loc[split.part == "train", "role"]) == {"train"}
     role_of = dict(zip(split["doc_id"], split["role"], strict=True))  # each question has its document's role
     assert (questions["role"] == questions["doc_id"].map(role_of)).all()
     assert set(questions["role"]) == {"select", "test"}

@@ -508,8 +508,8 @@ def write_split(ray: Any, server: Any, info: Any, out: Path) -> None:
     """split.parquet: which documents the SAEs train on and which are held out for evaluation."""
     split = ray.get(server.split.remote())
     key = content_key(info.corpus, length=16)
-    records = [{"split": key, "doc_id": d, "domain": m, "part": p}
-               for d, m, p in zip(split["doc_id"], split["domain"], split["part"], strict=True)]
+    records = [{"split": key, "doc_id": d, "domain": m, "part": p, "role": r}
+               for d, m, p, r in zip(split["doc_id"], split["domain"], split["part"], split["role"], strict=True)]
     ResultsStore(out).write_records("split", key, records)
 
 
