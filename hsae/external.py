@@ -267,7 +267,7 @@ def from_weights(cfg: dict[str, Any], state: dict[str, np.ndarray]) -> ExternalS
     from sae_lens import SAE
 
     sae = SAE.from_dict(cfg["external"])
-    sae.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    sae.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()})  # a copy: read-only arrays
     return ExternalSAE(sae.eval(), None)
 
 
