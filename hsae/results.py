@@ -31,7 +31,7 @@ import pandas as pd
 from hsae import schema
 from hsae.atomic import atomic_file, atomic_write_text
 from hsae.schema import SAE_METRICS
-from hsae.verdict import BARS, bar_metric, matched_retain_select_test
+from hsae.verdict import BARS, SELECT_TEST_COLUMNS, bar_metric, matched_retain_select_test
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig, TrainConfig
@@ -239,21 +239,17 @@ def training_values(steps: int, batch_size: int, wall_s: float, final_loss: floa
             "final_loss": final_loss, **{name: metrics.get(name) for name in SAE_METRICS}}
 
 
-# The grid accuracies the matched-retain rule reads, in ``matched_retain_select_test``'s order.
-SELECT_TEST_KEYS = ("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test")
-
-
 def matched_retain(grid: list[dict[str, Any]], bar: float) -> float:
     """The test forget accuracy of the grid setting chosen on select questions at retain >= ``bar`` (NaN if
     none): ``hsae.verdict.matched_retain_select_test`` on the grid points' accuracies."""
     if not grid:
         raise ValueError("a matched-retain value needs at least one grid setting")
     for i, g in enumerate(grid):
-        missing = [k for k in SELECT_TEST_KEYS if g.get(k) is None]
+        missing = [k for k in SELECT_TEST_COLUMNS if g.get(k) is None]
         if missing:
             raise ValueError(f"grid setting {i} lacks {missing}: matched retain chooses on select questions and "
                              "reports on test questions (docs/evaluation.md, 'Select and test')")
-    arrays = [[float(g[k]) for g in grid] for k in SELECT_TEST_KEYS]
+    arrays = [[float(g[k]) for g in grid] for k in SELECT_TEST_COLUMNS]
     return float(matched_retain_select_test(*arrays, bar)[0])
 
 

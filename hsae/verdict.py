@@ -153,7 +153,7 @@ def frontier_area(points: Any, lo: float = AREA_LO, step: float = AREA_STEP) -> 
     return area(p[:, 1], p[:, 0], lo, step)
 
 
-SPLIT_COLUMNS = ("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test")
+SELECT_TEST_COLUMNS = ("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test")
 
 
 def grid_metrics(rows: pd.DataFrame) -> dict[str, float]:
@@ -161,8 +161,8 @@ def grid_metrics(rows: pd.DataFrame) -> dict[str, float]:
     select/test ones when every row has them: settings chosen on select, scored on test questions)."""
     f, r = rows["forget_acc"].to_numpy(float), rows["retain_acc"].to_numpy(float)
     sb = (rows["grid"] == "saebench").to_numpy() if "grid" in rows else np.ones(len(rows), bool)
-    has_split = all(c in rows for c in SPLIT_COLUMNS) and rows[list(SPLIT_COLUMNS)].notna().all().all()
-    split = tuple(rows[c].to_numpy(float) for c in SPLIT_COLUMNS) if has_split and len(rows) else None
+    has_split = all(c in rows for c in SELECT_TEST_COLUMNS) and rows[list(SELECT_TEST_COLUMNS)].notna().all().all()
+    split = tuple(rows[c].to_numpy(float) for c in SELECT_TEST_COLUMNS) if has_split and len(rows) else None
     return {k: float(v) for k, v in metrics(f, r, sb, split).items()}
 
 
