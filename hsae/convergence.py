@@ -3,9 +3,10 @@
 Two checks, both on the held-out MSE, both pure functions of (step, val_mse) pairs so anyone can
 recompute the verdict from ``curves.parquet``:
 
-- the plateau: over the constant-rate steps before the learning-rate decay, after the calibration phase
-  (a fixed objective at a fixed rate), the MSE changed by less than ``TOLERANCE`` per ``WINDOW`` of the
-  steps. A decay schedule cannot pass it: it is read before the decay starts;
+- the plateau: over the last ``WINDOW`` of the constant-rate steps before the learning-rate decay, the MSE
+  changed by less than ``TOLERANCE`` per ``WINDOW`` of the steps, and so did the L0 controller's
+  coefficient where it still acts there (a fixed objective in effect, at a fixed rate). A decay schedule
+  cannot pass it: it is read before the decay starts;
 - the end: over the last ``WINDOW`` of the steps it did not rise by ``TOLERANCE`` or more (no instability or
   over-fitting at the end). One-sided: a learning-rate decay there is meant to lower it, and how much a decay
   gains says nothing about whether more tokens would help (the plateau says that).
@@ -50,43 +51,56 @@ def _finite_points(steps: Sequence[float], val_mse: Sequence[float]) -> dict[flo
     return {float(s): float(v) for s, v in zip(steps, val_mse, strict=True) if v is not None and math.isfinite(v)}
 
 
-def plateau_window(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, fixed_from: int,
+def plateau_window(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, warm_until: int,
                    decay_start: int) -> tuple[float, float] | None:
     """The logged steps (start, end) the plateau is read between: the last ``WINDOW`` of the steps before
-    ``decay_start``, starting no earlier than ``fixed_from`` (the end of the calibration phase); None when the
-    logged points inside that span are less than ``MIN_PLATEAU`` of the steps apart."""
+    ``decay_start``, starting no earlier than ``warm_until`` (the end of the warm-ups); None when the logged
+    points inside that span are less than ``MIN_PLATEAU`` of the steps apart."""
     points = _finite_points(steps, val_mse)
-    lo = max(float(fixed_from), decay_start - WINDOW * total_steps)
+    lo = max(float(warm_until), decay_start - WINDOW * total_steps)
     inside = sorted(s for s in points if lo - 1e-9 <= s <= decay_start + 1e-9)
     if len(inside) < 2 or inside[-1] - inside[0] < MIN_PLATEAU * total_steps - 1e-9:
         return None
     return inside[0], inside[-1]
 
 
-def plateau_rel_change(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, fixed_from: int,
-                       decay_start: int) -> float:
-    """Relative change of held-out MSE across the plateau window, scaled to ``WINDOW`` of the steps (a
-    shorter window's change is extrapolated at its rate); NaN without a window."""
-    window = plateau_window(steps, val_mse, total_steps, fixed_from, decay_start)
-    if window is None:
+def _window_change(points: dict[float, float], window: tuple[float, float], total_steps: int) -> float:
+    """Relative change of a curve across ``window``, scaled to ``WINDOW`` of the steps (a shorter window's
+    change is extrapolated at its rate); NaN where the curve lacks a point or starts at <= 0."""
+    if window[0] not in points or window[1] not in points or points[window[0]] <= 0:
         return float("nan")
-    points = _finite_points(steps, val_mse)
     start, end = points[window[0]], points[window[1]]
-    if start <= 0:
-        return float("nan")
     return (end - start) / start * (WINDOW * total_steps) / (window[1] - window[0])
 
 
-def convergence_verdict(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, fixed_from: int,
-                        decay_start: int) -> dict[str, float | bool | None]:
-    """The row's convergence columns: both checks, the window the plateau was read on and the verdict."""
+def plateau_rel_change(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, warm_until: int,
+                       decay_start: int) -> float:
+    """Relative change of held-out MSE across the plateau window, per ``WINDOW`` of the steps; NaN without one."""
+    window = plateau_window(steps, val_mse, total_steps, warm_until, decay_start)
+    return float("nan") if window is None else _window_change(_finite_points(steps, val_mse), window, total_steps)
+
+
+def convergence_verdict(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, warm_until: int,
+                        decay_start: int, multiplier: Sequence[float] | None = None) -> dict[str, float | bool | None]:
+    """The row's convergence columns: both checks, the window the plateau was read on and the verdict.
+
+    ``multiplier`` is the L0 controller's curve (None: no controller). Where the controller still acts in the
+    plateau window, the objective is fixed only if the coefficient held still: its change across the window
+    (``plateau_multiplier_change``, same scaling) must be under ``TOLERANCE`` too.
+    """
     end_change = val_mse_rel_change(steps, val_mse, total_steps)
-    plateau = plateau_rel_change(steps, val_mse, total_steps, fixed_from, decay_start)
-    window = plateau_window(steps, val_mse, total_steps, fixed_from, decay_start)
+    window = plateau_window(steps, val_mse, total_steps, warm_until, decay_start)
+    plateau = float("nan") if window is None else _window_change(_finite_points(steps, val_mse), window, total_steps)
+    coeff_change = None
+    if multiplier is not None:
+        coeff_change = float("nan") if window is None else _window_change(_finite_points(steps, multiplier), window,
+                                                                           total_steps)
+    steady = coeff_change is None or is_converged(coeff_change)
     return {"val_mse_rel_change": end_change, "plateau_rel_change": plateau,
+            "plateau_multiplier_change": coeff_change,
             "plateau_start_step": None if window is None else int(window[0]),
             "plateau_end_step": None if window is None else int(window[1]),
-            "converged": is_stable_at_end(end_change) and is_converged(plateau)}
+            "converged": is_stable_at_end(end_change) and is_converged(plateau) and steady}
 
 
 def is_stable_at_end(rel_change: float) -> bool:

@@ -6,6 +6,8 @@ features to groups (n, K) whose rows sum to 1.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -36,13 +38,28 @@ def normalised_columns(f: torch.Tensor) -> torch.Tensor:
     return f / f.pow(2).sum(dim=0).add(_EPS).sqrt()
 
 
+class _SymmetricGram(torch.autograd.Function):
+    """``a.T @ a`` with a one-product backward: ``a @ (g + g.T)`` where autograd's generic matmul backward
+    runs two (one per operand). The backward product runs in the dtype the forward's came out in (bf16 under
+    autocast, as autocast's own backward would), so gradients are the generic path's to the bit."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        return a.T @ a
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return (a.to(g.dtype) @ (g + g.T)).to(a.dtype)
+
+
 def activation_cosine_gram(f: torch.Tensor) -> torch.Tensor:
     """Cosine similarity between features' activation vectors over the batch (n, n).
 
     Scale-free, so the orthogonality coefficients mean the same at any activation scale.
     """
-    fn = normalised_columns(f)
-    return fn.T @ fn
+    return _SymmetricGram.apply(normalised_columns(f))
 
 
 # One scattered product of the sparse Gram (forward and backward) costs about as much time as this many
@@ -105,7 +122,11 @@ def block_cosine_sq(f: torch.Tensor, assignment: torch.Tensor, groups: torch.Ten
         width = max_active(f)
         if SPARSE_PRODUCT_COST * (b * width * width + n * n) < dense_cost:
             return _sparse_block_cosine_sq(f, assignment, groups if hard else None, width)
-    if hard and token_cost < feature_cost:
+    if hard and token_cost >= feature_cost:  # the Gram laid out by group: its (n/K, n/K) tiles summed
+        order = torch.argsort(groups, stable=True)
+        squared = activation_cosine_gram(f.index_select(1, order)).pow(2)
+        return squared.view(k, n // k, k, n // k).sum(dim=(1, 3)).to(assignment.dtype)
+    if hard:
         fn = normalised_columns(f)
         order = torch.argsort(groups, stable=True)
         # index_select, not fn[:, order]: its backward is an index_add, where advanced indexing's is a

@@ -187,11 +187,13 @@ def machine_cores() -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """Trials at once and torch threads per trial, with the rule that chose them (printed in the plan)."""
+    """Trials at once, torch threads per trial and the server's evaluators on a CPU, with the rule that chose
+    them (printed in the plan)."""
 
     trials: int
     threads: int
     rule: str
+    evaluators: int = 1
 
 
 def default_layout(cores: int, evaluate: bool) -> Layout:
@@ -200,9 +202,12 @@ def default_layout(cores: int, evaluate: bool) -> Layout:
     Measured with bench/concurrency.py (docs/performance.md, "Precision and concurrency"): at the main job's
     shape a second thread speeds one trial's step far less than a second trial adds, so threads stay at 1;
     a trial waits for the activation server to evaluate its SAE for part of its life, and an extra trial
-    keeps the cores busy meanwhile, at no cost to training throughput while all train.
+    keeps the cores busy meanwhile, at no cost to training throughput while all train. Two evaluators (each a
+    model copy on a thread of the server) where there are two cores: trials finishing together no longer
+    queue for one (docs/performance.md, "Evaluation").
     """
     if evaluate:
+        evaluators = min(cores, 2)
         return Layout(cores + 1, 1, f"{cores} cores: {cores + 1} trials x 1 thread (one extra trial trains while "
-                                    "another waits for its evaluation)")
+                                    f"another waits for its evaluation), {evaluators} evaluator(s)", evaluators)
     return Layout(cores, 1, f"{cores} cores: {cores} trials x 1 thread (no evaluation to wait for)")

@@ -117,16 +117,20 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        group=_TRAIN),
     _c("val_mse_rel_change", "float64", "relative change of held-out MSE over the last 20% of steps "
        "(curves.parquet; docs/training.md)", "fraction", group=_TRAIN),
-    _c("plateau_rel_change", "float64", "relative change of held-out MSE over the constant-rate steps before the "
-       "lr decay and after the calibration phase (plateau_start_step .. plateau_end_step), per 20% of the steps "
+    _c("plateau_rel_change", "float64", "relative change of held-out MSE over the last 20% of the constant-rate "
+       "steps before the lr decay (plateau_start_step .. plateau_end_step), per 20% of the steps "
        "(docs/training.md)", "fraction", group=_TRAIN),
+    _c("plateau_multiplier_change", "float64", "relative change of the L0 controller's sparsity multiplier over the "
+       "same window, same scaling: the objective was fixed in effect when it is under 0.02 (null: no controller)",
+       "fraction", group=_TRAIN),
     _c("plateau_start_step", "Int64", "first logged step of the plateau window (null: the schedule leaves no "
        "window of >= 10% of the steps: never converged)", "steps", group=_TRAIN),
     _c("plateau_end_step", "Int64", "last logged step of the plateau window (at or before the lr decay starts)",
        "steps", group=_TRAIN),
-    _c("converged", "boolean", "|plateau_rel_change| < 0.02 and |val_mse_rel_change| < 0.02: more tokens at the "
-       "constant rate stopped helping and the end is stable; unconverged rows are marked in the report and never "
-       "ranked", label="converged", group=_TRAIN),
+    _c("converged", "boolean", "|plateau_rel_change| < 0.02, |plateau_multiplier_change| < 0.02 (where a controller "
+       "acts) and val_mse_rel_change < 0.02: more tokens at the constant rate and a fixed objective stopped helping "
+       "and the end is stable; unconverged rows are marked in the report and never ranked", label="converged",
+       group=_TRAIN),
     _c("sparsity_coeff_final", "float64", "the shared sparsity (L1) coefficient trained with: l1_coeff x the "
        "multiplier the L0 controller froze (cfg_target_l0; docs/training.md); null for TopK-family variants",
        group=_TRAIN),

@@ -8,6 +8,7 @@ Trials only ever fetch refs (numpy arrays are zero-copy, read-only); they never 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +43,13 @@ DEFAULT_NAME = "hsae-activations"
 # (the default group keeps evaluations and set-up one at a time, as before).
 STREAM_GROUP = "stream"
 STREAM_THREADS = 32
+# ``prepare`` (the refs every trial asks for when it starts) runs on its own thread too: in the default group a
+# trial starting while evaluations are queued waited for all of them (the main job: 1,090 trial-s, 11% of the
+# trials' time, holding a slot idle; docs/performance.md).
+INFO_GROUP = "info"
+INFO_THREADS = 4
+# Evaluations run on as many threads as the server has evaluators (``evaluators``), each with its own model copy.
+EVAL_GROUP = "eval"
 # Handles of the servers this driver created. A non-detached actor dies when its last handle goes, so
 # keeping one here makes a server live as long as its driver process, across several sweeps in it.
 _HANDLES: dict[str, Any] = {}
@@ -74,6 +82,7 @@ class ActivationServer:
         bank_cfg: BankConfig | None = None,
         eval_model: str | None = None,
         stream: StreamConfig | None = None,
+        evaluators: int = 1,
     ) -> None:
         import torch
 
@@ -90,17 +99,27 @@ class ActivationServer:
         self.stream_cfg = stream  # None: training rows come from the disk cache (every split harvested)
         self._stream: ActivationStream | None = None
         self._stream_lock = threading.Lock()
+        self._prepare_lock = threading.Lock()  # ``prepare`` is called from the info and the default group
         self._info: ServedInfo | None = None
         self._harvest: Harvest | None = None
         self._evaluator: Evaluator | None = None
+        # Evaluators free to take an SAE: the first, then its replicas (hsae.evaluation.Evaluator.replica).
+        self.evaluators = max(int(evaluators), 1)
+        self._free: queue.Queue[Evaluator] | None = None
+        self._pool_lock = threading.Lock()
         self.probe_cfg = ProbeConfig()
         self._documents: HeldoutDocuments | None = None  # the sparse probe's held-out documents, built once
         self._raw_probe: list[dict[str, Any]] | None = None  # its raw-activation ceiling (no SAE in it)
         # Seconds spent building the evaluator (bank + question residuals) and running the controls.
         self._timings: dict[str, float] = {}
 
+    @ray.method(concurrency_group=INFO_GROUP)
     def prepare(self) -> ServedInfo:
         """Harvest (or read the cache) once; later calls return the same refs."""
+        with self._prepare_lock:
+            return self._prepare()
+
+    def _prepare(self) -> ServedInfo:
         if self._info is None:
             with self._every_core():
                 harvest = self._harvest = self.harvester.run(("eval",) if self.stream_cfg else SPLITS)
@@ -171,12 +190,40 @@ class ActivationServer:
         """The document split of the corpus (what split.parquet holds): doc_id, domain, part, role."""
         return split_table(load_corpus(self.cfg.corpus), self.cfg.holdout_fraction, self.cfg.seed).to_dict("list")
 
+    def _pool(self) -> queue.Queue[Evaluator]:
+        """The evaluators, built once: everything lazy (CE references, the probe's documents and raw grid) is
+        computed first, so evaluations on several threads only read what they share."""
+        with self._pool_lock:
+            if self._free is None:
+                first = self.evaluator()
+                first.warm()
+                docs = self.heldout_documents()
+                if self._raw_probe is None:
+                    self._raw_probe = raw_probe_grid(docs, self.probe_cfg)
+                free: queue.Queue[Evaluator] = queue.Queue()
+                free.put(first)
+                for _ in range(self.evaluators - 1):
+                    free.put(first.replica())
+                self._free = free
+        return self._free
+
+    @contextmanager
+    def _lease(self) -> Iterator[Evaluator]:
+        pool = self._pool()
+        ev = pool.get()
+        try:
+            yield ev
+        finally:
+            pool.put(ev)
+
+    @ray.method(concurrency_group=EVAL_GROUP)
     def evaluate(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray], ce: bool = True) -> dict[str, Any]:
-        """Unlearning grid (+ CE/KL scores) of one SAE passed by value (folded weights, raw activations)."""
-        ev = self.evaluator()
-        out = {"unlearning": ev.unlearning(sae_cfg, state)}
-        if ce:
-            out["ce"] = ev.ce_scores(sae_cfg, state)
+        """Unlearning grid (+ CE/KL scores) of one SAE passed by value (folded weights, raw activations), on
+        whichever evaluator is free."""
+        with self._lease() as ev:
+            out = {"unlearning": ev.unlearning(sae_cfg, state)}
+            if ce:
+                out["ce"] = ev.ce_scores(sae_cfg, state)
         out["sparse_probe"] = self.sparse_probe(sae_cfg, state)
         return out
 
@@ -232,6 +279,7 @@ class ActivationServer:
         t0 = time.perf_counter()
         with self._every_core():
             out = self.evaluator().controls()
+            self._pool()  # the evaluators' one-off work, while no trial runs yet
         self._timings["controls"] = time.perf_counter() - t0 - self._timings.get("banks", 0.0)
         return out
 
@@ -304,15 +352,18 @@ def create_activation_server(
     bank_cfg: BankConfig | None = None,
     eval_model: str | None = None,
     stream: StreamConfig | None = None,
+    evaluators: int = 1,
 ) -> Any:
-    """Create (or get, if one with this name is alive) the named server actor.
+    """Create (or get, if one with this name is alive) the named server actor, evaluating on ``evaluators``
+    threads (each holds a copy of the model).
 
     Call it in the driver before ``Tuner.fit()``: an actor created inside a trial would be captured by
     that trial's placement group. ``num_gpus`` defaults to 1 when the cluster has a GPU.
     """
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    actor_cls = ray.remote(concurrency_groups={STREAM_GROUP: STREAM_THREADS})(ActivationServer)
+    groups = {STREAM_GROUP: STREAM_THREADS, INFO_GROUP: INFO_THREADS, EVAL_GROUP: max(int(evaluators), 1)}
+    actor_cls = ray.remote(concurrency_groups=groups)(ActivationServer)
     handle = actor_cls.options(
         name=name,
         get_if_exists=True,
@@ -321,7 +372,7 @@ def create_activation_server(
         max_restarts=max_restarts,
         max_task_retries=-1 if max_restarts else 0,
     ).remote(cfg, cache_root, threads=max(int(num_cpus), 1), eval_cfg=eval_cfg, bank_cfg=bank_cfg,
-             eval_model=eval_model, stream=stream)
+             eval_model=eval_model, stream=stream, evaluators=evaluators)
     _HANDLES.setdefault(name, handle)  # the creating handle owns the actor: keep that one
     return handle
 

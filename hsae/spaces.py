@@ -165,14 +165,16 @@ PROFILES: dict[str, Profile] = {
     # What runs here offline on 2 CPU cores: Gemma-3-270M layer 13 (same relative depth), 2048 contexts
     # (260k training tokens, ~6 min to harvest), a 2x dictionary, 1500 steps x 1024 at lr 2e-3 with warm-up
     # and a linear decay over the last 20%; every variant trained to a held-out L0 of 64 (its sparsity coefficient
-    # calibrated over the first 60% of the steps, dead latents resampled every 250 steps meanwhile) and judged
-    # converged on the constant-rate steps 60-80% (docs/training.md). 40% of
+    # calibrated over the constant-rate steps, up to the decay at 80%, and frozen for the decay; dead latents
+    # resampled every 250 steps meanwhile) and judged converged on the constant-rate steps 60-80%, where the
+    # coefficient must also have held still (docs/training.md). 40% of
     # each domain's articles are held out (the cloze questions come from them), which leaves the forget
     # corpus 721 training contexts: 35% of the 2048.
     "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=2048, n_eval_ctxs=256,
                         ctx_len=128, d_sae=1280, steps=1500, batch_size=1024, lr=2e-3, log_every=75,
                         checkpoint_every=300, ce_contexts_per_domain=2, holdout_fraction=0.4, forget_fraction=0.35,
-                        lr_warmup_steps=50, lr_decay_fraction=0.2, target_l0=64, resample_every=250),
+                        lr_warmup_steps=50, lr_decay_fraction=0.2, target_l0=64, calibration_fraction=0.8,
+                        resample_every=250),
     # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
                     d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
@@ -364,7 +366,9 @@ def load_space(name: str, spaces_dir: Path | None = None) -> Space:
 
 
 def grid_trials(space: Space, experiment: str, seeds: list[int], context: str = "") -> list[TrialSpec]:
-    """Every grid configuration x seed, in file order; sampler entries are refused (grid search only)."""
+    """Every grid configuration x seed, seed by seed (file order within a seed); sampler entries are refused
+    (grid search only). Seed-major, so trials running at once are different configurations: they finish at
+    different times, and their evaluations do not all queue at once."""
     if space.has_samplers():
         raise SpaceError(f"{space.source}: space {space.name!r} has sampled parameters: use --search optuna")
     out = []
@@ -379,7 +383,7 @@ def grid_trials(space: Space, experiment: str, seeds: list[int], context: str = 
             for seed in seeds:
                 params = dict(zip(names, combo, strict=True))
                 out.append(TrialSpec(experiment, space.name, block.variant, params, seed, context, block.arm or ""))
-    return out
+    return sorted(out, key=lambda t: t.seed)  # stable: file order within a seed
 
 
 def validate_trials(trials: list[TrialSpec], profile: Profile, d_in: int) -> None:

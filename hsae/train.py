@@ -248,13 +248,9 @@ class Trainer:
                             ema_decay=cfg.l0_ema_decay)
 
     @property
-    def objective_fixed_from(self) -> int:
-        """The first step from which the objective and the dictionary's treatment no longer change: after the
-        calibration phase when a controller or resampling acts on this SAE, else after the warm-ups."""
-        cfg = self.cfg
-        if self.controller is not None or self._resamples():
-            return cfg.calibration_end()
-        return max(cfg.l1_warmup_steps, cfg.lr_warmup_steps)
+    def warm_until(self) -> int:
+        """The first step after the learning-rate and sparsity warm-ups."""
+        return max(self.cfg.l1_warmup_steps, self.cfg.lr_warmup_steps)
 
     def _resamples(self) -> bool:
         return bool(self.cfg.resample_every) and self.sae.sparsity_coeff() is not None

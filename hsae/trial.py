@@ -128,8 +128,9 @@ class TrialRun:
 def convergence_values(trainer: Trainer, steps: int) -> dict[str, Any]:
     """The row's held-out MSE and convergence verdict, from the curve it will be recomputed from."""
     history = trainer.history
+    multiplier = None if trainer.controller is None else [h.get("sparsity_multiplier") for h in history]
     verdict = convergence_verdict([h["step"] for h in history], [h.get("val_mse") for h in history], steps,
-                                  trainer.objective_fixed_from, trainer.cfg.decay_start())
+                                  trainer.warm_until, trainer.cfg.decay_start(), multiplier)
     return {"val_mse": history[-1].get("val_mse") if history else None, **verdict}
 
 

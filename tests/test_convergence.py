@@ -50,7 +50,7 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
     assert 0 < lrs[-1] < 0.01 * cfg.lr
 
 
-# 1,000 steps logged every 50: calibration to 600, constant rate to 800, linear decay to 0 over the last 200.
+# 1,000 steps logged every 50: constant rate to 800 (the plateau window 600..800), linear decay to 0 over the last 200.
 STEPS_1K = list(range(0, 1001, 50))
 
 
@@ -65,7 +65,7 @@ def curve(before_decay_rate: float, during_decay_rate: float) -> list[float]:
 
 def test_a_decay_alone_does_not_pass_a_run_still_improving_at_the_constant_rate():
     # Improving 1% per 50 steps before the decay, flat during it: the old end-of-run rule passes it.
-    verdict = convergence_verdict(STEPS_1K, curve(0.01, 0.0), 1000, fixed_from=600, decay_start=800)
+    verdict = convergence_verdict(STEPS_1K, curve(0.01, 0.0), 1000, warm_until=600, decay_start=800)
     assert is_converged(verdict["val_mse_rel_change"])
     assert verdict["plateau_rel_change"] == pytest.approx(0.99**4 - 1)
     assert (verdict["plateau_start_step"], verdict["plateau_end_step"]) == (600, 800)
@@ -73,24 +73,38 @@ def test_a_decay_alone_does_not_pass_a_run_still_improving_at_the_constant_rate(
 
 
 def test_a_plateau_before_the_decay_converges():
-    verdict = convergence_verdict(STEPS_1K, curve(0.001, 0.0), 1000, fixed_from=600, decay_start=800)
+    verdict = convergence_verdict(STEPS_1K, curve(0.001, 0.0), 1000, warm_until=600, decay_start=800)
     assert verdict["converged"] is True
 
 
 def test_what_a_decay_gains_at_the_end_does_not_unconverge_a_plateau_but_a_rise_does():
     # Flat before the decay, then 3% lower through it (annealing): converged; rising 3% at the end: not.
-    annealed = convergence_verdict(STEPS_1K, curve(0.001, 0.0075), 1000, fixed_from=600, decay_start=800)
+    annealed = convergence_verdict(STEPS_1K, curve(0.001, 0.0075), 1000, warm_until=600, decay_start=800)
     assert annealed["val_mse_rel_change"] < -0.02 and annealed["converged"] is True
-    rising = convergence_verdict(STEPS_1K, curve(0.001, -0.0075), 1000, fixed_from=600, decay_start=800)
+    rising = convergence_verdict(STEPS_1K, curve(0.001, -0.0075), 1000, warm_until=600, decay_start=800)
     assert rising["val_mse_rel_change"] > 0.02 and rising["converged"] is False
 
 
 def test_a_short_window_is_judged_at_its_rate_and_a_missing_one_never_converges():
-    # Calibration to 700: the window 700..800 is 10% of the steps, its change counted per 20%.
-    short = convergence_verdict(STEPS_1K, curve(0.006, 0.0), 1000, fixed_from=700, decay_start=800)
+    # Warm-ups to 700: the window 700..800 is 10% of the steps, its change counted per 20%.
+    short = convergence_verdict(STEPS_1K, curve(0.006, 0.0), 1000, warm_until=700, decay_start=800)
     assert short["plateau_rel_change"] == pytest.approx((0.994**2 - 1) * 2)
     assert short["converged"] is False
-    # Calibration to 750: 50 steps of constant rate are not enough to judge anything.
-    none = convergence_verdict(STEPS_1K, curve(0.0, 0.0), 1000, fixed_from=750, decay_start=800)
+    # Warm-ups to 750: 50 steps of constant rate are not enough to judge anything.
+    none = convergence_verdict(STEPS_1K, curve(0.0, 0.0), 1000, warm_until=750, decay_start=800)
     assert none["plateau_start_step"] is None and math.isnan(none["plateau_rel_change"])
     assert none["converged"] is False
+
+
+def test_a_flat_mse_with_the_l0_controller_still_moving_is_not_converged():
+    # The controller acts up to the decay: the MSE is flat in 600..800 but only because the coefficient kept
+    # falling (3% per 50 steps). Not a fixed objective, so not converged; a coefficient that held still is.
+    moving = [1.0 * 0.97 ** (min(s, 800) / 50) for s in STEPS_1K]
+    held = [0.8] * len(STEPS_1K)
+    flat = curve(0.001, 0.0)
+    verdict = convergence_verdict(STEPS_1K, flat, 1000, warm_until=0, decay_start=800, multiplier=moving)
+    assert verdict["plateau_multiplier_change"] == pytest.approx(0.97**4 - 1)
+    assert verdict["converged"] is False
+    steady = convergence_verdict(STEPS_1K, flat, 1000, warm_until=0, decay_start=800, multiplier=held)
+    assert steady["plateau_multiplier_change"] == 0.0 and steady["converged"] is True
+    assert convergence_verdict(STEPS_1K, flat, 1000, 0, 800)["plateau_multiplier_change"] is None

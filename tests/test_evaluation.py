@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -240,6 +242,49 @@ def test_server_evaluates_sae_by_value(ray_session, tiny_harvest_cfg, tmp_path):
     assert len([g for g in out["unlearning"]["grid"] if g["grid"] == "saebench"]) == 16
     assert out["ce"]["ce_score_retain"] == pytest.approx(1.0, abs=1e-4)
     ray.kill(server)
+
+
+def random_sae(seed, d=64, n=256):
+    """A random ReLU SAE: features fire on part of every prompt, so its clamps re-run prompts."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, d, generator=g)
+    state = {"W_enc": w.T.clone() / d**0.5, "b_enc": torch.zeros(n), "W_dec": w / w.norm(dim=1, keepdim=True),
+             "b_dec": torch.zeros(d)}
+    return SAEConfig("relu", d, n).to_dict(), {k: v.numpy() for k, v in state.items()}
+
+
+def test_two_evaluators_give_one_evaluators_numbers_at_once(ray_session, tiny_harvest_cfg, tmp_path):
+    # Evaluations on two threads (each with its model copy) return what one evaluator returns, SAE by SAE.
+    from hsae.server import create_activation_server
+
+    ray = ray_session
+    saes = [random_sae(0), random_sae(1), identity_sae()]
+    results = {}
+    for evaluators in (1, 2):
+        server = create_activation_server(tiny_harvest_cfg, name=f"test-eval-{evaluators}", cache_root=str(tmp_path),
+                                          num_cpus=0, eval_cfg=SMALL, evaluators=evaluators,
+                                          bank_cfg=BankConfig(max_forget=1000, max_retain=1000))
+        ray.get(server.controls.remote())
+        results[evaluators] = ray.get([server.evaluate.remote(cfg, state) for cfg, state in saes])
+        ray.kill(server)
+    def same(a, b):  # NaN (an edit ratio where nothing was edited) equal to NaN
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+    for one, two in zip(results[1], results[2], strict=True):
+        assert same(one["unlearning"]["grid"], two["unlearning"]["grid"])
+        assert same(one["unlearning"]["random_feature_grid"], two["unlearning"]["random_feature_grid"])
+        untimed = [{k: v for k, v in r["sparse_probe"]["columns"].items() if not k.endswith("_s")} for r in (one, two)]
+        assert one["ce"] == two["ce"] and untimed[0] == untimed[1]
+    assert any(g["questions_touched"] for g in results[2][0]["unlearning"]["grid"])
+
+
+def test_an_evaluator_replica_has_its_own_model(tiny_world):
+    _, _, ev = tiny_world
+    twin = ev.replica()
+    assert twin.loaded.model is not ev.loaded.model and twin.loaded.lock is not ev.loaded.lock
+    assert twin.bank is ev.bank and twin.batches is ev.batches
+    for a, b in zip(twin.loaded.model.parameters(), ev.loaded.model.parameters(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
 
 
 def test_stopping_retain_early_keeps_the_score_and_forget_accuracy_exact(tiny_world):

@@ -108,6 +108,33 @@ def test_resampled_latents_fire_afterwards(synthetic, resample_every):
     assert revived and all(step <= tcfg.calibration_end() for step, _ in revived)
 
 
+@pytest.mark.parametrize("activation", ["softplus", "relu"])
+def test_the_pre_activation_aux_loss_revives_latents_without_resampling(synthetic, monkeypatch, activation):
+    # A quarter of the latents pushed below zero on every input (as the hierarchies' penalties leave them), no
+    # resampling: L1 variants' softplus aux loss brings them back; the ReLU form (TopK's) passes them no gradient.
+    if activation == "relu":
+        monkeypatch.setattr("hsae.variants.base.SAE.aux_activation", lambda self, pre: torch.relu(pre))
+    dead = torch.arange(0, D_SAE, 4)
+    cfg = SAEConfig("relu", D_IN, D_SAE, {"dead_tokens": 5 * BATCH})
+    tcfg = TrainConfig(steps=200, batch_size=BATCH, lr=3e-3, log_every=25)
+    trainer = Trainer(cfg, tcfg)
+    n_train = len(synthetic.x) - 2048
+    held_out = to_batch(synthetic.x[n_train:])
+    with torch.no_grad():
+        trainer.sae.b_enc[dead] = -4.0
+        trainer._initialise_from(held_out)
+        assert not (trainer.sae(held_out.x * trainer.scale)[1][:, dead] > 0).any()
+    source = ArrayBatches(synthetic.x[:n_train], synthetic.labels[:n_train], BATCH, tcfg.seed)
+    result = trainer.fit(source, eval_batch=held_out)
+    _, f = result.sae(held_out.x * result.scale)
+    fired = (f[:, dead] > 0).any(dim=0).float().mean().item()
+    assert result.revived_latents == 0
+    if activation == "relu":
+        assert fired == 0.0
+    else:
+        assert fired > 0.9, fired
+
+
 def test_resume_restores_controller_and_resampling_exactly(synthetic, tmp_path):
     overrides = {"resample_every": 8, "calibration_fraction": 0.8}
     params = {"target_l0": 12, "dead_tokens": 2 * BATCH}

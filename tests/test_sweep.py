@@ -60,10 +60,10 @@ def assert_convergence_recomputable(trials, curves):
         assert curve["step"].diff().dropna().max() <= max(1, 0.05 * row.steps)
         change = val_mse_rel_change(curve["step"].tolist(), curve["val_mse"].tolist(), row.steps)
         assert change == pytest.approx(row.val_mse_rel_change)
-        # No target and no resampling in these sweeps: the objective is fixed from the end of the lr warm-up.
-        fixed_from = max(row.cfg_l1_warmup_steps, row.cfg_lr_warmup_steps)
+        # No target in these sweeps (no controller curve): the window starts after the warm-ups at the latest.
+        warm_until = max(row.cfg_l1_warmup_steps, row.cfg_lr_warmup_steps)
         decay_start = row.steps - round(row.cfg_lr_decay_fraction * row.steps)
-        verdict = convergence_verdict(curve["step"].tolist(), curve["val_mse"].tolist(), row.steps, fixed_from,
+        verdict = convergence_verdict(curve["step"].tolist(), curve["val_mse"].tolist(), row.steps, warm_until,
                                       decay_start)
         assert verdict["plateau_rel_change"] == pytest.approx(row.plateau_rel_change, nan_ok=True)
         assert bool(row.converged) == verdict["converged"] == (is_converged(change)

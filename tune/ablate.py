@@ -248,7 +248,8 @@ def run_layout(args: argparse.Namespace, profile: Profile) -> Layout:
     if args.max_concurrent is None and args.threads_per_trial is None:
         return rule
     trials, threads = args.max_concurrent or rule.trials, args.threads_per_trial or rule.threads
-    return Layout(trials, threads, f"{trials} trials x {threads} thread(s), as asked")
+    return Layout(trials, threads, f"{trials} trials x {threads} thread(s), as asked, {rule.evaluators} evaluator(s)",
+                  rule.evaluators)
 
 
 def plan_precision(args: argparse.Namespace, d_in: int, d_sae: int, threads: int) -> PrecisionChoice | None:
@@ -470,7 +471,8 @@ def start_server(plan: Plan, ray: Any) -> tuple[str, Any, Any]:
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     server = create_activation_server(plan.harvest, name=server_name, cache_root=os.environ.get("HSAE_CACHE"),
                                       num_cpus=1 if has_gpu else 0, eval_cfg=eval_cfg, bank_cfg=bank_cfg,
-                                      eval_model=profile.eval_model, stream=stream)
+                                      eval_model=profile.eval_model, stream=stream,
+                                      evaluators=1 if has_gpu else plan.layout.evaluators)
     info = ray.get(server.prepare.remote())
     rows = f"{info.rows['train']:,} training + {info.rows['eval']:,} held-out rows"
     print(f"[hsae] activations ready: {rows} x {info.model.d_model} at layer {info.model.layer} of "

@@ -340,20 +340,23 @@ def health_cells(g: pd.DataFrame) -> list[str]:
     met = col("l0_target_met").dropna()
     return ["– (external: no training)" if external else f"{len(converged(g))}/{len(g)}",
             _span(col("val_mse_rel_change"), "{:+.2%}"), _span(col("plateau_rel_change"), "{:+.2%}"),
-            _span(col("unique_train_tokens"), "{:,.0f}"), _span(col("cfg_target_l0"), "{:g}"),
+            _span(col("plateau_multiplier_change"), "{:+.2%}"), _span(col("unique_train_tokens"), "{:,.0f}"),
+            _span(col("cfg_target_l0"), "{:g}"),
             fmt(col("l0").tolist()), f"{int(met.astype(bool).sum())}/{len(met)}" if len(met) else "–",
             fmt(col("dead_fraction").tolist()), _span(col("revived_latents"), "{:,.0f}")]
 
 
 def convergence_parts(done: pd.DataFrame) -> list[str]:
     """Per arm of the main job: how many seeds converged, the held-out MSE change over the last 20% of steps
-    and over the constant-rate plateau, the unique training tokens, the target and held-out L0 (seeds within
-    ±5%), dead fraction and revived latents; then the unconverged trials by name."""
+    and over the constant-rate plateau (and the L0 controller's coefficient there), the unique training tokens,
+    the target and held-out L0 (seeds within ±5%), dead fraction and revived latents; then the unconverged
+    trials by name."""
     main = main_trials(done)
     if main.empty:
         return []
     main = main.assign(arm=arm_names(main).to_numpy())
-    header = ["arm", "converged", "Δ held-out MSE, last 20%", "Δ held-out MSE, plateau", "unique train tokens",
+    header = ["arm", "converged", "Δ held-out MSE, last 20%", "Δ held-out MSE, plateau", "Δ L0 multiplier, plateau",
+              "unique train tokens",
               "target L0", "held-out L0", "within ±5% of target", "dead", "revived latents"]
     parts = ["## Convergence and health (trained means converged: docs/training.md)\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -14,9 +14,11 @@ matched-retain value chooses on the first and reports the second (``hsae.verdict
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -130,6 +132,19 @@ class Evaluator:
         self._prepare_questions()
         self._prepare_ce(eval_tokens, eval_domains)
         self._results: dict[str, dict[str, Any]] = {}
+
+    def replica(self) -> Evaluator:
+        """A twin that shares the bank, the question residuals, the CE references and the result cache, with a
+        model copy and lock of its own: two replicas evaluate on two threads at once (the tail re-run cuts its
+        model's block list while it runs). Call it after ``warm`` so nothing lazy is left to build twice."""
+        twin = copy.copy(self)
+        twin.loaded = replace(self.loaded, model=copy.deepcopy(self.loaded.model), lock=threading.RLock())
+        return twin
+
+    def warm(self) -> None:
+        """Compute the SAE-independent CE references (clean and zero-ablation) now, not in the first evaluation."""
+        for data in self.ce_sets.values():
+            self._ce_references(data)
 
     def _say(self, msg: str) -> None:
         if self.progress is not None:
@@ -342,6 +357,18 @@ class Evaluator:
             count += targets.shape[1]
         return ce_sum / count, (kl_sum / count if reference is not None else None)
 
+    def _ce_references(self, data: dict[str, Any]) -> None:
+        """SAE-independent, computed once: the clean distributions (kept for every SAE's KL), the clean CE and
+        the CE with the residual zeroed."""
+        if "clean" in data:
+            return
+        resid, ids = data["resid"], data["ids"]
+        data["clean_log_probs"] = self._log_probs(resid)
+        zero = resid.clone()
+        zero[:, 1:] = 0.0
+        data["zero"] = self._ce_kl(self._log_probs(zero), ids, None)[0]
+        data["clean"] = self._ce_kl(data["clean_log_probs"], ids, None)[0]  # last: "clean" marks it done
+
     def ce_scores(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
         """CE-loss score (CE_zero - CE_sae)/(CE_zero - CE_clean) and KL(clean || sae), per domain."""
         key = eval_cache_key(sae_cfg, state, self.cfg, "ce")
@@ -352,13 +379,7 @@ class Evaluator:
         for d, data in self.ce_sets.items():
             name = "forget" if d == FORGET else "retain"
             resid, ids = data["resid"], data["ids"]
-            if "clean" not in data:
-                # SAE-independent: computed once, the clean distributions kept for every SAE's KL.
-                data["clean_log_probs"] = self._log_probs(resid)
-                data["clean"] = self._ce_kl(data["clean_log_probs"], ids, None)[0]
-                zero = resid.clone()
-                zero[:, 1:] = 0.0
-                data["zero"] = self._ce_kl(self._log_probs(zero), ids, None)[0]
+            self._ce_references(data)
             spliced = resid.clone()
             with torch.no_grad():
                 spliced[:, 1:] = sae(resid[:, 1:])[0]

@@ -1,0 +1,84 @@
+"""Evaluation throughput of the activation server: SAEs evaluated one after another on one evaluator, against
+the same SAEs on ``--evaluators`` evaluators at once (threads of one server, each with its model copy).
+
+    python bench/evaluation.py results [--variants relu,static_hier] [--evaluators 2]
+
+Loads each variant's seed-42 SAE from a finished sweep's ``results/saes/`` and runs the server's ``evaluate``
+on the embedded profile's cached harvest (the server's one-off work is done first and not timed). Prints
+seconds per SAE in each mode, their ratio, and whether the numbers agree (they must: same grids, same CE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import pandas as pd
+import ray
+
+from hsae.external import ExternalSource, load_external
+from hsae.server import ActivationServer
+from hsae.spaces import get_profile
+from tune.ablate import eval_config, harvest_config
+
+
+def evaluate_all(server: ActivationServer, saes: list, at_once: int) -> tuple[float, list]:
+    """Seconds to evaluate every SAE with ``at_once`` threads calling ``evaluate``; the results in order."""
+    out: list = [None] * len(saes)
+    todo = list(range(len(saes)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop(0)
+            out[i] = server.evaluate(*saes[i])
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(at_once)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, out
+
+
+def comparable(result: dict) -> str:
+    grid = result["unlearning"]["grid"] + result["unlearning"]["random_feature_grid"]
+    return json.dumps({"grid": grid, "ce": result["ce"]}, sort_keys=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results")
+    p.add_argument("--variants", default="relu,static_hier")
+    p.add_argument("--evaluators", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server (a sweep's: 1 on a CPU)")
+    args = p.parse_args()
+    ray.init("local", num_cpus=1, include_dashboard=False)  # the server's ray.put needs a local Ray
+    trials = pd.read_parquet(f"{args.results}/trials.parquet")
+    profile = get_profile("embedded")
+    eval_cfg, bank_cfg = eval_config(profile)
+    saes = []
+    for variant in args.variants.split(","):
+        done = trials[(trials["status"] == "completed") & (trials["seed"] == 42)]
+        row = done[done["variant"] == variant].iloc[0]
+        saes.append(load_external(ExternalSource(f"{args.results}/{row['sae_path']}", "folder")).weights())
+    timings, answers = {}, {}
+    for n in (1, args.evaluators):
+        server = ActivationServer(harvest_config(profile), eval_cfg=eval_cfg, bank_cfg=bank_cfg, evaluators=n,
+                                  threads=args.threads)
+        server.controls()  # the one-off work (bank, residuals, controls, evaluator copies): not timed
+        timings[n], answers[n] = evaluate_all(server, saes, n)
+        print(f"{n} evaluator(s): {timings[n]:.1f} s for {len(saes)} SAEs ({timings[n] / len(saes):.1f} s each)")
+    same = [comparable(a) == comparable(b) for a, b in zip(answers[1], answers[args.evaluators], strict=True)]
+    print(f"speed-up {timings[1] / timings[args.evaluators]:.2f}x with {args.evaluators} evaluators; "
+          f"numbers identical: {all(same)}")
+
+
+if __name__ == "__main__":
+    main()
