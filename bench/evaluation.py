@@ -1,11 +1,13 @@
-"""Evaluation throughput of the activation server: SAEs evaluated one after another on one evaluator, against
-the same SAEs on ``--evaluators`` evaluators at once (threads of one server, each with its model copy).
+"""Evaluation cost of the activation server, three ways on the same SAEs: last round's path (one evaluator,
+every setting re-runs its prompts), answers shared between settings that edit a prompt alike (one evaluator),
+and that on ``--evaluators`` evaluators at once (threads of one server, each with its model copy).
 
-    python bench/evaluation.py results [--variants relu,static_hier] [--evaluators 2]
+    python bench/evaluation.py results [--variants relu,static_hier] [--evaluators 2] [--threads 1]
 
 Loads each variant's seed-42 SAE from a finished sweep's ``results/saes/`` and runs the server's ``evaluate``
 on the embedded profile's cached harvest (the server's one-off work is done first and not timed). Prints
-seconds per SAE in each mode, their ratio, and whether the numbers agree (they must: same grids, same CE).
+seconds per SAE in each mode, their ratios, and whether the numbers agree with the first
+mode's (they must: same grids, same per-question outcomes, same CE).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import threading
 import time
+from dataclasses import replace
 
 import pandas as pd
 import ray
@@ -48,8 +51,9 @@ def evaluate_all(server: ActivationServer, saes: list, at_once: int) -> tuple[fl
 
 
 def comparable(result: dict) -> str:
-    grid = result["unlearning"]["grid"] + result["unlearning"]["random_feature_grid"]
-    return json.dumps({"grid": grid, "ce": result["ce"]}, sort_keys=True)
+    """Everything an evaluation reports but its timings."""
+    unlearning = {k: v for k, v in result["unlearning"].items() if k != "eval_s"}
+    return json.dumps({"unlearning": unlearning, "ce": result["ce"]}, sort_keys=True)
 
 
 def main() -> None:
@@ -68,16 +72,20 @@ def main() -> None:
         done = trials[(trials["status"] == "completed") & (trials["seed"] == 42)]
         row = done[done["variant"] == variant].iloc[0]
         saes.append(load_external(ExternalSource(f"{args.results}/{row['sae_path']}", "folder")).weights())
-    timings, answers = {}, {}
-    for n in (1, args.evaluators):
-        server = ActivationServer(harvest_config(profile), eval_cfg=eval_cfg, bank_cfg=bank_cfg, evaluators=n,
-                                  threads=args.threads)
+    modes = [("every setting re-runs its prompts, 1 evaluator", False, 1),
+             ("answers shared between alike edits, 1 evaluator", True, 1),
+             (f"answers shared between alike edits, {args.evaluators} evaluators", True, args.evaluators)]
+    first = None
+    for name, share, n in modes:
+        server = ActivationServer(harvest_config(profile), eval_cfg=replace(eval_cfg, share_answers=share),
+                                  bank_cfg=bank_cfg, evaluators=n, threads=args.threads)
         server.controls()  # the one-off work (bank, residuals, controls, evaluator copies): not timed
-        timings[n], answers[n] = evaluate_all(server, saes, n)
-        print(f"{n} evaluator(s): {timings[n]:.1f} s for {len(saes)} SAEs ({timings[n] / len(saes):.1f} s each)")
-    same = [comparable(a) == comparable(b) for a, b in zip(answers[1], answers[args.evaluators], strict=True)]
-    print(f"speed-up {timings[1] / timings[args.evaluators]:.2f}x with {args.evaluators} evaluators; "
-          f"numbers identical: {all(same)}")
+        seconds, answers = evaluate_all(server, saes, n)
+        numbers = [comparable(a) for a in answers]
+        first = first or (seconds, numbers)
+        print(f"{name:<52} {seconds:7.1f} s for {len(saes)} SAEs ({seconds / len(saes):5.1f} s each, "
+              f"{first[0] / seconds:4.2f}x the first), numbers identical to the first: {numbers == first[1]}",
+              flush=True)
 
 
 if __name__ == "__main__":

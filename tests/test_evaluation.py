@@ -278,6 +278,33 @@ def test_two_evaluators_give_one_evaluators_numbers_at_once(ray_session, tiny_ha
     assert any(g["questions_touched"] for g in results[2][0]["unlearning"]["grid"])
 
 
+def test_answers_shared_between_settings_that_edit_a_prompt_alike_leave_every_number_unchanged(tiny_world,
+                                                                                                 monkeypatch):
+    # Settings whose selected features fire alike on a prompt edit it identically: with the memo its answer is
+    # computed once, and the grid (accuracies, per-question outcomes, prompts touched) is what it was without.
+    from hsae.evaluation.evaluator import sae_from_weights
+    from hsae.evaluation.unlearning import firing_frequencies
+
+    _, _, ev = tiny_world
+    cfg, state = random_sae(0)
+    sae = sae_from_weights(cfg, state)
+    forget_freq, retain_freq = firing_frequencies(sae.encode, ev.select_x, ev.select_labels)
+    settings = ev.cfg.unlearning.settings(sae.cfg.d_sae)
+    chosen = {(s["retain_threshold"], s["n_features"]): select_features(forget_freq, retain_freq,
+                                                                        s["retain_threshold"], s["n_features"])
+              for s in settings}
+    rerun = []
+    answered = ev._answered
+    monkeypatch.setattr(ev, "_answered", lambda b, rows, resid: rerun.append(len(rows)) or answered(b, rows, resid))
+    grids = {}
+    for name, memo in (("plain", None), ("memo", {})):
+        rerun.clear()
+        result = ev._clamp_grid(sae, settings, lambda s: chosen[(s["retain_threshold"], s["n_features"])], memo)
+        grids[name] = (json.dumps(result.grid, sort_keys=True), sum(rerun))
+    assert grids["memo"][0] == grids["plain"][0]
+    assert 0 < grids["memo"][1] < grids["plain"][1]
+
+
 def test_an_evaluator_replica_has_its_own_model(tiny_world):
     _, _, ev = tiny_world
     twin = ev.replica()

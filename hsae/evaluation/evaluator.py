@@ -52,6 +52,9 @@ class EvalConfig:
     random_feature_control: bool = True
     batch: int = 64
     seed: int = 0
+    # Settings of one SAE that edit a prompt identically share its answer (``Evaluator.accuracy``'s memo); False
+    # re-runs every setting's prompts (the former path: bench/evaluation.py compares the two).
+    share_answers: bool = True
 
 
 def sae_from_weights(cfg: dict[str, Any], state: dict[str, np.ndarray]) -> Any:
@@ -183,12 +186,28 @@ class Evaluator:
         scores = option_scores(self.loaded, last, [b["options"][int(r)] for r in rows])
         return (scores.argmax(dim=-1).cpu() == b["answer"][rows]).numpy()
 
+    def _answers(self, b: dict[str, Any], i: int, rows: torch.Tensor, edited: torch.Tensor, intervention: Any,
+                 memo: dict[tuple, bool] | None) -> np.ndarray:
+        """Whether the edited prompts ``rows`` of batch ``b`` (the ``i``-th) are answered correctly; prompts whose
+        edit ``memo`` has seen keep its answer, the rest are re-run."""
+        if memo is None or not hasattr(intervention, "edit_keys"):
+            return self._answered(b, rows, edited[rows])
+        keys = [(i, int(r), *k) for r, k in zip(rows, intervention.edit_keys(b["resid"], b["valid"], rows),
+                                                strict=True)]
+        new = [j for j, k in enumerate(keys) if k not in memo]
+        if new:
+            run = rows[new]
+            for j, answer in zip(new, self._answered(b, run, edited[run]), strict=True):
+                memo[keys[j]] = bool(answer)
+        return np.array([memo[k] for k in keys], dtype=bool)
+
     @torch.no_grad()
-    def accuracy(self, intervention: Any) -> Outcome:
+    def accuracy(self, intervention: Any, memo: dict[tuple, bool] | None = None) -> Outcome:
         """Which questions stay correct under ``intervention`` (bank order), and how hard it edits.
 
         Untouched questions keep the unmodified model's answer (``baseline_correct``), so only changed
-        prompts are re-run.
+        prompts are re-run. With a ``memo`` (one per SAE) and an intervention that names its edits
+        (``edit_keys``), a prompt edited exactly as an earlier setting edited it keeps that setting's answer.
         With ``stop_retain_early``, once retain errors exceed what the retain bar allows the remaining
         retain prompts are skipped: the retain accuracy is then an upper bound (exact = False).
         """
@@ -203,7 +222,7 @@ class Evaluator:
 
         correct = self.baseline_correct.copy()
         touched, ratios = 0, []
-        for b in self.batches:
+        for i, b in enumerate(self.batches):
             edited, changed = intervention.apply(b["resid"], b["valid"])
             if ucfg.stop_retain_early and failed(correct):
                 changed = changed & torch.as_tensor(b["domain"] == FORGET)
@@ -212,7 +231,7 @@ class Evaluator:
             rows = torch.nonzero(changed).flatten()
             touched += len(rows)
             ratios.append(edit_ratios(b["resid"][rows], edited[rows]))
-            correct[b["idx"][rows.numpy()]] = self._answered(b, rows, edited[rows])
+            correct[b["idx"][rows.numpy()]] = self._answers(b, i, rows, edited, intervention, memo)
         exact = not (ucfg.stop_retain_early and failed(correct))
         ratio = float(torch.cat(ratios).mean()) if ratios and sum(len(r) for r in ratios) else float("nan")
         return Outcome(correct, touched, exact, ratio)
@@ -232,17 +251,21 @@ class Evaluator:
         settings = self.cfg.unlearning.settings(sae.cfg.d_sae)
         selections = {(s["retain_threshold"], s["n_features"]): select_features(
             forget_freq, retain_freq, s["retain_threshold"], s["n_features"]) for s in settings}
-        result = self._clamp_grid(sae, settings, lambda s: selections[(s["retain_threshold"], s["n_features"])])
+        # One SAE's answers by edit, shared by its grid and its random control.
+        memo: dict[tuple, bool] | None = {} if self.cfg.share_answers else None
+        result = self._clamp_grid(sae, settings, lambda s: selections[(s["retain_threshold"], s["n_features"])],
+                                  memo)
         out = result.as_dict()
         if self.cfg.random_feature_control:
             out["random_feature_score"], out["random_feature_grid"] = self._random_control(
-                sae, settings, forget_freq, retain_freq)
+                sae, settings, forget_freq, retain_freq, memo)
         out["forget_freq_max"] = float(forget_freq.max())
         out["eval_s"] = time.perf_counter() - t0
         self._results[key] = out
         return out
 
-    def _clamp_grid(self, sae: Any, settings: list[dict[str, Any]], features_for: Any) -> Any:
+    def _clamp_grid(self, sae: Any, settings: list[dict[str, Any]], features_for: Any,
+                    memo: dict[tuple, bool] | None = None) -> Any:
         """Clamp the features ``features_for(setting)`` names, for every setting; the grid records how many."""
         w_dec = sae.W_dec.detach()
         encode = BatchFeatures(sae.encode)  # every setting clamps the same question batches' features
@@ -256,7 +279,7 @@ class Evaluator:
             # Thresholds often select the same features: the same clamp is answered once.
             key = (tuple(c.features.tolist()), c.multiplier)
             if key not in outcomes:
-                outcomes[key] = self.accuracy(c)
+                outcomes[key] = self.accuracy(c, memo)
             return outcomes[key]
 
         result = run_grid(settings, clamp, accuracy, self.domains, self.is_select, self.baseline_correct,
@@ -267,7 +290,8 @@ class Evaluator:
         return result
 
     def _random_control(self, sae: Any, settings: list[dict[str, Any]], forget_freq: np.ndarray,
-                        retain_freq: np.ndarray) -> tuple[float, list[dict[str, Any]]]:
+                        retain_freq: np.ndarray, memo: dict[tuple, bool] | None = None
+                        ) -> tuple[float, list[dict[str, Any]]]:
         """The negative control: SAEBench's clamps on random live features (retain threshold ignored, so one
         threshold's settings cover it)."""
         rng = np.random.default_rng(self.cfg.seed)
@@ -277,7 +301,7 @@ class Evaluator:
         first = self.cfg.unlearning.retain_thresholds[0]
         chosen = [{**s, "retain_threshold": None} for s in settings
                   if s["grid"] == "saebench" and s["retain_threshold"] == first]
-        result = self._clamp_grid(sae, chosen, lambda s: randoms[s["n_features"]])
+        result = self._clamp_grid(sae, chosen, lambda s: randoms[s["n_features"]], memo)
         return result.score, result.grid
 
     # -- controls -------------------------------------------------------------------------------------

@@ -27,14 +27,26 @@ class SAEClamp:
     features: torch.Tensor  # (N,) feature indices
     multiplier: float
 
+    def _selected(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The selected features' activations at the positions the clamp may edit (not BOS, not padding)."""
+        f = self.encode(x)[..., self.features] * valid[..., None]
+        f[:, 0] = 0.0
+        return f
+
     def apply(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.features.numel() == 0:
             return x, torch.zeros(x.shape[0], dtype=torch.bool)
-        f = self.encode(x)[..., self.features] * valid[..., None]
-        f[:, 0] = 0.0
+        f = self._selected(x, valid)
         active = f > 0
         delta = torch.where(active, -self.multiplier - f, torch.zeros_like(f))
         return x + delta @ self.w_dec[self.features], active.flatten(1).any(dim=1)
+
+    def edit_keys(self, x: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> list[tuple]:
+        """What determines the edit of each prompt ``rows`` of ``x``: the multiplier and the selected features
+        that fire in it. Two clamps with equal keys on a prompt edit it identically (features that do not fire
+        there add nothing), so its answer is computed once (``Evaluator.accuracy``'s memo)."""
+        firing = (self._selected(x[rows], valid[rows]) > 0).any(dim=1)
+        return [(self.multiplier, tuple(self.features[row].tolist())) for row in firing]
 
 
 @dataclass
