@@ -101,7 +101,8 @@ def block_cosine_sq(f: torch.Tensor, assignment: torch.Tensor, groups: torch.Ten
     """Sum of squared activation cosines inside each (group, group) block, (K, K).
 
     Three exact ways, the cheapest taken by an operation count:
-    - feature space: C = Fn^T Fn (n x n), then A^T (C o C) A; costs ~ n^2 B;
+    - feature space: C = Fn^T Fn (n x n), then A^T (C o C) A, or for hard equal groups the sums of the
+      group-ordered C's (n/K, n/K) tiles; costs ~ n^2 B;
     - token space, for hard groups of equal size (``groups`` = each feature's group):
       sum_{k in i, l in j} C_kl^2 = <Fn_i Fn_i^T, Fn_j Fn_j^T> over the (B, B) per-group Grams; costs
       ~ B^2 (n + K^2), so it wins when the dictionary is much larger than the batch the Gram is
