@@ -73,13 +73,6 @@ def _window_change(points: dict[float, float], window: tuple[float, float], tota
     return (end - start) / start * (WINDOW * total_steps) / (window[1] - window[0])
 
 
-def plateau_rel_change(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, warm_until: int,
-                       decay_start: int) -> float:
-    """Relative change of held-out MSE across the plateau window, per ``WINDOW`` of the steps; NaN without one."""
-    window = plateau_window(steps, val_mse, total_steps, warm_until, decay_start)
-    return float("nan") if window is None else _window_change(_finite_points(steps, val_mse), window, total_steps)
-
-
 def convergence_verdict(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, warm_until: int,
                         decay_start: int, multiplier: Sequence[float] | None = None) -> dict[str, float | bool | None]:
     """The row's convergence columns: both checks, the window the plateau was read on and the verdict.

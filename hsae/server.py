@@ -197,9 +197,7 @@ class ActivationServer:
             if self._free is None:
                 first = self.evaluator()
                 first.warm()
-                docs = self.heldout_documents()
-                if self._raw_probe is None:
-                    self._raw_probe = raw_probe_grid(docs, self.probe_cfg)
+                self._raw_probe_grid()
                 free: queue.Queue[Evaluator] = queue.Queue()
                 free.put(first)
                 for _ in range(self.evaluators - 1):
@@ -259,13 +257,17 @@ class ActivationServer:
 
         return encode_pooled(encode, self.heldout_documents(), self.probe_cfg.encode_batch)
 
+    def _raw_probe_grid(self) -> list[dict[str, Any]]:
+        """The probe's raw-activation ceiling on the held-out documents (no SAE in it): built once."""
+        if self._raw_probe is None:
+            self._raw_probe = raw_probe_grid(self.heldout_documents(), self.probe_cfg)
+        return self._raw_probe
+
     def sparse_probe(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
         """k-sparse probing of held-out topics on one SAE by value (hsae.evaluation.sparse_probe): its grid
         (probe.parquet rows without trial_id) and the row's sparse_probe_* columns."""
-        docs = self.heldout_documents()
-        if self._raw_probe is None:
-            self._raw_probe = raw_probe_grid(docs, self.probe_cfg)
-        result = sparse_probe(self._pooled_latents(sae_cfg, state), docs, self.probe_cfg, self._raw_probe)
+        result = sparse_probe(self._pooled_latents(sae_cfg, state), self.heldout_documents(), self.probe_cfg,
+                              self._raw_probe_grid())
         return {"grid": result.grid, "columns": result.columns}
 
     def sparse_probe_noise(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray],

@@ -254,9 +254,14 @@ class ReportInputs:
         return verdict_of(self.main, self, [*CANDIDATES, *self.probes])  # the headline is left out of secondary
 
     @cached_property
+    def frontier_rows(self) -> pd.DataFrame:
+        """The sparsity frontier's trials (``frontier_trials``): ranked ones, or all completed when exploratory."""
+        return frontier_trials(self.done, self.exploratory)
+
+    @cached_property
     def frontier(self) -> dict[float, Verdict | str]:
         """The verdict within each target L0's trials (the sparsity frontier), or why there is none."""
-        rows = frontier_trials(self.done, self.exploratory)
+        rows = self.frontier_rows
         if rows.empty:
             return {}
         secondary = [m for m in PROBE_METRICS[:1] if m in rows and rows[m].notna().any()]
@@ -602,16 +607,15 @@ def probe_blocks(inp: ReportInputs) -> list[Block]:
 
 
 # -- the sparsity frontier (SAEBench's form: every metric against held-out L0) ---------------------------
-def frontier_lines(done: pd.DataFrame, exploratory: bool = False) -> pd.Series:
+def frontier_lines(rows: pd.DataFrame) -> pd.Series:
     """The frontier trials' line: their arm with the target (and the k it sets) left out."""
-    rows = frontier_trials(done, exploratory)
     return arm_names(rows.drop(columns=["cfg_target_l0", "cfg_k"], errors="ignore"))
 
 
 def frontier_points(inp: ReportInputs) -> pd.DataFrame:
     """Per line, target L0 and metric: mean ± 95% CI half-width over seeds of the metric and of held-out L0.
     The headline comes from the per-target verdict's recomputation (else the trial row)."""
-    rows = frontier_trials(inp.done, inp.exploratory).assign(line=frontier_lines(inp.done, inp.exploratory))
+    rows = inp.frontier_rows.assign(line=frontier_lines(inp.frontier_rows))
     headline = inp.headline or "frontier_area"
     recomputed = pd.concat([v.per_trial[["trial_id", headline]] for v in inp.frontier.values()
                             if isinstance(v, Verdict)] or [pd.DataFrame(columns=["trial_id", headline])])
@@ -634,7 +638,7 @@ def frontier_claims_table(inp: ReportInputs, metric: str) -> Table:
     """One row per line, one column per target L0: Δ vs relu [adjusted CI] and the claim, from the test run
     within that target's trials."""
     targets = sorted(inp.frontier)
-    lines = ordered(frontier_lines(inp.done, inp.exploratory))
+    lines = ordered(frontier_lines(inp.frontier_rows))
     header = ["arm", *(f"target L0 {t:g}: Δ vs relu [adj. 95% CI], claim" for t in targets)]
     rows, marks = [], {}
     for i, line in enumerate(lines):
