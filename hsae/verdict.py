@@ -660,6 +660,17 @@ def declared_headline(trials: pd.DataFrame, default: str = DEFAULT_HEADLINE) -> 
     return named[0] if named else default
 
 
+def scored(done: pd.DataFrame, grid: pd.DataFrame, questions: pd.DataFrame | None = None, n_boot: int = 1000,
+           seed: int = 0) -> tuple[Bootstrap, dict[str, str], str | None]:
+    """The candidate metrics of trials ``done`` recomputed from grid.parquet (with ``questions``' roles: chosen on
+    select questions, scored on test ones), their bootstrap, the trials without usable rows, the bank's key."""
+    bank = one_bank(grid, done["trial_id"])
+    outcomes, excluded = outcomes_by_trial(grid, list(done["trial_id"]))
+    sizes = {(o.forget.shape[1], o.retain.shape[1]) for o in outcomes.values()}
+    roles = question_roles(questions, *sizes.pop(), bank=bank) if len(sizes) == 1 else None
+    return bootstrap(outcomes, n_boot, seed, roles), excluded, bank
+
+
 def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None = None,
                   secondary: list[str] | tuple[str, ...] | None = None, questions: pd.DataFrame | None = None,
                   n_boot: int = 1000, seed: int = 0, baseline: str = BASELINE, alpha: float = ALPHA,
@@ -683,11 +694,7 @@ def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None
     secondary = [m for m in secondary if m not in DESCRIPTIVE_ONLY]
     for m in [headline, *secondary]:
         higher_is_better(m, directions)  # a metric with no known direction fails here, naming it
-    bank = one_bank(grid, done["trial_id"])
-    outcomes, excluded = outcomes_by_trial(grid, list(done["trial_id"]))
-    sizes = {(o.forget.shape[1], o.retain.shape[1]) for o in outcomes.values()}
-    roles = question_roles(questions, *sizes.pop(), bank=bank) if len(sizes) == 1 else None
-    boot = bootstrap(outcomes, n_boot, seed, roles)
+    boot, excluded, bank = scored(done, grid, questions, n_boot, seed)
     extra = [m for m in dict.fromkeys([headline, *secondary]) if m not in CANDIDATES]
     missing = [m for m in extra if m not in done]
     if missing:

@@ -1,5 +1,7 @@
 """The sweep service end to end on the tiny model: Ray Tune, Parquet rows, report, re-runs, failures."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -39,6 +41,9 @@ def test_sweep_with_asha_writes_documented_parquet_and_report(sweep, capsys):
     assert set(CURVE_COLUMNS) <= set(curves.columns)
     assert set(curves["trial_id"]) == set(trials["trial_id"])  # early-stopped trials keep their curves
     assert list((out / "ray_results").rglob("events.out.tfevents*"))  # Tune's TensorBoard output
+    # A finished trial's actor runs the next trial (reuse_actors): no new process and imports per trial.
+    pids = {json.loads(f.read_text().splitlines()[0])["pid"] for f in (out / "ray_results").rglob("result.json")}
+    assert len(pids) < len(trials)
     assert_convergence_recomputable(completed, curves)
     assert (completed["unique_train_tokens"] > 0).all()
     printed = capsys.readouterr().out

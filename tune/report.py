@@ -41,6 +41,7 @@ from tune.report_data import (  # noqa: E402
     ReportInputs,
     Table,
     banner_blocks,
+    budget_blocks,
     controls_blocks,
     converged,
     external_rows,
@@ -486,14 +487,19 @@ def verdict_parts(inp: ReportInputs, out: Path) -> list[str]:
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_boot: int = 1000,
-                 exploratory: bool = False) -> Path:
-    """report.md, its figures and report.html, from one ``ReportInputs`` (the verdict computed once)."""
-    inp = ReportInputs.load(results_dir, n_boot, exploratory)
+                 exploratory: bool = False, budget_dir: str | Path | None = None) -> Path:
+    """report.md, its figures and report.html, from one ``ReportInputs`` (the verdict computed once); with
+    ``budget_dir``, the budget check's section and budget_check.csv."""
+    inp = ReportInputs.load(results_dir, n_boot, exploratory, budget_dir)
     out = Path(out_dir) if out_dir else inp.results_dir / ("report-exploratory" if exploratory else "report")
     out.mkdir(parents=True, exist_ok=True)
     done, trials = inp.done, inp.trials
     parts = markdown(header_blocks(inp) + banner_blocks(inp.problems)) + verdict_parts(inp, out)
     parts += markdown(probe_blocks(inp)) + frontier_parts(inp, out) + convergence_parts(done)
+    parts += markdown(budget_blocks(inp))
+    if isinstance(inp.budget, pd.DataFrame):
+        with atomic_file(out / "budget_check.csv") as tmp:
+            inp.budget.to_csv(tmp, index=False)
     parts += markdown(controls_blocks(inp.controls)) + section_parts(trials, done)
     parts += figure_parts(write_figures(done, inp.curves, inp.controls, out)) + pareto_parts(trials, out)
     report = out / "report.md"
@@ -511,9 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exploratory", action="store_true",
                     help="a diagnostic, not a result: the verdict over every completed trial, unconverged ones "
                          "included, labelled so at the top")
+    ap.add_argument("--budget-check", default=None, metavar="DIR",
+                    help="a results directory of the main job's space run again at more steps (e.g. --seeds 1 "
+                         "--steps 2x): adds the budget check (docs/training.md)")
     args = ap.parse_args(argv)
     try:
-        path = build_report(args.results_dir, args.out, exploratory=args.exploratory)
+        path = build_report(args.results_dir, args.out, exploratory=args.exploratory, budget_dir=args.budget_check)
     except FileNotFoundError as exc:
         print(f"hsae-report: error: {exc}", file=sys.stderr)
         return 2

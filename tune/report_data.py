@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from hsae.budget import arms_passing, budget_check
 from hsae.external import is_external
 from hsae.results import load_curves, load_trials
 from hsae.stats import mean_ci95
@@ -35,6 +36,7 @@ from hsae.verdict import (
     frontier,
     grid_metrics,
     mean_interval,
+    scored,
 )
 
 VARIANT_ORDER = ["relu", *PAPER_VARIANTS, "topk", "matryoshka_batchtopk"]  # trained arms; external arms follow
@@ -216,12 +218,19 @@ class ReportInputs:
     n_boot: int = 1000
     # A diagnostic for the researcher, never a result: the verdict over every completed trial, converged or not.
     exploratory: bool = False
+    # The budget check's results directory: the main job's arms, one seed each, at more steps (hsae/budget.py).
+    budget_dir: Path | None = None
 
     @classmethod
-    def load(cls, results_dir: str | Path, n_boot: int = 1000, exploratory: bool = False) -> ReportInputs:
+    def load(cls, results_dir: str | Path, n_boot: int = 1000, exploratory: bool = False,
+             budget_dir: str | Path | None = None) -> ReportInputs:
         root = Path(results_dir)
+        budget = None if budget_dir is None else Path(budget_dir)
+        if budget is not None and not (budget / "trials.parquet").is_file():
+            raise FileNotFoundError(f"--budget-check {budget}: no trials.parquet there (run the main job's space "
+                                    "with --steps and --out that directory first; docs/training.md)")
         return cls(root, load_trials(root), load_curves(root), load_grid(root),
-                   load_optional(root, "questions.parquet"), load_controls(root), n_boot, exploratory)
+                   load_optional(root, "questions.parquet"), load_controls(root), n_boot, exploratory, budget)
 
     @cached_property
     def done(self) -> pd.DataFrame:
@@ -266,6 +275,40 @@ class ReportInputs:
             return {}
         secondary = [m for m in PROBE_METRICS[:1] if m in rows and rows[m].notna().any()]
         return {float(t): verdict_of(g, self, secondary) for t, g in rows.groupby("cfg_target_l0", sort=True)}
+
+
+    @cached_property
+    def budget(self) -> pd.DataFrame | str | None:
+        """The budget check's table (``hsae.budget.budget_check``) on explained variance and the headline, or why
+        there is none; None without a budget directory."""
+        if self.budget_dir is None:
+            return None
+        if self.grid is None or self.headline is None:
+            return "the main job has no grid.parquet or no single declared headline"
+        other = ReportInputs.load(self.budget_dir, n_boot=1)
+        if other.grid is None:
+            return f"{self.budget_dir} has no grid.parquet"
+        metrics = ["explained_variance", self.headline]
+        try:
+            main, longer = budget_points(self, metrics), budget_points(other, metrics)
+        except (ValueError, KeyError) as exc:
+            return f"not computed: {exc}"
+        if main.attrs["bank"] != longer.attrs["bank"]:
+            return "the budget run scored another question bank (another profile?): nothing to compare"
+        return budget_check(main, longer, metrics)
+
+
+def budget_points(inp: ReportInputs, metrics: list[str]) -> pd.DataFrame:
+    """Per trained trial of the main job's space: arm, seed, steps and ``metrics`` (the candidates recomputed
+    from the grid, chosen on select questions; others read from the rows); ``attrs["bank"]``: the question bank."""
+    rows = main_trials(inp.done)
+    rows = rows[~external_rows(rows)]  # an external arm is not trained: no budget to check
+    boot, _, bank = scored(rows, inp.grid, inp.questions, n_boot=1)
+    from_rows = [m for m in metrics if m not in boot.point]
+    ids = rows[["trial_id", "seed", "steps", *from_rows]].assign(arm=arm_names(rows).to_numpy())
+    points = ids.merge(boot.point, left_on="trial_id", right_index=True)
+    points.attrs["bank"] = bank
+    return points
 
 
 def verdict_of(trials: pd.DataFrame, inp: ReportInputs, secondary: list[str]) -> Verdict | str:
@@ -678,3 +721,39 @@ def frontier_blocks(inp: ReportInputs) -> list[Block]:
         blocks += [Heading(3, f"Verdict at each target L0: {metric_label(PROBE_PRIMARY)} (second witness)"),
                    frontier_claims_table(inp, PROBE_PRIMARY)]
     return blocks
+
+
+def budget_blocks(inp: ReportInputs) -> list[Block]:
+    """The 'Budget check' section: per arm, each checked metric at the main job's steps and at the budget run's,
+    the change and the seed noise (docs/training.md, "The budget check"); nothing without a budget directory."""
+    check = inp.budget
+    if check is None:
+        return []
+    blocks: list[Block] = [Heading(2, "Budget check: would more tokens change the numbers?")]
+    if isinstance(check, str):
+        return blocks + [Paragraph.of(f"No budget check: {check}.")]
+    if check.empty:
+        return blocks + [Paragraph.of("No budget check: no trial of the budget run has a main-job twin (same arm, "
+                                      "same seed).")]
+    blocks.append(Paragraph.of(
+        f"One seed per arm trained again at {sorted(set(check['budget_steps']))[0]:,} steps (the main job: "
+        f"{sorted(set(check['steps']))[0]:,}), same seed, same recipe (", code(str(inp.budget_dir)), "). More "
+        "tokens would not help an arm when every change is smaller than the seed noise: the residual s.d. of the "
+        "main job's arm × seed table."))
+    header = ["arm", "seed"]
+    metrics = list(dict.fromkeys(check["metric"]))
+    for m in metrics:
+        header += [f"{metric_label(m)}: main → longer", "change", "seed s.d."]
+    rows = []
+    for (arm, seed), g in sorted(check.groupby(["arm", "seed"]), key=lambda kv: order_key(kv[0])):
+        row = [str(arm), str(seed)]
+        for m in metrics:
+            r = g[g["metric"] == m].iloc[0]
+            row += [f"{r['value']:.4f} → {r['budget_value']:.4f}", f"{r['change']:+.4f}"
+                    + ("" if r["within_noise"] else " (beyond noise)"), f"{r['seed_sd']:.4f}"]
+        rows.append(row)
+    passing = arms_passing(check)
+    failing = [a for a in ordered(check["arm"]) if a not in passing]
+    verdict = (f"More tokens changed {', '.join(failing)} beyond the seed noise: at this budget their numbers are "
+               "not final." if failing else "No arm's numbers moved beyond the seed noise at the longer budget.")
+    return blocks + [Table(header, rows), Paragraph.of(strong(verdict))]

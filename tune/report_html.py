@@ -34,6 +34,7 @@ from tune.report_data import (
     ReportInputs,
     Table,
     banner_blocks,
+    budget_blocks,
     controls_blocks,
     frontier_blocks,
     frontier_points,
@@ -404,9 +405,14 @@ def pareto_section(inp: Inputs) -> str:
     return "\n".join(parts)  # no multi-objective study: no section
 
 
+def budget_section(inp: Inputs) -> str:
+    """The budget check (only with a budget directory): report.md's table, as HTML."""
+    return blocks_html(budget_blocks(inp))
+
+
 SECTIONS: list[Callable[[Inputs], str]] = [
     header_section, verdict_section, probe_section, forget_retain_section, frontier_section, parcoords_section,
-    curves_section, pareto_section, trials_section,
+    curves_section, budget_section, pareto_section, trials_section,
 ]
 
 

@@ -173,7 +173,8 @@ def search_setup(space: Space, trials: list[TrialSpec], pending: list[TrialSpec]
     from ray import tune
 
     common = dict(scheduler=make_scheduler(default_scheduler(args, space), profile),
-                  max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname)
+                  max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
+                  reuse_actors=True)
     if args.search == "grid":
         return {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}, tune.TuneConfig(**common)
     if len(space.blocks) != 1:
