@@ -276,7 +276,6 @@ class ReportInputs:
         secondary = [m for m in PROBE_METRICS[:1] if m in rows and rows[m].notna().any()]
         return {float(t): verdict_of(g, self, secondary) for t, g in rows.groupby("cfg_target_l0", sort=True)}
 
-
     @cached_property
     def budget(self) -> pd.DataFrame | str | None:
         """The budget check's table (``hsae.budget.budget_check``) on explained variance and the headline, or why
