@@ -4,8 +4,8 @@ The plateau rule (``hsae.convergence``) asks whether held-out MSE still falls at
 check asks the question the verdict cares about directly: one seed of each arm trained again with twice the
 steps (same recipe, same seed: same initialisation and data order), its explained variance and headline
 metric set against the same seed's values at the main job's budget. More tokens would not help an arm when
-both changes are smaller than the seed noise: the residual s.d. of the main job's arm x seed table (the
-spread one trial's value has around its arm's mean, the noise the verdict's test already carries).
+both changes are smaller than the seed noise: the residual s.d. of the main job's arm x seed table over its
+completed trials (the spread one trial's value has around its arm's mean, the noise model of the verdict's test).
 Pure functions of per-trial values, so the table is recomputed from the two results directories.
 """
 
@@ -17,41 +17,71 @@ import pandas as pd
 from hsae.stats import rcbd_residual_sd
 
 KEYS = ("arm", "seed")  # a budget trial is the main job's trial of the same arm and seed, longer
+# What may differ between twins: the budget itself and what logging and checkpointing follow from it.
+BUDGET_FIELDS = ("cfg_steps", "cfg_log_every", "cfg_checkpoint_every", "cfg_keep_checkpoints")
 COLUMNS = ("arm", "seed", "metric", "steps", "budget_steps", "value", "budget_value", "change", "seed_sd",
            "within_noise")
 
 
 def seed_noise(per_trial: pd.DataFrame, metric: str) -> float:
-    """Residual s.d. of ``metric`` in the arm x seed table of the main job (complete arms and seeds only);
-    NaN when fewer than two arms or two seeds are complete."""
-    table = per_trial.groupby(list(KEYS))[metric].mean().unstack("seed").dropna(axis=1, how="any")
+    """Residual s.d. of ``metric`` in the arm x seed table of the main job: seeds no arm has are dropped, then
+    arms missing a seed (as the verdict drops them); NaN when fewer than two arms or two seeds remain."""
+    table = per_trial.groupby(list(KEYS))[metric].mean().unstack("seed").dropna(axis=1, how="all")
     table = table.dropna(axis=0, how="any")
     if table.shape[0] < 2 or table.shape[1] < 2:
         return float("nan")
     return float(rcbd_residual_sd(table.to_numpy(dtype=float)))
 
 
+def twins(main: pd.DataFrame, budget: pd.DataFrame) -> pd.DataFrame:
+    """Budget trials joined to their main-job twins (budget columns suffixed ``_budget``). ValueError when an arm
+    and seed has two trials in one run, when a budget trial is not longer than its twin, or when the twins'
+    recipes (``cfg_*`` columns other than ``BUDGET_FIELDS``) differ: then the runs do not answer the question."""
+    for name, frame in (("main job", main), ("budget run", budget)):
+        repeated = frame[frame.duplicated(list(KEYS), keep=False)]
+        if not repeated.empty:
+            r = repeated.iloc[0]
+            raise ValueError(f"the {name} has {int((repeated['arm'] == r['arm']).sum())} trials of {r['arm']} seed "
+                             f"{r['seed']}: give each run one trial per arm and seed")
+    pairs = budget.merge(main, on=list(KEYS), suffixes=("_budget", ""))
+    for r in pairs.to_dict("records"):
+        where = f"{r['arm']} seed {r['seed']}"
+        if not r["steps_budget"] > r["steps"]:
+            raise ValueError(f"{where}: the budget run's {r['steps_budget']} steps are not more than the main job's "
+                             f"{r['steps']} (run it with --steps)")
+        for c in (c for c in main if c.startswith("cfg_") and c not in BUDGET_FIELDS and f"{c}_budget" in pairs):
+            a, b = r[c], r[f"{c}_budget"]
+            if not (a == b or (pd.isna(a) and pd.isna(b))):
+                raise ValueError(f"{where}: the runs' recipes differ ({c.removeprefix('cfg_')} {a} in the main job, "
+                                 f"{b} in the budget run): only the steps may differ")
+    return pairs
+
+
 def budget_check(main: pd.DataFrame, budget: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """One row per (budget trial, metric): the value at the main job's steps and at the budget's, their change
-    and the seed noise it is read against. ``main`` and ``budget`` carry ``arm``, ``seed``, ``steps`` and the
-    metrics (one row per trial); a budget trial with no main-job twin is left out."""
-    rows = []
+    """One row per (budget trial, metric): the value at the main job's steps and at the budget's, their change,
+    the seed noise it is read against and whether it is within it (NA where either is undefined). ``main`` and
+    ``budget`` carry ``arm``, ``seed``, ``steps``, the metrics and any ``cfg_*`` recipe columns, one row per
+    trial; a budget trial with no main-job twin is left out; ``twins`` says what is refused."""
     noise = {m: seed_noise(main, m) for m in metrics}
-    twins = budget.merge(main, on=list(KEYS), suffixes=("_budget", ""))
-    for r in twins.to_dict("records"):
+    rows = []
+    for r in twins(main, budget).to_dict("records"):
         for m in metrics:
             value, longer = float(r[m]), float(r[f"{m}_budget"])
             change = longer - value
-            within = bool(np.isfinite(change) and np.isfinite(noise[m]) and abs(change) < noise[m])
+            within = (abs(change) < noise[m]) if np.isfinite(change) and np.isfinite(noise[m]) else None
             rows.append({"arm": r["arm"], "seed": int(r["seed"]), "metric": m, "steps": int(r["steps"]),
                          "budget_steps": int(r["steps_budget"]), "value": value, "budget_value": longer,
                          "change": change, "seed_sd": noise[m], "within_noise": within})
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    out = pd.DataFrame(rows, columns=list(COLUMNS))
+    out["within_noise"] = out["within_noise"].astype("boolean")
+    return out
 
 
-def arms_passing(check: pd.DataFrame) -> list[str]:
-    """Arms whose every checked metric changed by less than the seed noise at the longer budget."""
-    if check.empty:
-        return []
-    passed = check.groupby("arm")["within_noise"].all()
-    return [str(a) for a, ok in passed.items() if ok]
+def arm_outcomes(check: pd.DataFrame) -> dict[str, str]:
+    """Each arm's reading: "moved" when some metric changed beyond the seed noise, "held" when every metric
+    stayed within it, "unknown" otherwise (a metric or its noise undefined)."""
+    out = {}
+    for arm, within in check.groupby("arm", sort=False)["within_noise"]:
+        known = within.dropna().astype(bool)
+        out[str(arm)] = "moved" if not known.all() else "held" if len(known) == len(within) else "unknown"
+    return out

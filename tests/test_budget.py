@@ -3,11 +3,13 @@ metric's change read against the main job's seed noise; and its report section."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from hsae.budget import arms_passing, budget_check, seed_noise
+from hsae.budget import arm_outcomes, budget_check, seed_noise, twins
 from hsae.stats import rcbd_residual_sd
 from tests.test_report_sections import section, set_columns
 from tests.test_verdict import planted_study, write_results
@@ -27,8 +29,17 @@ def per_trial(values: dict, steps: int) -> pd.DataFrame:
 def test_seed_noise_is_the_residual_sd_of_the_arm_by_seed_table():
     table = np.array([[EV[(a, s)] for s in (42, 43, 44)] for a in ("adaptive_ortho", "fixed_ortho", "relu")])
     assert seed_noise(per_trial(EV, 1500), "explained_variance") == pytest.approx(float(rcbd_residual_sd(table)))
+    additive = {(a, s): i * 0.01 + (s - 42) * 0.003 for i, a in enumerate(("relu", "topk")) for s in (42, 43, 44)}
+    assert seed_noise(per_trial(additive, 1500), "explained_variance") == pytest.approx(0.0, abs=1e-12)
     one_seed = per_trial({k: v for k, v in EV.items() if k[1] == 42}, 1500)
     assert np.isnan(seed_noise(one_seed, "explained_variance"))  # no replicate, no noise estimate
+
+
+def test_a_failed_trial_drops_its_arm_from_the_noise_not_its_seed():
+    failed = {**EV, ("relu", 44): float("nan")}
+    rest = {k: v for k, v in EV.items() if k[0] != "relu"}
+    assert seed_noise(per_trial(failed, 1500), "explained_variance") == pytest.approx(
+        seed_noise(per_trial(rest, 1500), "explained_variance"))
 
 
 def test_a_change_beyond_the_seed_noise_fails_the_arm_and_one_within_passes():
@@ -41,7 +52,27 @@ def test_a_change_beyond_the_seed_noise_fails_the_arm_and_one_within_passes():
     relu = check[check["arm"] == "relu"].iloc[0]
     assert relu["change"] == pytest.approx(10 * noise) and not relu["within_noise"]
     assert (relu["steps"], relu["budget_steps"]) == (1500, 3000)
-    assert arms_passing(check) == ["fixed_ortho"]
+    assert arm_outcomes(check) == {"relu": "moved", "fixed_ortho": "held"}
+
+
+def test_without_a_noise_estimate_an_arm_has_no_reading_rather_than_a_failure():
+    main = per_trial({k: v for k, v in EV.items() if k[1] == 42}, 1500)  # one seed: no noise
+    check = budget_check(main, per_trial({("relu", 42): EV[("relu", 42)]}, 3000), ["explained_variance"])
+    assert check["within_noise"].isna().all()
+    assert arm_outcomes(check) == {"relu": "unknown"}
+
+
+@pytest.mark.parametrize(("main_extra", "budget_steps", "budget_recipe", "message"), [
+    ({("relu", 42): 0.7}, 3000, 0.1, "2 trials of relu seed 42"),
+    ({}, 1500, 0.1, "not more than the main job's"),
+    ({}, 3000, 0.14, "recipes differ (l1_coeff 0.1 in the main job, 0.14 in the budget run)"),
+])
+def test_twins_that_do_not_answer_the_question_are_refused(main_extra, budget_steps, budget_recipe, message):
+    main = per_trial(EV, 1500).assign(cfg_l1_coeff=0.1, cfg_steps=1500)
+    main = pd.concat([main, per_trial(main_extra, 750).assign(cfg_l1_coeff=0.1, cfg_steps=750)])
+    longer = per_trial({("relu", 42): 0.8}, budget_steps).assign(cfg_l1_coeff=budget_recipe, cfg_steps=budget_steps)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        twins(main, longer)
 
 
 def budget_dirs(tmp_path):

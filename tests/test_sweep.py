@@ -42,8 +42,8 @@ def test_sweep_with_asha_writes_documented_parquet_and_report(sweep, capsys):
     assert set(curves["trial_id"]) == set(trials["trial_id"])  # early-stopped trials keep their curves
     assert list((out / "ray_results").rglob("events.out.tfevents*"))  # Tune's TensorBoard output
     # A finished trial's actor runs the next trial (reuse_actors): no new process and imports per trial.
-    pids = {json.loads(f.read_text().splitlines()[0])["pid"] for f in (out / "ray_results").rglob("result.json")}
-    assert len(pids) < len(trials)
+    pids = [json.loads(f.read_text().splitlines()[0])["pid"] for f in (out / "ray_results").rglob("result.json")]
+    assert len(set(pids)) < len(pids)  # some process ran two trials
     assert_convergence_recomputable(completed, curves)
     assert (completed["unique_train_tokens"] > 0).all()
     printed = capsys.readouterr().out

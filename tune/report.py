@@ -500,6 +500,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_b
     if isinstance(inp.budget, pd.DataFrame):
         with atomic_file(out / "budget_check.csv") as tmp:
             inp.budget.to_csv(tmp, index=False)
+    else:  # no table this time: an earlier report's must not stand beside this one
+        (out / "budget_check.csv").unlink(missing_ok=True)
     parts += markdown(controls_blocks(inp.controls)) + section_parts(trials, done)
     parts += figure_parts(write_figures(done, inp.curves, inp.controls, out)) + pareto_parts(trials, out)
     report = out / "report.md"

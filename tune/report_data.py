@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hsae.budget import arms_passing, budget_check
+from hsae.budget import arm_outcomes, budget_check
 from hsae.external import is_external
 from hsae.results import load_curves, load_trials
 from hsae.stats import mean_ci95
@@ -290,21 +290,22 @@ class ReportInputs:
         metrics = ["explained_variance", self.headline]
         try:
             main, longer = budget_points(self, metrics), budget_points(other, metrics)
+            if main.attrs["bank"] != longer.attrs["bank"]:
+                return "the budget run scored another question bank (another profile?): nothing to compare"
+            return budget_check(main, longer, metrics)
         except (ValueError, KeyError) as exc:
             return f"not computed: {exc}"
-        if main.attrs["bank"] != longer.attrs["bank"]:
-            return "the budget run scored another question bank (another profile?): nothing to compare"
-        return budget_check(main, longer, metrics)
 
 
 def budget_points(inp: ReportInputs, metrics: list[str]) -> pd.DataFrame:
     """Per trained trial of the main job's space: arm, seed, steps and ``metrics`` (the candidates recomputed
     from the grid, chosen on select questions; others read from the rows); ``attrs["bank"]``: the question bank."""
     rows = main_trials(inp.done)
-    rows = rows[~external_rows(rows)]  # an external arm is not trained: no budget to check
+    rows = rows[~external_rows(rows) & rows["steps"].notna()]  # an external arm is not trained: no budget to check
     boot, _, bank = scored(rows, inp.grid, inp.questions, n_boot=1)
     from_rows = [m for m in metrics if m not in boot.point]
-    ids = rows[["trial_id", "seed", "steps", *from_rows]].assign(arm=arm_names(rows).to_numpy())
+    recipe = [c for c in rows if c.startswith("cfg_")]
+    ids = rows[["trial_id", "seed", "steps", *from_rows, *recipe]].assign(arm=arm_names(rows).to_numpy())
     points = ids.merge(boot.point, left_on="trial_id", right_index=True)
     points.attrs["bank"] = bank
     return points
@@ -735,10 +736,10 @@ def budget_blocks(inp: ReportInputs) -> list[Block]:
         return blocks + [Paragraph.of("No budget check: no trial of the budget run has a main-job twin (same arm, "
                                       "same seed).")]
     blocks.append(Paragraph.of(
-        f"One seed per arm trained again at {sorted(set(check['budget_steps']))[0]:,} steps (the main job: "
-        f"{sorted(set(check['steps']))[0]:,}), same seed, same recipe (", code(str(inp.budget_dir)), "). More "
+        f"Trials of the main job trained again at {_steps_text(check['budget_steps'])} steps (the main job: "
+        f"{_steps_text(check['steps'])}), same arm, seed and recipe (", code(str(inp.budget_dir)), "). More "
         "tokens would not help an arm when every change is smaller than the seed noise: the residual s.d. of the "
-        "main job's arm × seed table."))
+        "main job's arm × seed table over its completed trials."))
     header = ["arm", "seed"]
     metrics = list(dict.fromkeys(check["metric"]))
     for m in metrics:
@@ -748,11 +749,19 @@ def budget_blocks(inp: ReportInputs) -> list[Block]:
         row = [str(arm), str(seed)]
         for m in metrics:
             r = g[g["metric"] == m].iloc[0]
-            row += [f"{r['value']:.4f} → {r['budget_value']:.4f}", f"{r['change']:+.4f}"
-                    + ("" if r["within_noise"] else " (beyond noise)"), f"{r['seed_sd']:.4f}"]
+            within = r["within_noise"]
+            note = " (no noise estimate)" if pd.isna(within) else "" if within else " (beyond noise)"
+            row += [f"{r['value']:.4f} → {r['budget_value']:.4f}", f"{r['change']:+.4f}{note}", f"{r['seed_sd']:.4f}"]
         rows.append(row)
-    passing = arms_passing(check)
-    failing = [a for a in ordered(check["arm"]) if a not in passing]
-    verdict = (f"More tokens changed {', '.join(failing)} beyond the seed noise: at this budget their numbers are "
-               "not final." if failing else "No arm's numbers moved beyond the seed noise at the longer budget.")
-    return blocks + [Table(header, rows), Paragraph.of(strong(verdict))]
+    outcome = arm_outcomes(check)
+    moved, unknown = ([a for a in ordered(check["arm"]) if outcome[a] == kind] for kind in ("moved", "unknown"))
+    lines = [f"More tokens changed {', '.join(moved)} beyond the seed noise: at this budget their numbers are not "
+             "final." if moved else "No arm's numbers moved beyond the seed noise at the longer budget."]
+    if unknown:
+        lines.append(f"No reading for {', '.join(unknown)}: a metric or its seed noise is undefined.")
+    return blocks + [Table(header, rows), Paragraph.of(strong(" ".join(lines)))]
+
+
+def _steps_text(steps: pd.Series) -> str:
+    lo, hi = int(steps.min()), int(steps.max())
+    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
