@@ -44,12 +44,13 @@ def twins(main: pd.DataFrame, budget: pd.DataFrame) -> pd.DataFrame:
             raise ValueError(f"the {name} has {int((repeated['arm'] == r['arm']).sum())} trials of {r['arm']} seed "
                              f"{r['seed']}: give each run one trial per arm and seed")
     pairs = budget.merge(main, on=list(KEYS), suffixes=("_budget", ""))
+    recipe = [c for c in main if c.startswith("cfg_") and c not in BUDGET_FIELDS and f"{c}_budget" in pairs]
     for r in pairs.to_dict("records"):
         where = f"{r['arm']} seed {r['seed']}"
         if not r["steps_budget"] > r["steps"]:
             raise ValueError(f"{where}: the budget run's {r['steps_budget']} steps are not more than the main job's "
                              f"{r['steps']} (run it with --steps)")
-        for c in (c for c in main if c.startswith("cfg_") and c not in BUDGET_FIELDS and f"{c}_budget" in pairs):
+        for c in recipe:
             a, b = r[c], r[f"{c}_budget"]
             if not (a == b or (pd.isna(a) and pd.isna(b))):
                 raise ValueError(f"{where}: the runs' recipes differ ({c.removeprefix('cfg_')} {a} in the main job, "

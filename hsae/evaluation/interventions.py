@@ -45,7 +45,9 @@ class SAEClamp:
         """What determines the edit of each prompt ``rows`` of ``x``: the multiplier and the selected features
         that fire in it. Two clamps with equal keys on a prompt edit it identically (features that do not fire
         there add nothing), so its answer is computed once (``Evaluator.accuracy``'s memo)."""
-        firing = (self._selected(x[rows], valid[rows]) > 0).any(dim=1)
+        # The whole batch, as ``apply`` saw it: its features are cached (BatchFeatures keys the batch tensor), and
+        # the keys then follow exactly the firing that decided the edit.
+        firing = (self._selected(x, valid)[rows] > 0).any(dim=1)
         return [(self.multiplier, tuple(self.features[row].tolist())) for row in firing]
 
 
