@@ -29,6 +29,12 @@ EMBEDDED = "embedded"
 TINY = "tiny"
 REAL_DEFAULT = "google/gemma-2-2b"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype_name(name: str, value: Any) -> None:
+    """A model dtype is "auto" or one of DTYPES; anything else is refused with the valid choices."""
+    if value != "auto" and value not in DTYPES:
+        raise ValueError(f"unknown {name} {value!r}; valid: ['auto', {', '.join(map(repr, DTYPES))}]")
 # The paper reads layer 19 of Gemma-2-2B's 26 layers; other models default to the same relative depth.
 PAPER_LAYER, PAPER_LAYERS = 19, 26
 
@@ -53,8 +59,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"model source must be 'embedded', 'tiny', a hub id or a local path, got {self.source!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes: ['auto', {', '.join(map(repr, DTYPES))}]")
+        check_dtype_name("dtype", self.dtype)
         if self.layer is not None:
             check_positive_int("layer", self.layer, minimum=0)
 

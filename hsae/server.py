@@ -34,7 +34,7 @@ from hsae.evaluation.sparse_probe import (
     sparse_probe,
     split_noise,
 )
-from hsae.models import ModelInfo, load_model, spec_identity
+from hsae.models import LoadedModel, ModelInfo, ModelSpec, load_model, resolve_device, resolve_dtype, spec_identity
 from hsae.stream import ActivationStream, BlockSource, StreamBatches, StreamConfig
 from hsae.train import Batch, to_batch
 
@@ -147,12 +147,7 @@ class ActivationServer:
             t0 = time.perf_counter()
             self.prepare()
             assert self._harvest is not None
-            spec = self.cfg.model
-            if self.eval_model:
-                spec = replace(spec, source=self.eval_model)
-                loaded = load_model(spec)
-            else:
-                loaded = self.harvester.loaded
+            loaded, spec = self._evaluation_model()
             cfg = self.cfg
             source = bank_source(loaded, cfg.corpus, self.bank_cfg, cfg.holdout_fraction, cfg.seed)
             identity = {"model": spec_identity(spec), "corpus": corpus_identity(cfg.corpus),
@@ -165,6 +160,17 @@ class ActivationServer:
             self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg, progress=say)
             self._timings["banks"] = time.perf_counter() - t0
         return self._evaluator
+
+    def _evaluation_model(self) -> tuple[LoadedModel, ModelSpec]:
+        """The model evaluation scores on, and its spec: the eval twin or the harvest's model, always at the dtype
+        "auto" resolves to, so a harvest in another dtype changes the training data and not the scoring. The
+        harvest's loaded model serves when it is that model."""
+        harvest = self.cfg.model
+        spec = replace(harvest, source=self.eval_model or harvest.source, dtype="auto")
+        device = resolve_device(harvest.device)
+        if spec.source == harvest.source and resolve_dtype(harvest.dtype, device) == resolve_dtype("auto", device):
+            return self.harvester.loaded, harvest
+        return load_model(spec), spec
 
     def select_content_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """What selects (firing frequencies, control directions): held-out activations and labels of content

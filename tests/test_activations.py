@@ -177,7 +177,7 @@ def test_bad_model_inputs_have_clear_errors(tmp_path):
         describe_model(ModelSpec("tiny", layer=9))
     with pytest.raises(ValueError, match=r"layer 40 is out of range for 'embedded': it has 18 layers"):
         describe_model(ModelSpec("embedded", layer=40))
-    with pytest.raises(ValueError, match=r"unknown dtype 'fp8'; valid dtypes"):
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp8'; valid: \['auto'"):
         ModelSpec("tiny", dtype="fp8")
     with pytest.raises(ModelNotFoundError, match=r"cannot be found offline"):
         load_model(ModelSpec(str(tmp_path / "no-such-model")))
@@ -189,3 +189,23 @@ def test_bad_model_inputs_have_clear_errors(tmp_path):
         CorpusSpec("wmdp", forget=str(tmp_path / "no-such-corpus.jsonl"))
     with pytest.raises(ValueError, match=r"store_dtype"):
         HarvestConfig(store_dtype="int8")
+
+
+def test_a_bf16_harvest_trains_on_bf16_rows_and_is_scored_at_float32(ray_session, tmp_path):
+    """``harvest_dtype`` changes the training data (its own harvest key, every row a bf16 value) and not the
+    scoring: the evaluator runs the model at the dtype "auto" gives on this device (float32 on a CPU)."""
+    from hsae.spaces import get_profile
+    from tests.helpers import served_evaluator
+    from tune.ablate import harvest_config
+
+    bf16, fp32 = (harvest(harvest_config(get_profile("tiny", harvest_dtype=d)), root=tmp_path, progress=None)
+                  for d in ("bfloat16", "float32"))
+    assert bf16.key != fp32.key
+    x, x32 = bf16.arrays("train")[0], fp32.arrays("train")[0]
+    rows = torch.as_tensor(np.asarray(x[np.arange(256)]))
+    assert torch.equal(rows.to(torch.bfloat16).float(), rows)  # computed in bf16
+    assert not torch.equal(rows, torch.as_tensor(np.asarray(x32[np.arange(256)])))
+    evaluator = served_evaluator("tiny", tmp_path, harvest_dtype="bfloat16")
+    assert next(evaluator.loaded.model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"unknown harvest_dtype 'fp8'; valid: \['auto', 'float32'"):
+        get_profile("tiny", harvest_dtype="fp8")

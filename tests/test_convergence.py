@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from hsae.config import TrainConfig
 from hsae.convergence import convergence_verdict, is_converged, log_every_for, val_mse_rel_change
 from hsae.spaces import get_profile
 
@@ -40,14 +41,22 @@ def test_every_profile_logs_at_least_every_five_percent(profile, steps):
 
 
 def test_lr_schedule_warms_up_holds_and_decays_to_zero():
-    cfg = get_profile("embedded").train_config(42)
+    cfg = TrainConfig(steps=1000, lr=2e-3, lr_warmup_steps=50, lr_decay_fraction=0.2)
     lrs = [cfg.lr_at(s) for s in range(cfg.steps)]
     assert lrs[0] == pytest.approx(cfg.lr / cfg.lr_warmup_steps)
     assert lrs[cfg.lr_warmup_steps] == pytest.approx(cfg.lr)
-    half = cfg.steps // 2
-    assert lrs[half - 1] == pytest.approx(cfg.lr)
-    assert all(b <= a for a, b in zip(lrs[half:], lrs[half + 1:], strict=False))
+    assert cfg.decay_start() == 800 and lrs[799] == pytest.approx(cfg.lr)
+    assert all(b < a for a, b in zip(lrs[800:], lrs[801:], strict=False))
     assert 0 < lrs[-1] < 0.01 * cfg.lr
+
+
+def test_embedded_profile_holds_its_rate_to_the_end_and_freezes_the_coefficient_for_the_last_fifth():
+    # No decay: the plateau is read on the last 20% of the steps, one fixed objective at a constant rate.
+    cfg = get_profile("embedded").train_config(42)
+    lrs = [cfg.lr_at(s) for s in range(cfg.steps)]
+    assert lrs[0] == pytest.approx(cfg.lr / cfg.lr_warmup_steps)
+    assert all(lr == pytest.approx(cfg.lr) for lr in lrs[cfg.lr_warmup_steps:])
+    assert cfg.decay_start() == cfg.steps and cfg.calibration_end() == round(0.8 * cfg.steps)
 
 
 # 1,000 steps logged every 50: constant rate to 800 (the plateau window 600..800), linear decay to 0 over the last 200.

@@ -221,11 +221,11 @@ def resolve(args: argparse.Namespace) -> Plan:
     check_args(args)
     profile = resolve_profile(args)
     args.objectives_parsed = parse_objectives(args.objectives, evaluate=profile.evaluate)
-    spec = ModelSpec(profile.model, layer=profile.layer)
-    config = model_config(spec)
-    model = describe_model(spec, config)  # the model's facts, layer checked
-    twin = check_eval_model(profile, model)
     harvest = harvest_config(profile)
+    spec = harvest.model
+    config = model_config(spec)
+    model = describe_model(spec, config)  # the model's facts (the harvest's dtype), layer checked
+    twin = check_eval_model(profile, model)
     context = sweep_context(profile, harvest_key(harvest))
     names = list(SPACE_NAMES) if args.space == "all" else [args.space]
     spaces = [load_space(n) for n in names]
@@ -313,7 +313,7 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
 
 
 def harvest_config(profile: Profile) -> HarvestConfig:
-    return HarvestConfig(model=ModelSpec(profile.model, layer=profile.layer),
+    return HarvestConfig(model=ModelSpec(profile.model, layer=profile.layer, dtype=profile.harvest_dtype),
                          corpus=CorpusSpec(profile.corpus, forget=profile.forget_corpus, retain=profile.retain_corpus),
                          ctx_len=profile.ctx_len, n_ctxs=profile.n_ctxs, n_eval_ctxs=profile.n_eval_ctxs,
                          holdout_fraction=profile.holdout_fraction, forget_fraction=profile.forget_fraction)
