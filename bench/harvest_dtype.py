@@ -6,7 +6,8 @@
    declared headline (recomputed from each grid, chosen on select questions), each seed's difference, their mean,
    and the seed noise the verdict's test carries (the fp32 run's two-way residual s.d., ``hsae.budget.seed_noise``).
 
-    python bench/harvest_dtype.py [--contexts 16] [--compare RESULTS_FP32 RESULTS_BF16 [--arm relu]]
+    python bench/harvest_dtype.py [--contexts 16]                          # 1.
+    python bench/harvest_dtype.py --compare RESULTS_FP32 RESULTS_BF16 [--arm relu]   # 2.
 """
 
 from __future__ import annotations
@@ -49,12 +50,17 @@ def paired(fp32_dir: str, bf16_dir: str, arm: str) -> pd.DataFrame:
     metrics = [*METRICS, headline]
     points = budget_points(main, metrics)
     noise = {m: seed_noise(points, m) for m in metrics}
-    mine = points[points["arm"] == arm].set_index("seed")[metrics]
     theirs = budget_points(other, metrics)
     if theirs.attrs["bank"] != points.attrs["bank"]:
         raise SystemExit("the two runs scored different question banks: their headlines are not comparable")
-    theirs = theirs[theirs["arm"] == arm].set_index("seed")[metrics]
-    table = mine.join(theirs, lsuffix="_fp32", rsuffix="_bf16", how="inner")
+    mine, theirs = (p[p["arm"] == arm].set_index("seed") for p in (points, theirs))
+    recipe = ["steps", *sorted({c for c in [*mine, *theirs] if c.startswith("cfg_")})]  # absent: NaN, as unset
+    same = mine.reindex(columns=recipe).join(theirs.reindex(columns=recipe), lsuffix="_a", rsuffix="_b", how="inner")
+    differ = [c for c in recipe if not same[f"{c}_a"].equals(same[f"{c}_b"])]
+    if differ:  # a pair must differ in the harvest alone
+        raise SystemExit(f"the two runs trained {arm} with different recipes ({', '.join(differ)}): re-run the bf16 "
+                         "harvest with the same --steps and --set values")
+    table = mine[metrics].join(theirs[metrics], lsuffix="_fp32", rsuffix="_bf16", how="inner")
     for m in metrics:
         table[f"{m}_diff"] = table[f"{m}_bf16"] - table[f"{m}_fp32"]
     table.attrs["noise"], table.attrs["metrics"] = noise, metrics
@@ -67,10 +73,10 @@ def main() -> None:
     p.add_argument("--compare", nargs=2, metavar=("RESULTS_FP32", "RESULTS_BF16"))
     p.add_argument("--arm", default="relu")
     args = p.parse_args()
-    rates = {d: forward_rate(d, args.contexts) for d in ("float32", "bfloat16")}
-    print(f"harvest forward on {torch.get_num_threads()} threads: float32 {rates['float32']:,.0f} tokens/s, "
-          f"bfloat16 {rates['bfloat16']:,.0f} tokens/s: bf16 {rates['bfloat16'] / rates['float32']:.2f}x")
     if not args.compare:
+        rates = {d: forward_rate(d, args.contexts) for d in ("float32", "bfloat16")}
+        print(f"harvest forward on {torch.get_num_threads()} threads: float32 {rates['float32']:,.0f} tokens/s, "
+              f"bfloat16 {rates['bfloat16']:,.0f} tokens/s: bf16 {rates['bfloat16'] / rates['float32']:.2f}x")
         return
     table = paired(*args.compare, args.arm)
     print(f"\n{args.arm}, fp32 harvest ({args.compare[0]}) vs bf16 harvest ({args.compare[1]}), paired by seed:")

@@ -3,10 +3,10 @@
 Two checks, both on the held-out MSE, both pure functions of (step, val_mse) pairs so anyone can
 recompute the verdict from ``curves.parquet``:
 
-- the plateau: over the last ``WINDOW`` of the constant-rate steps before the learning-rate decay, the MSE
-  changed by less than ``TOLERANCE`` per ``WINDOW`` of the steps, and so did the L0 controller's
-  coefficient where it still acts there (a fixed objective in effect, at a fixed rate). A decay schedule
-  cannot pass it: it is read before the decay starts;
+- the plateau: over the last ``WINDOW`` of the constant-rate steps before the learning-rate decay (of all the
+  steps when there is no decay), the MSE changed by less than ``TOLERANCE`` per ``WINDOW`` of the steps, and so
+  did the L0 controller's coefficient where it still acts there (a fixed objective in effect, at a fixed rate).
+  A decay schedule cannot pass it: it is read before the decay starts;
 - the end: over the last ``WINDOW`` of the steps it did not rise by ``TOLERANCE`` or more (no instability or
   over-fitting at the end). One-sided: a learning-rate decay there is meant to lower it, and how much a decay
   gains says nothing about whether more tokens would help (the plateau says that).

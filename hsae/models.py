@@ -29,12 +29,6 @@ EMBEDDED = "embedded"
 TINY = "tiny"
 REAL_DEFAULT = "google/gemma-2-2b"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_dtype_name(name: str, value: Any) -> None:
-    """A model dtype is "auto" or one of DTYPES; anything else is refused with the valid choices."""
-    if value != "auto" and value not in DTYPES:
-        raise ValueError(f"unknown {name} {value!r}; valid: ['auto', {', '.join(map(repr, DTYPES))}]")
 # The paper reads layer 19 of Gemma-2-2B's 26 layers; other models default to the same relative depth.
 PAPER_LAYER, PAPER_LAYERS = 19, 26
 
@@ -42,6 +36,12 @@ PAPER_LAYER, PAPER_LAYERS = 19, 26
 def default_layer(n_layers: int) -> int:
     """The paper's relative depth on a model with ``n_layers`` blocks (13 of 18, 2 of 4, 19 of 26)."""
     return (n_layers * PAPER_LAYER) // PAPER_LAYERS
+
+
+def check_dtype_name(name: str, value: Any) -> None:
+    """A model dtype is "auto" or one of DTYPES; anything else is refused with the valid choices."""
+    if value != "auto" and value not in DTYPES:
+        raise ValueError(f"unknown {name} {value!r}; valid: ['auto', {', '.join(map(repr, DTYPES))}]")
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The harvest's dtype. "auto": bfloat16 on a GPU that computes it natively (the same capability rule as
-    training, hsae.machine), float32 elsewhere. On a CPU the harvest stays float32 even where bf16 is fast:
-    the dtype changes the activations, hence the study's data and its harvest key, and a bf16 harvest has
-    not been shown to give the same SAEs (docs/performance.md, "Precision and concurrency")."""
+    """A model's dtype. "auto": bfloat16 on a GPU that computes it natively (the same capability rule as
+    training, hsae.machine), float32 elsewhere. On a CPU a harvest stays float32 even where bf16 is fast unless
+    asked (``Profile.harvest_dtype``): the dtype changes the activations, hence the study's data and its harvest
+    key, and a cached harvest makes the saving small (docs/performance.md, "A bf16 harvest")."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if resolve_precision("auto", device, 1, 1).precision == "bf16" else torch.float32

@@ -118,15 +118,15 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("val_mse_rel_change", "float64", "relative change of held-out MSE over the last 20% of steps "
        "(curves.parquet; docs/training.md)", "fraction", group=_TRAIN),
     _c("plateau_rel_change", "float64", "relative change of held-out MSE over the last 20% of the constant-rate "
-       "steps before the lr decay (plateau_start_step .. plateau_end_step), per 20% of the steps "
-       "(docs/training.md)", "fraction", group=_TRAIN),
+       "steps before the lr decay, the last 20% of all steps when there is none (plateau_start_step .. "
+       "plateau_end_step), per 20% of the steps (docs/training.md)", "fraction", group=_TRAIN),
     _c("plateau_multiplier_change", "float64", "relative change of the L0 controller's sparsity multiplier over the "
        "same window, same scaling: the objective was fixed in effect when it is under 0.02 (null: no controller)",
        "fraction", group=_TRAIN),
     _c("plateau_start_step", "Int64", "first logged step of the plateau window (null: the schedule leaves no "
        "window of >= 10% of the steps: never converged)", "steps", group=_TRAIN),
-    _c("plateau_end_step", "Int64", "last logged step of the plateau window (at or before the lr decay starts)",
-       "steps", group=_TRAIN),
+    _c("plateau_end_step", "Int64", "last logged step of the plateau window (at or before the lr decay starts, or "
+       "the last)", "steps", group=_TRAIN),
     _c("converged", "boolean", "|plateau_rel_change| < 0.02, |plateau_multiplier_change| < 0.02 (where a controller "
        "acts) and val_mse_rel_change < 0.02: more tokens at the constant rate and a fixed objective stopped helping "
        "and the end is stable; unconverged rows are marked in the report and never ranked", label="converged",

@@ -162,14 +162,15 @@ class ActivationServer:
         return self._evaluator
 
     def _evaluation_model(self) -> tuple[LoadedModel, ModelSpec]:
-        """The model evaluation scores on, and its spec: the eval twin or the harvest's model, always at the dtype
-        "auto" resolves to, so a harvest in another dtype changes the training data and not the scoring. The
-        harvest's loaded model serves when it is that model."""
+        """The model that answers the questions and gives CE/KL, and its spec: the eval twin or the harvest's model,
+        always at the dtype "auto" resolves to; the harvest's loaded model serves when it is that model. What a
+        harvest's dtype still reaches: every activation row it wrote, the held-out ones included (feature selection,
+        control directions, the sparse probe, each row's EV and L0)."""
         harvest = self.cfg.model
         spec = replace(harvest, source=self.eval_model or harvest.source, dtype="auto")
         device = resolve_device(harvest.device)
         if spec.source == harvest.source and resolve_dtype(harvest.dtype, device) == resolve_dtype("auto", device):
-            return self.harvester.loaded, harvest
+            return self.harvester.loaded, spec
         return load_model(spec), spec
 
     def select_content_rows(self) -> tuple[np.ndarray, np.ndarray]:

@@ -120,8 +120,8 @@ class Profile:
     # every other candidate is secondary. Recorded on each trial row.
     headline_metric: str = "frontier_area"
     # The harvest's dtype (hsae.models.DTYPES, or "auto": bf16 on a GPU that computes it natively, else float32).
-    # It changes the training data, hence the harvest key; evaluation always runs the model at "auto", so two runs
-    # of different harvest dtypes are scored alike (docs/performance.md, "A bf16 harvest").
+    # It changes every activation row, held-out ones included, hence the harvest key; the model that answers the
+    # questions and gives CE/KL always runs at "auto" (docs/performance.md, "A bf16 harvest").
     harvest_dtype: str = "auto"
 
     def __post_init__(self) -> None:

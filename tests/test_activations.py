@@ -194,9 +194,11 @@ def test_bad_model_inputs_have_clear_errors(tmp_path):
 def test_a_bf16_harvest_trains_on_bf16_rows_and_is_scored_at_float32(ray_session, tmp_path):
     """``harvest_dtype`` changes the training data (its own harvest key, every row a bf16 value) and not the
     scoring: the evaluator runs the model at the dtype "auto" gives on this device (float32 on a CPU)."""
+    from hsae.models import resolve_dtype
+    from hsae.server import ActivationServer
     from hsae.spaces import get_profile
     from tests.helpers import served_evaluator
-    from tune.ablate import harvest_config
+    from tune.ablate import eval_config, harvest_config
 
     bf16, fp32 = (harvest(harvest_config(get_profile("tiny", harvest_dtype=d)), root=tmp_path, progress=None)
                   for d in ("bfloat16", "float32"))
@@ -206,6 +208,11 @@ def test_a_bf16_harvest_trains_on_bf16_rows_and_is_scored_at_float32(ray_session
     assert torch.equal(rows.to(torch.bfloat16).float(), rows)  # computed in bf16
     assert not torch.equal(rows, torch.as_tensor(np.asarray(x32[np.arange(256)])))
     evaluator = served_evaluator("tiny", tmp_path, harvest_dtype="bfloat16")
-    assert next(evaluator.loaded.model.parameters()).dtype == torch.float32
+    auto = resolve_dtype("auto", evaluator.loaded.device)
+    assert next(evaluator.loaded.model.parameters()).dtype == auto == torch.float32  # a CPU test machine
+    tiny = get_profile("tiny")
+    eval_cfg, bank_cfg = eval_config(tiny)
+    server = ActivationServer(harvest_config(tiny), cache_root=str(tmp_path), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
+    assert server.evaluator().loaded is server.harvester.loaded  # at "auto" the harvest's model serves: no copy
     with pytest.raises(ValueError, match=r"unknown harvest_dtype 'fp8'; valid: \['auto', 'float32'"):
         get_profile("tiny", harvest_dtype="fp8")

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from hsae.config import TrainConfig
-from hsae.convergence import convergence_verdict, is_converged, log_every_for, val_mse_rel_change
+from hsae.convergence import convergence_verdict, is_converged, log_every_for, plateau_window, val_mse_rel_change
 from hsae.spaces import get_profile
 
 
@@ -56,7 +56,10 @@ def test_embedded_profile_holds_its_rate_to_the_end_and_freezes_the_coefficient_
     lrs = [cfg.lr_at(s) for s in range(cfg.steps)]
     assert lrs[0] == pytest.approx(cfg.lr / cfg.lr_warmup_steps)
     assert all(lr == pytest.approx(cfg.lr) for lr in lrs[cfg.lr_warmup_steps:])
-    assert cfg.decay_start() == cfg.steps and cfg.calibration_end() == round(0.8 * cfg.steps)
+    logged = list(range(0, cfg.steps + 1, cfg.log_every))
+    window = plateau_window(logged, [1.0] * len(logged), cfg.steps, warm_until=cfg.lr_warmup_steps,
+                            decay_start=cfg.decay_start())
+    assert window == (cfg.calibration_end(), cfg.steps) == (0.8 * cfg.steps, cfg.steps)
 
 
 # 1,000 steps logged every 50: constant rate to 800 (the plateau window 600..800), linear decay to 0 over the last 200.
