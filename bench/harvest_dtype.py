@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from hsae.budget import seed_noise  # noqa: E402
+from hsae.budget import recipe_difference, seed_noise  # noqa: E402
 from hsae.models import ModelSpec, load_model, stopped_forward  # noqa: E402
 
 METRICS = ["explained_variance", "l0"]
@@ -53,14 +53,15 @@ def paired(fp32_dir: str, bf16_dir: str, arm: str) -> pd.DataFrame:
     theirs = budget_points(other, metrics)
     if theirs.attrs["bank"] != points.attrs["bank"]:
         raise SystemExit("the two runs scored different question banks: their headlines are not comparable")
-    mine, theirs = (p[p["arm"] == arm].set_index("seed") for p in (points, theirs))
-    recipe = ["steps", *sorted({c for c in [*mine, *theirs] if c.startswith("cfg_")})]  # absent: NaN, as unset
-    same = mine.reindex(columns=recipe).join(theirs.reindex(columns=recipe), lsuffix="_a", rsuffix="_b", how="inner")
-    differ = [c for c in recipe if not same[f"{c}_a"].equals(same[f"{c}_b"])]
+    mine, theirs = (p[p["arm"] == arm] for p in (points, theirs))
+    pairs = theirs.merge(mine, on="seed", suffixes=("_bf16", ""))
+    recipe = ["steps", *(c for c in mine if c.startswith("cfg_") and f"{c}_bf16" in pairs)]
+    differ = {recipe_difference(r, recipe, "_bf16") for r in pairs.to_dict("records")} - {None}
     if differ:  # a pair must differ in the harvest alone
-        raise SystemExit(f"the two runs trained {arm} with different recipes ({', '.join(differ)}): re-run the bf16 "
-                         "harvest with the same --steps and --set values")
-    table = mine[metrics].join(theirs[metrics], lsuffix="_fp32", rsuffix="_bf16", how="inner")
+        raise SystemExit(f"the two runs trained {arm} with different recipes ({', '.join(sorted(differ))}): re-run "
+                         "the bf16 harvest with the same --steps and --set values")
+    table = pairs.set_index("seed")[[*metrics, *(f"{m}_bf16" for m in metrics)]].rename(
+        columns={m: f"{m}_fp32" for m in metrics})
     for m in metrics:
         table[f"{m}_diff"] = table[f"{m}_bf16"] - table[f"{m}_fp32"]
     table.attrs["noise"], table.attrs["metrics"] = noise, metrics

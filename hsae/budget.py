@@ -50,12 +50,21 @@ def twins(main: pd.DataFrame, budget: pd.DataFrame) -> pd.DataFrame:
         if not r["steps_budget"] > r["steps"]:
             raise ValueError(f"{where}: the budget run's {r['steps_budget']} steps are not more than the main job's "
                              f"{r['steps']} (run it with --steps)")
-        for c in recipe:
-            a, b = r[c], r[f"{c}_budget"]
-            if not (a == b or (pd.isna(a) and pd.isna(b))):
-                raise ValueError(f"{where}: the runs' recipes differ ({c.removeprefix('cfg_')} {a} in the main job, "
-                                 f"{b} in the budget run): only the steps may differ")
+        c = recipe_difference(r, recipe, "_budget")
+        if c is not None:
+            raise ValueError(f"{where}: the runs' recipes differ ({c.removeprefix('cfg_')} {r[c]} in the main job, "
+                             f"{r[f'{c}_budget']} in the budget run): only the steps may differ")
     return pairs
+
+
+def recipe_difference(pair: dict, recipe: list[str], suffix: str) -> str | None:
+    """The first of the ``recipe`` columns whose values differ between the two sides of a joined pair of trials
+    (``c`` and ``c + suffix``; unset on both sides is the same); None when they agree."""
+    for c in recipe:
+        a, b = pair[c], pair[f"{c}{suffix}"]
+        if not (a == b or (pd.isna(a) and pd.isna(b))):
+            return c
+    return None
 
 
 def budget_check(main: pd.DataFrame, budget: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:

@@ -55,14 +55,18 @@ def served_evaluator(profile: str, root: Path, **overrides: Any) -> Any:
     itself (a plain object here, not an actor; Ray must be initialised for its ``ray.put``): the corpus
     split by document first, the question bank from held-out documents only, firing frequencies and control
     directions from held-out content activations. A regression in that split reaches every test using it."""
+    return served(profile, root, **overrides).evaluator()
+
+
+def served(profile: str, root: Path, **overrides: Any) -> Any:
+    """The activation server of a sweep on ``profile`` (``overrides``: its fields), as a plain object."""
     from hsae.server import ActivationServer
     from hsae.spaces import get_profile
     from tune.ablate import eval_config, harvest_config
 
     chosen = get_profile(profile, **overrides)
     eval_cfg, bank_cfg = eval_config(chosen)
-    server = ActivationServer(harvest_config(chosen), cache_root=str(root), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
-    return server.evaluator()
+    return ActivationServer(harvest_config(chosen), cache_root=str(root), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
 
 
 def assert_evaluation_held_out(evaluator: Any, profile: str, root: Path, **overrides: Any) -> None:

@@ -195,10 +195,9 @@ def test_a_bf16_harvest_trains_on_bf16_rows_and_is_scored_at_float32(ray_session
     """``harvest_dtype`` changes the training data (its own harvest key, every row a bf16 value) and not the
     scoring: the evaluator runs the model at the dtype "auto" gives on this device (float32 on a CPU)."""
     from hsae.models import resolve_dtype
-    from hsae.server import ActivationServer
     from hsae.spaces import get_profile
-    from tests.helpers import served_evaluator
-    from tune.ablate import eval_config, harvest_config
+    from tests.helpers import served, served_evaluator
+    from tune.ablate import harvest_config
 
     bf16, fp32 = (harvest(harvest_config(get_profile("tiny", harvest_dtype=d)), root=tmp_path, progress=None)
                   for d in ("bfloat16", "float32"))
@@ -210,9 +209,7 @@ def test_a_bf16_harvest_trains_on_bf16_rows_and_is_scored_at_float32(ray_session
     evaluator = served_evaluator("tiny", tmp_path, harvest_dtype="bfloat16")
     auto = resolve_dtype("auto", evaluator.loaded.device)
     assert next(evaluator.loaded.model.parameters()).dtype == auto == torch.float32  # a CPU test machine
-    tiny = get_profile("tiny")
-    eval_cfg, bank_cfg = eval_config(tiny)
-    server = ActivationServer(harvest_config(tiny), cache_root=str(tmp_path), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
+    server = served("tiny", tmp_path)
     assert server.evaluator().loaded is server.harvester.loaded  # at "auto" the harvest's model serves: no copy
     with pytest.raises(ValueError, match=r"unknown harvest_dtype 'fp8'; valid: \['auto', 'float32'"):
         get_profile("tiny", harvest_dtype="fp8")
