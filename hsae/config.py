@@ -111,6 +111,11 @@ class TrainConfig:
     # Resample latents dead for ``dead_tokens`` (the variant's parameter) every this many steps of the
     # calibration phase, in variants with an L1 penalty (0: never; docs/training.md, "Dead latents").
     resample_every: int = 0
+    # Train until converged (docs/training.md, "Extensions"): while the convergence rule fails at the last step,
+    # train ``extension_steps`` more, at most ``max_extensions`` times. The calibration phase keeps its fraction
+    # of the longer run, so the controller acts again and the last 20% are again one fixed objective.
+    extension_steps: int = 0
+    max_extensions: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
@@ -140,6 +145,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         check_positive("l0_control_gain", self.l0_control_gain)
         check_positive_int("resample_every", self.resample_every, minimum=0)
+        check_positive_int("extension_steps", self.extension_steps, minimum=0)
+        check_positive_int("max_extensions", self.max_extensions, minimum=0)
+        if self.max_extensions and self.lr_decay_fraction:
+            raise ValueError(f"max_extensions={self.max_extensions} continues a run at its constant rate: it needs "
+                             f"lr_decay_fraction=0, got {self.lr_decay_fraction}")
+
+    def extended(self, times: int) -> TrainConfig:
+        """This schedule ``times`` extensions longer (docs/training.md, "Extensions")."""
+        return dataclasses.replace(self, steps=self.steps + times * self.extension_steps)
+
+    def max_steps(self) -> int:
+        """The most steps a run may train: its budget and every extension."""
+        return self.extended(self.max_extensions).steps if self.extension_steps else self.steps
 
     def calibration_end(self) -> int:
         """The first step after the calibration phase: from here the objective and the dictionary's

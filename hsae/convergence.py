@@ -1,7 +1,9 @@
 """The convergence verdict every trial carries (docs/training.md, "When is an SAE trained?").
 
 Two checks, both on the held-out MSE, both pure functions of (step, val_mse) pairs so anyone can
-recompute the verdict from ``curves.parquet``:
+recompute the verdict from ``curves.parquet``. Each reads a window's change between its two ends, where an end's
+level is the median of the ``END_POINTS`` logged points nearest it: one held-out evaluation that lands on a
+transient (a resampling, a jump of the assignment) neither fails a flat curve nor passes a falling one.
 
 - the plateau: over the last ``WINDOW`` of the constant-rate steps before the learning-rate decay (of all the
   steps when there is no decay), the MSE changed by less than ``TOLERANCE`` per ``WINDOW`` of the steps, and so
@@ -15,27 +17,32 @@ recompute the verdict from ``curves.parquet``:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 WINDOW = 0.2  # the last fifth of the steps
 TOLERANCE = 0.02  # |relative change of held-out MSE| over the window
-MAX_LOG_GAP = 0.05  # held-out MSE is logged at least every 5% of the steps
+MAX_LOG_GAP = 0.025  # held-out MSE logged at least every 2.5% of the steps: 9 points in a window, 3 at each end
 MIN_PLATEAU = 0.1  # a plateau window shorter than this fraction of the steps gives no verdict
+END_POINTS = 3  # an end's level: the median of this many logged points (at most half the window's points)
 
 
 def val_mse_rel_change(steps: Sequence[float], val_mse: Sequence[float], total_steps: int) -> float:
-    """(MSE at the last step - MSE at the window's start) / MSE at the window's start.
+    """(level at the window's end - level at its start) / level at its start, the levels read by ``end_levels``.
 
     The window starts at the last logged step at or before ``(1 - WINDOW) * total_steps``; NaN when the
     curve has no point there or none at ``total_steps``.
     """
-    points = {float(s): float(v) for s, v in zip(steps, val_mse, strict=True) if v is not None and math.isfinite(v)}
+    points = _finite_points(steps, val_mse)
     start_limit = (1.0 - WINDOW) * total_steps
     starts = [s for s in points if s <= start_limit + 1e-9]
     if not starts or float(total_steps) not in points:
         return float("nan")
-    start = points[max(starts)]
-    return (points[float(total_steps)] - start) / start if start > 0 else float("nan")
+    levels = end_levels(points, (max(starts), float(total_steps)))
+    if levels is None or levels[0][1] <= 0:
+        return float("nan")
+    (_, start), (_, end) = levels
+    return (end - start) / start
 
 
 def is_converged(rel_change: float) -> bool:
@@ -64,13 +71,31 @@ def plateau_window(steps: Sequence[float], val_mse: Sequence[float], total_steps
     return inside[0], inside[-1]
 
 
+def end_levels(points: dict[float, float], window: tuple[float, float]
+               ) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """((step, level) at the window's start, (step, level) at its end): each end's level is the median of its
+    ``END_POINTS`` nearest logged points inside the window (fewer when the window holds fewer than twice that),
+    its step the median of theirs. None when an end of the window is not a logged point."""
+    if window[0] not in points or window[1] not in points:
+        return None
+    inside = sorted(s for s in points if window[0] - 1e-9 <= s <= window[1] + 1e-9)
+    k = max(1, min(END_POINTS, len(inside) // 2))
+
+    def level(chosen: list[float]) -> tuple[float, float]:
+        return statistics.median(chosen), statistics.median(points[s] for s in chosen)
+
+    return level(inside[:k]), level(inside[-k:])
+
+
 def _window_change(points: dict[float, float], window: tuple[float, float], total_steps: int) -> float:
-    """Relative change of a curve across ``window``, scaled to ``WINDOW`` of the steps (a shorter window's
-    change is extrapolated at its rate); NaN where the curve lacks a point or starts at <= 0."""
-    if window[0] not in points or window[1] not in points or points[window[0]] <= 0:
+    """Relative change of a curve between the levels of the window's ends, scaled to ``WINDOW`` of the steps
+    (a change over a shorter span is extrapolated at its rate); NaN where the curve lacks an end or starts at
+    <= 0."""
+    levels = end_levels(points, window)
+    if levels is None or levels[0][1] <= 0:
         return float("nan")
-    start, end = points[window[0]], points[window[1]]
-    return (end - start) / start * (WINDOW * total_steps) / (window[1] - window[0])
+    (start_step, start), (end_step, end) = levels
+    return (end - start) / start * (WINDOW * total_steps) / (end_step - start_step)
 
 
 def convergence_verdict(steps: Sequence[float], val_mse: Sequence[float], total_steps: int, warm_until: int,

@@ -78,7 +78,8 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "(two or more: a multi-objective study; the report draws its Pareto front)", group=_META),
     _c("search_study", "string", "--search optuna: the Optuna study the trial belongs to (in --optuna-storage, "
        "default optuna.db in the results directory)", group=_META),
-    _c("steps", "Int64", "training steps taken", "steps", group=_TRAIN),
+    _c("steps", "Int64", "training steps taken: cfg_steps + extensions x cfg_extension_steps", "steps",
+       group=_TRAIN),
     _c("tokens", "Int64", "training tokens seen (steps x batch size)", "tokens", group=_TRAIN),
     _c("wall_s", "float64", "training wall time", "s", group=_TRAIN),
     _c("tokens_per_s", "float64", "training throughput", "tokens/s", "higher", group=_TRAIN),
@@ -115,11 +116,13 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "lower", group=_TRAIN),
     _c("val_mse", "float64", "held-out MSE at the last step (ASHA's metric)", "normalised units", "lower",
        group=_TRAIN),
-    _c("val_mse_rel_change", "float64", "relative change of held-out MSE over the last 20% of steps "
-       "(curves.parquet; docs/training.md)", "fraction", group=_TRAIN),
+    _c("val_mse_rel_change", "float64", "relative change of held-out MSE over the last 20% of steps, each end's "
+       "level the median of its 3 nearest logged points (curves.parquet; docs/training.md)", "fraction",
+       group=_TRAIN),
     _c("plateau_rel_change", "float64", "relative change of held-out MSE over the last 20% of the constant-rate "
        "steps before the lr decay, the last 20% of all steps when there is none (plateau_start_step .. "
-       "plateau_end_step), per 20% of the steps (docs/training.md)", "fraction", group=_TRAIN),
+       "plateau_end_step), each end's level the median of its 3 nearest logged points, per 20% of the steps "
+       "(docs/training.md)", "fraction", group=_TRAIN),
     _c("plateau_multiplier_change", "float64", "relative change of the L0 controller's sparsity multiplier over the "
        "same window, same scaling: the objective was fixed in effect when it is under 0.02 (null: no controller)",
        "fraction", group=_TRAIN),
@@ -137,6 +140,9 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("l0_target_met", "boolean", "held-out l0 within 5% of cfg_target_l0; null without a target", group=_TRAIN),
     _c("revived_latents", "Int64", "dead latents resampled during the calibration phase (cfg_resample_every)",
        "latents", group=_TRAIN),
+    _c("extensions", "Int64", "times the trial trained cfg_extension_steps more because the convergence rule failed "
+       "at its last step (at most cfg_max_extensions; docs/training.md, \"Extensions\")", "extensions",
+       group=_TRAIN),
     _c("unique_train_tokens", "Int64", "distinct activation rows (tokens) the SAE's batches drew from", "tokens",
        group=_TRAIN),
     _c("stream_start_batch", "Int64", "stream mode: the first stream batch the trial trained on (it trained on "

@@ -116,6 +116,11 @@ class Profile:
     # TrainConfig.calibration_fraction and resample_every (dead latents resampled; 0: never).
     calibration_fraction: float = 0.6
     resample_every: int = 0
+    # TrainConfig.extension_steps and max_extensions: a trial the convergence rule fails trains on, this many steps
+    # at a time (docs/training.md, "Extensions"). Cached activations only: a stream serves each trial a fixed
+    # number of batches, so a streamed trial trains its budget (its row says cfg_max_extensions = 0).
+    extension_steps: int = 0
+    max_extensions: int = 0
     # The metric the verdict's claims are made on, declared before the run (docs/evaluation.md, "Headline");
     # every other candidate is secondary. Recorded on each trial row.
     headline_metric: str = "frontier_area"
@@ -152,7 +157,9 @@ class Profile:
                            log_every=min(self.log_every, log_every_for(self.steps)),
                            checkpoint_every=self.checkpoint_every, device="auto",
                            autocast=AUTOCAST.get(precision, precision),
-                           calibration_fraction=self.calibration_fraction, resample_every=self.resample_every)
+                           calibration_fraction=self.calibration_fraction, resample_every=self.resample_every,
+                           extension_steps=self.extension_steps,
+                           max_extensions=self.max_extensions if self.activations == "cache" else 0)
 
     def trial_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """A space block's parameters with the profile's ``target_l0`` filled in where the block sets none."""
@@ -172,14 +179,15 @@ PROFILES: dict[str, Profile] = {
     # (260k training tokens, ~6 min to harvest), a 2x dictionary, 4500 steps x 1024 at lr 2e-3 with warm-up and
     # no decay; every variant trained to a held-out L0 of 64 (its sparsity coefficient calibrated over the first
     # 80% of the steps and frozen for the last 20%; dead latents resampled every 250 steps meanwhile) and judged
-    # converged on those last 20%: one fixed objective at a constant rate (docs/training.md). 40% of
+    # converged on those last 20%: one fixed objective at a constant rate (docs/training.md); a trial that is not trains
+    # on, 1,500 steps at a time, at most twice. 40% of
     # each domain's articles are held out (the cloze questions come from them), which leaves the forget
     # corpus 721 training contexts: 35% of the 2048.
     "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=2048, n_eval_ctxs=256,
                         ctx_len=128, d_sae=1280, steps=4500, batch_size=1024, lr=2e-3, log_every=75,
                         checkpoint_every=300, ce_contexts_per_domain=2, holdout_fraction=0.4, forget_fraction=0.35,
                         lr_warmup_steps=50, lr_decay_fraction=0.0, target_l0=64, calibration_fraction=0.8,
-                        resample_every=250),
+                        resample_every=250, extension_steps=1500, max_extensions=2),
     # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
                     d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,

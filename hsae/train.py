@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from hsae import metrics as M
 from hsae.atomic import atomic_dir
 from hsae.config import SAEConfig, TrainConfig
+from hsae.convergence import convergence_verdict
 from hsae.l0_control import L0Controller
 from hsae.machine import PrecisionChoice, resolve_precision
 from hsae.models import resolve_device
@@ -161,6 +162,7 @@ class TrainResult:
     # variants without one (TopK).
     sparsity_coeff: float | None = None
     revived_latents: int = 0  # dead latents resampled over the run
+    extensions: int = 0  # times the run trained on because the convergence rule failed (TrainConfig.max_extensions)
 
     @property
     def tokens_per_s(self) -> float:
@@ -215,7 +217,9 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
     ) -> None:
         self.sae_cfg = sae_cfg
+        self.budget = train_cfg  # the schedule asked for; ``cfg`` is it with the extensions trained so far
         self.cfg = train_cfg
+        self.extensions = 0
         self.device = resolve_device(train_cfg.device)
         self.on_progress = on_progress
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -318,13 +322,34 @@ class Trainer:
         t_start = time.perf_counter() - self.wall_s
         val_batch = None if eval_batch is None else uniform_rows(eval_batch, VALIDATION_ROWS)
         self.sae.train()
-        while self.step < self.cfg.steps:
-            out, batch_size = self._train_step(source.batch_at(self.step))
-            if self._is_log_step():
-                self.wall_s = time.perf_counter() - t_start
-                self._log(out, batch_size, val_batch)
+        while True:
+            while self.step < self.cfg.steps:
+                out, batch_size = self._train_step(source.batch_at(self.step))
+                if self._is_log_step():
+                    self.wall_s = time.perf_counter() - t_start
+                    self._log(out, batch_size, val_batch)
+            if val_batch is None or self.extensions >= self.cfg.max_extensions or self.convergence()["converged"]:
+                break
+            self._extend(self.extensions + 1)
         self.wall_s = time.perf_counter() - t_start
         return self._result(eval_batch if eval_batch is not None else source.batch_at(0), guard)
+
+    def convergence(self) -> dict[str, Any]:
+        """The convergence verdict (hsae.convergence) of the curve so far, over the current schedule."""
+        history = self.history
+        multiplier = None if self.controller is None else [h.get("sparsity_multiplier") for h in history]
+        return convergence_verdict([h["step"] for h in history], [h.get("val_mse") for h in history], self.cfg.steps,
+                                   self.warm_until, self.cfg.decay_start(), multiplier)
+
+    def _extend(self, extensions: int) -> None:
+        """Schedule ``extensions`` extensions: more steps, and the calibration phase (controller, resampling)
+        stretched to its fraction of them."""
+        if not self.budget.extension_steps:
+            return
+        self.extensions = extensions
+        self.cfg = self.budget.extended(extensions)
+        if self.controller is not None:
+            self.controller.end = self.cfg.calibration_end()
 
     def _train_step(self, batch: Batch) -> tuple[LossOutput, int]:
         x, labels = self._prepare(batch)
@@ -416,7 +441,7 @@ class Trainer:
         return TrainResult(sae=self.sae, scale=float(self.scale if self.scale is not None else 1.0), steps=self.step,
                            tokens=self.step * self.cfg.batch_size, wall_s=self.wall_s, metrics=final,
                            history=list(self.history), sparsity_coeff=self.sparsity_coeff(),
-                           revived_latents=self.revived_total)
+                           revived_latents=self.revived_total, extensions=self.extensions)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
@@ -433,6 +458,7 @@ class Trainer:
             "history": self.history,
             "controller": None if self.controller is None else self.controller.state(),
             "revived": [self.revived_total, self.revived_since_log],
+            "extensions": self.extensions,
         }
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / "sae.safetensors"))
@@ -459,6 +485,7 @@ class Trainer:
         if self.controller is not None:
             self.controller.load(meta["controller"])
         self.revived_total, self.revived_since_log = (int(v) for v in meta.get("revived", (0, 0)))
+        self._extend(int(meta.get("extensions", 0)))
 
 
 @torch.no_grad()

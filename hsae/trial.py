@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from hsae.config import SAEConfig
-from hsae.convergence import convergence_verdict
 from hsae.export import export_saelens, folded_state
 from hsae.external import ExternalSource, load_external
 from hsae.external import metrics as external_metrics
@@ -93,7 +92,7 @@ class TrialRun:
             return self._degenerate(exc.reason, result.metrics)
         values = training_values(result.steps, self.train_cfg.batch_size, result.wall_s, self.trainer.last_loss,
                                  result.metrics)
-        values.update(convergence_values(self.trainer, result.steps))
+        values.update(convergence_values(self.trainer))
         values.update(sparsity_values(result, self.sae_cfg))
         counted = isinstance(source, (ArrayBatches, StreamBatches))
         values["unique_train_tokens"] = source.unique_rows(result.steps) if counted else None
@@ -125,19 +124,17 @@ class TrialRun:
         return TrialOutcome(row, curve_rows(self.spec, self.trainer.history))
 
 
-def convergence_values(trainer: Trainer, steps: int) -> dict[str, Any]:
+def convergence_values(trainer: Trainer) -> dict[str, Any]:
     """The row's held-out MSE and convergence verdict, from the curve it will be recomputed from."""
     history = trainer.history
-    multiplier = None if trainer.controller is None else [h.get("sparsity_multiplier") for h in history]
-    verdict = convergence_verdict([h["step"] for h in history], [h.get("val_mse") for h in history], steps,
-                                  trainer.warm_until, trainer.cfg.decay_start(), multiplier)
-    return {"val_mse": history[-1].get("val_mse") if history else None, **verdict}
+    return {"val_mse": history[-1].get("val_mse") if history else None, **trainer.convergence()}
 
 
 def sparsity_values(result: TrainResult, sae_cfg: SAEConfig) -> dict[str, Any]:
     """The row's sparsity columns: the coefficient trained with, whether the held-out L0 met the target,
     how many dead latents were resampled."""
     return {"sparsity_coeff_final": result.sparsity_coeff, "revived_latents": result.revived_latents,
+            "extensions": result.extensions,
             "l0_target_met": target_met(result.metrics.get("l0"), sae_cfg.resolved.target_l0)}
 
 

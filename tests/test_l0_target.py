@@ -18,8 +18,9 @@ TEST_TOLERANCE = 0.15
 
 def train(data, variant, steps=STEPS, checkpoint_dir=None, on_progress=None, train_overrides=None, **params):
     cfg = SAEConfig(variant, D_IN, D_SAE, {**SMALL_PARAMS.get(variant, {}), **params})
-    tcfg = TrainConfig(steps=steps, batch_size=BATCH, lr=3e-3, log_every=25, lr_decay_fraction=0.2,
-                       checkpoint_every=10 if checkpoint_dir else 0, **(train_overrides or {}))
+    settings = {"log_every": 25, "lr_decay_fraction": 0.2, **(train_overrides or {})}
+    tcfg = TrainConfig(steps=steps, batch_size=BATCH, lr=3e-3, checkpoint_every=10 if checkpoint_dir else 0,
+                       **settings)
     trainer = Trainer(cfg, tcfg, on_progress=on_progress, checkpoint_dir=checkpoint_dir)
     n_train = len(data.x) - 2048
     source = ArrayBatches(data.x[:n_train], data.labels[:n_train], BATCH, tcfg.seed)
@@ -153,3 +154,69 @@ def test_resume_restores_controller_and_resampling_exactly(synthetic, tmp_path):
     for name, value in whole.sae.state_dict().items():
         assert torch.equal(value, resumed.sae.state_dict()[name]), name
     assert whole.sparsity_coeff == resumed.sparsity_coeff and whole.revived_latents == resumed.revived_latents
+
+
+# A budget too short for the planted data: the held-out MSE still falls over its last 20%.
+SHORT = {"lr_decay_fraction": 0.0, "calibration_fraction": 0.6, "log_every": 2}
+
+
+def test_a_run_the_rule_fails_trains_on_and_recalibrates_before_a_new_frozen_window(synthetic):
+    trainer, fixed = train(synthetic, "relu", steps=40, train_overrides=SHORT, target_l0=10)
+    assert not trainer.convergence()["converged"] and fixed.steps == 40 and fixed.extensions == 0
+    more = {**SHORT, "extension_steps": 40, "max_extensions": 2}
+    trainer, extended = train(synthetic, "relu", steps=40, train_overrides=more, target_l0=10)
+    assert extended.extensions >= 1 and extended.steps == 40 + 40 * extended.extensions
+    assert extended.extensions == 2 or trainer.convergence()["converged"]
+    # The same run up to the budget; then the controller acts again and freezes for the new last 40%.
+    assert [h["val_mse"] for h in extended.history[:20]] == [h["val_mse"] for h in fixed.history]
+    multiplier = {int(h["step"]): h["sparsity_multiplier"] for h in extended.history}
+    assert multiplier[40] == multiplier[24] and multiplier[40] != multiplier[extended.steps]
+    frozen = [m for s, m in multiplier.items() if s >= trainer.cfg.calibration_end()]
+    assert trainer.cfg.calibration_end() == round(0.6 * extended.steps) and len(set(frozen)) == 1
+    assert trainer.convergence()["plateau_end_step"] == extended.steps
+
+
+def test_a_run_the_rule_passes_is_not_extended(synthetic, monkeypatch):
+    # The planted data keep improving for longer than a test can train: the rule's answer is planted instead.
+    verdicts = []
+
+    def passes(trainer):
+        verdicts.append(trainer.step)
+        return {"converged": True}
+
+    monkeypatch.setattr(Trainer, "convergence", passes)
+    more = {**SHORT, "extension_steps": 40, "max_extensions": 2}
+    _, result = train(synthetic, "relu", steps=40, train_overrides=more, target_l0=10)
+    assert result.extensions == 0 and result.steps == 40 and verdicts == [40]
+
+
+def test_resume_inside_an_extension_finishes_the_same_run(synthetic, tmp_path):
+    more = {**SHORT, "extension_steps": 20, "max_extensions": 1}
+    _, whole = train(synthetic, "relu", steps=20, checkpoint_dir=tmp_path / "a", train_overrides=more, target_l0=10)
+    assert whole.extensions == 1
+
+    def crash_at_30(progress):
+        if progress.step == 30:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        train(synthetic, "relu", steps=20, checkpoint_dir=tmp_path / "b", on_progress=crash_at_30,
+              train_overrides=more, target_l0=10)
+    _, resumed = train(synthetic, "relu", steps=20, checkpoint_dir=tmp_path / "b", train_overrides=more,
+                       target_l0=10)
+    assert resumed.steps == whole.steps == 40 and resumed.extensions == 1
+    for name, value in whole.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[name]), name
+
+
+def test_extensions_need_a_constant_rate_and_end_where_the_budget_says():
+    with pytest.raises(ValueError, match="max_extensions=2 .* lr_decay_fraction=0"):
+        TrainConfig(steps=100, lr_decay_fraction=0.2, extension_steps=50, max_extensions=2)
+    with pytest.raises(ValueError, match="extension_steps"):
+        TrainConfig(steps=100, extension_steps=-1)
+    cfg = TrainConfig(steps=100, extension_steps=50, max_extensions=2)
+    assert cfg.max_steps() == 200 and cfg.extended(1).steps == 150 and cfg.extended(1).calibration_end() == 90
+    assert TrainConfig(steps=100, max_extensions=2).max_steps() == 100
+    embedded = get_profile("embedded")
+    assert embedded.train_config(42).max_steps() == 7500
+    assert get_profile("embedded", activations="stream").train_config(42).max_extensions == 0

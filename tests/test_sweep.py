@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from hsae.convergence import convergence_verdict, is_converged, val_mse_rel_change
+from hsae.convergence import MAX_LOG_GAP, convergence_verdict, is_converged, val_mse_rel_change
 from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
 from hsae.spaces import SpaceError, grid_trials, load_space, parse_space
 from tune import ablate
@@ -59,10 +59,10 @@ def test_sweep_with_asha_writes_documented_parquet_and_report(sweep, capsys):
 
 
 def assert_convergence_recomputable(trials, curves):
-    """Every row's convergence verdict follows from its curve in curves.parquet, logged every <= 5% of steps."""
+    """Every row's convergence verdict follows from its curve in curves.parquet, logged every <= 2.5% of steps."""
     for row in trials.itertuples():
         curve = curves[curves["trial_id"] == row.trial_id].sort_values("step")
-        assert curve["step"].diff().dropna().max() <= max(1, 0.05 * row.steps)
+        assert curve["step"].diff().dropna().max() <= max(1, MAX_LOG_GAP * row.steps)
         change = val_mse_rel_change(curve["step"].tolist(), curve["val_mse"].tolist(), row.steps)
         assert change == pytest.approx(row.val_mse_rel_change)
         # No target in these sweeps (no controller curve): the window starts after the warm-ups at the latest.

@@ -300,7 +300,9 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
                                                      if p.bank_kind == "letter" else ""),
              f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: "
              f"{plan.layout.threads} CPU + {args.gpus_per_trial} GPU each, up to {concurrent} at once",
-             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}",
+             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}"
+             + (f"; unconverged trials train on, {p.extension_steps} steps at a time, at most {extensions} times"
+                if (extensions := p.train_config(0).max_extensions) and p.extension_steps else ""),
              f"headline metric    {p.headline_metric} (declared before the run; the others are secondary)",
              f"activations        {p.activations}" + (
                  f": blocks of {p.stream_block_contexts} contexts, {p.stream_window_blocks} buffered"

@@ -62,7 +62,7 @@ class SweepProgress(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         step = int(result.get("step") or 0)
         self.step[trial.trial_id] = step
-        if 0 < step <= self.steps and not result.get("skipped"):
+        if step > 0 and not result.get("skipped") and not result.get("final"):
             self.reported[trial.trial_id] = time.monotonic()
         if not self.early_eta_printed and not self.durations and self.training_rate() is not None:
             self.early_eta_printed = True  # the first logged interval: a slow machine shows within minutes
@@ -123,7 +123,9 @@ class SweepProgress(Callback):
         parts = []
         for t in running:
             spec, step = self._spec(t), self.step.get(t.trial_id, 0)
-            where = "evaluating" if step >= self.steps else f"step {step}/{self.steps}"
+            # At the budget's last step a trial evaluates, or (for one log interval) has begun an extension.
+            where = ("evaluating" if step == self.steps
+                     else f"step {step}/{self.steps}" + (" (extension)" if step > self.steps else ""))
             parts.append(f"{trial_label(spec) if spec else t.trial_id} {where}")
         return (f"[hsae] {len(self.durations)}/{self.total} trials done, {len(running)} running: "
                 f"{'; '.join(parts) or '-'}{self.eta()}")

@@ -74,7 +74,7 @@ def run_trial(config: dict[str, Any]) -> None:
             outcome.row["sae_path"] = store.sae_path(spec.key)
             run.export_sae(store.root / outcome.row["sae_path"])
     store.write_trial(outcome.row, outcome.curves, outcome.grid, outcome.probe)
-    tune.report(final_report(outcome, run.train_cfg.steps))
+    tune.report(final_report(outcome, run.train_cfg.max_steps()))
 
 
 def search_values(ctx: dict[str, Any]) -> dict[str, Any]:
