@@ -147,9 +147,12 @@ class TrainConfig:
         check_positive_int("resample_every", self.resample_every, minimum=0)
         check_positive_int("extension_steps", self.extension_steps, minimum=0)
         check_positive_int("max_extensions", self.max_extensions, minimum=0)
+        if self.max_extensions and not self.extension_steps:
+            raise ValueError(f"max_extensions={self.max_extensions} needs extension_steps > 0 (the steps each "
+                             f"extension adds), got {self.extension_steps}; max_extensions=0 turns extensions off")
         if self.max_extensions and self.lr_decay_fraction:
             raise ValueError(f"max_extensions={self.max_extensions} continues a run at its constant rate: it needs "
-                             f"lr_decay_fraction=0, got {self.lr_decay_fraction}")
+                             f"lr_decay_fraction=0, got {self.lr_decay_fraction} (with a decay, set max_extensions=0)")
 
     def extended(self, times: int) -> TrainConfig:
         """This schedule ``times`` extensions longer (docs/training.md, "Extensions")."""
@@ -157,7 +160,7 @@ class TrainConfig:
 
     def max_steps(self) -> int:
         """The most steps a run may train: its budget and every extension."""
-        return self.extended(self.max_extensions).steps if self.extension_steps else self.steps
+        return self.extended(self.max_extensions).steps
 
     def calibration_end(self) -> int:
         """The first step after the calibration phase: from here the objective and the dictionary's

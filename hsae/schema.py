@@ -78,7 +78,8 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "(two or more: a multi-objective study; the report draws its Pareto front)", group=_META),
     _c("search_study", "string", "--search optuna: the Optuna study the trial belongs to (in --optuna-storage, "
        "default optuna.db in the results directory)", group=_META),
-    _c("steps", "Int64", "training steps taken: cfg_steps + extensions x cfg_extension_steps", "steps",
+    _c("steps", "Int64", "training steps taken (a completed trial: cfg_steps + extensions x cfg_extension_steps)",
+       "steps",
        group=_TRAIN),
     _c("tokens", "Int64", "training tokens seen (steps x batch size)", "tokens", group=_TRAIN),
     _c("wall_s", "float64", "training wall time", "s", group=_TRAIN),

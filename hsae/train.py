@@ -344,8 +344,6 @@ class Trainer:
     def _extend(self, extensions: int) -> None:
         """Schedule ``extensions`` extensions: more steps, and the calibration phase (controller, resampling)
         stretched to its fraction of them."""
-        if not self.budget.extension_steps:
-            return
         self.extensions = extensions
         self.cfg = self.budget.extended(extensions)
         if self.controller is not None:

@@ -18,9 +18,9 @@ TEST_TOLERANCE = 0.15
 
 def train(data, variant, steps=STEPS, checkpoint_dir=None, on_progress=None, train_overrides=None, **params):
     cfg = SAEConfig(variant, D_IN, D_SAE, {**SMALL_PARAMS.get(variant, {}), **params})
-    settings = {"log_every": 25, "lr_decay_fraction": 0.2, **(train_overrides or {})}
-    tcfg = TrainConfig(steps=steps, batch_size=BATCH, lr=3e-3, checkpoint_every=10 if checkpoint_dir else 0,
-                       **settings)
+    settings = {"log_every": 25, "lr_decay_fraction": 0.2, "checkpoint_every": 10 if checkpoint_dir else 0,
+                **(train_overrides or {})}
+    tcfg = TrainConfig(steps=steps, batch_size=BATCH, lr=3e-3, **settings)
     trainer = Trainer(cfg, tcfg, on_progress=on_progress, checkpoint_dir=checkpoint_dir)
     n_train = len(data.x) - 2048
     source = ArrayBatches(data.x[:n_train], data.labels[:n_train], BATCH, tcfg.seed)
@@ -191,20 +191,27 @@ def test_a_run_the_rule_passes_is_not_extended(synthetic, monkeypatch):
 
 
 def test_resume_inside_an_extension_finishes_the_same_run(synthetic, tmp_path):
-    more = {**SHORT, "extension_steps": 20, "max_extensions": 1}
+    # Budget 20, one extension of 20: the controller acts again over 20..24 and is frozen over 24..40. The crash
+    # at 22 falls inside the recalibration, so the resumed trainer must know the extended schedule to act there.
+    more = {**SHORT, "extension_steps": 20, "max_extensions": 1, "checkpoint_every": 2}
     _, whole = train(synthetic, "relu", steps=20, checkpoint_dir=tmp_path / "a", train_overrides=more, target_l0=10)
     assert whole.extensions == 1
 
-    def crash_at_30(progress):
-        if progress.step == 30:
+    def crash_at_22(progress):
+        if progress.step == 22:
             raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        train(synthetic, "relu", steps=20, checkpoint_dir=tmp_path / "b", on_progress=crash_at_30,
+        train(synthetic, "relu", steps=20, checkpoint_dir=tmp_path / "b", on_progress=crash_at_22,
               train_overrides=more, target_l0=10)
+    cfg = SAEConfig("relu", D_IN, D_SAE, {"target_l0": 10})
+    restored = Trainer(cfg, TrainConfig(steps=20, batch_size=BATCH, lr=3e-3, **more))
+    restored.load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert (restored.step, restored.extensions, restored.cfg.steps, restored.controller.end) == (22, 1, 40, 24)
     _, resumed = train(synthetic, "relu", steps=20, checkpoint_dir=tmp_path / "b", train_overrides=more,
                        target_l0=10)
     assert resumed.steps == whole.steps == 40 and resumed.extensions == 1
+    assert resumed.sparsity_coeff == whole.sparsity_coeff
     for name, value in whole.sae.state_dict().items():
         assert torch.equal(value, resumed.sae.state_dict()[name]), name
 
@@ -216,7 +223,9 @@ def test_extensions_need_a_constant_rate_and_end_where_the_budget_says():
         TrainConfig(steps=100, extension_steps=-1)
     cfg = TrainConfig(steps=100, extension_steps=50, max_extensions=2)
     assert cfg.max_steps() == 200 and cfg.extended(1).steps == 150 and cfg.extended(1).calibration_end() == 90
-    assert TrainConfig(steps=100, max_extensions=2).max_steps() == 100
+    with pytest.raises(ValueError, match="max_extensions=2 needs extension_steps > 0"):
+        TrainConfig(steps=100, max_extensions=2)
+    assert TrainConfig(steps=100, extension_steps=50).max_steps() == 100  # no extension allowed
     embedded = get_profile("embedded")
     assert embedded.train_config(42).max_steps() == 7500
     assert get_profile("embedded", activations="stream").train_config(42).max_extensions == 0

@@ -114,6 +114,18 @@ def test_trial_keys_do_not_depend_on_precision_or_layout(probe, tmp_path):
     assert keys[0] == keys[1]
 
 
+def test_asha_trains_every_trial_its_budget_and_a_grid_extends(probe, tmp_path):
+    # ASHA compares trials at fixed steps: a rung past the budget would cut an extension, so it gets none.
+    probe(1.6)
+    extensions = ["--set", "extension_steps=20", "--set", "max_extensions=1"]
+    chosen = {}
+    for search in (["--search", "optuna", "--objectives", "val_mse"], []):
+        args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "ortho", "--dry-run",
+                                                 "--out", str(tmp_path / "r"), *extensions, *search])
+        chosen[bool(search)] = ablate.resolve(args).profile.train_config(42).max_steps()
+    assert chosen == {True: 40, False: 60}
+
+
 @pytest.mark.parametrize("speedup, says", [(1 / 70, "fp32: bf16 is 70x slower"), (1.6, "bf16: 1.6x faster")])
 def test_the_plan_prints_the_precision_choice_and_the_layout(probe, tmp_path, capsys, speedup, says):
     probe(speedup)

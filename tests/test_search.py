@@ -89,6 +89,17 @@ def test_sweep_progress_prints_one_line_per_trial_and_an_eta(tmp_path, capsys, m
     assert "topk seed 43 (k=8): FAILED" in lines[3] and "1 to go" in lines[3]
 
 
+def test_the_status_line_names_a_trial_past_its_budget_as_extended(tmp_path):
+    trials = [fake_trial("a"), fake_trial("b", seed=43), fake_trial("c", seed=44)]
+    for extends, at_budget in ((True, "evaluating or extending"), (False, "evaluating")):
+        progress = SweepProgress(str(tmp_path), total=3, steps=100, extends=extends)
+        for t, step in zip(trials, (40, 100, 150), strict=True):
+            progress.on_trial_start(0, trials, t)
+            progress.on_trial_result(0, trials, t, {"step": step})
+        line = progress.status_line(trials)
+        assert f"relu seed 42 step 40/100; relu seed 43 {at_budget}; relu seed 44 step 150 (extended)" in line
+
+
 def test_the_early_eta_is_the_training_steps_left_at_the_measured_rate(tmp_path, capsys, monkeypatch):
     now = [0.0]
     monkeypatch.setattr("tune.progress.time.monotonic", lambda: now[0])

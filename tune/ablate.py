@@ -68,7 +68,15 @@ from tune.breakdown import breakdown, format_breakdown, write_breakdown  # noqa:
 from tune.interrupt import Interrupts, SweepInterrupted, interrupted_message  # noqa: E402
 from tune.nodes import SharedStorageError, check_shared_storage  # noqa: E402
 from tune.progress import SweepProgress  # noqa: E402
-from tune.search import OBJECTIVES, check_storage_url, parse_objectives, search_setup, storage_url, tune_name  # noqa: E402
+from tune.search import (  # noqa: E402
+    OBJECTIVES,
+    check_storage_url,
+    default_scheduler,
+    parse_objectives,
+    search_setup,
+    storage_url,
+    tune_name,
+)
 from tune.trackers import TRACKERS, check_trackers, tracker_callbacks  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -226,9 +234,12 @@ def resolve(args: argparse.Namespace) -> Plan:
     config = model_config(spec)
     model = describe_model(spec, config)  # the model's facts (the harvest's dtype), layer checked
     twin = check_eval_model(profile, model)
-    context = sweep_context(profile, harvest_key(harvest))
     names = list(SPACE_NAMES) if args.space == "all" else [args.space]
     spaces = [load_space(n) for n in names]
+    if any(default_scheduler(args, space) == "asha" for space in spaces):
+        # ASHA compares trials at fixed steps: an extension would meet a rung the budget never reaches.
+        profile = replace(profile, max_extensions=0)
+    context = sweep_context(profile, harvest_key(harvest))
     trials = {space.name: space_trials(space, args, profile, context) for space in spaces}
     for specs in trials.values():
         validate_trials(specs, profile, model.d_model)
@@ -408,7 +419,8 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
     if tune_config.num_samples == 0:
         return None
     total = len(pending) if args.search == "grid" else tune_config.num_samples
-    callbacks = [SweepProgress(args.out, total, profile.steps), *tracker_callbacks(args.log, args.out, name)]
+    callbacks = [SweepProgress(args.out, total, profile.steps, extends=profile.train_config(0).max_extensions > 0),
+                 *tracker_callbacks(args.log, args.out, name)]
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                                 verbose=1 if args.verbose else 0)

@@ -45,8 +45,9 @@ def row_numbers(row: dict[str, Any]) -> str:
 class SweepProgress(Callback):
     """One line per finished trial with its key numbers and the sweep's ETA; a status line every ``every_s``."""
 
-    def __init__(self, out: str, total: int, steps: int, every_s: float = 60.0) -> None:
+    def __init__(self, out: str, total: int, steps: int, every_s: float = 60.0, extends: bool = False) -> None:
         self.store, self.total, self.steps, self.every_s = ResultsStore(out), total, steps, every_s
+        self.extends = extends  # trials the convergence rule fails train on past ``steps`` (docs/training.md)
         self.started: dict[str, float] = {}
         self.step: dict[str, int] = {}
         self.durations: list[float] = []
@@ -124,8 +125,9 @@ class SweepProgress(Callback):
         for t in running:
             spec, step = self._spec(t), self.step.get(t.trial_id, 0)
             # At the budget's last step a trial evaluates, or (for one log interval) has begun an extension.
-            where = ("evaluating" if step == self.steps
-                     else f"step {step}/{self.steps}" + (" (extension)" if step > self.steps else ""))
+            where = (f"step {step}/{self.steps}" if step < self.steps
+                     else ("evaluating or extending" if self.extends else "evaluating") if step == self.steps
+                     else f"step {step} (extended)")
             parts.append(f"{trial_label(spec) if spec else t.trial_id} {where}")
         return (f"[hsae] {len(self.durations)}/{self.total} trials done, {len(running)} running: "
                 f"{'; '.join(parts) or '-'}{self.eta()}")

@@ -332,16 +332,19 @@ def _span(values: pd.Series, form: str) -> str:
 
 
 def health_cells(g: pd.DataFrame) -> list[str]:
-    """An arm's convergence and health: seeds converged, the MSE changes, tokens, target and held-out L0, the
-    seeds within ±5% of the target, dead fraction and revived latents (external arms: no training)."""
+    """An arm's convergence and health: seeds converged, the MSE changes, tokens, steps trained (and how many seeds
+    the rule extended), target and held-out L0, the seeds within ±5% of the target, dead fraction and revived
+    latents (external arms: no training)."""
     def col(name: str) -> pd.Series:
         return g[name] if name in g else pd.Series([], dtype=float)
 
     external = bool(external_rows(g).all())
     met = col("l0_target_met").dropna()
+    extended = int((col("extensions").fillna(0) > 0).sum())
     return ["– (external: no training)" if external else f"{len(converged(g))}/{len(g)}",
             _span(col("val_mse_rel_change"), "{:+.2%}"), _span(col("plateau_rel_change"), "{:+.2%}"),
             _span(col("plateau_multiplier_change"), "{:+.2%}"), _span(col("unique_train_tokens"), "{:,.0f}"),
+            _span(col("steps"), "{:,.0f}") + (f" ({extended} extended)" if extended else ""),
             _span(col("cfg_target_l0"), "{:g}"),
             fmt(col("l0").tolist()), f"{int(met.astype(bool).sum())}/{len(met)}" if len(met) else "–",
             fmt(col("dead_fraction").tolist()), _span(col("revived_latents"), "{:,.0f}")]
@@ -350,14 +353,14 @@ def health_cells(g: pd.DataFrame) -> list[str]:
 def convergence_parts(done: pd.DataFrame) -> list[str]:
     """Per arm of the main job: how many seeds converged, the held-out MSE change over the last 20% of steps
     and over the constant-rate plateau (and the L0 controller's coefficient there), the unique training tokens,
-    the target and held-out L0 (seeds within ±5%), dead fraction and revived latents; then the unconverged
-    trials by name."""
+    the steps trained (extensions: docs/training.md), the target and held-out L0 (seeds within ±5%), dead fraction
+    and revived latents; then the unconverged trials by name."""
     main = main_trials(done)
     if main.empty:
         return []
     main = main.assign(arm=arm_names(main).to_numpy())
     header = ["arm", "converged", "Δ held-out MSE, last 20%", "Δ held-out MSE, plateau", "Δ L0 multiplier, plateau",
-              "unique train tokens",
+              "unique train tokens", "steps trained",
               "target L0", "held-out L0", "within ±5% of target", "dead", "revived latents"]
     parts = ["## Convergence and health (trained means converged: docs/training.md)\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

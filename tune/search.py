@@ -151,8 +151,8 @@ def make_scheduler(name: str, profile: Profile) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     # Grace period: a third of training (early losses of sparse, orthogonality-penalised SAEs cross); halving
-    # at each rung; max_t one past the last step a trial may train (extensions included) so that neither an
-    # extension nor the final report (evaluation) is cut.
+    # at each rung; max_t one past the last step so the final report (evaluation) is never cut. Under ASHA trials
+    # train their budget: tune/ablate.py turns extensions off, since a rung past the budget would cut them.
     if name == "asha":
         return ASHAScheduler(time_attr="step", metric="val_mse", mode="min", grace_period=max(1, profile.steps // 3),
                              reduction_factor=2, max_t=profile.train_config(0).max_steps() + 1)
