@@ -79,8 +79,7 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("search_study", "string", "--search optuna: the Optuna study the trial belongs to (in --optuna-storage, "
        "default optuna.db in the results directory)", group=_META),
     _c("steps", "Int64", "training steps taken (a completed trial: cfg_steps + extensions x cfg_extension_steps)",
-       "steps",
-       group=_TRAIN),
+       "steps", group=_TRAIN),
     _c("tokens", "Int64", "training tokens seen (steps x batch size)", "tokens", group=_TRAIN),
     _c("wall_s", "float64", "training wall time", "s", group=_TRAIN),
     _c("tokens_per_s", "float64", "training throughput", "tokens/s", "higher", group=_TRAIN),

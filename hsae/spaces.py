@@ -179,10 +179,9 @@ PROFILES: dict[str, Profile] = {
     # (260k training tokens, ~6 min to harvest), a 2x dictionary, 4500 steps x 1024 at lr 2e-3 with warm-up and
     # no decay; every variant trained to a held-out L0 of 64 (its sparsity coefficient calibrated over the first
     # 80% of the steps and frozen for the last 20%; dead latents resampled every 250 steps meanwhile) and judged
-    # converged on those last 20%: one fixed objective at a constant rate (docs/training.md); a trial that is not trains
-    # on, 1,500 steps at a time, at most twice. 40% of
-    # each domain's articles are held out (the cloze questions come from them), which leaves the forget
-    # corpus 721 training contexts: 35% of the 2048.
+    # converged on those last 20%: one fixed objective at a constant rate (docs/training.md); a trial that is not
+    # trains on, 1,500 steps at a time, at most twice. 40% of each domain's articles are held out (the cloze
+    # questions come from them), which leaves the forget corpus 721 training contexts: 35% of the 2048.
     "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=2048, n_eval_ctxs=256,
                         ctx_len=128, d_sae=1280, steps=4500, batch_size=1024, lr=2e-3, log_every=75,
                         checkpoint_every=300, ce_contexts_per_domain=2, holdout_fraction=0.4, forget_fraction=0.35,
