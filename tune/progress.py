@@ -124,13 +124,18 @@ class SweepProgress(Callback):
         parts = []
         for t in running:
             spec, step = self._spec(t), self.step.get(t.trial_id, 0)
-            # At the budget's last step a trial evaluates, or (for one log interval) has begun an extension.
-            where = (f"step {step}/{self.steps}" if step < self.steps
-                     else ("evaluating or extending" if self.extends else "evaluating") if step == self.steps
-                     else f"step {step} (extended)")
-            parts.append(f"{trial_label(spec) if spec else t.trial_id} {where}")
+            parts.append(f"{trial_label(spec) if spec else t.trial_id} {self._where(step)}")
         return (f"[hsae] {len(self.durations)}/{self.total} trials done, {len(running)} running: "
                 f"{'; '.join(parts) or '-'}{self.eta()}")
+
+    def _where(self, step: int) -> str:
+        """A running trial's phase from its last reported step."""
+        if step < self.steps:
+            return f"step {step}/{self.steps}"
+        if step > self.steps:
+            return f"step {step} (extended)"
+        # At the budget's last step a trial evaluates, or (for one log interval) has begun an extension.
+        return "evaluating or extending" if self.extends else "evaluating"
 
     @staticmethod
     def _spec(trial: Any) -> TrialSpec | None:

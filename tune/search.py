@@ -155,7 +155,7 @@ def make_scheduler(name: str, profile: Profile) -> Any:
     # train their budget: tune/ablate.py turns extensions off, since a rung past the budget would cut them.
     if name == "asha":
         return ASHAScheduler(time_attr="step", metric="val_mse", mode="min", grace_period=max(1, profile.steps // 3),
-                             reduction_factor=2, max_t=profile.train_config(0).max_steps() + 1)
+                             reduction_factor=2, max_t=profile.steps + 1)
     return FIFOScheduler()
 
 
