@@ -6,9 +6,10 @@ import functools
 import json
 import math
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -484,6 +485,25 @@ class Trainer:
             self.controller.load(meta["controller"])
         self.revived_total, self.revived_since_log = (int(v) for v in meta.get("revived", (0, 0)))
         self._extend(int(meta.get("extensions", 0)))
+
+
+def step_seconds(sae_cfg: SAEConfig, train_cfg: TrainConfig, steps: int = 3) -> float:
+    """Median seconds of one CPU training step of this SAE, on Gaussian rows at ``train_cfg``'s batch size and
+    precision, after one warm-up step, in the calling process's torch threads.
+
+    What orders a sweep's trials longest first (tune/ablate.py); a benchmark is bench/train_step.py.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((steps + 1) * train_cfg.batch_size, sae_cfg.d_in, generator=generator)
+    source = ArrayBatches(x, torch.arange(len(x)) % 2, train_cfg.batch_size, seed=0)
+    trainer = Trainer(sae_cfg, replace(train_cfg, device="cpu"))
+    trainer._initialise_from(source.batch_at(0))
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        trainer._train_step(source.batch_at(step))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 @torch.no_grad()

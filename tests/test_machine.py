@@ -9,7 +9,7 @@ from hsae import machine
 from hsae.config import SAEConfig, TrainConfig
 from hsae.machine import RunSettings, default_layout, measure_bf16_speedup, resolve_precision
 from hsae.spaces import get_profile, parse_profile_settings
-from hsae.train import Trainer
+from hsae.train import Trainer, step_seconds
 from tune import ablate
 
 
@@ -148,3 +148,32 @@ def test_the_harvest_follows_the_same_capability_rule_on_cuda(monkeypatch, capab
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert resolve_dtype("auto", torch.device("cuda", 0)) == dtype
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_trials_run_seed_by_seed_the_longest_training_first(probe, tmp_path, monkeypatch, capsys):
+    # A sweep that ends on its shortest trials leaves fewer slots idle while the last one finishes.
+    probe(1.6)
+    ms = {"relu": 1.0, "fixed_ortho": 2.0, "static_hier": 3.0, "contrastive_hier": 5.0}
+    monkeypatch.setattr(ablate, "step_seconds", lambda cfg, train_cfg: ms.get(cfg.variant, 2.5) / 1e3)
+    args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "variants", "--seeds", "2",
+                                             "--dry-run", "--out", str(tmp_path / "r")])
+    plan = ablate.resolve(args)
+    trials = plan.trials["variants"]
+    threads = torch.get_num_threads()
+    seconds = ablate.training_seconds(trials, plan)
+    assert torch.get_num_threads() == threads
+    ordered = ablate.longest_first(trials, seconds)
+    assert [t.seed for t in ordered] == [42] * 7 + [43] * 7
+    assert [t.variant for t in ordered[:7]] == [t.variant for t in ordered[7:]]
+    assert ordered[0].variant == "contrastive_hier" and ordered[6].variant == "relu"
+    assert [seconds[t.key] for t in ordered[:7]] == sorted((seconds[t.key] for t in ordered[:7]), reverse=True)
+    relu = next(t for t in trials if t.variant == "relu")
+    assert seconds[relu.key] == pytest.approx(plan.profile.steps * 1e-3)
+    assert "ms per step measured here: contrastive_hier 5, static_hier 3" in capsys.readouterr().out
+
+
+def test_a_measured_step_grows_with_the_dictionary():
+    train_cfg = TrainConfig(steps=100, batch_size=256, autocast="none")
+    narrow = step_seconds(SAEConfig("relu", 32, 32), train_cfg)
+    wide = step_seconds(SAEConfig("relu", 32, 4096), train_cfg)
+    assert 0 < narrow < wide

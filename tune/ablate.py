@@ -31,6 +31,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 from hsae.activations import HarvestConfig, cache_dir, harvest_key  # noqa: E402
 from hsae.atomic import atomic_write_text  # noqa: E402
+from hsae.config import SAEConfig  # noqa: E402
 from hsae.corpora import CorpusSpec  # noqa: E402
 from hsae.evaluation.evaluator import EvalConfig  # noqa: E402
 from hsae.evaluation.questions import BankConfig  # noqa: E402
@@ -63,6 +64,7 @@ from hsae.spaces import (  # noqa: E402
     sweep_context,
     validate_trials,
 )
+from hsae.train import step_seconds  # noqa: E402
 from hsae.verdict import NEGATIVE_MAX, POSITIVE_MIN, controls_in_range  # noqa: E402
 from tune.breakdown import breakdown, format_breakdown, write_breakdown  # noqa: E402
 from tune.interrupt import Interrupts, SweepInterrupted, interrupted_message  # noqa: E402
@@ -388,6 +390,8 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
     if args.search == "grid" and not pending and not args.resume:
         print(f"[hsae] {trials[0].experiment}: all {len(trials)} trials already finished; nothing to run")
         return []
+    if args.search == "grid" and plan.precision is not None and len(pending) > args.plan_layout.trials:
+        pending = longest_first(pending, training_seconds(pending, plan))
     tuner = make_tuner(space, trials, pending, plan.profile, args, server_name)
     if tuner is None:
         print(f"[hsae] {trials[0].experiment}: the Optuna study already has its {args.samples} trials; nothing to run")
@@ -395,6 +399,36 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
     with args.interrupts.tune_loop():
         grid = tuner.fit()
     return record_unfinished(grid, store, plan.profile, model, interrupted=args.interrupts.signum is not None)
+
+
+def training_seconds(trials: list[TrialSpec], plan: Plan) -> dict[str, float]:
+    """Each trial's training time on this CPU, estimated: its steps x one step of its configuration, measured
+    here in the trials' threads and precision (an external arm trains nothing: 0). Prints the step times."""
+    step: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.layout.threads)
+    try:
+        for t in trials:
+            if configuration(t) not in step and not is_external(t.variant):
+                sae_cfg = SAEConfig(t.variant, plan.model.d_model, plan.profile.d_sae, t.params)
+                step[configuration(t)] = step_seconds(sae_cfg, plan.profile.train_config(t.seed, plan.settings))
+    finally:
+        torch.set_num_threads(threads)
+    print("[hsae] trial order: seed by seed, the longest training first; ms per step measured here: "
+          + ", ".join(f"{c.split(' ')[0]} {s * 1e3:.0f}" for c, s in sorted(step.items(), key=lambda kv: -kv[1])))
+    return {t.key: plan.profile.steps * step.get(configuration(t), 0.0) for t in trials}
+
+
+def configuration(trial: TrialSpec) -> str:
+    """What a trial trains, without its seed: its variant and parameters."""
+    return f"{trial.variant} {json.dumps(trial.params, sort_keys=True)}"
+
+
+def longest_first(trials: list[TrialSpec], seconds: dict[str, float]) -> list[TrialSpec]:
+    """Seed by seed as before (trials running together are different configurations), and within a seed the
+    longest first, so the sweep ends on its shortest trials and fewer slots idle while the last one finishes
+    (docs/performance.md, "Trial order")."""
+    return sorted(trials, key=lambda t: (t.seed, -seconds[t.key]))
 
 
 def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], profile: Profile,
@@ -434,7 +468,6 @@ def record_unfinished(grid: Any, store: ResultsStore, profile: Profile, model: M
     After an interruption (SIGINT/SIGTERM) a trial without a row was stopped by the signal, not by the
     scheduler: it gets no row, so the next invocation runs it again.
     """
-    from hsae.config import SAEConfig
     from hsae.results import trial_row
     from tune.trainable import describe_failure, search_values, trial_spec
 
