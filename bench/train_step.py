@@ -63,15 +63,6 @@ def bench_params(variant: str, n: int) -> dict:
     return {"topk": {"k": 64}, "matryoshka_batchtopk": {"k": 64}}.get(variant, {})
 
 
-@torch.no_grad()
-def set_active_latents(trainer: Trainer, x: torch.Tensor, l0: float) -> None:
-    """Shift each latent's encoder bias so it fires on a fraction l0 / n of the tokens of ``x`` (L0 ~ l0)."""
-    sae = trainer.sae
-    pre = sae.pre_activation(x.to(trainer.device).float() * trainer.scale)
-    cut = torch.quantile(pre.float(), 1.0 - l0 / pre.shape[1], dim=0)
-    sae.b_enc.sub_(cut)
-
-
 def our_step_seconds(variant: str, d: int, n: int, data, steps: int, batch: int = BATCH,
                      autocast: str = "none", l0: float = 0.0) -> tuple[float, float]:
     """Seconds per step of the real Trainer loop, from its own step clock (evaluation excluded), and the
@@ -84,7 +75,7 @@ def our_step_seconds(variant: str, d: int, n: int, data, steps: int, batch: int 
     source = ArrayBatches(data.x, data.labels, batch, 0)
     if l0:
         trainer._initialise_from(source.batch_at(0))
-        set_active_latents(trainer, source.batch_at(0).x, l0)
+        trainer.set_active_latents(source.batch_at(0).x, l0)
     trainer.fit(source, guard=False)
     walls = [r["wall_s"] for r in records]
     return (walls[-1] - walls[warm - 1]) / steps, statistics.mean(r["l0"] for r in records[warm:])

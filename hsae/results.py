@@ -220,7 +220,7 @@ def trial_row(spec: TrialSpec, profile: Profile, model: ModelInfo, sae_cfg: SAEC
     row: dict[str, Any] = {
         "experiment": spec.experiment, "space": spec.space, "variant": spec.variant, "trial_id": spec.key,
         "seed": spec.seed, "status": status, "profile": profile.name, "model": model.source,
-        "layer": model.layer, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "layer": model.layer, "harvest_dtype": model.dtype, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "arm": spec.arm or None, "headline_metric": profile.headline_metric,
     }
     if sae_cfg is not None:

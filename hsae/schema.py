@@ -66,6 +66,9 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("profile", "string", "activation profile the trial trained on", group=_ID),
     _c("model", "string", "model the activations came from", group=_ID),
     _c("layer", "Int64", "model layer the activations came from", group=_ID),
+    _c("harvest_dtype", "string", "the dtype of the forward that computed every activation row, held-out ones included "
+       "(Profile.harvest_dtype resolved on the activation server's device; part of the harvest's key; docs/"
+       "performance.md, \"A bf16 harvest\")", group=_ID),
     _c("sae_path", "string", "the trained SAE in the SAELens layout (cfg.json + sae_weights.safetensors), relative "
        "to the results directory: saes/<trial_id>; completed trials only", group=_META),
     _c("source", "string", "external arms only (docs/sweeps.md, \"External arms\"): how the SAE was named, folder "

@@ -380,7 +380,8 @@ def load_space(name: str, spaces_dir: Path | None = None) -> Space:
 def grid_trials(space: Space, experiment: str, seeds: list[int], context: str = "") -> list[TrialSpec]:
     """Every grid configuration x seed, seed by seed (file order within a seed); sampler entries are refused
     (grid search only). Seed-major, so trials running at once are different configurations: they finish at
-    different times, and their evaluations do not all queue at once."""
+    different times, and their evaluations do not all queue at once. The driver then runs each seed's trials
+    longest first (tune/ablate.py, ``trial_order``)."""
     if space.has_samplers():
         raise SpaceError(f"{space.source}: space {space.name!r} has sampled parameters: use --search optuna")
     out = []

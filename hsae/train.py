@@ -300,6 +300,13 @@ class Trainer:
         centre = geometric_median(x) if self.cfg.geometric_median_init else x.mean(dim=0)
         self.sae.b_dec.copy_(centre * self.scale)
 
+    @torch.no_grad()
+    def set_active_latents(self, x: torch.Tensor, l0: float) -> None:
+        """Shift each latent's encoder bias so that it fires on a fraction l0 / n of the rows of ``x`` (L0 ~ l0):
+        a trained SAE's sparsity, for measuring the costs that scale with the active latents."""
+        pre = self.sae.pre_activation(x.to(self.device).float() * self.scale)
+        self.sae.b_enc.sub_(torch.quantile(pre.float(), 1.0 - l0 / pre.shape[1], dim=0))
+
     # -- training ------------------------------------------------------------------------------
     def fit(
         self,
@@ -487,9 +494,11 @@ class Trainer:
         self._extend(int(meta.get("extensions", 0)))
 
 
-def step_seconds(sae_cfg: SAEConfig, train_cfg: TrainConfig, steps: int = 3) -> float:
+def step_seconds(sae_cfg: SAEConfig, train_cfg: TrainConfig, steps: int = 3, l0: float | None = None) -> float:
     """Median seconds of one CPU training step of this SAE, on Gaussian rows at ``train_cfg``'s batch size and
-    precision, after one warm-up step, in the calling process's torch threads.
+    precision, after one warm-up step, in the calling process's torch threads; with ``l0``, about that many
+    latents fire per row, as in a trained SAE (at initialisation half of them do, and the co-activation Gram's
+    cost depends on how many fire: docs/performance.md).
 
     What orders a sweep's trials longest first (tune/ablate.py); a benchmark is bench/train_step.py.
     """
@@ -498,6 +507,8 @@ def step_seconds(sae_cfg: SAEConfig, train_cfg: TrainConfig, steps: int = 3) -> 
     source = ArrayBatches(x, torch.arange(len(x)) % 2, train_cfg.batch_size, seed=0)
     trainer = Trainer(sae_cfg, replace(train_cfg, device="cpu"))
     trainer._initialise_from(source.batch_at(0))
+    if l0:
+        trainer.set_active_latents(source.batch_at(0).x, l0)
     times = []
     for step in range(steps + 1):
         start = time.perf_counter()

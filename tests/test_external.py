@@ -135,6 +135,7 @@ def test_round_trip_gives_the_original_rows_metrics_and_grid(variant, tmp_path):
     # Where it came from, and nothing it did not do here: no training or configuration columns.
     assert (row["variant"], row["source"], row["source_path"]) == ("external:mine", "folder", str(folder))
     assert row["source_architecture"] == json.loads((folder / "cfg.json").read_text())["architecture"]
+    assert row["harvest_dtype"] == original["harvest_dtype"] == MODEL.dtype
     assert not any(k.startswith("cfg_") for k in row) and imported.curves == []
     assert all(row.get(k) is None for k in ("steps", "tokens", "val_mse", "converged", "final_loss"))
     ResultsStore(tmp_path / "results").write_trial(row, imported.curves, imported.grid)  # the schema takes it

@@ -10,6 +10,7 @@ from hsae.config import SAEConfig, TrainConfig
 from hsae.machine import RunSettings, default_layout, measure_bf16_speedup, resolve_precision
 from hsae.spaces import get_profile, parse_profile_settings
 from hsae.train import Trainer, step_seconds
+from hsae.variants import VARIANTS
 from tune import ablate
 
 
@@ -150,30 +151,72 @@ def test_the_harvest_follows_the_same_capability_rule_on_cuda(monkeypatch, capab
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
+def _variants_plan(tmp_path, *extra):
+    args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "variants", "--seeds", "2",
+                                             "--dry-run", "--out", str(tmp_path / "r"), *extra])
+    return ablate.resolve(args), args
+
+
 def test_trials_run_seed_by_seed_the_longest_training_first(probe, tmp_path, monkeypatch, capsys):
     # A sweep that ends on its shortest trials leaves fewer slots idle while the last one finishes.
     probe(1.6)
     ms = {"relu": 1.0, "fixed_ortho": 2.0, "static_hier": 3.0, "contrastive_hier": 5.0}
-    monkeypatch.setattr(ablate, "step_seconds", lambda cfg, train_cfg: ms.get(cfg.variant, 2.5) / 1e3)
-    args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "variants", "--seeds", "2",
-                                             "--dry-run", "--out", str(tmp_path / "r")])
-    plan = ablate.resolve(args)
+    plan, args = _variants_plan(tmp_path)
+    threads_seen = set()
+
+    def fake_step(cfg, train_cfg, l0=None):
+        threads_seen.add(torch.get_num_threads())
+        assert l0 == plan.profile.target_l0 or l0 is None
+        return ms.get(cfg.variant, 2.5) / 1e3
+
+    monkeypatch.setattr(ablate, "step_seconds", fake_step)
     trials = plan.trials["variants"]
     threads = torch.get_num_threads()
-    seconds = ablate.training_seconds(trials, plan)
-    assert torch.get_num_threads() == threads
-    ordered = ablate.longest_first(trials, seconds)
+    ordered = ablate.trial_order(trials, plan, args, at_once=3)
+    assert threads_seen == {plan.layout.threads} and torch.get_num_threads() == threads
     assert [t.seed for t in ordered] == [42] * 7 + [43] * 7
     assert [t.variant for t in ordered[:7]] == [t.variant for t in ordered[7:]]
     assert ordered[0].variant == "contrastive_hier" and ordered[6].variant == "relu"
+    seconds = ablate.training_seconds(trials, plan)
     assert [seconds[t.key] for t in ordered[:7]] == sorted((seconds[t.key] for t in ordered[:7]), reverse=True)
     relu = next(t for t in trials if t.variant == "relu")
     assert seconds[relu.key] == pytest.approx(plan.profile.steps * 1e-3)
     assert "ms per step measured here: contrastive_hier 5, static_hier 3" in capsys.readouterr().out
 
 
-def test_a_measured_step_grows_with_the_dictionary():
-    train_cfg = TrainConfig(steps=100, batch_size=256, autocast="none")
-    narrow = step_seconds(SAEConfig("relu", 32, 32), train_cfg)
-    wide = step_seconds(SAEConfig("relu", 32, 4096), train_cfg)
-    assert 0 < narrow < wide
+@pytest.mark.parametrize("extra, at_once", [(["--search", "optuna", "--objectives", "val_mse"], 3),
+                                            (["--address", "10.0.0.1:6379"], 3), ([], 14)],
+                         ids=["optuna", "cluster", "all-at-once"])
+def test_trial_order_is_left_alone_where_it_cannot_help(probe, tmp_path, monkeypatch, extra, at_once):
+    probe(1.6)
+    monkeypatch.setattr(ablate, "step_seconds", lambda *a, **k: pytest.fail("measured a step"))
+    plan, args = _variants_plan(tmp_path, *extra)
+    trials = plan.trials["variants"]
+    assert ablate.trial_order(trials, plan, args, at_once) == trials
+
+
+def test_a_step_that_fails_to_time_leaves_its_trial_last_and_the_threads_as_they_were(probe, tmp_path, monkeypatch,
+                                                                                     capsys):
+    probe(1.6)
+
+    def fake_step(cfg, train_cfg, l0=None):
+        if cfg.variant == "static_hier":
+            raise RuntimeError("out of memory")
+        return 1e-3
+
+    monkeypatch.setattr(ablate, "step_seconds", fake_step)
+    plan, args = _variants_plan(tmp_path)
+    threads = torch.get_num_threads()
+    ordered = ablate.trial_order(plan.trials["variants"], plan, args, at_once=3)
+    assert torch.get_num_threads() == threads
+    assert ordered[6].variant == "static_hier" and ordered[13].variant == "static_hier"
+    assert "could not time a step of static_hier" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_times_a_step_and_one_grows_with_its_dictionary(variant):
+    train_cfg = TrainConfig(steps=100, batch_size=128, autocast="none", lr_warmup_steps=0)
+    narrow = step_seconds(SAEConfig(variant, 16, 64), train_cfg, l0=8)
+    assert 0 < narrow < 10
+    if variant == "relu":
+        assert narrow < step_seconds(SAEConfig("relu", 32, 4096), train_cfg, l0=8)

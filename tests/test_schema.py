@@ -9,6 +9,9 @@ import torch
 from hsae import results, schema
 from hsae.config import SAEConfig
 from hsae.metrics import evaluate
+from hsae.models import ModelInfo
+from hsae.results import trial_row
+from hsae.spaces import PROFILES, TrialSpec
 from hsae.variants import build_sae
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results-schema.md"
@@ -105,3 +108,12 @@ def test_results_columns_come_from_the_schema():
 def test_trial_frame_rejects_a_column_outside_the_schema():
     with pytest.raises(ValueError, match="undocumented"):
         results.trial_frame({"experiment": "e", "status": "completed", "not_a_column": 1.0})
+
+
+def test_a_row_names_the_dtype_its_activations_were_harvested_in():
+    model = ModelInfo(source="m", family="gemma2", layer=2, d_model=8, n_layers=4, bos_id=None, eos_id=None,
+                      dtype="bfloat16", identity={})
+    spec = TrialSpec("exp", "space", "relu", {}, 42, "ctx")
+    row = trial_row(spec, PROFILES["tiny"], model, None, None, "completed")
+    assert row["harvest_dtype"] == "bfloat16"
+    assert "harvest_dtype" in schema.TRIAL_COLUMN_NAMES

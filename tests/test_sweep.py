@@ -34,6 +34,7 @@ def test_sweep_with_asha_writes_documented_parquet_and_report(sweep, capsys):
         assert str(trials[name].dtype) == dtype or trials[name].isna().all(), (name, trials[name].dtype)
     assert "cfg_alpha" in trials and trials["cfg_alpha"].notna().all() and trials["cfg_lr"].notna().all()
     assert set(trials["status"]) <= {"completed", "early_stopped"}
+    assert (trials["harvest_dtype"] == "float32").all()  # "auto" on a CPU
     completed = trials[trials.status == "completed"]
     assert len(completed) >= 1
     assert (completed["steps"] == 40).all() and completed["unlearning_score"].notna().all()

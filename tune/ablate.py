@@ -390,9 +390,7 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
     if args.search == "grid" and not pending and not args.resume:
         print(f"[hsae] {trials[0].experiment}: all {len(trials)} trials already finished; nothing to run")
         return []
-    if args.search == "grid" and plan.precision is not None and len(pending) > args.plan_layout.trials:
-        pending = longest_first(pending, training_seconds(pending, plan))
-    tuner = make_tuner(space, trials, pending, plan.profile, args, server_name)
+    tuner = make_tuner(space, trials, pending, plan, args, server_name)
     if tuner is None:
         print(f"[hsae] {trials[0].experiment}: the Optuna study already has its {args.samples} trials; nothing to run")
         return []
@@ -401,22 +399,43 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
     return record_unfinished(grid, store, plan.profile, model, interrupted=args.interrupts.signum is not None)
 
 
+def trial_order(pending: list[TrialSpec], plan: Plan, args: argparse.Namespace, at_once: int) -> list[TrialSpec]:
+    """A new grid sweep's trials seed by seed, the longest training first within a seed, where the trials train
+    on this machine's CPU and not all at once; else as given (Optuna samples its own; a cluster's nodes or GPUs
+    are not this CPU)."""
+    if args.search != "grid" or args.address or plan.precision is None or len(pending) <= at_once:
+        return pending
+    return longest_first(pending, training_seconds(pending, plan))
+
+
 def training_seconds(trials: list[TrialSpec], plan: Plan) -> dict[str, float]:
     """Each trial's training time on this CPU, estimated: its steps x one step of its configuration, measured
-    here in the trials' threads and precision (an external arm trains nothing: 0). Prints the step times."""
+    here in the trials' threads and precision at its target L0 (an external arm trains nothing: 0; a
+    configuration whose step fails here: 0, and its trial reports the error). Prints the step times."""
     step: dict[str, float] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.layout.threads)
     try:
         for t in trials:
             if configuration(t) not in step and not is_external(t.variant):
-                sae_cfg = SAEConfig(t.variant, plan.model.d_model, plan.profile.d_sae, t.params)
-                step[configuration(t)] = step_seconds(sae_cfg, plan.profile.train_config(t.seed, plan.settings))
+                step[configuration(t)] = measured_step(t, plan)
     finally:
         torch.set_num_threads(threads)
+    variants = [c.split(" ")[0] for c in step]
+    shown = {c: c if variants.count(c.split(" ")[0]) > 1 else c.split(" ")[0] for c in step}
     print("[hsae] trial order: seed by seed, the longest training first; ms per step measured here: "
-          + ", ".join(f"{c.split(' ')[0]} {s * 1e3:.0f}" for c, s in sorted(step.items(), key=lambda kv: -kv[1])))
+          + ", ".join(f"{shown[c]} {s * 1e3:.0f}" for c, s in sorted(step.items(), key=lambda kv: -kv[1])))
     return {t.key: plan.profile.steps * step.get(configuration(t), 0.0) for t in trials}
+
+
+def measured_step(trial: TrialSpec, plan: Plan) -> float:
+    sae_cfg = SAEConfig(trial.variant, plan.model.d_model, plan.profile.d_sae, trial.params)
+    try:
+        return step_seconds(sae_cfg, plan.profile.train_config(trial.seed, plan.settings),
+                            l0=trial.params.get("target_l0"))
+    except Exception as exc:  # noqa: BLE001 - an order, not a result: the trial itself reports the error
+        print(f"[hsae] trial order: could not time a step of {configuration(trial)} ({exc}); counted as 0 s")
+        return 0.0
 
 
 def configuration(trial: TrialSpec) -> str:
@@ -431,7 +450,7 @@ def longest_first(trials: list[TrialSpec], seconds: dict[str, float]) -> list[Tr
     return sorted(trials, key=lambda t: (t.seed, -seconds[t.key]))
 
 
-def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], profile: Profile,
+def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], plan: Plan,
                args: argparse.Namespace, server_name: str) -> Any:
     """A new Tuner over the pending trials, or the interrupted one restored (``--resume``); None: nothing to run."""
     import ray
@@ -446,10 +465,12 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
     if args.resume and tune.Tuner.can_restore(path):
         print(f"[hsae] resuming Tune experiment at {path}")
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=None)
+    profile, at_once = plan.profile, trial_concurrency(args, ray)
     ctx = {"profile": asdict(profile), "out": str(Path(args.out).resolve()), "server": server_name,
            "settings": args.plan_settings.as_dict(),
            "hooks": list(args.trial_hooks), "controls_ok": args.controls_ok, "verbose": args.verbose}
-    param_space, tune_config = search_setup(space, trials, pending, profile, args, ctx, trial_concurrency(args, ray))
+    pending = trial_order(pending, plan, args, at_once)
+    param_space, tune_config = search_setup(space, trials, pending, profile, args, ctx, at_once)
     if tune_config.num_samples == 0:
         return None
     total = len(pending) if args.search == "grid" else tune_config.num_samples
