@@ -423,8 +423,9 @@ def training_seconds(trials: list[TrialSpec], plan: Plan) -> dict[str, float]:
         torch.set_num_threads(threads)
     variants = [c.split(" ")[0] for c in step]
     shown = {c: c if variants.count(c.split(" ")[0]) > 1 else c.split(" ")[0] for c in step}
-    print("[hsae] trial order: seed by seed, the longest training first; ms per step measured here: "
-          + ", ".join(f"{shown[c]} {s * 1e3:.0f}" for c, s in sorted(step.items(), key=lambda kv: -kv[1])))
+    if step:
+        print("[hsae] trial order: seed by seed, the longest training first; ms per step measured here: "
+              + ", ".join(f"{shown[c]} {s * 1e3:.0f}" for c, s in sorted(step.items(), key=lambda kv: -kv[1])))
     return {t.key: plan.profile.steps * step.get(configuration(t), 0.0) for t in trials}
 
 
