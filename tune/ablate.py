@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -412,18 +413,19 @@ def training_seconds(trials: list[TrialSpec], plan: Plan) -> dict[str, float]:
     """Each trial's training time on this CPU, estimated: its steps x one step of its configuration, measured
     here in the trials' threads and precision at its target L0 (an external arm trains nothing: 0; a
     configuration whose step fails here: 0, and its trial reports the error). Prints the step times."""
-    step: dict[str, float] = {}
+    first: dict[str, TrialSpec] = {}  # each configuration's first trial
+    for t in trials:
+        if not is_external(t.variant):
+            first.setdefault(configuration(t), t)
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.layout.threads)
     try:
-        for t in trials:
-            if configuration(t) not in step and not is_external(t.variant):
-                step[configuration(t)] = measured_step(t, plan)
+        step = {c: measured_step(t, plan) for c, t in first.items()}
     finally:
         torch.set_num_threads(threads)
-    variants = [c.split(" ")[0] for c in step]
-    shown = {c: c if variants.count(c.split(" ")[0]) > 1 else c.split(" ")[0] for c in step}
     if step:
+        configs_of = Counter(t.variant for t in first.values())  # a variant's name alone where it names one
+        shown = {c: t.variant if configs_of[t.variant] == 1 else c for c, t in first.items()}
         print("[hsae] trial order: seed by seed, the longest training first; ms per step measured here: "
               + ", ".join(f"{shown[c]} {s * 1e3:.0f}" for c, s in sorted(step.items(), key=lambda kv: -kv[1])))
     return {t.key: plan.profile.steps * step.get(configuration(t), 0.0) for t in trials}
