@@ -7,7 +7,7 @@ import pytest
 
 from hsae.convergence import MAX_LOG_GAP, convergence_verdict, is_converged, val_mse_rel_change
 from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
-from hsae.spaces import SpaceError, grid_trials, load_space, parse_space
+from hsae.spaces import SpaceError, default_spaces_dir, grid_trials, load_space, parse_space
 from tune import ablate
 from tune.report import build_report
 
@@ -123,7 +123,9 @@ def test_unwritable_results_directory_exits_2(tmp_path, capsys):
 
 
 def test_space_files_parse_and_validate():
-    for name in ("variants", "ortho", "groups", "dynamic", "hier", "contrast", "baselines"):
+    names = sorted(p.stem for p in default_spaces_dir().glob("*.yaml"))
+    assert {"variants", "ortho", "groups", "dynamic", "hier", "contrast", "baselines", "frontier"} <= set(names)
+    for name in names:  # every shipped space file: one with malformed YAML once went unnoticed
         space = load_space(name)
         assert grid_trials(space, "e", [42]), name
     assert {t.variant for t in grid_trials(load_space("variants"), "e", [42])} == {
