@@ -222,6 +222,7 @@ def trial_row(spec: TrialSpec, profile: Profile, model: ModelInfo, sae_cfg: SAEC
         "seed": spec.seed, "status": status, "profile": profile.name, "model": model.source,
         "layer": model.layer, "harvest_dtype": model.dtype, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "arm": spec.arm or None, "headline_metric": profile.headline_metric,
+        "equivalence_margin": profile.equivalence_margin, "seed_looks": profile.seed_looks,
     }
     if sae_cfg is not None:
         row.update({f"cfg_{k}": v for k, v in sae_cfg.flat().items()})

@@ -60,6 +60,10 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "arm is its variant and parameters. A labelled arm trains from a seed derived from (seed, arm)", group=_ID),
     _c("headline_metric", "string", "the metric the verdict's claims are made on, declared before the run "
        "(Profile.headline_metric; docs/evaluation.md, \"Headline\")", group=_META),
+    _c("equivalence_margin", "float64", "the headline's equivalence margin, declared with it: an arm shown to differ "
+       "from relu by less than this is 'equivalent' (Profile.equivalence_margin; docs/evaluation.md)", group=_META),
+    _c("seed_looks", "Int64", "looks the run declared at the verdict (1; more with --until-decided, each at "
+       "0.05 / seed_looks; docs/evaluation.md, \"Seeds in stages\")", group=_META),
     _c("status", "string", "completed, early_stopped (ASHA), failed (exception) or degenerate (guard tripped)",
        group=_META),
     _c("error", "string", "the reason for a failed or degenerate trial", group=_META),

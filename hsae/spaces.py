@@ -124,6 +124,15 @@ class Profile:
     # The metric the verdict's claims are made on, declared before the run (docs/evaluation.md, "Headline");
     # every other candidate is secondary. Recorded on each trial row.
     headline_metric: str = "frontier_area"
+    # The headline's equivalence margin, declared with it (docs/evaluation.md, "Equivalence margin"): an arm whose
+    # difference from relu is shown to lie within ±margin is "equivalent to relu". Recorded on each trial row.
+    equivalence_margin: float = 0.05
+    # Seeds added in stages until each arm is decided (--until-decided; docs/evaluation.md, "Seeds in stages"): the
+    # first look at `seeds`, then `seeds_per_stage` more for every undecided arm (and relu), up to `max_seeds`.
+    # seed_looks is the number of looks the run declared (1 without stages): each spends 0.05 / seed_looks.
+    max_seeds: int = 9
+    seeds_per_stage: int = 2
+    seed_looks: int = 1
     # The harvest's dtype (hsae.models.DTYPES, or "auto": bf16 on a GPU that computes it natively, else float32).
     # It changes every activation row, held-out ones included, hence the harvest key; the model that answers the
     # questions and gives CE/KL always runs at "auto" (docs/performance.md, "A bf16 harvest").
@@ -131,6 +140,12 @@ class Profile:
 
     def __post_init__(self) -> None:
         check_dtype_name("harvest_dtype", self.harvest_dtype)
+        if not (isinstance(self.equivalence_margin, (int, float)) and self.equivalence_margin > 0):
+            raise ValueError(f"equivalence_margin must be > 0 (a difference in the headline's units), got "
+                             f"{self.equivalence_margin!r}")
+        if self.seed_looks < 1 or self.seeds_per_stage < 1:
+            raise ValueError(f"seed_looks and seeds_per_stage must be >= 1, got {self.seed_looks}, "
+                             f"{self.seeds_per_stage}")
         if self.activations not in ACTIVATION_SOURCES:
             raise ValueError(f"activations must be one of {list(ACTIVATION_SOURCES)}, got {self.activations!r}")
         check_join_policy("stream_join", self.stream_join)
@@ -289,9 +304,15 @@ class TrialSpec:
         return {**out, "arm": self.arm} if self.arm else out  # unlabelled trials keep their keys
 
 
+# Profile fields that say how the verdict reads the rows, not what a trial computes: left out of the sweep
+# context, so declaring them (or staging seeds) never retrains a finished trial.
+VERDICT_FIELDS = ("equivalence_margin", "max_seeds", "seeds_per_stage", "seed_looks")
+
+
 def sweep_context(profile: Profile, harvest_key: str) -> str:
     """The key of a sweep's fixed part: the profile (budget, sizes, evaluation) and the activations' key."""
-    return content_key({"profile": asdict(profile), "activations": harvest_key}, length=16)
+    fields = {k: v for k, v in asdict(profile).items() if k not in VERDICT_FIELDS}
+    return content_key({"profile": fields, "activations": harvest_key}, length=16)
 
 
 def _check_sampler(where: str, name: str, spec: Any) -> None:

@@ -174,3 +174,154 @@ def _unit_mdd(n_arms: int, n_blocks: int, alpha: float, power: float) -> float:
         hi *= 2
     ncp = optimize.brentq(lambda d: rejection_probability(d, crit, df) - power, 0.0, hi, xtol=1e-9)
     return float(ncp * math.sqrt(2.0 / n_blocks))
+
+
+# -- the robust many-to-one test: each arm by its own paired differences -------------------------
+# The pooled test above assumes one seed-to-seed spread for every arm; an arm (or a control) noisier than
+# the others makes it claim differences that are not there (docs/evaluation.md, "The seed-level test").
+# Here each comparison uses only its own paired differences, arm - control at the seeds both have: the seed's
+# shared data order cancels, and the variance is that difference's own, whatever the other arms do. Each t
+# is Student's t with n - 1 df under normal seed effects, and Bonferroni over the family holds for any
+# dependence between the comparisons, so the family-wise rate is <= alpha by construction.
+BETTER_UP, BETTER_DOWN, EQUIVALENT, UNDECIDED = 1, -1, 2, 0  # decision codes: above 0, below 0, within ±margin
+
+
+@dataclass(frozen=True)
+class PairedManyToOne:
+    """Every arm against the control by its paired differences; arrays (..., comparisons)."""
+
+    diff: np.ndarray  # mean over the shared seeds of (arm - control)
+    sd: np.ndarray  # s.d. of those paired differences: the comparison's own spread
+    n: np.ndarray  # seeds the arm shares with the control
+    t: np.ndarray
+    p_adj: np.ndarray  # Bonferroni-adjusted two-sided p, min(1, family * p)
+    lo: np.ndarray  # simultaneous (1 - alpha) interval: each at 1 - alpha / family, two-sided
+    hi: np.ndarray
+    eq_lo: np.ndarray  # the equivalence interval: each at 1 - 2 alpha / family (two one-sided tests)
+    eq_hi: np.ndarray
+    alpha: float
+    family: int  # comparisons the family-wise rate is kept over
+
+
+def paired_many_to_one(y: Any, alpha: float = 0.05, family: int | None = None) -> PairedManyToOne:
+    """Each row of a (..., arms, seeds) table against row 0 (the control), by the paired differences at the
+    seeds where both have a value (NaN: no trial there). ``family``: comparisons the correction covers
+    (default arms - 1; a staged run passes its whole family, also when fewer arms are still tested)."""
+    y = np.asarray(y, dtype=float)
+    if y.ndim < 2 or y.shape[-2] < 2:
+        raise ValueError(f"need a (..., arms, seeds) table with >= 2 arms, got shape {y.shape}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"need 0 < alpha < 1, got {alpha!r}")
+    family = y.shape[-2] - 1 if family is None else int(family)
+    if family < y.shape[-2] - 1:
+        raise ValueError(f"the family ({family}) must cover every compared arm ({y.shape[-2] - 1})")
+    d = y[..., 1:, :] - y[..., :1, :]
+    ok = np.isfinite(d)
+    n = ok.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = np.where(ok, d, 0.0).sum(axis=-1) / n
+        sd = np.sqrt(np.where(ok, (d - diff[..., None]) ** 2, 0.0).sum(axis=-1) / (n - 1))
+        se = sd / np.sqrt(n)
+        t = np.where(se > 0, diff / np.where(se > 0, se, 1.0), np.where(diff == 0, 0.0, np.inf * np.sign(diff)))
+    df = np.where(n >= 2, n - 1, np.nan)
+    c_two = sps.t.ppf(1 - alpha / (2 * family), df)
+    c_one = sps.t.ppf(1 - alpha / family, df)
+    p_adj = np.clip(family * 2 * sps.t.sf(np.abs(t), df), 0.0, 1.0)
+    return PairedManyToOne(diff, sd, n, t, p_adj, diff - c_two * se, diff + c_two * se, diff - c_one * se,
+                           diff + c_one * se, float(alpha), family)
+
+
+def decisions(res: PairedManyToOne, margin: float | None = None) -> np.ndarray:
+    """Per comparison: BETTER_UP (interval above 0), BETTER_DOWN (below 0), EQUIVALENT (interval contains 0 and
+    the equivalence interval lies within ±margin) or UNDECIDED. One error budget covers every claim: where
+    the truth is 0 only a directional claim can be false, where |truth| >= margin only a directional claim of
+    the wrong sign or 'equivalent' can, and each of those needs an interval to miss the truth on one side
+    (<= alpha / family per comparison, <= alpha over the family)."""
+    out = np.where(res.lo > 0, BETTER_UP, np.where(res.hi < 0, BETTER_DOWN, UNDECIDED))
+    if margin is not None and math.isfinite(margin) and margin > 0:
+        inside = (res.eq_lo > -margin) & (res.eq_hi < margin)
+        out = np.where((out == UNDECIDED) & inside, EQUIVALENT, out)
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _paired_unit_mdd(n: int, family: int, alpha: float, power: float) -> float:
+    """The paired test's minimal detectable difference at a paired-difference s.d. of 1."""
+    if n < 2:
+        return math.nan
+    df = n - 1
+    crit = float(sps.t.ppf(1 - alpha / (2 * family), df))
+    hi = crit + 2.0
+    while rejection_probability(hi, crit, df) < power:
+        if hi > 1e5:
+            return math.inf
+        hi *= 2
+    ncp = optimize.brentq(lambda d: rejection_probability(d, crit, df) - power, 0.0, hi, xtol=1e-9)
+    return float(ncp / math.sqrt(n))
+
+
+def paired_mdd(sd: float, n: int, family: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true difference one comparison of ``paired_many_to_one`` detects with probability
+    ``power`` at n seeds, for a paired-difference s.d. ``sd`` (NaN when it cannot be computed)."""
+    if n < 2 or not (math.isfinite(sd) and sd > 0):
+        return math.nan
+    return sd * _paired_unit_mdd(int(n), int(family), float(alpha), float(power))
+
+
+def decision_probability(truth: float, sd: float, n: Any, family: int, alpha: float = 0.05,
+                         margin: float | None = None) -> np.ndarray:
+    """P(a comparison is decided) at n seeds (vectorised over n) if the true difference were ``truth`` with
+    paired s.d. ``sd``: the larger of the directional claim's power and the equivalence claim's (two one-sided
+    tests; the usual approximation P(t1 > c) + P(t2 > c) - 1). NaN where n < 2 or nothing was measured."""
+    n = np.asarray(n, dtype=float)
+    if not (math.isfinite(sd) and sd > 0 and math.isfinite(truth)):
+        return np.full(n.shape, np.nan)
+    df = np.where(n >= 2, n - 1, np.nan)
+    scale = np.sqrt(n) / sd
+    crit = sps.t.ppf(1 - alpha / (2 * family), df)
+    ncp = abs(truth) * scale  # the far tail (the wrong sign) is ~0; scipy's cdf there may say NaN
+    directional = sps.nct(df, ncp).sf(crit) + np.nan_to_num(sps.nct(df, -ncp).sf(crit))
+    if margin is None or not (math.isfinite(margin) and margin > abs(truth)):
+        return directional
+    c_one = sps.t.ppf(1 - alpha / family, df)
+    low, high = (sps.nct(df, (margin + s * truth) * scale).sf(c_one) for s in (1, -1))
+    return np.maximum(directional, low + high - 1.0)
+
+
+def seeds_to_decide(truth: float, sd: float, family: int, alpha: float = 0.05, margin: float | None = None,
+                    power: float = 0.8, max_seeds: int = 200) -> int | None:
+    """The fewest seeds at which the comparison would be decided with probability ``power`` if its difference
+    and spread were as measured; None beyond ``max_seeds`` (or when nothing was measured)."""
+    if not (math.isfinite(sd) and sd > 0 and math.isfinite(truth)):
+        return None
+    n = np.arange(2, max_seeds + 1)
+    reached = np.flatnonzero(decision_probability(truth, sd, n, family, alpha, margin) >= power)
+    return int(n[reached[0]]) if len(reached) else None
+
+
+# -- seeds added in stages until decided -----------------------------------------------------------
+def seed_looks(first: int, per_stage: int, max_seeds: int) -> list[int]:
+    """The seed counts at which a staged run tests: ``first``, then ``per_stage`` more each time, the last look
+    at ``max_seeds`` (declared before the run, so the looks and their alpha are fixed in advance)."""
+    if first < 2 or per_stage < 1 or max_seeds < first:
+        raise ValueError(f"need first >= 2 seeds, per_stage >= 1 and max_seeds >= first, got first={first}, "
+                         f"per_stage={per_stage}, max_seeds={max_seeds}")
+    looks = list(range(first, max_seeds + 1, per_stage))
+    return looks if looks[-1] == max_seeds else [*looks, max_seeds]
+
+
+def staged_decisions(y: Any, looks: list[int], alpha: float = 0.05,
+                     margin: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The staged procedure on (..., arms, max seeds) tables, row 0 the control: at each look, every arm still
+    undecided is tested on its first n seeds at alpha / len(looks) (Bonferroni over the looks as over the
+    arms, so the family-wise rate over all looks stays <= alpha); a decided arm gets no more seeds. Returns the
+    decision codes (..., arms - 1) and the index of the look that decided each (-1: undecided at the end)."""
+    y = np.asarray(y, dtype=float)
+    rate, family = alpha / len(looks), y.shape[-2] - 1
+    decided = np.full(y.shape[:-2] + (family,), UNDECIDED)
+    at = np.full(decided.shape, -1)
+    for k, n in enumerate(looks):
+        now = decisions(paired_many_to_one(y[..., :n], rate, family), margin)
+        new = (at < 0) & (now != UNDECIDED)
+        decided, at = np.where(new, now, decided), np.where(new, k, at)
+    return decided, at

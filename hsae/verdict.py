@@ -9,9 +9,11 @@ outcomes (``docs/evaluation.md``, "The verdict"):
 * **frontier area**: removal averaged over retain levels on a fixed grid in [lo, 1], each level's setting
   chosen by the same rule;
 * **arms**: one configuration each (variant + its parameters, or the space file's ``arm:`` label);
-* **claims**: a randomized complete block test (arm x seed) with Dunnett's correction against the
-  ``relu`` arm (``hsae/stats.py``), on the headline metric the profile declared before the run
-  (``Profile.headline_metric``) and, labelled secondary, on any other metric given;
+* **claims**: every arm against the ``relu`` arm by its own paired differences over the seeds (a seed is a
+  block), Bonferroni-corrected (``hsae/stats.py``), on the headline metric the profile declared before the
+  run (``Profile.headline_metric``): better, worse, equivalent within the declared margin, or undecided with
+  the seeds that would decide it; the second witness's primary is a claim only behind the headline's gate,
+  every other metric is descriptive;
 * **question bootstrap**: the question noise of one number (a cell), not the seed-level test.
 """
 
@@ -46,6 +48,10 @@ HIGHER_IS_BETTER: dict[str, bool] = {"unlearning_score": True, "frontier_area": 
 # Metric families whose direction follows from the name (the second witness's probe accuracies).
 HIGHER_IS_BETTER_PREFIXES = ("sparse_probe",)
 DEFAULT_HEADLINE = "frontier_area"  # Profile.headline_metric's default; why: docs/evaluation.md, "Headline"
+# Profile.equivalence_margin's default: a frontier-area difference smaller than this is no difference a
+# researcher would act on (docs/evaluation.md, "Equivalence margin").
+DEFAULT_MARGIN = 0.05
+WITNESS = "sparse_probe_mean_k1"  # the second witness's primary metric (docs/evaluation.md, "Second witness")
 # Chosen and scored on the same (all) questions, as SAEBench defines it: shown, never claimed on
 # (docs/evaluation.md, "Select and test"); the other candidates choose on select and score on test questions.
 DESCRIPTIVE_ONLY: tuple[str, ...] = ("unlearning_score",)
@@ -414,20 +420,35 @@ def _cell_text(value: Any) -> str:
     return "" if missing else _value_text(value)
 
 
-# -- the seed-level test: arm x seed block design, Dunnett against relu ---------------------------
+# -- the seed-level test: each arm against relu by its own paired differences ----------------------
 @dataclass(frozen=True)
 class ArmResult:
-    """One arm minus the baseline arm on one metric, from the block design."""
+    """One arm minus the baseline arm on one metric, from the paired test (``stats.paired_many_to_one``)."""
 
     arm: str
     metric: str
-    n: int  # seeds (blocks) behind the difference
+    n: int  # seeds the arm shares with the baseline (the pairs behind the difference)
     diff: float  # mean over those seeds of (arm - baseline)
-    lo: float  # Dunnett-adjusted (simultaneous) 95% interval of the difference
+    lo: float  # simultaneous 95% interval of the difference (Bonferroni over the family)
     hi: float
-    p_adj: float  # Dunnett-adjusted p value
-    claim: str  # "better than relu" / "worse than relu" / "not separable"
+    p_adj: float  # Bonferroni-adjusted p value
+    claim: str  # "better than relu" / "worse than relu" / "equivalent to relu (±δ)" / "undecided" / descriptive
     seeds: tuple = ()
+    sd: float = math.nan  # s.d. of the paired differences: this comparison's own spread
+    eq_lo: float = math.nan  # the equivalence interval (two one-sided tests at the same family-wise rate)
+    eq_hi: float = math.nan
+    mdd: float = math.nan  # minimal detectable difference at these seeds and this spread (power 0.8)
+    mdd_by_seeds: dict[int, float] = field(default_factory=dict)  # the same at other seed counts
+    seeds_needed: int | None = None  # seeds that would decide it, were its difference and spread as measured
+
+    @property
+    def decided(self) -> bool:
+        return self.claim.startswith(DECIDED_WORDS)
+
+
+DECIDED_WORDS = ("better", "worse", "equivalent")
+UNDECIDED = "undecided"
+DESCRIPTIVE = "descriptive (not a claim)"
 
 
 @dataclass(frozen=True)
@@ -435,38 +456,46 @@ class MetricTest:
     """The many-to-one test of every arm against the baseline on one metric."""
 
     metric: str
-    role: str  # "headline" (declared before the run) or "secondary"
+    role: str  # "headline" (declared before the run), "witness" (the second witness's primary) or "secondary"
     higher_is_better: bool
     baseline: str
     arms: tuple[ArmResult, ...]
-    seeds: tuple = ()  # the blocks: the baseline's seeds with a value
-    df: int = 0  # residual degrees of freedom, (arms - 1)(seeds - 1)
-    sd_resid: float = math.nan  # pooled residual s.d. of the arm + seed model, over every tested arm
-    crit: float = math.nan  # Dunnett's two-sided critical value
-    mdd: float = math.nan  # minimal detectable difference at these seeds (alpha 0.05, power 0.8)
-    mdd_by_seeds: dict[int, float] = field(default_factory=dict)  # the same at other seed counts
+    seeds: tuple = ()  # the baseline's seeds with a value
+    alpha: float = ALPHA  # the family-wise rate of this look (ALPHA / looks in a staged run)
+    family: int = 0  # comparisons the correction covers
+    margin: float = math.nan  # equivalence margin (the headline's; NaN: no equivalence claims)
+    claimed: bool = True  # False: shown with intervals, never worded as a claim
     untested: dict[str, str] = field(default_factory=dict)  # arm -> why it is not in the test
     note: str = ""  # why there is no test at all
 
     def by_arm(self) -> dict[str, ArmResult]:
         return {a.arm: a for a in self.arms}
 
-    def inseparable(self) -> list[str]:
-        return [a.arm for a in self.arms if a.claim.startswith("not separable")]
+    def undecided(self) -> list[str]:
+        return [a.arm for a in self.arms if a.claim.startswith(UNDECIDED)]
+
+    def decided_all_directions(self) -> bool:
+        """Every tested arm is better or worse (the gate the second witness's claims pass through)."""
+        return bool(self.arms) and not self.untested and all(a.claim.startswith(("better", "worse"))
+                                                             for a in self.arms)
 
 
 def claim(lo: float, hi: float, higher_is_better: bool, n_seeds: int, baseline: str = BASELINE,
-          min_seeds: int = 2) -> str:
-    """'better than relu' / 'worse than relu' only when the adjusted interval excludes 0 (and there are at
-    least ``min_seeds`` seeds: one seed says nothing of seed-to-seed variation); else 'not separable'."""
+          min_seeds: int = 2, eq_lo: float = math.nan, eq_hi: float = math.nan,
+          margin: float | None = None) -> str:
+    """'better than relu' / 'worse than relu' when the simultaneous interval excludes 0; otherwise 'equivalent
+    to relu (±margin)' when the equivalence interval lies within ±margin; otherwise 'undecided'. Below
+    ``min_seeds`` seeds nothing is decided (one seed says nothing of seed-to-seed variation)."""
     if n_seeds < min_seeds:
-        return f"not separable (needs ≥ {min_seeds} seeds)"
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
-        return "not separable"
-    return f"better than {baseline}" if (lo > 0) == higher_is_better else f"worse than {baseline}"
+        return f"{UNDECIDED} (needs ≥ {min_seeds} seeds)"
+    if math.isfinite(lo) and lo > 0 or math.isfinite(hi) and hi < 0:
+        return f"better than {baseline}" if (lo > 0) == higher_is_better else f"worse than {baseline}"
+    if margin is not None and math.isfinite(margin) and margin > 0 and -margin < eq_lo and eq_hi < margin:
+        return f"equivalent to {baseline} (±{margin:g})"
+    return UNDECIDED
 
 
-POWER_SEEDS = (2, 3, 5, 10)
+POWER_SEEDS = (3, 5, 10)
 
 
 def seed_table(per_trial: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -476,37 +505,49 @@ def seed_table(per_trial: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def arm_test(per_trial: pd.DataFrame, metric: str, role: str = "headline", baseline: str = BASELINE,
-                alpha: float = ALPHA, directions: dict[str, bool] | None = None) -> MetricTest:
-    """Every arm against ``baseline`` on ``metric``: blocks are the baseline's seeds; an arm without a value
-    at one of them is left out (said why); the rest go through ``stats.many_to_one`` together."""
+             alpha: float = ALPHA, directions: dict[str, bool] | None = None, margin: float | None = None,
+             family: int | None = None, claimed: bool = True) -> MetricTest:
+    """Every arm against ``baseline`` on ``metric``, each by its paired differences at the baseline's seeds it
+    has (``stats.paired_many_to_one``): an arm with fewer than 2 such seeds is left out (said why).
+    ``margin``: the equivalence margin (headline only); ``family``: the comparisons the correction covers
+    (default: the arms here); ``claimed`` False: the decisions are computed but shown as descriptive."""
     better = higher_is_better(metric, directions)
     if metric not in per_trial:
-        return MetricTest(metric, role, better, baseline, (), note=f"no column {metric!r}")
+        return MetricTest(metric, role, better, baseline, (), alpha=alpha, note=f"no column {metric!r}")
     table = seed_table(per_trial, metric)
     if baseline not in table.index:
-        return MetricTest(metric, role, better, baseline, (), note=f"no {baseline} arm with a value")
+        return MetricTest(metric, role, better, baseline, (), alpha=alpha, note=f"no {baseline} arm with a value")
     seeds = tuple(s for s in table.columns if np.isfinite(table.loc[baseline, s]))
     others = [a for a in table.index if a != baseline]
-    untested = {a: "no value at seed(s) " + ", ".join(str(s) for s in seeds if not np.isfinite(table.loc[a, s]))
-                for a in others if not np.isfinite(table.loc[a, list(seeds)].to_numpy(float)).all()}
+    shared = {a: tuple(s for s in seeds if np.isfinite(table.loc[a, s])) for a in others}
+    untested = {a: f"{len(shared[a])} seed(s) shared with {baseline}" for a in others if len(shared[a]) < 2}
     tested = [a for a in others if a not in untested]
-    if len(seeds) < 2 or not tested:
-        arms = tuple(ArmResult(a, metric, len(seeds), _mean_diff(table, a, baseline, seeds), math.nan, math.nan,
-                               math.nan, claim(math.nan, math.nan, better, len(seeds), baseline), seeds)
-                     for a in tested)
-        why = f"{len(seeds)} {baseline} seed(s)" if len(seeds) < 2 else "no arm has a value at every baseline seed"
-        return MetricTest(metric, role, better, baseline, arms, seeds, untested=untested, note=why)
-    y = table.loc[[baseline, *tested], list(seeds)].to_numpy(float)
-    res = stats.many_to_one(y, alpha)
-    arms = tuple(ArmResult(a, metric, len(seeds), _round(res.diff[i]), _round(res.lo[i]), _round(res.hi[i]),
-                           float(res.p_adj[i]), claim(_round(res.lo[i]), _round(res.hi[i]), better, len(seeds),
-                                                      baseline), seeds)
+    family = max(len(tested), 1) if family is None else family
+    if not tested:
+        why = f"{len(seeds)} {baseline} seed(s)" if len(seeds) < 2 else "no arm shares 2 seeds with the baseline"
+        return MetricTest(metric, role, better, baseline, (), seeds, alpha, family, _margin(margin), claimed,
+                          untested, why)
+    res = stats.paired_many_to_one(table.loc[[baseline, *tested], list(seeds)].to_numpy(float), alpha, family)
+    arms = tuple(_arm_result(a, metric, res, i, shared[a], better, baseline, margin, claimed)
                  for i, a in enumerate(tested))
-    sd = float(res.sd_resid)
-    k = len(tested) + 1
-    mdd = {n: stats.min_detectable_difference(sd, k, n, alpha) for n in sorted({*POWER_SEEDS, len(seeds)})}
-    return MetricTest(metric, role, better, baseline, arms, seeds, res.df, sd, res.crit, mdd[len(seeds)], mdd,
-                      untested)
+    return MetricTest(metric, role, better, baseline, arms, seeds, alpha, family, _margin(margin), claimed, untested)
+
+
+def _margin(margin: float | None) -> float:
+    return float(margin) if margin is not None and math.isfinite(margin) else math.nan
+
+
+def _arm_result(arm: str, metric: str, res: stats.PairedManyToOne, i: int, seeds: tuple, better: bool,
+                baseline: str, margin: float | None, claimed: bool) -> ArmResult:
+    """One comparison's row: the difference, its intervals, the claim, and what more seeds would buy."""
+    n, sd, diff = int(res.n[i]), float(res.sd[i]), _round(res.diff[i])
+    lo, hi, eq_lo, eq_hi = (_round(x[i]) for x in (res.lo, res.hi, res.eq_lo, res.eq_hi))
+    said = claim(lo, hi, better, n, baseline, eq_lo=eq_lo, eq_hi=eq_hi, margin=margin)
+    mdd = {k: stats.paired_mdd(sd, k, res.family, res.alpha) for k in sorted({*POWER_SEEDS, n})}
+    needed = None if said.startswith(DECIDED_WORDS) else stats.seeds_to_decide(diff, sd, res.family, res.alpha,
+                                                                                 margin)
+    return ArmResult(arm, metric, n, diff, lo, hi, float(res.p_adj[i]), said if claimed else DESCRIPTIVE, seeds,
+                     sd, eq_lo, eq_hi, mdd[n], mdd, needed)
 
 
 def _round(x: float) -> float:
@@ -514,21 +555,24 @@ def _round(x: float) -> float:
     return round(float(x), 12)
 
 
-def _mean_diff(table: pd.DataFrame, arm: str, baseline: str, seeds: tuple) -> float:
-    d = (table.loc[arm, list(seeds)] - table.loc[baseline, list(seeds)]).to_numpy(float)
-    return _round(d.mean()) if len(d) else math.nan
-
-
 def arm_tests(per_trial: pd.DataFrame, headline: str, secondary: list[str] | tuple[str, ...] = (),
-                 baseline: str = BASELINE, alpha: float = ALPHA,
-                 directions: dict[str, bool] | None = None) -> list[MetricTest]:
-    """The headline metric and each secondary metric through the same calibrated test, in that order.
-
-    The family-wise error rate is controlled per metric (over the arms); secondary metrics are labelled
-    so and are not corrected across metrics (docs/evaluation.md, "Headline and secondary metrics")."""
-    out = [arm_test(per_trial, headline, "headline", baseline, alpha, directions)]
-    return out + [arm_test(per_trial, m, "secondary", baseline, alpha, directions)
-                  for m in dict.fromkeys(secondary) if m != headline]
+              baseline: str = BASELINE, alpha: float = ALPHA, directions: dict[str, bool] | None = None,
+              margin: float | None = None, witness: str | None = None, looks: int = 1) -> list[MetricTest]:
+    """The headline and each secondary metric through the same test, in that order (docs/evaluation.md,
+    "Which numbers are claims"). Only the headline is worded as a claim, at the family-wise rate ``alpha``
+    (split evenly over a staged run's ``looks``), with equivalence within ``margin``; the second ``witness``'s
+    metric is worded as a claim only when the headline decided every arm better or worse (serial gatekeeping:
+    a false witness claim then needs a false headline claim first); every other metric is descriptive."""
+    rate = alpha / looks
+    head = arm_test(per_trial, headline, "headline", baseline, rate, directions, margin)
+    out = [head]
+    for m in dict.fromkeys(secondary):
+        if m == headline:
+            continue
+        gate = m == witness and head.decided_all_directions()
+        out.append(arm_test(per_trial, m, "witness" if m == witness else "secondary", baseline, rate, directions,
+                            claimed=gate))
+    return out
 
 
 # -- exploratory: how each candidate spreads ----------------------------------------------------
@@ -628,8 +672,8 @@ class Verdict:
         """The headline metric's test: the one that makes the claims."""
         return self.tests[0]
 
-    def inseparable(self) -> list[str]:
-        return self.main.inseparable()
+    def undecided(self) -> list[str]:
+        return self.main.undecided()
 
     def arms(self) -> list[str]:
         return list(dict.fromkeys(self.per_trial["arm"]))
@@ -649,15 +693,21 @@ def one_bank(grid: pd.DataFrame, trial_ids: Any) -> str | None:
     return banks[0] if banks else None
 
 
-def declared_headline(trials: pd.DataFrame, default: str = DEFAULT_HEADLINE) -> str:
-    """The headline the rows record (``headline_metric``, one value), else ``default``."""
-    if "headline_metric" not in trials:
+def declared(trials: pd.DataFrame, column: str, default: Any) -> Any:
+    """The one value the rows record in ``column`` (declared before the run), else ``default``; ValueError when
+    the rows declare several (compare trials of one declaration at a time)."""
+    if column not in trials:
         return default
-    named = sorted(set(trials["headline_metric"].dropna().astype(str)))
+    named = sorted(set(trials[column].dropna().tolist()), key=str)
     if len(named) > 1:
-        raise ValueError(f"the trials declare {len(named)} headline metrics ({', '.join(named)}): "
+        raise ValueError(f"the trials declare {len(named)} values of {column} ({', '.join(map(str, named))}): "
                          f"compare trials of one declaration at a time")
     return named[0] if named else default
+
+
+def declared_headline(trials: pd.DataFrame, default: str = DEFAULT_HEADLINE) -> str:
+    """The headline the rows record (``headline_metric``, one value), else ``default``."""
+    return str(declared(trials, "headline_metric", default))
 
 
 def scored(done: pd.DataFrame, grid: pd.DataFrame, questions: pd.DataFrame | None = None, n_boot: int = 1000,
@@ -674,13 +724,14 @@ def scored(done: pd.DataFrame, grid: pd.DataFrame, questions: pd.DataFrame | Non
 def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None = None,
                   secondary: list[str] | tuple[str, ...] | None = None, questions: pd.DataFrame | None = None,
                   n_boot: int = 1000, seed: int = 0, baseline: str = BASELINE, alpha: float = ALPHA,
-                  directions: dict[str, bool] | None = None) -> Verdict:
+                  directions: dict[str, bool] | None = None, witness: str | None = WITNESS) -> Verdict:
     """The verdict over the completed trials of ``trials`` from grid.parquet's rows.
 
     ``headline``: the declared metric (None: ``declared_headline(trials)``); ``secondary``: other metrics
     tested the same way (None: the other candidates); a metric not recomputed from the grid is read from
     the trial rows (e.g. sparse-probing columns). With ``questions`` carrying roles, matched retain is
-    chosen on select questions and scored on test questions."""
+    chosen on select questions and scored on test questions. The equivalence margin and the number of
+    looks of a staged run are the ones the rows declare (``equivalence_margin``, ``seed_looks``)."""
     done = trials[trials["status"] == "completed"]
     if "stream_join" in done and (done["stream_join"] == "oldest").any():
         raise ValueError("trials joined the activation stream at the oldest buffered batch (stream_join = "
@@ -702,7 +753,9 @@ def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None
                          f"columns of the trial rows")
     ids = done[["trial_id", "variant", "seed", *extra]].assign(arm=arm_names(done).to_numpy())
     per_trial = ids.merge(boot.point, left_on="trial_id", right_index=True).reset_index(drop=True)
-    tests = arm_tests(per_trial, headline, secondary, baseline, alpha, directions)
+    margin = float(declared(done, "equivalence_margin", DEFAULT_MARGIN))
+    looks = int(declared(done, "seed_looks", 1))
+    tests = arm_tests(per_trial, headline, secondary, baseline, alpha, directions, margin, witness, looks)
     counts = setting_counts(grid[grid["trial_id"].isin(per_trial["trial_id"])])
     return Verdict(per_trial, boot, stability(per_trial), headline, tests, int(per_trial["seed"].nunique()),
                    counts, baseline, excluded, crosscheck(done, per_trial), bank)

@@ -1,15 +1,18 @@
-"""The seed-level test is calibrated: simulated null sweeps claim a difference in <= 5% of sweeps.
+"""The claims are calibrated: simulated sweeps where no arm differs claim something in <= 5% of sweeps, also
+when arms differ in spread, and a true difference or a true equivalence is found at the promised power.
 
-A sweep is 7 arms (relu + 6) x S seeds, a randomized complete block: a seed's data order is shared by every
-arm (a block effect), each trial adds its own seed-to-seed noise (s.d. 0.07, the main job's) and the question
-noise of a metric read off a bank of 200 questions (binomial; 0.25 / 0.5 / 1 x the seed noise as in the
-issue's measurements). Under the null every arm has the same distribution; the family-wise rate of "any of
-the six comparisons claims better/worse" must be <= 5% within Monte Carlo error, at 2, 3 and 5 seeds.
+A sweep is 7 arms (relu + 6) x S seeds: a seed's data order is shared by every arm (a block effect), each trial
+adds its own seed-to-seed noise (s.d. 0.07 by default, the main job's) and, where a scenario says so, the question
+noise of a metric read off a bank of questions (binomial, at an accuracy that may differ per arm). Under the null
+every arm has the same mean; the family-wise rate of "any comparison claims better, worse, or equivalent where
+that is false" must be <= 5% within Monte Carlo error. The robust test (``stats.paired_many_to_one``) is held to
+that in every scenario; the pooled test it replaced is shown failing where relu is noisier than the others.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,94 +22,154 @@ from scipy import stats as sps
 from hsae import stats
 from hsae import verdict as V
 
-ARMS, SEED_SD, BLOCK_SD, N_QUESTIONS = 7, 0.07, 0.05, 200
-ALPHA = 0.05
+ARMS, SEED_SD, BLOCK_SD = 7, 0.07, 0.05
+ALPHA, MARGIN = 0.05, 0.05
+N_SIMS = 4000
 
 
-def simulate(n_sims: int, n_seeds: int, question_sd: float, effect: float = 0.0,
-             rng: np.random.Generator | None = None) -> np.ndarray:
-    """(n_sims, arms, seeds) metric values; arm 1 is shifted by ``effect`` (0: the null)."""
-    rng = rng or np.random.default_rng(0)
-    block = rng.normal(0, BLOCK_SD, (n_sims, 1, n_seeds))
-    truth = 0.5 + block + rng.normal(0, SEED_SD, (n_sims, ARMS, n_seeds))
-    truth[:, 1] += effect
-    # Question noise: a binomial proportion whose s.d. is ``question_sd`` at accuracy 0.5.
-    n = max(1, round(0.25 / question_sd ** 2)) if question_sd > 0 else 0
-    if not n:
-        return truth
-    return rng.binomial(n, np.clip(truth, 0, 1)) / n
+def simulate(n_sims: int, n_seeds: int, rng: np.random.Generator, seed_sd: Any = SEED_SD, effect: float = 0.0,
+             accuracy: Any = None, n_questions: int = 200, tails: int | None = None) -> np.ndarray:
+    """(n_sims, arms, seeds) metric values. ``seed_sd``: one s.d. or one per arm; ``effect``: added to arm 1;
+    ``accuracy``: per-arm accuracy of a binomial question noise on ``n_questions`` (centred, so every arm keeps
+    its mean); ``tails``: Student-t seed effects with that many df (scaled to the same s.d.)."""
+    sd = np.broadcast_to(np.asarray(seed_sd, dtype=float), (ARMS,))[None, :, None]
+    shape = (n_sims, ARMS, n_seeds)
+    noise = rng.standard_t(tails, shape) / math.sqrt(tails / (tails - 2)) if tails else rng.normal(0, 1, shape)
+    y = 0.5 + rng.normal(0, BLOCK_SD, (n_sims, 1, n_seeds)) + sd * noise
+    y[:, 1] += effect
+    if accuracy is not None:
+        p = np.broadcast_to(np.asarray(accuracy, dtype=float), (ARMS,))[None, :, None]
+        y += rng.binomial(n_questions, np.broadcast_to(p, shape)) / n_questions - p
+    return y
 
 
 def lower_bound(successes: int, n: int, confidence: float = 0.999) -> float:
-    """Clopper-Pearson lower confidence bound of a rate (99.9%: twelve configurations are checked, so a
-    true 5% fails one of them by chance in about 1% of seeds, while an uncorrected test's ~25% always does)."""
+    """Clopper-Pearson lower confidence bound of a rate (99.9%: about twenty configurations are checked, so a
+    true 5% fails one of them by chance in about 2% of runs, while a miscalibrated 8% fails nearly always)."""
     return float(sps.beta.ppf(1 - confidence, successes, n - successes + 1)) if successes else 0.0
 
 
-def any_claim_rate(y: np.ndarray) -> tuple[int, int]:
+def robust_false_claims(y: np.ndarray, truth: np.ndarray | float = 0.0, margin: float | None = MARGIN) -> int:
+    """Sweeps with any false claim: a direction where the truth is 0 or the other sign, 'equivalent' where
+    |truth| >= margin."""
+    codes = stats.decisions(stats.paired_many_to_one(y, ALPHA), margin)
+    return int(false_claims(codes, truth, margin).any(axis=-1).sum())
+
+
+def false_claims(codes: np.ndarray, truth: np.ndarray | float, margin: float | None) -> np.ndarray:
+    truth = np.broadcast_to(np.asarray(truth, dtype=float), codes.shape[-1:])
+    wrong_up = (codes == stats.BETTER_UP) & (truth <= 0)
+    wrong_down = (codes == stats.BETTER_DOWN) & (truth >= 0)
+    wrong_same = (codes == stats.EQUIVALENT) & (np.abs(truth) >= (margin if margin else np.inf))
+    return wrong_up | wrong_down | wrong_same
+
+
+def pooled_false_claims(y: np.ndarray) -> int:
     res = stats.many_to_one(y, ALPHA)
-    claims = (res.lo > 0) | (res.hi < 0)
-    return int(claims.any(axis=-1).sum()), len(y)
+    return int(((res.lo > 0) | (res.hi < 0)).any(axis=-1).sum())
 
 
-@pytest.mark.parametrize("n_seeds", [2, 3, 5])
-@pytest.mark.parametrize("question_sd", [0.0, 0.25 * SEED_SD, 0.5 * SEED_SD, SEED_SD])
-def test_null_family_wise_rate_is_at_most_five_percent(n_seeds, question_sd):
-    rng = np.random.default_rng([n_seeds, round(question_sd * 1e4)])
-    hits, n = any_claim_rate(simulate(4000, n_seeds, question_sd, rng=rng))
-    print(f"\n{n_seeds} seeds, question s.d. {question_sd:.4f}: family-wise rate {hits / n:.4f}")
-    # The rate is consistent with <= 5%: the lower confidence bound of the observed rate stays <= 0.05 ...
-    assert lower_bound(hits, n) <= ALPHA, (hits, n)
-    # ... and the test is not wildly conservative either (Dunnett is exact for normal data).
-    assert hits / n > 0.03, (hits, n)
+WIDE = 3 * SEED_SD
+SCENARIOS = {
+    "equal spread": {},
+    "relu 3x wider": {"seed_sd": [WIDE] + [SEED_SD] * (ARMS - 1)},
+    "one arm 3x wider": {"seed_sd": [SEED_SD, WIDE] + [SEED_SD] * (ARMS - 2)},
+    "accuracy differs per arm": {"seed_sd": 0.03, "accuracy": [0.5, 0.9, 0.95, 0.5, 0.7, 0.99, 0.6]},
+    "heavy tails (t, 3 df)": {"tails": 3},
+}
+
+
+@pytest.mark.parametrize("n_seeds", [3, 5])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_null_family_wise_rate_is_at_most_five_percent_whatever_the_spreads(scenario, n_seeds):
+    rng = np.random.default_rng([n_seeds, len(scenario)])
+    y = simulate(N_SIMS, n_seeds, rng, **SCENARIOS[scenario])
+    hits = robust_false_claims(y)
+    print(f"\n{scenario}, {n_seeds} seeds: family-wise rate {hits / N_SIMS:.4f} (pooled test: "
+          f"{pooled_false_claims(y) / N_SIMS:.4f})")
+    assert lower_bound(hits, N_SIMS) <= ALPHA, (hits, N_SIMS)
+
+
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_the_pooled_test_it_replaced_fails_when_relu_is_noisier(n_seeds):
+    """Seen failing: the pooled residual variance under-states every comparison's variance when the control is
+    3x noisier, and claims differences that are not there far beyond 5%."""
+    y = simulate(N_SIMS, n_seeds, np.random.default_rng(n_seeds), **SCENARIOS["relu 3x wider"])
+    hits = pooled_false_claims(y)
+    print(f"\npooled test, relu 3x wider, {n_seeds} seeds: family-wise rate {hits / N_SIMS:.4f}")
+    assert lower_bound(hits, N_SIMS) > ALPHA
+
+
+def test_equivalence_claims_stay_calibrated_at_the_margin():
+    """Every arm truly differs by exactly the margin (half up, half down): 'equivalent' is then false for all of
+    them, and claiming it (or the wrong direction) stays <= 5% at enough seeds for equivalence to be common."""
+    truth = np.array([MARGIN, -MARGIN, MARGIN, -MARGIN, MARGIN, -MARGIN])
+    y = simulate(N_SIMS, 40, np.random.default_rng(9), seed_sd=0.03)
+    y[:, 1:] += truth[None, :, None]
+    hits = robust_false_claims(y, truth)
+    print(f"\ntruth ±margin, 40 seeds: false-claim rate {hits / N_SIMS:.4f}")
+    assert lower_bound(hits, N_SIMS) <= ALPHA
 
 
 def test_the_verdict_applies_the_calibrated_test_through_its_own_tables():
-    """The same null sweeps as trial tables through ``hsae.verdict.arm_test`` (3 seeds)."""
-    y = simulate(300, 3, 0.5 * SEED_SD, rng=np.random.default_rng(11))
+    """The same null sweeps as trial tables through ``hsae.verdict.arm_test`` (3 seeds, relu noisier)."""
+    y = simulate(150, 3, np.random.default_rng(11), **SCENARIOS["relu 3x wider"])
     arms = ["relu", *(f"relu[label=a{i}]" for i in range(1, ARMS))]
-    claims = 0
-    for sim in y:
+    codes = stats.decisions(stats.paired_many_to_one(y, ALPHA), MARGIN)
+    for sim, expected in zip(y, codes, strict=True):
         rows = [{"trial_id": f"{a}-{s}", "variant": "relu", "arm": a, "seed": 42 + s, "frontier_area": sim[i, s]}
                 for i, a in enumerate(arms) for s in range(3)]
-        test = V.arm_test(pd.DataFrame(rows), "frontier_area")
-        claims += any(not r.claim.startswith("not separable") for r in test.arms)
-    expected, _ = any_claim_rate(y)
-    assert claims == expected  # the verdict claims exactly where the vectorised test rejects
-    assert lower_bound(claims, len(y)) <= ALPHA
+        test = V.arm_test(pd.DataFrame(rows), "frontier_area", margin=MARGIN)
+        words = [r.claim.split()[0] for r in test.arms]
+        assert words == [{1: "better", -1: "worse", 2: "equivalent", 0: "undecided"}[int(c)] for c in expected]
 
 
 @pytest.mark.parametrize("n_seeds", [3, 5])
 def test_power_at_the_minimal_detectable_difference_is_the_promised_power(n_seeds):
-    """Plant the difference the power line promises to detect with probability 0.8 (computed from the true
-    residual s.d.): the simulated power is 0.8 within Monte Carlo error; a large effect is nearly always found."""
-    sd = math.sqrt(SEED_SD ** 2)  # no question noise: the residual s.d. is the seed noise
-    mdd = stats.min_detectable_difference(sd, ARMS, n_seeds)
-    rng = np.random.default_rng(5)
-    res = stats.many_to_one(simulate(4000, n_seeds, 0.0, effect=-mdd, rng=rng))
-    power = float((res.hi[:, 0] < 0).mean() + (res.lo[:, 0] > 0).mean())
-    print(f"\n{n_seeds} seeds: MDD {mdd:.3f}, simulated power {power:.3f}")
+    """Plant the difference the power line promises to detect with probability 0.8 (from the true paired s.d.):
+    the simulated power is 0.8 within Monte Carlo error."""
+    sd_pair = math.sqrt(2) * SEED_SD
+    mdd = stats.paired_mdd(sd_pair, n_seeds, ARMS - 1)
+    y = simulate(N_SIMS, n_seeds, np.random.default_rng(5), effect=-mdd)
+    codes = stats.decisions(stats.paired_many_to_one(y, ALPHA))
+    power = float((codes[:, 0] == stats.BETTER_DOWN).mean() + (codes[:, 0] == stats.BETTER_UP).mean())
+    pooled = stats.min_detectable_difference(SEED_SD, ARMS, n_seeds)
+    print(f"\n{n_seeds} seeds: MDD {mdd:.3f} (pooled test's {pooled:.3f}), simulated power {power:.3f}")
     assert power == pytest.approx(0.8, abs=0.03)
-    big = stats.many_to_one(simulate(2000, n_seeds, 0.5 * SEED_SD, effect=-0.3, rng=rng))
-    big_power = float((big.hi[:, 0] < 0).mean())
-    print(f"{n_seeds} seeds: power {big_power:.3f} for a difference of 0.3 (4 seed s.d.) with question noise")
-    assert big_power > 0.9
 
 
-def test_per_seed_differences_of_001_002_003_are_not_separable():
-    """The issue's example: the old seed bootstrap gave [0.01, 0.03] and 'better'; the block test does not."""
-    rng = np.random.default_rng(3)
-    seeds = (42, 43, 44)
-    relu = 0.6 + rng.normal(0, SEED_SD, 3) + rng.normal(0, 0.5 * SEED_SD, 3)  # seed + question noise
-    rows = [{"trial_id": f"relu-{s}", "arm": "relu", "seed": s, "frontier_area": relu[j]} for j, s in enumerate(seeds)]
-    rows += [{"trial_id": f"x-{s}", "arm": "x", "seed": s, "frontier_area": relu[j] + d}
-             for j, (s, d) in enumerate(zip(seeds, (0.01, 0.02, 0.03), strict=True))]
-    alone = V.arm_test(pd.DataFrame(rows), "frontier_area").by_arm()["x"]
-    assert alone.diff == pytest.approx(0.02) and alone.claim == "not separable"  # t = 3.46 < 4.30 (df 2)
-    assert alone.lo < 0 < alone.hi and alone.p_adj > 0.05
-    for i in range(5):  # the other five arms of the main job: same distribution as relu
-        other = 0.6 + rng.normal(0, SEED_SD, 3) + rng.normal(0, 0.5 * SEED_SD, 3)
-        rows += [{"trial_id": f"o{i}-{s}", "arm": f"o{i}", "seed": s, "frontier_area": other[j]}
-                 for j, s in enumerate(seeds)]
-    test = V.arm_test(pd.DataFrame(rows), "frontier_area")
-    assert test.by_arm()["x"].claim == "not separable" and test.df == 12
+def test_no_difference_with_enough_seeds_is_equivalent_and_twice_the_margin_is_a_direction():
+    """With the seeds ``seeds_to_decide`` names, a true 0 comes out 'equivalent' and a true 2 x margin 'better',
+    each with probability >= 0.8 (within Monte Carlo error), never the wrong way."""
+    sd_pair = math.sqrt(2) * SEED_SD
+    for truth, word in ((0.0, stats.EQUIVALENT), (2 * MARGIN, stats.BETTER_UP)):
+        n = stats.seeds_to_decide(truth, sd_pair, ARMS - 1, ALPHA, MARGIN)
+        y = simulate(2000, n, np.random.default_rng(n), effect=truth)
+        codes = stats.decisions(stats.paired_many_to_one(y, ALPHA), MARGIN)[:, 0]
+        rate = float((codes == word).mean())
+        print(f"\ntruth {truth}: {n} seeds, rate {rate:.3f}")
+        assert rate >= 0.8 - 0.03 and not (codes == -word).any()
+
+
+@pytest.mark.parametrize("scenario", ["equal spread", "relu 3x wider", "one arm 3x wider"])
+def test_the_staged_sequence_keeps_the_family_wise_rate_over_every_look(scenario):
+    """Seeds added in stages (3, 5, 7, 9), each arm tested at every look until decided: the rate of any false
+    claim over the whole sequence stays <= 5%, and looks spend their alpha evenly."""
+    looks = stats.seed_looks(3, 2, 9)
+    assert looks == [3, 5, 7, 9]
+    y = simulate(N_SIMS, looks[-1], np.random.default_rng(len(scenario)), **SCENARIOS[scenario])
+    codes, at = stats.staged_decisions(y, looks, ALPHA, MARGIN)
+    hits = int(false_claims(codes, 0.0, MARGIN).any(axis=-1).sum())
+    print(f"\nstaged, {scenario}: family-wise rate over 4 looks {hits / N_SIMS:.4f}")
+    assert lower_bound(hits, N_SIMS) <= ALPHA
+    assert ((at >= 0) == (codes != stats.UNDECIDED)).all()
+
+
+def test_a_staged_run_decides_what_one_look_cannot():
+    """A planted difference of 3 seed s.d. is rarely decided at 3 seeds but usually by the last of 4 looks."""
+    looks = stats.seed_looks(3, 2, 9)
+    y = simulate(2000, looks[-1], np.random.default_rng(2), effect=3 * SEED_SD)
+    codes, at = stats.staged_decisions(y, looks, ALPHA, MARGIN)
+    assert (at[:, 0] == 0).mean() < 0.3 and (codes[:, 0] == stats.BETTER_UP).mean() > 0.8
+    first = stats.decisions(stats.paired_many_to_one(y[..., :3], ALPHA), MARGIN)[:, 0]
+    assert (first == stats.BETTER_UP).mean() < (codes[:, 0] == stats.BETTER_UP).mean()

@@ -56,9 +56,13 @@ def table_row(text: str, arm: str) -> str:
 def test_agreement_names_both_witnesses_and_reports_a_contradiction():
     assert agreement("better than relu", "better than relu") == "the witnesses agree: both better than relu"
     assert agreement("worse than relu", "worse than relu") == "the witnesses agree: both worse than relu"
-    assert agreement("not separable", "not separable (needs ≥ 2 seeds)") == "the witnesses agree: both not separable"
-    assert agreement("better than relu", "not separable").startswith("unconfirmed: unlearning says better")
-    assert agreement("not separable", "worse than relu").startswith("unconfirmed: the probe says worse")
+    assert agreement("undecided", "undecided (needs ≥ 2 seeds)") == "the witnesses agree: both undecided"
+    assert agreement("better than relu", "better than relu (descriptive)") == (
+        "the witnesses agree: both better than relu (the probe's side of 0 is descriptive)")
+    assert agreement("better than relu", "undecided").startswith("unconfirmed: unlearning says better")
+    assert agreement("undecided", "worse than relu").startswith("unconfirmed: the probe says worse")
+    assert agreement("equivalent to relu (±0.05)", "worse than relu").startswith("unconfirmed: the probe says worse")
+    assert agreement("equivalent to relu (±0.05)", "undecided").startswith("neither witness separates it")
     conflict = agreement("better than relu", "worse than relu")
     assert conflict.startswith("in conflict") and "contradicted" in conflict
     assert agreement("better than relu", None).startswith("no agreement to read")
@@ -77,16 +81,29 @@ def test_the_second_witness_has_its_table_claims_and_agreement_lines(probed):
     body = section(text, "Second witness: k-sparse probing")
     assert "the witness's primary" in body and "probe accuracy, mean over tasks, k=1" in body
     fixed = table_row(body, "fixed_ortho")
-    assert "better than relu" in fixed and "0.96" in fixed  # the ceiling (raw mean 0.97) is in the row
-    assert "not separable" in table_row(body, "adaptive_ortho")
-    assert "**fixed_ortho**: the witnesses agree: both better than relu." in body
-    assert "**adaptive_ortho**: the witnesses agree: both not separable." in body
-    # The probe metrics went through the verdict's test as secondary metrics.
+    # adaptive_ortho is undecided on the headline, so the gate is shut: the probe's numbers, no claim.
+    assert "descriptive (not a claim)" in fixed and "+0.2 [" in fixed and "0.96" in fixed  # ceiling: raw mean 0.97
+    assert "better than relu" not in fixed and "descriptive (not a claim)" in table_row(body, "adaptive_ortho")
+    assert ("**fixed_ortho**: the witnesses agree: both better than relu (the probe's side of 0 is descriptive)."
+            in body)
+    assert "**adaptive_ortho**: the witnesses agree: both undecided (the probe's side of 0 is descriptive)." in body
+    # The probe metrics went through the verdict's test, the primary as the gated witness.
     v = ReportInputs.load(root, N_BOOT).verdict
     test = next(t for t in v.tests if t.metric == PROBE_PRIMARY)
-    assert test.role == "secondary" and test.by_arm()["fixed_ortho"].claim == "better than relu"
+    assert test.role == "witness" and not test.claimed and test.by_arm()["fixed_ortho"].lo > 0
     assert "probe accuracy, forget task, k=1" in section(text, "Verdict")
     assert "Second witness: k-sparse probing" in (root / "report" / "report.html").read_text()
+
+
+def test_the_witness_speaks_when_the_headline_decides_every_arm(tmp_path):
+    trials, grid = planted_study(np.random.default_rng(7))
+    keep = trials["variant"] != "adaptive_ortho"
+    root = write_results(tmp_path / "r", (trials[keep], grid[grid["trial_id"].isin(trials.loc[keep, "trial_id"]) |
+                                                            (grid["control"] == "positive")]))
+    with_probe(root, PROBE)
+    body = section(report_text(root), "Second witness: k-sparse probing")
+    assert "better than relu" in table_row(body, "fixed_ortho") and "descriptive" not in table_row(body, "fixed_ortho")
+    assert "**fixed_ortho**: the witnesses agree: both better than relu." in body
 
 
 def test_a_claim_the_probe_contradicts_is_reported_as_a_conflict(tmp_path):

@@ -80,6 +80,7 @@ from tune.search import (  # noqa: E402
     storage_url,
     tune_name,
 )
+from tune.stages import looks_of, run_stages  # noqa: E402
 from tune.trackers import TRACKERS, check_trackers, tracker_callbacks  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -148,6 +149,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "capability, a CPU by a measured probe) or forced; a run setting, not part of the trial key")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU fraction per trial on GPU clusters")
     p.add_argument("--resume", action="store_true", help="restore the interrupted Tune experiment")
+    p.add_argument("--until-decided", action="store_true",
+                   help="add seeds in stages (the profile's seeds_per_stage, up to max_seeds) to every arm still "
+                        "undecided on the headline, and to relu; the looks are declared before the run and share "
+                        "the family-wise 0.05 (docs/evaluation.md, \"Seeds in stages\")")
     p.add_argument("--no-eval", action="store_true", help="skip the unlearning/CE evaluation")
     p.add_argument("--cache", default=None, help="cache directory (default $HSAE_CACHE or ~/.cache/hsae)")
 
@@ -196,12 +201,24 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
     profile = with_token_budget(profile, args.tokens, args.activations)
     if args.no_eval:
         profile = replace(profile, evaluate=False)
+    if args.until_decided:
+        profile = staged(profile, args)
     profile.train_config(42)  # validates steps, batch size, lr
     rows = profile.cache_rows()
     if rows < profile.batch_size:
         raise ValueError(f"n_ctxs={profile.n_ctxs} gives {rows} training activations, fewer than one batch of "
                          f"{profile.batch_size}: raise --n-ctxs")
     return profile
+
+
+def staged(profile: Profile, args: argparse.Namespace) -> Profile:
+    """The profile of a staged run: its looks declared (``seed_looks``), refused where there is no verdict to
+    read between stages."""
+    if args.no_eval or not profile.evaluate:
+        raise ValueError("--until-decided decides on the headline, which the evaluation computes: drop --no-eval")
+    if args.search != "grid":
+        raise ValueError("--until-decided adds seeds to a grid's arms; --search optuna samples its own trials")
+    return replace(profile, seed_looks=len(looks_of(profile, args.seeds or profile.seeds)))
 
 
 def with_token_budget(profile: Profile, tokens: int | None, activations: str | None) -> Profile:
@@ -213,10 +230,12 @@ def with_token_budget(profile: Profile, tokens: int | None, activations: str | N
     return replace(profile, activations=activations or profile.activations)
 
 
-def space_trials(space: Space, args: argparse.Namespace, profile: Profile, context: str) -> list[TrialSpec]:
-    """The space's trials: every grid point x seed, or (Optuna) each block's fixed values x seed."""
+def space_trials(space: Space, args: argparse.Namespace, profile: Profile, context: str,
+                 seeds: list[int] | None = None) -> list[TrialSpec]:
+    """The space's trials: every grid point x seed (42, 43, ... unless ``seeds`` are given), or (Optuna) each
+    block's fixed values x seed."""
     experiment = args.experiment or f"{profile.name}-{space.name}"
-    seeds = [42 + i for i in range(args.seeds or profile.seeds)]
+    seeds = seeds or [42 + i for i in range(args.seeds or profile.seeds)]
     if args.search == "grid":
         return [t if is_external(t.variant) else replace(t, params=profile.trial_params(t.params))
                 for t in grid_trials(space, experiment, seeds, context)]
@@ -317,7 +336,10 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
              f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}"
              + (f"; unconverged trials train on, {p.extension_steps} steps at a time, at most {extensions} times"
                 if (extensions := p.train_config(0).max_extensions) and p.extension_steps else ""),
-             f"headline metric    {p.headline_metric} (declared before the run; the others are secondary)",
+             f"headline metric    {p.headline_metric} (declared before the run; the others are descriptive), "
+             f"equivalence margin ±{p.equivalence_margin:g}"
+             + (f"; seeds in stages until decided: looks at {looks_of(p, args.seeds or p.seeds)} seeds, each at "
+                f"α = {0.05 / p.seed_looks:.4g}" if p.seed_looks > 1 else ""),
              f"activations        {p.activations}" + (
                  f": blocks of {p.stream_block_contexts} contexts, {p.stream_window_blocks} buffered"
                  if p.activations == "stream" else f" ({p.cache_rows():,} rows harvested once)")]
@@ -383,15 +405,15 @@ def connect(address: str | None, layout: Layout | None = None) -> Any:
 
 
 def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.Namespace, server_name: str,
-              model: ModelInfo) -> list[tuple[TrialSpec | None, str]]:
-    """One Tuner for one space; returns the failed trials with their errors."""
+              model: ModelInfo, stage: int = 0) -> list[tuple[TrialSpec | None, str]]:
+    """One Tuner for one space (one per stage of a staged run); returns the failed trials with their errors."""
     store = ResultsStore(args.out)
     finished = store.finished_ids(trials[0].experiment)
     pending = [t for t in trials if t.key not in finished]
     if args.search == "grid" and not pending and not args.resume:
         print(f"[hsae] {trials[0].experiment}: all {len(trials)} trials already finished; nothing to run")
         return []
-    tuner = make_tuner(space, trials, pending, plan, args, server_name)
+    tuner = make_tuner(space, trials, pending, plan, args, server_name, stage)
     if tuner is None:
         print(f"[hsae] {trials[0].experiment}: the Optuna study already has its {args.samples} trials; nothing to run")
         return []
@@ -454,7 +476,7 @@ def longest_first(trials: list[TrialSpec], seconds: dict[str, float]) -> list[Tr
 
 
 def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], plan: Plan,
-               args: argparse.Namespace, server_name: str) -> Any:
+               args: argparse.Namespace, server_name: str, stage: int = 0) -> Any:
     """A new Tuner over the pending trials, or the interrupted one restored (``--resume``); None: nothing to run."""
     import ray
     from ray import tune
@@ -462,7 +484,7 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
     from tune.trainable import run_trial
 
     storage = str(Path(args.out).resolve() / "ray_results")
-    name = tune_name(trials)
+    name = tune_name(trials) + (f"-stage{stage}" if stage else "")  # a stage's Tune experiment resumes alone
     trainable = tune.with_resources(run_trial, {"cpu": args.plan_layout.threads, "gpu": args.gpus_per_trial})
     path = os.path.join(storage, name)
     if args.resume and tune.Tuner.can_restore(path):
@@ -683,6 +705,12 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     for space in plan.spaces:
         print(f"[hsae] space {space.name!r}: {space.description}")
         failed += run_space(space, plan.trials[space.name], plan, args, server_name, info.model)
+        if plan.profile.seed_looks > 1 and args.interrupts.signum is None:
+            failed += run_stages(
+                plan.trials[space.name], plan.profile, args.out,
+                lambda seeds, s=space: space_trials(s, args, plan.profile, plan.trials[s.name][0].context, seeds),
+                lambda specs, stage, s=space: run_space(s, specs, plan, args, server_name, info.model, stage),
+                lambda: args.interrupts.signum is not None)
         if args.interrupts.signum is not None:
             ResultsStore(args.out).consolidate()  # the finished trials' rows, readable as they are
             print(interrupted_message(args.interrupts.signum, argv), file=sys.stderr)

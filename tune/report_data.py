@@ -21,15 +21,19 @@ from hsae.results import load_curves, load_trials
 from hsae.stats import mean_ci95
 from hsae.variants import PAPER_VARIANTS
 from hsae.verdict import (
+    ALPHA,
     BARS,
     CANDIDATES,
     NEGATIVE_MAX,
     POSITIVE_MIN,
+    WITNESS,
+    ArmResult,
     MetricTest,
     Verdict,
     arm_names,
     bar_metric,
     build_verdict,
+    claim,
     controls_in_range,
     controls_problems,
     declared_headline,
@@ -44,7 +48,7 @@ PROBE_KS = (1, 2, 5, 20)
 # The second witness's primary metric: k = 1 (does one latent carry the concept?), averaged over every scored
 # one-vs-rest task (less noisy than one task's few test documents; on a profile with only the forget task it is
 # that task). The forget task alone is secondary (docs/evaluation.md, "Report sections").
-PROBE_PRIMARY = "sparse_probe_mean_k1"
+PROBE_PRIMARY = WITNESS
 PROBE_METRICS = (PROBE_PRIMARY, "sparse_probe_forget_k1")
 NO_PROBE = "no probe (too few held-out documents)"
 CE_METRIC = "ce_score_retain"  # SAEBench's CE loss score, on general (retain) text
@@ -396,7 +400,7 @@ def _random_area(grid: pd.DataFrame, ids: list[str]) -> str:
 
 
 def _claim_cells(test: MetricTest, arm: str) -> list[str]:
-    """Δ vs relu [adjusted CI], adjusted p and the claim of one arm on one metric."""
+    """Δ vs relu [simultaneous CI], adjusted p and the claim (or "descriptive") of one arm on one metric."""
     if arm == test.baseline:
         return ["reference", "—", "—"]
     if arm in test.untested:
@@ -450,16 +454,35 @@ def secondary_table(v: Verdict) -> Table | None:
     return Table(header, rows)
 
 
+def power_table(test: MetricTest) -> Table | Paragraph:
+    """Per arm: its paired spread, the smallest true difference the test detects at its seeds and at others,
+    and the seeds that would decide an undecided arm (at the measured difference and spread)."""
+    if not test.arms:
+        return Paragraph.of(f"No power estimate: {test.note or 'no arm shares 2 seeds with the baseline'}.")
+    counts = sorted({n for a in test.arms for n in a.mdd_by_seeds})
+    header = ["arm", "seeds", "s.d. of paired differences", *(f"MDE at {n} seeds" for n in counts),
+              "seeds to decide (at the measured Δ and s.d.)"]
+    rows = []
+    for a in test.arms:
+        needed = "decided" if a.decided else (str(a.seeds_needed) if a.seeds_needed else "> 200")
+        rows.append([a.arm, str(a.n), f"{a.sd:.3g}",
+                     *(f"{a.mdd_by_seeds[n]:.3g}" if n in a.mdd_by_seeds else "–" for n in counts), needed])
+    return Table(header, rows)
+
+
 def power_paragraph(test: MetricTest) -> Paragraph:
-    """The smallest true difference the claims' own test detects, from the pooled residual s.d."""
-    if not math.isfinite(test.mdd):
-        return Paragraph.of(f"No power estimate: {test.note or 'the test needs ≥ 2 seeds and ≥ 2 arms'}.")
-    others = ", ".join(f"{n}: {d:.3g}" for n, d in test.mdd_by_seeds.items() if n != len(test.seeds))
+    """How to read the power table: what the MDE is and what it is not."""
     return Paragraph.of(
-        f"Power of this test: with n = {len(test.seeds)} seeds and {len(test.arms) + 1} arms it detects a true "
-        f"difference from {test.baseline} of ", strong(f"{test.mdd:.3g}"),
-        f" with probability 0.8 (family-wise α = 0.05; pooled residual s.d. {test.sd_resid:.3g} over every arm, "
-        f"df {test.df}; no observed difference is taken as the truth). The same at other seed counts: {others}.")
+        "Power of this test: the minimal detectable difference (MDE) is the true difference from "
+        f"{test.baseline} that an arm's comparison detects with probability 0.8 at the family-wise α, from that "
+        "comparison's own spread (no observed difference is taken as the truth). \"Seeds to decide\" projects the "
+        "measured difference and spread: the seeds at which the arm would be called better, worse or equivalent "
+        "with probability 0.8 (", code("--until-decided"), " adds seeds in stages until it is).")
+
+
+def _looks_text(v: Verdict) -> str:
+    looks = round(ALPHA / v.main.alpha) if v.main.alpha > 0 else 1
+    return f", 0.05 split over {looks} planned looks of a staged run" if looks > 1 else ""
 
 
 def claim_paragraph(v: Verdict) -> Paragraph:
@@ -472,9 +495,15 @@ def claim_paragraph(v: Verdict) -> Paragraph:
         if names:
             parts.append(f"{word.capitalize()} than {test.baseline} on {metric_label(test.metric)}: "
                          f"{', '.join(names)}. ")
-    if test.inseparable():
-        parts.append(strong(f"The data cannot separate {', '.join(test.inseparable())} from {test.baseline}"))
-        parts.append(" (adjusted interval contains 0).")
+    same = [a.arm for a in test.arms if a.claim.startswith("equivalent")]
+    if same:
+        parts.append(f"Equivalent to {test.baseline} within ±{test.margin:g}: {', '.join(same)}. ")
+    if undecided := test.undecided():
+        needs = [f"{a.arm} {a.seeds_needed}" if a.seeds_needed else f"{a.arm} > 200"
+                 for a in test.arms if a.arm in undecided]
+        parts.append(strong(f"Undecided: {', '.join(undecided)}"))
+        parts.append(f" — neither separable from {test.baseline} nor shown equivalent within ±{test.margin:g}; "
+                     f"seeds a decision would take at the measured difference and spread: {', '.join(needs)}.")
     return Paragraph.of(*parts)
 
 
@@ -548,38 +577,55 @@ def verdict_blocks(v: Verdict, main: pd.DataFrame, grid: pd.DataFrame, questions
                            matched_table(v, main, grid, claims), bank_paragraph(v, questions, grid)]
     if claims:
         blocks += [Paragraph.of(strong(f"Headline metric (declared before the run): {metric_label(v.headline)}"),
-                                f". Claims: two-way ANOVA of the arm × seed block design, residual variance pooled "
-                                f"over all arms, Dunnett's many-to-one correction against {v.baseline} "
-                                f"(family-wise α = 0.05; docs/evaluation.md)."),
-                   claim_paragraph(v), power_paragraph(v.main)]
+                                f". Claims: each arm against {v.baseline} by its own paired differences over the "
+                                f"seeds (a seed is a block), Bonferroni over the {v.main.family} comparisons "
+                                f"(family-wise α = {v.main.alpha:.3g}{_looks_text(v)}); equivalent when the "
+                                f"two-one-sided-tests interval lies within the declared margin ±{v.main.margin:g} "
+                                f"(profile field ", code("equivalence_margin"), "; docs/evaluation.md)."),
+                   claim_paragraph(v), power_paragraph(v.main), power_table(v.main)]
         secondary = secondary_table(v)
         if secondary is not None:
-            blocks += [Heading(3, "Secondary metrics (same test; each corrected over the arms, not across metrics)"),
+            blocks += [Heading(3, "Secondary metrics (descriptive: the same intervals, no claim is made on them)"),
                        secondary]
         blocks += [Heading(3, "Exploratory: spread of each candidate (chooses nothing)"), stability_table(v)]
     return blocks + [Heading(3, "Settings that select no feature / tie another"), counts_table(v)]
 
 
 # -- the second witness: k-sparse probing ---------------------------------------------------------
+CLAIM_WORDS = ("better", "worse", "equivalent", "undecided")
+DIRECTIONS = ("better", "worse")
+DESCRIPTIVE_NOTE = "(descriptive)"
+
+
 def claim_word(said: str | None) -> str:
-    """'better' / 'worse' / 'not separable' from a claim text; '' when there is no claim (not tested)."""
+    """'better' / 'worse' / 'equivalent' / 'undecided' from a claim text; '' when there is none (not tested)."""
     said = said or ""
-    return next((w for w in ("better", "worse", "not separable") if said.startswith(w)), "")
+    return next((w for w in CLAIM_WORDS if said.startswith(w)), "")
+
+
+def witness_text(result: ArmResult | None, claimed: bool, higher_is_better: bool, baseline: str) -> str | None:
+    """The probe's word on one arm: its claim, or (not a claim) the side of 0 its interval lies on."""
+    if result is None or claimed:
+        return result and result.claim
+    return f"{claim(result.lo, result.hi, higher_is_better, result.n, baseline)} {DESCRIPTIVE_NOTE}"
 
 
 def agreement(unlearning: str | None, probe: str | None, baseline: str = "relu") -> str:
-    """Whether the two witnesses agree on one arm: both better / worse / not separable, a claim the other
-    witness cannot confirm, or a conflict (a claim the other witness contradicts, reported as such)."""
+    """Whether the two witnesses agree on one arm: the same word from both, a direction the other witness does
+    not confirm, or a conflict (opposite directions, reported as such)."""
     u, p = claim_word(unlearning), claim_word(probe)
     if not u or not p:
-        return (f"no agreement to read (unlearning: {unlearning or 'not tested'}; probe: {probe or 'not tested'})")
+        return f"no agreement to read (unlearning: {unlearning or 'not tested'}; probe: {probe or 'not tested'})"
     if u == p:
-        return f"the witnesses agree: both {u}" + ("" if u == "not separable" else f" than {baseline}")
-    if "not separable" in (u, p):
-        said, by, other = (u, "unlearning", "the probe") if p == "not separable" else (p, "the probe", "unlearning")
-        return f"unconfirmed: {by} says {said} than {baseline}, {other} cannot separate it from {baseline}"
-    return (f"in conflict: unlearning says {u} than {baseline}, the probe says {p} than {baseline}: the claim is "
-            f"contradicted by the second witness")
+        note = " (the probe's side of 0 is descriptive)" if (probe or "").endswith(DESCRIPTIVE_NOTE) else ""
+        return f"the witnesses agree: both {u}" + (f" than {baseline}" if u in DIRECTIONS else "") + note
+    if u in DIRECTIONS and p in DIRECTIONS:
+        return (f"in conflict: unlearning says {unlearning}, the probe says {probe}: the claim is contradicted by "
+                f"the second witness")
+    if u not in DIRECTIONS and p not in DIRECTIONS:
+        return f"neither witness separates it from {baseline} (unlearning: {unlearning}; probe: {probe})"
+    said, by, other = (unlearning, "unlearning", "the probe") if u in DIRECTIONS else (probe, "the probe", "unlearning")
+    return f"unconfirmed: {by} says {said}, {other} does not separate it from {baseline}"
 
 
 def _probe_cells(g: pd.DataFrame) -> list[str]:
@@ -621,7 +667,8 @@ def agreement_blocks(v: Verdict, test: MetricTest, main: pd.DataFrame) -> list[B
             out.append(Paragraph.of(strong(arm), f": {NO_PROBE}: only the unlearning witness speaks."))
             continue
         u, p = (t.by_arm().get(arm) for t in (v.main, test))
-        out.append(Paragraph.of(strong(arm), ": " + agreement(u and u.claim, p and p.claim, v.baseline) + "."))
+        probe = witness_text(p, test.claimed, test.higher_is_better, v.baseline)
+        out.append(Paragraph.of(strong(arm), ": " + agreement(u and u.claim, probe, v.baseline) + "."))
     return out
 
 
