@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,8 @@ def preflight(plan: Plan, args: argparse.Namespace) -> None:
     concurrent = plan.layout.trials
     if args.dry_run:
         print(format_plan(plan, args, concurrent))
+    else:
+        print(f"[hsae] training: {format_budget(plan.profile)}")
     print(format_machine(plan), flush=True)
     complete = (cache_dir(harvest_key(plan.harvest)) / "manifest.json").is_file()
     check_plan(plan.sizes, cache_root(), complete, concurrent, args.gpus_per_trial)
@@ -314,9 +317,7 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
                                                      if p.bank_kind == "letter" else ""),
              f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: "
              f"{plan.layout.threads} CPU + {args.gpus_per_trial} GPU each, up to {concurrent} at once",
-             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}"
-             + (f"; unconverged trials train on, {p.extension_steps} steps at a time, at most {extensions} times"
-                if (extensions := p.train_config(0).max_extensions) and p.extension_steps else ""),
+             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}; {format_budget(p)}",
              f"headline metric    {p.headline_metric} (declared before the run; the others are secondary)",
              f"activations        {p.activations}" + (
                  f": blocks of {p.stream_block_contexts} contexts, {p.stream_window_blocks} buffered"
@@ -326,6 +327,20 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
         lines.append(f"space {space:<12} {len(trials)} trials ({len({t.seed for t in trials})} seeds): "
                      f"{', '.join(variants)}")
     return "\n".join(lines + describe_sizes(plan.sizes))
+
+
+def format_budget(profile: Profile) -> str:
+    """Each trial's least and most training steps, and the rule between them (docs/training.md, "Extensions")."""
+    cfg = profile.train_config(0)
+    if not cfg.max_extensions:
+        why = "streamed activations" if profile.max_extensions else "max_extensions=0"
+        return f"each trial trains {cfg.steps} steps (no extensions: {why})"
+    fraction = profile.extension_fraction
+    share = Fraction(fraction).limit_denominator(12)  # 1/3, not 0.333...
+    share_text = str(share) if abs(float(share) - fraction) < 1e-9 else f"{fraction:g}"
+    return (f"each trial trains {cfg.steps} to {cfg.max_steps()} steps: one the convergence rule fails trains on "
+            f"{cfg.extension_steps} steps ({share_text} of its {cfg.steps}: extension_fraction) at a time, at most "
+            f"{cfg.max_extensions} times (--set max_extensions=0: exactly {cfg.steps})")
 
 
 def harvest_config(profile: Profile) -> HarvestConfig:
