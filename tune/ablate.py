@@ -492,7 +492,9 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
     if tune_config.num_samples == 0:
         return None
     total = len(pending) if args.search == "grid" else tune_config.num_samples
-    callbacks = [SweepProgress(args.out, total, profile.steps, extends=profile.train_config(0).max_extensions > 0),
+    budget = profile.train_config(0)
+    callbacks = [SweepProgress(args.out, total, profile.steps, extension_steps=budget.extension_steps,
+                               max_extensions=budget.max_extensions),
                  *tracker_callbacks(args.log, args.out, name)]
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
