@@ -661,7 +661,9 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
     args.interrupts = Interrupts().install()
     try:
         return run_sweep(args, sys.argv[1:] if argv is None else list(argv))
-    except SweepInterrupted as exc:
+    except SweepInterrupted as exc:  # before Ray, in the harvest or controls, or in the summary
+        if (Path(args.out) / "parts").is_dir():
+            ResultsStore(args.out).consolidate()  # the finished trials' rows, readable as they are
         print(interrupted_message(exc.signum, sys.argv[1:] if argv is None else list(argv)), file=sys.stderr)
         return 128 + exc.signum
     finally:
@@ -681,7 +683,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
             return 0
         phases["convert"] = time.perf_counter() - t0
         args.plan_layout, args.plan_settings = plan.layout, plan.settings
-        ray = connect(args.address, plan.layout)
+        with args.interrupts.ray_init():  # Ray's init puts its own SIGTERM handlers in place of ours
+            ray = connect(args.address, plan.layout)
         # Rows, Tune's storage (under --out) and the activation cache must be one storage on every node.
         check_shared_storage(ray, {"results": args.out, "cache": cache_root()})
         check_fits("the activations", plan.sizes.object_store_bytes,
