@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ ACTIVATION_SOURCES = ("cache", "stream")
 
 class SpaceError(ValueError):
     """A malformed or invalid space file; the message names the file and the field."""
+
+
+# Profile fields that say how the verdict reads the rows, not what a trial computes: left out of the sweep
+# context, so declaring them (or staging seeds) never retrains a finished trial.
+VERDICT_FIELDS = ("equivalence_margin", "max_seeds", "seeds_per_stage", "seed_looks")
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,12 @@ class Profile:
     # TrainConfig.calibration_fraction and resample_every (dead latents resampled; 0: never).
     calibration_fraction: float = 0.6
     resample_every: int = 0
-    # TrainConfig.extension_steps and max_extensions: a trial the convergence rule fails trains on, this many steps
-    # at a time (docs/training.md, "Extensions"). Cached activations only: a stream serves each trial a fixed
-    # number of batches, so a streamed trial trains its budget (its row says cfg_max_extensions = 0).
-    extension_steps: int = 0
+    # Extensions (docs/training.md, "Extensions"): a trial the convergence rule fails trains on, at most
+    # ``max_extensions`` times, each time ``extension_fraction`` of its budget (``extension_steps``: the one rule,
+    # so --steps N trains N to N x (1 + max_extensions x extension_fraction) steps; max_extensions=0 turns them
+    # off). Cached activations only: a stream serves each trial a fixed number of batches, so a streamed trial
+    # trains its budget (its row says cfg_max_extensions = 0).
+    extension_fraction: float = 0.0
     max_extensions: int = 0
     # The metric the verdict's claims are made on, declared before the run (docs/evaluation.md, "Headline");
     # every other candidate is secondary. Recorded on each trial row.
@@ -149,6 +157,38 @@ class Profile:
         if self.activations not in ACTIVATION_SOURCES:
             raise ValueError(f"activations must be one of {list(ACTIVATION_SOURCES)}, got {self.activations!r}")
         check_join_policy("stream_join", self.stream_join)
+        fraction = self.extension_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < math.inf:
+            raise ValueError(f"extension_fraction must be a number >= 0 (the share of a trial's steps each extension "
+                             f"adds), got {fraction!r}")
+        if self.max_extensions and not fraction:
+            raise ValueError(f"max_extensions={self.max_extensions} needs extension_fraction > 0 (the share of a "
+                             f"trial's steps each extension adds); max_extensions=0 turns extensions off")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        """A profile from ``asdict``; one written before extensions were a fraction of the budget (a Tune experiment
+        interrupted then and resumed now) gives its ``extension_steps`` as that fraction of its ``steps``."""
+        data = dict(data)
+        if "extension_steps" in data:
+            legacy = data.pop("extension_steps")
+            data.setdefault("extension_fraction", legacy / data["steps"] if legacy else 0.0)
+        return cls(**data)
+
+    def extension_steps(self) -> int:
+        """The steps one extension adds: ``extension_fraction`` of ``steps``, rounded, at least 1 (0: none). The
+        embedded profile's 1/3 of 4,500 is the 1,500 steps it always had."""
+        if not self.extension_fraction:
+            return 0
+        return max(1, round(self.extension_fraction * self.steps))
+
+    def key_fields(self) -> dict[str, Any]:
+        """What a sweep's key hashes of the profile: every field but the verdict's (``VERDICT_FIELDS``), the
+        extension as its steps (what the trainer is given), so that a profile whose extension steps are unchanged
+        keeps its trials' keys."""
+        fields = {k: v for k, v in asdict(self).items() if k not in VERDICT_FIELDS}
+        del fields["extension_fraction"]
+        return {**fields, "extension_steps": self.extension_steps()}
 
     def cache_rows(self) -> int:
         """Training rows a harvest of this profile holds (contexts x tokens after the start token)."""
@@ -173,7 +213,7 @@ class Profile:
                            checkpoint_every=self.checkpoint_every, device="auto",
                            autocast=AUTOCAST.get(precision, precision),
                            calibration_fraction=self.calibration_fraction, resample_every=self.resample_every,
-                           extension_steps=self.extension_steps,
+                           extension_steps=self.extension_steps(),
                            max_extensions=self.max_extensions if self.activations == "cache" else 0)
 
     def trial_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -195,13 +235,14 @@ PROFILES: dict[str, Profile] = {
     # no decay; every variant trained to a held-out L0 of 64 (its sparsity coefficient calibrated over the first
     # 80% of the steps and frozen for the last 20%; dead latents resampled every 250 steps meanwhile) and judged
     # converged on those last 20%: one fixed objective at a constant rate (docs/training.md); a trial that is not
-    # trains on, 1,500 steps at a time, at most twice. 40% of each domain's articles are held out (the cloze
-    # questions come from them), which leaves the forget corpus 721 training contexts: 35% of the 2048.
+    # trains on, a third of its budget (1,500 steps) at a time, at most twice. 40% of each domain's articles are
+    # held out (the cloze questions come from them), which leaves the forget corpus 721 training contexts: 35% of
+    # the 2048.
     "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=2048, n_eval_ctxs=256,
                         ctx_len=128, d_sae=1280, steps=4500, batch_size=1024, lr=2e-3, log_every=75,
                         checkpoint_every=300, ce_contexts_per_domain=2, holdout_fraction=0.4, forget_fraction=0.35,
                         lr_warmup_steps=50, lr_decay_fraction=0.0, target_l0=64, calibration_fraction=0.8,
-                        resample_every=250, extension_steps=1500, max_extensions=2),
+                        resample_every=250, extension_fraction=1 / 3, max_extensions=2),
     # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
     "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
                     d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
@@ -304,15 +345,9 @@ class TrialSpec:
         return {**out, "arm": self.arm} if self.arm else out  # unlabelled trials keep their keys
 
 
-# Profile fields that say how the verdict reads the rows, not what a trial computes: left out of the sweep
-# context, so declaring them (or staging seeds) never retrains a finished trial.
-VERDICT_FIELDS = ("equivalence_margin", "max_seeds", "seeds_per_stage", "seed_looks")
-
-
 def sweep_context(profile: Profile, harvest_key: str) -> str:
     """The key of a sweep's fixed part: the profile (budget, sizes, evaluation) and the activations' key."""
-    fields = {k: v for k, v in asdict(profile).items() if k not in VERDICT_FIELDS}
-    return content_key({"profile": fields, "activations": harvest_key}, length=16)
+    return content_key({"profile": profile.key_fields(), "activations": harvest_key}, length=16)
 
 
 def _check_sampler(where: str, name: str, spec: Any) -> None:

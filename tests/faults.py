@@ -6,6 +6,8 @@ step, inside the trial's own process.
 
 import os
 import signal
+import time
+from pathlib import Path
 
 
 def kill_first_attempt_at_step_25(spec, step, restored):
@@ -27,3 +29,17 @@ def kill_server_at_step_20(spec, step, restored):
         for name in ray.util.list_named_actors():
             if name.startswith("hsae-activations"):
                 ray.kill(ray.get_actor(name), no_restart=False)
+
+
+def hold_seed_43_mid_training(spec, step, restored):
+    """The signal tests' marker: the seed-43 trial's first attempt writes ``$HSAE_TEST_MARKS/training`` at step 20
+    (before that step's checkpoint is reported: its last one is step 10) and holds there for a while, so a signal
+    sent to the driver meanwhile finds it mid-training; a restored attempt writes ``restored`` when it starts."""
+    marks = os.environ.get("HSAE_TEST_MARKS")
+    if not marks or spec.seed != 43:
+        return
+    if restored and step == 0:
+        Path(marks, "restored").write_text(spec.key)
+    elif step == 20 and not restored:
+        Path(marks, "training").write_text(spec.key)
+        time.sleep(20)

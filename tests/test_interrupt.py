@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tune.interrupt import resume_command
+from tune.interrupt import Interrupts, SweepInterrupted, resume_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,6 +19,45 @@ def test_the_resume_command_is_the_same_command_with_resume():
     cmd = resume_command(["--space", "variants", "--out", "my results"])
     assert cmd.endswith("tune/ablate.py --space variants --out 'my results' --resume")
     assert resume_command(["--space", "x", "--resume"]).count("--resume") == 1
+
+
+def test_ray_init_gives_sigterm_back_to_the_sweep():
+    """ray.init replaces the driver's SIGTERM handler (a Python one exiting with status 15, then a C++ one that
+    dumps a stack): ours is put back after it, and a SIGTERM Ray's Python handler caught meanwhile interrupts."""
+    interrupts = Interrupts().install()
+    try:
+        with interrupts.ray_init():
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+        assert signal.getsignal(signal.SIGTERM) == interrupts._handle
+        with pytest.raises(SweepInterrupted) as caught, interrupts.ray_init():
+            raise SystemExit(signal.SIGTERM)  # Ray's handler, during ray.init
+        assert caught.value.signum == signal.SIGTERM and interrupts.exit_code == 143
+        with pytest.raises(SystemExit), interrupts.ray_init():
+            raise SystemExit(1)  # any other exit is not an interruption
+        with pytest.raises(SweepInterrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at the next bytecode
+    finally:
+        interrupts.uninstall()
+
+
+def test_sigterm_before_ray_exits_143_with_the_resume_command_and_the_rows_consolidated(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from hsae.results import ResultsStore
+    from tune import ablate
+
+    out = tmp_path / "r"
+    ResultsStore(out).write_trial({"experiment": "e", "trial_id": "t1", "status": "completed", "seed": 42})
+
+    def resolve(args):  # the signal arrives while the plan is made (the model's config read, a conversion)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(ablate, "resolve", resolve)
+    assert ablate.main(["--space", "variants", "--profile", "tiny", "--out", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted by SIGTERM" in err and "--space variants --profile tiny --out" in err and "--resume" in err
+    assert list(pd.read_parquet(out / "trials.parquet")["trial_id"]) == ["t1"]  # readable as they are
 
 
 @pytest.mark.slow  # a tiny sweep interrupted and resumed (≈ 1-2 min)
@@ -50,3 +89,55 @@ def test_sigint_mid_trial_exits_130_writes_no_stopped_row_and_resume_completes_e
     assert len(rows) == 7 and rows["trial_id"].is_unique and (rows["status"] == "completed").all()
     again = rows.set_index("trial_id").loc[first["trial_id"], "finished_at"]
     assert list(again) == list(first["finished_at"])  # finished before the signal: not redone
+
+
+# What differs between two runs of the same trials: when and how fast they ran.
+TIMINGS = ("finished_at", "wall_s", "tokens_per_s", "eval_s")
+
+
+@pytest.mark.slow  # a tiny sweep run whole, then stopped by SIGTERM mid-trial and resumed (≈ 2-3 min)
+def test_sigterm_mid_trial_exits_143_keeps_finished_rows_and_resume_gives_the_uninterrupted_numbers(tmp_path):
+    """SIGTERM to the driver alone, as `timeout`, Slurm, Kubernetes and systemd send it, while a trial trains in
+    Tune's loop: after ray.init, where Ray's own handler (a C++ stack dump) used to take it."""
+    space = tmp_path / "one.yaml"
+    space.write_text("trials:\n  - variant: relu\n")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "HSAE_TEST_MARKS": str(marks)}
+    driver = [sys.executable, "-c", "import sys; from tune.ablate import main; "
+              "sys.exit(main(sys.argv[1:], trial_hooks=['tests.faults:hold_seed_43_mid_training']))"]
+
+    def args(out):
+        return ["--space", str(space), "--profile", "tiny", "--seeds", "2", "--max-concurrent", "1", "--out", str(out)]
+
+    clean = subprocess.run([*driver, *args(tmp_path / "clean")], cwd=REPO, env={**env, "HSAE_TEST_MARKS": ""},
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    out = tmp_path / "r"
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*driver, *args(out)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 400
+        while not (marks / "training").exists():  # seed 42 done, seed 43 at step 20 of 40
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # to the driver alone, as `timeout` sends it
+        code = proc.wait(timeout=300)
+    text = log_path.read_text()
+    assert code == 143, text[-3000:]
+    assert "interrupted by SIGTERM" in text and "--resume" in text and "*** SIGTERM received" not in text, text[-3000:]
+    first = pd.read_parquet(out / "trials.parquet")  # consolidated: the finished trial, nothing of the other
+    assert list(first["seed"]) == [42] and list(first["status"]) == ["completed"]
+    done = subprocess.run([*driver, *args(out), "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (marks / "restored").read_text() == (marks / "training").read_text()  # from its step-10 checkpoint
+    rows = pd.read_parquet(out / "trials.parquet").set_index("trial_id").sort_index()
+    assert len(rows) == 2 and (rows["status"] == "completed").all()
+    assert rows.loc[first["trial_id"], "finished_at"].tolist() == first["finished_at"].tolist()  # not redone
+    reference = pd.read_parquet(tmp_path / "clean" / "trials.parquet").set_index("trial_id").sort_index()
+    compared = [c for c in reference.columns if c not in TIMINGS and not c.endswith("_s")]
+    assert list(rows.index) == list(reference.index) and len(compared) > 100
+    pd.testing.assert_frame_equal(rows[compared], reference[compared])

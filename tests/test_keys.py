@@ -67,3 +67,24 @@ def test_rerun_into_the_same_folder_with_another_model_gets_new_rows(sweep, tmp_
     # Same seed and space entry, other weights: other numbers (stale activations would repeat them).
     assert trials[trials["model"] != "tiny"]["explained_variance"].nunique() == 4
     assert run() == 0 and "already finished" in capsys.readouterr().out
+
+
+def test_the_default_profiles_keep_their_trial_keys():
+    """Keys computed at commit 78d7e1e, before extensions became a fraction of the budget (extension_steps=1500
+    then a profile field): results directories of these profiles resume and skip their finished trials."""
+    from dataclasses import replace
+
+    from hsae.spaces import TrialSpec, get_profile, sweep_context
+
+    embedded = get_profile("embedded")
+    expected = {"embedded": (embedded, "5d932a810a753565", "171003b2ebe89ad6"),
+                "tiny": (get_profile("tiny"), "b8276ba1cd5c9790", "0a35a2c6782291d2"),
+                "asha": (replace(embedded, max_extensions=0), "a5ca71a99651bef0", "1ef4f3a2706d6b9f"),
+                "stream": (get_profile("embedded", activations="stream"), "cb4c4ceca0d42224", "f11c3604aa6ebd68")}
+    for name, (profile, context, key) in expected.items():
+        got = sweep_context(profile, "0123456789abcdef")
+        trial = TrialSpec("embedded-variants", "variants", "relu", {"target_l0": 64}, 42, got)
+        assert (got, trial.key) == (context, key), name
+    # Another budget is another trial; so is another extension size at the same budget.
+    assert sweep_context(get_profile("embedded", steps=30), "0123456789abcdef") != expected["embedded"][1]
+    assert sweep_context(get_profile("embedded", extension_fraction=0.5), "0123456789abcdef") != expected["embedded"][1]

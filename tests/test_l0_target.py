@@ -229,3 +229,36 @@ def test_extensions_need_a_constant_rate_and_end_where_the_budget_says():
     embedded = get_profile("embedded")
     assert embedded.train_config(42).max_steps() == 7500
     assert get_profile("embedded", activations="stream").train_config(42).max_extensions == 0
+
+
+def test_an_extension_is_a_fraction_of_the_budget_so_steps_n_trains_at_most_a_stated_multiple_of_n():
+    embedded = get_profile("embedded")
+    assert embedded.extension_fraction == pytest.approx(1 / 3)
+    cfg = embedded.train_config(42)  # the embedded profile's 4,500 steps: 1,500 a time, twice, as always
+    assert (cfg.steps, cfg.extension_steps, cfg.max_extensions, cfg.max_steps()) == (4500, 1500, 2, 7500)
+    short = get_profile("embedded", steps=30).train_config(42)  # the smoke test: 30 steps, not 3,030
+    assert (short.extension_steps, short.max_steps()) == (10, 50)
+    for steps in (1, 7, 30, 900, 4500, 9000):
+        budget = get_profile("embedded", steps=steps).train_config(42)
+        assert budget.extension_steps == max(1, round(steps / 3))  # at least a step: 1 step extends by 1
+        assert budget.max_steps() == steps + 2 * budget.extension_steps
+    off = get_profile("embedded", steps=30, **parse_profile_settings(["max_extensions=0"], embedded))
+    assert off.train_config(42).max_steps() == 30  # the explicit way to turn extensions off
+    with pytest.raises(ValueError, match="max_extensions=2 needs extension_fraction > 0"):
+        get_profile("tiny", max_extensions=2)
+    with pytest.raises(ValueError, match="extension_fraction must be a number"):
+        get_profile("embedded", extension_fraction=-0.5)
+
+
+def test_a_profile_written_with_extension_steps_reads_as_its_fraction():
+    # A Tune experiment interrupted before extensions were fractions carries its profile as it was: --resume
+    # rebuilds it with the same extension steps.
+    from dataclasses import asdict
+
+    from hsae.spaces import Profile
+
+    old = {k: v for k, v in asdict(get_profile("embedded")).items() if k != "extension_fraction"}
+    for steps, extension in ((4500, 1500), (30, 1500), (1000, 7)):
+        profile = Profile.from_dict({**old, "steps": steps, "extension_steps": extension})
+        assert profile.train_config(42).extension_steps == extension
+    assert Profile.from_dict({**old, "extension_steps": 0, "max_extensions": 0}).extension_fraction == 0.0

@@ -118,7 +118,7 @@ def test_trial_keys_do_not_depend_on_precision_or_layout(probe, tmp_path):
 def test_asha_trains_every_trial_its_budget_and_a_grid_extends(probe, tmp_path):
     # ASHA compares trials at fixed steps: a rung past the budget would cut an extension, so it gets none.
     probe(1.6)
-    extensions = ["--set", "extension_steps=20", "--set", "max_extensions=1"]
+    extensions = ["--set", "extension_fraction=0.5", "--set", "max_extensions=1"]
     chosen = {}
     for search in (["--search", "optuna", "--objectives", "val_mse"], []):
         args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "ortho", "--dry-run",

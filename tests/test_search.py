@@ -91,13 +91,46 @@ def test_sweep_progress_prints_one_line_per_trial_and_an_eta(tmp_path, capsys, m
 
 def test_the_status_line_names_a_trial_past_its_budget_as_extended(tmp_path):
     trials = [fake_trial("a"), fake_trial("b", seed=43), fake_trial("c", seed=44)]
-    for extends, at_budget in ((True, "evaluating or extending"), (False, "evaluating")):
-        progress = SweepProgress(str(tmp_path), total=3, steps=100, extends=extends)
+    for extensions, at_budget in ((2, "evaluating or extending"), (0, "evaluating")):
+        progress = SweepProgress(str(tmp_path), total=3, steps=100, extension_steps=50, max_extensions=extensions)
         for t, step in zip(trials, (40, 100, 150), strict=True):
             progress.on_trial_start(0, trials, t)
             progress.on_trial_result(0, trials, t, {"step": step})
         line = progress.status_line(trials)
-        assert f"relu seed 42 step 40/100; relu seed 43 {at_budget}; relu seed 44 step 150 (extended)" in line
+        assert f"relu seed 42 step 40/100; relu seed 43 {at_budget}; relu seed 44 step 150" in line
+    progress = SweepProgress(str(tmp_path), total=3, steps=100, extension_steps=50, max_extensions=2)
+    for t, step in zip(trials, (40, 151, 200), strict=True):
+        progress.on_trial_start(0, trials, t)
+        progress.on_trial_result(0, trials, t, {"step": step})
+    assert progress.status_line(trials).startswith(
+        "[hsae] 0/3 trials done, 3 running: relu seed 42 step 40/100; relu seed 43 step 151/200 (extension 2 of at "
+        "most 2: up to 200 steps); relu seed 44 step 200/200 (extension 2 of at most 2: up to 200 steps)")
+
+
+def test_the_eta_counts_the_steps_left_in_an_extension_and_what_extensions_may_add(tmp_path, capsys, monkeypatch):
+    # Planted timings: budget 100 steps, extensions of 50 (at most 2: up to 200), 3 trials, 2 at once.
+    now = [0.0]
+    monkeypatch.setattr("tune.progress.time.monotonic", lambda: now[0])
+    progress = SweepProgress(str(tmp_path), total=3, steps=100, every_s=1e9, extension_steps=50, max_extensions=2)
+    a, b = fake_trial("a"), fake_trial("b", seed=43)
+    for t in (a, b):
+        progress.on_trial_start(0, [a, b], t)
+    now[0] = 100.0
+    progress.on_trial_result(0, [a, b], a, {"step": 125})  # in its first extension: 25 steps to 150
+    progress.on_trial_result(0, [a, b], b, {"step": 75})  # 25 to its budget; 1.25 and 0.75 steps/s: 1 on average
+    capsys.readouterr()
+    # 25 + 25 + 100 (the third trial's budget) = 150 steps at 2 steps/s = 75 s; every trial to 200 steps would
+    # leave 75 + 125 + 200 = 400: 250 more, 125 s.
+    assert progress.eta() == ("; 3 to go, sweep ETA ~1 min 15 s for training alone; extensions may add up to "
+                              "~2 min 5 s more (250 steps: every trial up to 200) (evaluation adds to it; refined "
+                              "when the first trial finishes)")
+    assert "relu seed 42 step 125/150 (extension 1 of at most 2: up to 200 steps)" in progress.status_line([a, b])
+    now[0] = 150.0
+    progress.on_trial_complete(0, [a, b], b)  # 150 s a trial; a's 25 extension steps at 1.25 steps/s add 20 s
+    line = capsys.readouterr().out
+    # (2 trials x 150 s + 20 s) / 2 at once = 160 s; a to 200 and the third trial to 200: 150 steps more, 60 s
+    assert line.rstrip().endswith("; 2 to go, ETA ~2 min 40 s; extensions may add up to ~1 min 0 s more (150 "
+                                  "steps: every trial up to 200)")
 
 
 def test_the_early_eta_is_the_training_steps_left_at_the_measured_rate(tmp_path, capsys, monkeypatch):

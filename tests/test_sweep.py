@@ -86,6 +86,33 @@ def test_rerun_with_same_experiment_skips_finished_trials(sweep, capsys):
     assert len(second) == 2 and second.sort_index().equals(first.sort_index())
 
 
+def test_steps_30_plans_and_trains_at_most_the_stated_maximum(sweep, tmp_path, capsys):
+    """The issue's smoke test on the tiny profile (with extensions on, as the embedded profile has them): the plan
+    states each trial's least and most steps, extensions are a share of the 30 steps, and no trial trains more."""
+    import re
+
+    run, out = sweep
+    space = tmp_path / "one.yaml"
+    space.write_text("trials:\n  - variant: relu\n")
+    args = ["--space", str(space), "--steps", "30", "--seeds", "2", "--no-eval",
+            "--set", "extension_fraction=0.5", "--set", "max_extensions=2"]
+    assert run(*args, "--dry-run") == 0
+    plan = capsys.readouterr().out
+    found = re.search(r"each trial trains (\d+) to (\d+) steps: one the convergence rule fails trains on (\d+) "
+                      r"steps \(1/2 of its 30: extension_fraction\) at a time, at most 2 times "
+                      r"\(--set max_extensions=0: exactly 30\)", plan)
+    assert found, plan
+    least, most, extension = map(int, found.groups())
+    assert (least, most, extension) == (30, 60, 15)
+    assert run(*args) == 0
+    assert "[hsae] training: each trial trains 30 to 60 steps" in capsys.readouterr().out
+    rows = pd.read_parquet(out / "trials.parquet")
+    assert len(rows) == 2 and (rows["status"] == "completed").all()
+    assert (rows["cfg_extension_steps"] == extension).all() and (rows["cfg_max_extensions"] == 2).all()
+    assert (rows["steps"] == least + rows["extensions"] * extension).all() and (rows["steps"] <= most).all()
+    assert rows["extensions"].max() >= 1  # 30 steps do not converge here: the extensions were trained
+
+
 def test_failing_trial_is_recorded_as_failed_and_exit_is_nonzero(sweep, capsys):
     run, out = sweep
     assert run("--space", "groups", hooks=["tests.faults:raise_in_adaptive_ortho"]) == 1

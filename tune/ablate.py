@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,8 @@ def preflight(plan: Plan, args: argparse.Namespace) -> None:
     concurrent = plan.layout.trials
     if args.dry_run:
         print(format_plan(plan, args, concurrent))
+    else:
+        print(f"[hsae] training: {format_budget(plan.profile)}")
     print(format_machine(plan), flush=True)
     complete = (cache_dir(harvest_key(plan.harvest)) / "manifest.json").is_file()
     check_plan(plan.sizes, cache_root(), complete, concurrent, args.gpus_per_trial)
@@ -333,9 +336,7 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
                                                      if p.bank_kind == "letter" else ""),
              f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: "
              f"{plan.layout.threads} CPU + {args.gpus_per_trial} GPU each, up to {concurrent} at once",
-             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}"
-             + (f"; unconverged trials train on, {p.extension_steps} steps at a time, at most {extensions} times"
-                if (extensions := p.train_config(0).max_extensions) and p.extension_steps else ""),
+             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}; {format_budget(p)}",
              f"headline metric    {p.headline_metric} (declared before the run; the others are descriptive), "
              f"equivalence margin ±{p.equivalence_margin:g}"
              + (f"; seeds in stages until decided: looks at {looks_of(p, args.seeds or p.seeds)} seeds, each at "
@@ -348,6 +349,20 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
         lines.append(f"space {space:<12} {len(trials)} trials ({len({t.seed for t in trials})} seeds): "
                      f"{', '.join(variants)}")
     return "\n".join(lines + describe_sizes(plan.sizes))
+
+
+def format_budget(profile: Profile) -> str:
+    """Each trial's least and most training steps, and the rule between them (docs/training.md, "Extensions")."""
+    cfg = profile.train_config(0)
+    if not cfg.max_extensions:
+        why = "streamed activations" if profile.max_extensions else "max_extensions=0"
+        return f"each trial trains {cfg.steps} steps (no extensions: {why})"
+    fraction = profile.extension_fraction
+    share = Fraction(fraction).limit_denominator(12)  # 1/3, not 0.333...
+    share_text = str(share) if abs(float(share) - fraction) < 1e-9 else f"{fraction:g}"
+    return (f"each trial trains {cfg.steps} to {cfg.max_steps()} steps: one the convergence rule fails trains on "
+            f"{cfg.extension_steps} steps ({share_text} of its {cfg.steps}: extension_fraction) at a time, at most "
+            f"{cfg.max_extensions} times (--set max_extensions=0: exactly {cfg.steps})")
 
 
 def harvest_config(profile: Profile) -> HarvestConfig:
@@ -499,7 +514,9 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
     if tune_config.num_samples == 0:
         return None
     total = len(pending) if args.search == "grid" else tune_config.num_samples
-    callbacks = [SweepProgress(args.out, total, profile.steps, extends=profile.train_config(0).max_extensions > 0),
+    budget = profile.train_config(0)
+    callbacks = [SweepProgress(args.out, total, profile.steps, extension_steps=budget.extension_steps,
+                               max_extensions=budget.max_extensions),
                  *tracker_callbacks(args.log, args.out, name)]
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
@@ -666,7 +683,9 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
     args.interrupts = Interrupts().install()
     try:
         return run_sweep(args, sys.argv[1:] if argv is None else list(argv))
-    except SweepInterrupted as exc:
+    except SweepInterrupted as exc:  # before Ray, in the harvest or controls, or in the summary
+        if (Path(args.out) / "parts").is_dir():
+            ResultsStore(args.out).consolidate()  # the finished trials' rows, readable as they are
         print(interrupted_message(exc.signum, sys.argv[1:] if argv is None else list(argv)), file=sys.stderr)
         return 128 + exc.signum
     finally:
@@ -686,7 +705,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
             return 0
         phases["convert"] = time.perf_counter() - t0
         args.plan_layout, args.plan_settings = plan.layout, plan.settings
-        ray = connect(args.address, plan.layout)
+        with args.interrupts.ray_init():  # Ray's init puts its own SIGTERM handlers in place of ours
+            ray = connect(args.address, plan.layout)
         # Rows, Tune's storage (under --out) and the activation cache must be one storage on every node.
         check_shared_storage(ray, {"results": args.out, "cache": cache_root()})
         check_fits("the activations", plan.sizes.object_store_bytes,

@@ -54,6 +54,22 @@ class Interrupts:
         logging.getLogger("ray.tune.tune").addFilter(TuneHintFilter())
         return self
 
+    @contextmanager
+    def ray_init(self) -> Iterator[None]:
+        """Around ``ray.init``, which replaces the driver's SIGTERM handler twice: with a Python one that exits with
+        status 15, then with its core worker's C++ one, which prints a stack and kills the process. Ours is put
+        back after it, and a SIGTERM that Ray's Python handler caught meanwhile is the interruption it is."""
+        try:
+            yield
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM:
+                raise
+            self.signum = self.signum or signal.SIGTERM
+            raise SweepInterrupted(signal.SIGTERM) from None
+        finally:
+            for sig in SIGNALS:
+                signal.signal(sig, self._handle)
+
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]

@@ -45,9 +45,16 @@ def row_numbers(row: dict[str, Any]) -> str:
 class SweepProgress(Callback):
     """One line per finished trial with its key numbers and the sweep's ETA; a status line every ``every_s``."""
 
-    def __init__(self, out: str, total: int, steps: int, every_s: float = 60.0, extends: bool = False) -> None:
+    # Trials the convergence rule fails train on past ``steps``, ``extension_steps`` at a time, at most
+    # ``max_extensions`` times (docs/training.md, "Extensions"); class defaults for a callback pickled by a Tuner
+    # before these existed (--resume restores it as it was).
+    extension_steps = 0
+    max_extensions = 0
+
+    def __init__(self, out: str, total: int, steps: int, every_s: float = 60.0, extension_steps: int = 0,
+                 max_extensions: int = 0) -> None:
         self.store, self.total, self.steps, self.every_s = ResultsStore(out), total, steps, every_s
-        self.extends = extends  # trials the convergence rule fails train on past ``steps`` (docs/training.md)
+        self.extension_steps, self.max_extensions = extension_steps, max_extensions if extension_steps else 0
         self.started: dict[str, float] = {}
         self.step: dict[str, int] = {}
         self.durations: list[float] = []
@@ -61,9 +68,11 @@ class SweepProgress(Callback):
         self.peak_running = max(self.peak_running, len(self.started))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("final") or result.get("skipped"):  # training is over (its step is one past the last)
+            return
         step = int(result.get("step") or 0)
         self.step[trial.trial_id] = step
-        if step > 0 and not result.get("skipped") and not result.get("final"):
+        if step > 0:
             self.reported[trial.trial_id] = time.monotonic()
         if not self.early_eta_printed and not self.durations and self.training_rate() is not None:
             self.early_eta_printed = True  # the first logged interval: a slow machine shows within minutes
@@ -102,22 +111,50 @@ class SweepProgress(Callback):
                  if t in self.started and self.reported[t] > self.started[t]]
         return sum(rates) / len(rates) if rates else None
 
+    @property
+    def max_steps(self) -> int:
+        """The most steps a trial trains: its budget and every extension."""
+        return self.steps + self.max_extensions * self.extension_steps
+
+    def end_of(self, step: int) -> int:
+        """The last step a trial at ``step`` is now scheduled to train: its budget, or the end of the extension it
+        is in (one past the budget's last step is the first extension's)."""
+        if step <= self.steps or not self.extension_steps:
+            return self.steps
+        extension = min(-(-(step - self.steps) // self.extension_steps), max(self.max_extensions, 1))
+        return self.steps + extension * self.extension_steps
+
     def eta(self) -> str:
-        """Remaining trials x mean trial time / trials at once; before a trial has finished, the training steps
-        left at the measured step rate (evaluation not yet counted). Estimates, labelled so."""
+        """Remaining trials x mean trial time / trials at once, plus the steps left in the extensions running
+        trials are in; before a trial has finished, the training steps left (the running trials' to the end of
+        their budget or extension, the others' budgets) at the measured step rate (evaluation not yet counted).
+        Where trials may extend, how much more every extension would add. Estimates, labelled so."""
         left = self.total - len(self.durations)
         if left <= 0:
             return ""
+        rate = self.training_rate()
+        waiting = max(left - len(self.started), 0)
+        steps_left = sum(max(self.end_of(self.step.get(t, 0)) - self.step.get(t, 0), 0) for t in self.started)
+        most_left = sum(max(self.max_steps - self.step.get(t, 0), 0) for t in self.started)
+        more = self._extensions_note(rate, most_left + waiting * self.max_steps - steps_left - waiting * self.steps)
         if self.durations:
             mean = sum(self.durations) / len(self.durations)
-            return f"; {left} to go, ETA ~{format_duration(left * mean / self.peak_running)}"
-        rate = self.training_rate()
+            extending = sum(self.end_of(self.step.get(t, 0)) - self.step.get(t, 0) for t in self.started
+                            if self.step.get(t, 0) > self.steps)  # past the budget: not in the mean trial's time
+            seconds = (left * mean + (extending / rate if rate else 0.0)) / self.peak_running
+            return f"; {left} to go, ETA ~{format_duration(seconds)}{more}"
         if rate is None:
             return ""
-        running = sum(min(self.step.get(t, 0), self.steps) for t in self.started)
-        steps_left = left * self.steps - running
+        steps_left += waiting * self.steps
         return (f"; {left} to go, sweep ETA ~{format_duration(steps_left / (rate * self.peak_running))} for training "
-                f"alone (evaluation adds to it; refined when the first trial finishes)")
+                f"alone{more} (evaluation adds to it; refined when the first trial finishes)")
+
+    def _extensions_note(self, rate: float | None, extra_steps: int) -> str:
+        """What extensions may still add: every remaining trial trained to ``max_steps``."""
+        if not self.max_extensions or extra_steps <= 0:
+            return ""
+        when = f" ~{format_duration(extra_steps / (rate * self.peak_running))}" if rate else ""
+        return f"; extensions may add up to{when} more ({extra_steps:,} steps: every trial up to {self.max_steps})"
 
     def status_line(self, trials: list) -> str:
         running = [t for t in trials if t.trial_id in self.started]
@@ -133,9 +170,13 @@ class SweepProgress(Callback):
         if step < self.steps:
             return f"step {step}/{self.steps}"
         if step > self.steps:
-            return f"step {step} (extended)"
+            if not self.extension_steps:  # a callback pickled before extensions had sizes
+                return f"step {step} (extended)"
+            extension = (self.end_of(step) - self.steps) // self.extension_steps
+            return (f"step {step}/{self.end_of(step)} (extension {extension} of at most {self.max_extensions}: up "
+                    f"to {self.max_steps} steps)")
         # At the budget's last step a trial evaluates, or (for one log interval) has begun an extension.
-        return "evaluating or extending" if self.extends else "evaluating"
+        return "evaluating or extending" if self.max_extensions or getattr(self, "extends", False) else "evaluating"
 
     @staticmethod
     def _spec(trial: Any) -> TrialSpec | None:

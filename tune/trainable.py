@@ -50,7 +50,7 @@ def run_trial(config: dict[str, Any]) -> None:
     server = ray.get_actor(ctx["server"])
     info = ray.get(server.prepare.remote())
     held_out = fetch(info, "eval").eval_batch()
-    profile = Profile(**ctx["profile"])
+    profile = Profile.from_dict(ctx["profile"])
     with tempfile.TemporaryDirectory(prefix="hsae-trial-") as work:
         run: TrialRun | ExternalRun
         if is_external(spec.variant):  # an external arm: loaded (hsae.external), not trained
