@@ -113,7 +113,7 @@ def sweep(ray_session, tmp_path, monkeypatch):
     return run, out
 
 
-@pytest.mark.slow  # three tiny sweeps with evaluation (~45 s here)
+@pytest.mark.slow  # three tiny sweeps with evaluation (≈ 100 s on the shared 2-core machine, niced)
 def test_the_same_configuration_in_two_spaces_trains_once_and_is_reported_in_both(sweep, tmp_path, capsys):
     run, out = sweep
     spaces = tmp_path / "spaces"
