@@ -5,11 +5,16 @@ Layout under the results directory (``--out``):
     parts/trials/<experiment>/<trial_id>.parquet   one row, written by the trial when it ends
     parts/curves/<experiment>/<trial_id>.parquet   that trial's per-step metrics
     parts/probe/<experiment>/<trial_id>.parquet    that trial's sparse-probe grid (every task x k)
+    parts/asked/<experiment>/<space>.json          the trial ids that experiment's space asked for
     trials.parquet, curves.parquet                 every part, consolidated (rebuilt after each sweep; also
     grid, probe, questions and split.parquet)
 
 Every file is written to a temp name in the same directory and renamed into place, so a reader sees
 a whole file or none; consolidation holds a lock so two sweeps sharing a directory never interleave.
+
+A trial id is a content key (``TrialSpec.key``): ``<experiment>`` in a part's path is the sweep that
+trained it, and any sweep finds it there (``finished_ids``, ``row``). Consolidation keeps one row per
+trial id and lists every space and experiment that asked for it (``spaces``, ``experiments``).
 Columns, their order and types come from ``hsae/schema.py`` (documented in ``docs/results-schema.md``).
 """
 
@@ -20,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
 
 STATUSES = ("completed", "early_stopped", "failed", "degenerate")
 FINISHED = ("completed", "degenerate")  # a re-run skips these; failed and early-stopped trials run again
+PER_TRIAL = ("curves", "grid", "probe")  # part kinds written beside a trial's row, one file per trial id
 
 # (name, pandas dtype) in file order, from hsae/schema.py. cfg_* columns follow, one per configuration value.
 TRIAL_COLUMNS: list[tuple[str, str]] = [(c.name, c.dtype) for c in schema.TRIAL_COLUMNS]
@@ -118,8 +124,8 @@ class ResultsStore:
         return f"{SAES_DIR}/{trial_id}"
 
     def grid(self, experiment: str, trial_id: str) -> pd.DataFrame | None:
-        """The trial's grid.parquet rows (None: it wrote none)."""
-        path = self._part("grid", experiment, trial_id)
+        """The trial's grid.parquet rows (None: it wrote none), from the experiment that holds its row."""
+        path = self._part("grid", self.home(experiment, trial_id) or experiment, trial_id)
         return pd.read_parquet(path) if path.is_file() else None
 
     def write_trial(self, row: dict[str, Any], curves: list[dict[str, Any]] | None = None,
@@ -143,23 +149,121 @@ class ResultsStore:
         columns = {"grid": schema.GRID_COLUMNS, "questions": schema.QUESTION_COLUMNS, "split": schema.SPLIT_COLUMNS}
         _atomic_parquet(typed_frame(records, columns[kind]), self._part(kind, "_sweep", name))
 
-    def finished_ids(self, experiment: str) -> set[str]:
-        directory = self.root / "parts" / "trials" / experiment
-        done = set()
-        for path in directory.glob("*.parquet"):
-            try:
-                status = pd.read_parquet(path, columns=["status"])["status"].iloc[0]
-            except Exception:  # an unreadable part is not a finished trial
-                continue
-            if status in FINISHED:
-                done.add(path.stem)
-        return done
+    def finished_ids(self, experiment: str | None = None) -> set[str]:
+        """Ids of the finished trials (completed or degenerate): of ``experiment``, or (None) of every experiment
+        in the directory, which is what a sweep skips: a trial id names its content, not the sweep that ran it."""
+        directory = self.root / "parts" / "trials"
+        paths = directory.glob("*/*.parquet") if experiment is None else (directory / experiment).glob("*.parquet")
+        return {path.stem for path in paths if _status(path) in FINISHED}
+
+    def home(self, experiment: str, trial_id: str) -> str | None:
+        """The experiment whose part holds the trial's row: ``experiment``'s when it finished there or none
+        finished elsewhere, else the (first by name) experiment where it finished; None: no row anywhere."""
+        own = self._part("trials", experiment, trial_id)
+        if own.is_file() and _status(own) in FINISHED:
+            return experiment
+        for path in sorted((self.root / "parts" / "trials").glob(f"*/{trial_id}.parquet")):
+            if path.parent.name != experiment and _status(path) in FINISHED:
+                return path.parent.name
+        return experiment if own.is_file() else None
 
     def row(self, experiment: str, trial_id: str) -> dict[str, Any] | None:
-        path = self._part("trials", experiment, trial_id)
-        if not path.is_file():
+        """The trial's row: ``experiment``'s, or a finished one another experiment wrote (None: no row)."""
+        home = self.home(experiment, trial_id)
+        if home is None:
             return None
-        return pd.read_parquet(path).iloc[0].to_dict()
+        return pd.read_parquet(self._part("trials", home, trial_id)).iloc[0].to_dict()
+
+    def record_asked(self, experiment: str, space: str, trial_ids: Iterable[str]) -> None:
+        """Remember that ``experiment``'s ``space`` asked for these trials (the rows' ``spaces`` and
+        ``experiments`` at consolidation), added to what it asked for before."""
+        with self._lock():
+            self._record_asked(experiment, space, trial_ids)
+
+    def _record_asked(self, experiment: str, space: str, trial_ids: Iterable[str]) -> None:
+        path = self.root / "parts" / "asked" / experiment / f"{space}.json"
+        ids = set(trial_ids)
+        if path.is_file():
+            ids |= set(json.loads(path.read_text())["trial_ids"])
+        atomic_write_text(path, json.dumps({"experiment": experiment, "space": space, "trial_ids": sorted(ids)}))
+
+    def _asked(self) -> Iterator[tuple[str, str, list[str]]]:
+        for path in sorted((self.root / "parts" / "asked").glob("*/*.json")):
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written right now: the next consolidation has it
+                continue
+            yield str(doc["experiment"]), str(doc["space"]), list(doc["trial_ids"])
+
+    def adopt_legacy(self, trials: Iterable[TrialSpec]) -> int:
+        """Rows written before trial ids were content only (ids that also hashed the experiment and space
+        names, ``TrialSpec.legacy_key``), moved to the ids ``trials`` have now; the number adopted.
+
+        Every (experiment, space) pair the directory's rows name is tried, so a finished trial is found
+        whichever sweep ran it. Its parts (row, curves, grid, probe, stream start) and its SAE folder take the
+        new id; where the experiment already holds the new id, the old parts are set aside under
+        ``parts/superseded/`` (kept, not consolidated), so the trial keeps one row."""
+        directory = self.root / "parts" / "trials"
+        if not directory.is_dir():
+            return 0
+        pairs = set()
+        for path in directory.glob("*/*.parquet"):
+            try:
+                pairs.add((path.parent.name, str(pd.read_parquet(path, columns=["space"])["space"].iloc[0])))
+            except Exception:  # an unreadable part has nothing to adopt
+                continue
+        adopted = 0
+        with self._lock():
+            for spec in trials:
+                for experiment in sorted({e for e, _ in pairs}):
+                    found = [(space, old) for e, space in sorted(pairs) if e == experiment
+                             and (old := spec.legacy_key(experiment, space)) != spec.key
+                             and self._part("trials", experiment, old).is_file()]
+                    # The first finished of them keeps its row (the others were the same trial trained again).
+                    found.sort(key=lambda so: self._rank(self._part("trials", experiment, so[1])))
+                    for space, old in found:
+                        self._adopt(experiment, space, old, spec.key)
+                        adopted += 1
+        return adopted
+
+    @staticmethod
+    def _rank(path: Path) -> tuple[bool, str]:
+        try:
+            row = pd.read_parquet(path, columns=["status", "finished_at"]).iloc[0]
+        except Exception:
+            return True, ""
+        return row["status"] not in FINISHED, "" if pd.isna(row["finished_at"]) else str(row["finished_at"])
+
+    def _adopt(self, experiment: str, space: str, old: str, new: str) -> None:
+        stream_old, stream_new = self._stream_start_path(experiment, old), self._stream_start_path(experiment, new)
+        if self._part("trials", experiment, new).is_file():  # already there under its content id: set aside
+            for kind in ("trials", *PER_TRIAL):
+                src = self._part(kind, experiment, old)
+                if src.is_file():
+                    dst = self.root / "parts" / "superseded" / kind / experiment / src.name
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dst)
+            stream_old.unlink(missing_ok=True)
+        else:
+            for kind in PER_TRIAL:
+                src = self._part(kind, experiment, old)
+                if src.is_file():
+                    _atomic_parquet(_renamed(pd.read_parquet(src), new), self._part(kind, experiment, new))
+            if stream_old.is_file() and not stream_new.exists():
+                os.replace(stream_old, stream_new)
+            row = _renamed(pd.read_parquet(self._part("trials", experiment, old)), new)
+            old_sae, new_sae = self.root / self.sae_path(old), self.root / self.sae_path(new)
+            if old_sae.is_dir() and not new_sae.exists():
+                os.replace(old_sae, new_sae)
+                _retag_sae(new_sae, new)
+            if "sae_path" in row and row["sae_path"].iloc[0] == self.sae_path(old) and new_sae.is_dir():
+                row["sae_path"] = pd.array([self.sae_path(new)], dtype=row["sae_path"].dtype)
+            _atomic_parquet(row, self._part("trials", experiment, new))
+            for kind in PER_TRIAL:
+                self._part(kind, experiment, old).unlink(missing_ok=True)
+            stream_old.unlink(missing_ok=True)
+            self._part("trials", experiment, old).unlink()
+        self._record_asked(experiment, space, [new])
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -172,10 +276,15 @@ class ResultsStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def consolidate(self) -> tuple[Path, Path]:
-        """Rebuild trials.parquet and curves.parquet (and grid, questions, split) from every part."""
+        """Rebuild trials.parquet and curves.parquet (and grid, questions, split) from every part: one row per
+        trial id (``one_row_per_trial``) with the spaces and experiments that asked for it, and the curves,
+        grid and probe rows of the experiment that holds that row."""
         with self._lock():
             trials = self._concat("trials")
-            curves = self._concat("curves")
+            homes: dict[str, str] = {}
+            if trials is not None:
+                trials, homes = one_row_per_trial(trials, list(self._asked()))
+            curves = self._concat("curves", homes)
             if trials is None:
                 trials = pd.DataFrame({n: pd.Series(dtype=t) for n, t in TRIAL_COLUMNS})
             if curves is None:
@@ -183,21 +292,90 @@ class ResultsStore:
             _atomic_parquet(trials, self.root / "trials.parquet")
             _atomic_parquet(curves, self.root / "curves.parquet")
             for kind in ("grid", "probe", "questions", "split"):
-                frame = self._concat(kind)
+                frame = self._concat(kind, homes)
                 if frame is not None:
                     per_trial = kind in ("grid", "probe")  # rows that may repeat legitimately: never deduplicated
                     _atomic_parquet(frame if per_trial else frame.drop_duplicates(), self.root / f"{kind}.parquet")
         return self.root / "trials.parquet", self.root / "curves.parquet"
 
-    def _concat(self, kind: str) -> pd.DataFrame | None:
+    def _concat(self, kind: str, homes: dict[str, str] | None = None) -> pd.DataFrame | None:
+        """Every part of ``kind``; a trial's part only from its home experiment (``homes``: trial id -> it)."""
         frames = []
         for path in sorted((self.root / "parts" / kind).glob("*/*.parquet")):
+            if homes and path.parent.name != homes.get(path.stem, path.parent.name):
+                continue  # the same trial's part under another experiment: its row is not the one kept
             try:
                 frames.append(pd.read_parquet(path))
             except Exception:  # a part being renamed into place right now: the next consolidation has it
                 continue
         frames = [f for f in frames if not f.empty]
         return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _status(path: Path) -> str | None:
+    """A row part's status (None: unreadable, e.g. being renamed into place)."""
+    try:
+        return str(pd.read_parquet(path, columns=["status"])["status"].iloc[0])
+    except Exception:
+        return None
+
+
+def _renamed(frame: pd.DataFrame, trial_id: str) -> pd.DataFrame:
+    """``frame`` with every ``trial_id`` set to ``trial_id``, in the column's own dtype."""
+    return frame.assign(trial_id=trial_id).astype({"trial_id": frame["trial_id"].dtype})
+
+
+def _retag_sae(folder: Path, trial_id: str) -> None:
+    """An adopted SAE folder's ``cfg.json`` names its trial by the new id (``metadata.hsae_trial``)."""
+    cfg = folder / "cfg.json"
+    try:
+        doc = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return
+    trial = (doc.get("metadata") or {}).get("hsae_trial")
+    if isinstance(trial, dict):
+        trial["trial_id"] = trial_id
+        atomic_write_text(cfg, json.dumps(doc, indent=2))
+
+
+def one_row_per_trial(trials: pd.DataFrame,
+                      asked: list[tuple[str, str, list[str]]]) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Row parts as trials.parquet: one row per trial id, and which experiment's parts are its (trial id -> it).
+
+    A trial has several row parts when sweeps of different experiments ran it at once, or one retried it
+    after a failure: the finished row is kept (completed or degenerate), the earliest of several. Its
+    ``spaces`` and ``experiments`` list every space and experiment that asked for it (``asked``:
+    (experiment, space, trial ids) records, and each of its row parts' own)."""
+    spaces: dict[str, set[str]] = {}
+    experiments: dict[str, set[str]] = {}
+    for exp, space, tid in zip(trials["experiment"], trials["space"], trials["trial_id"], strict=True):
+        spaces.setdefault(str(tid), set()).add(str(space))
+        experiments.setdefault(str(tid), set()).add(str(exp))
+    for exp, space, ids in asked:
+        for tid in ids:
+            if tid in spaces:
+                spaces[tid].add(space)
+                experiments[tid].add(exp)
+    rank = trials.assign(_unfinished=~trials["status"].isin(FINISHED),
+                         _at=trials["finished_at"].fillna("").astype(str))
+    kept = rank.sort_values(["_unfinished", "_at", "experiment"], kind="stable").drop_duplicates("trial_id")
+    kept = trials.loc[sorted(kept.index)].reset_index(drop=True)  # the parts' order, duplicates dropped
+    kept["spaces"] = pd.array([json.dumps(sorted(spaces[t])) for t in kept["trial_id"]], dtype="string")
+    kept["experiments"] = pd.array([json.dumps(sorted(experiments[t])) for t in kept["trial_id"]], dtype="string")
+    fixed = [name for name, _ in TRIAL_COLUMNS if name in kept]  # rows from before a column: it is null there
+    kept = kept[fixed + [c for c in kept if c not in fixed]]
+    return kept, dict(zip(kept["trial_id"].astype(str), kept["experiment"].astype(str), strict=True))
+
+
+def asked_by(trials: pd.DataFrame, space: str) -> pd.Series:
+    """Which rows ``space`` asked for: its name in ``spaces`` (a row without that list: its own ``space``)."""
+    if "space" not in trials:
+        return pd.Series(True, index=trials.index)
+    own = trials["space"].astype(str) == space
+    if "spaces" not in trials:
+        return own
+    listed = trials["spaces"].map(lambda text: isinstance(text, str) and space in json.loads(text))
+    return listed.astype(bool) | (trials["spaces"].isna() & own)
 
 
 def load_trials(root: str | Path) -> pd.DataFrame:
@@ -218,7 +396,8 @@ def trial_row(spec: TrialSpec, profile: Profile, model: ModelInfo, sae_cfg: SAEC
     """A trial's Parquet row: identity, status, the given values, and every config value as cfg_* columns
     (none for an external arm's SAE, which this sweep neither configured nor trained: both None)."""
     row: dict[str, Any] = {
-        "experiment": spec.experiment, "space": spec.space, "variant": spec.variant, "trial_id": spec.key,
+        "experiment": spec.experiment, "space": spec.space, "spaces": json.dumps([spec.space]),
+        "experiments": json.dumps([spec.experiment]), "variant": spec.variant, "trial_id": spec.key,
         "seed": spec.seed, "status": status, "profile": profile.name, "model": model.source,
         "layer": model.layer, "harvest_dtype": model.dtype, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "arm": spec.arm or None, "headline_metric": profile.headline_metric,

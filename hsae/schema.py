@@ -48,13 +48,17 @@ _ID, _TRAIN, _SAE, _EVAL, _META = GROUPS
 
 # trials.parquet: the fixed columns in file order (cfg_* columns follow, one per configuration value).
 TRIAL_COLUMNS: tuple[Column, ...] = (
-    _c("experiment", "string", "sweep name (--experiment, default <profile>-<space>); a re-run skips finished trials",
-       group=_ID),
-    _c("space", "string", "the space file the trial came from", group=_ID),
+    _c("experiment", "string", "the sweep name (--experiment, default <profile>-<space>) that trained the trial; "
+       "every sweep into the results directory skips trials already finished there", group=_ID),
+    _c("space", "string", "the space file of the sweep that trained the trial", group=_ID),
+    _c("spaces", "string", "every space that asked for the trial in this results directory, as a sorted JSON list "
+       "(the report's section of a space shows the rows whose list names it)", group=_ID),
+    _c("experiments", "string", "every experiment that asked for the trial in this results directory, as a sorted "
+       "JSON list", group=_ID),
     _c("variant", "string", "SAE variant registry name (docs/variants.md)", group=_ID),
-    _c("trial_id", "string", "content hash of (experiment, space, variant, params, seed, context: model weights, "
-       "layer, corpus split, profile and training settings): stable across re-runs, new for another model or budget",
-       group=_ID),
+    _c("trial_id", "string", "content hash of (variant, params, seed, arm, context: model weights, layer, corpus "
+       "split, profile and training settings), never of the space or experiment names: one trial in every space "
+       "and experiment that asks for it, new for another model or budget", group=_ID),
     _c("seed", "Int64", "training seed (42, 43, ... with --seeds N)", group=_ID),
     _c("arm", "string", "the space block's arm: label (docs/sweeps.md, \"Arms\"); null for an unlabelled block, whose "
        "arm is its variant and parameters. A labelled arm trains from a seed derived from (seed, arm)", group=_ID),

@@ -313,11 +313,13 @@ class Space:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One concrete trial: what to train, with which seed, in which sweep, on what.
+    """One concrete trial: what to train, with which seed, on what, and which sweep asks for it.
 
     ``context`` is the content key of everything outside the space entry that changes the result
     (``sweep_context``: model identity with its weights' hashes, layer, corpus and split, profile and
-    training settings), so the same entry on another model or budget is another trial.
+    training settings), so the same entry on another model or budget is another trial. ``experiment`` and
+    ``space`` say where the trial is reported, not what it is: they are not part of its key, so the same
+    configuration asked for by two spaces or experiments is one trial, trained once.
     """
 
     experiment: str
@@ -330,7 +332,21 @@ class TrialSpec:
 
     @property
     def key(self) -> str:
-        return content_key(self.as_dict(), length=16)
+        """The trial's id: a content key of ``identity()``, whatever space or experiment asks for it."""
+        return content_key(self.identity(), length=16)
+
+    def identity(self) -> dict[str, Any]:
+        """What the trial is: variant, parameters, seed, arm label and sweep context (no names)."""
+        out = {"variant": self.variant, "params": dict(self.params), "seed": self.seed, "context": self.context}
+        return {**out, "arm": self.arm} if self.arm else out
+
+    def legacy_key(self, experiment: str | None = None, space: str | None = None) -> str:
+        """The id this trial had before ids were content only (they also hashed the experiment and space
+        names): ``experiment`` and ``space`` default to the spec's own. ``hsae.results.ResultsStore.adopt_legacy``
+        finds rows written under it and moves them to ``key``."""
+        out = {"experiment": self.experiment if experiment is None else experiment,
+               "space": self.space if space is None else space, **self.identity()}
+        return content_key(out, length=16)
 
     @property
     def train_seed(self) -> int:
@@ -340,9 +356,8 @@ class TrialSpec:
         return self.seed if not self.arm else int(content_key({"seed": self.seed, "arm": self.arm}, length=7), 16)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"experiment": self.experiment, "space": self.space, "variant": self.variant,
-               "params": dict(self.params), "seed": self.seed, "context": self.context}
-        return {**out, "arm": self.arm} if self.arm else out  # unlabelled trials keep their keys
+        """Every field (Tune's trial config; ``TrialSpec(**as_dict())`` gives the spec back)."""
+        return {"experiment": self.experiment, "space": self.space, **self.identity()}
 
 
 def sweep_context(profile: Profile, harvest_key: str) -> str:

@@ -423,8 +423,13 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
               model: ModelInfo, stage: int = 0) -> list[tuple[TrialSpec | None, str]]:
     """One Tuner for one space (one per stage of a staged run); returns the failed trials with their errors."""
     store = ResultsStore(args.out)
-    finished = store.finished_ids(trials[0].experiment)
+    if args.search == "grid":  # Optuna's trials get their ids from the values it samples
+        ids_known(store, space, trials)
+    finished = store.finished_ids()  # a trial id is its content: finished by any space or experiment here
     pending = [t for t in trials if t.key not in finished]
+    if args.search == "grid" and pending and len(pending) < len(trials):
+        print(f"[hsae] {trials[0].experiment}: {len(trials) - len(pending)} of {len(trials)} trials already finished "
+              f"in {args.out} (by this or another space or experiment); {len(pending)} to run")
     if args.search == "grid" and not pending and not args.resume:
         print(f"[hsae] {trials[0].experiment}: all {len(trials)} trials already finished; nothing to run")
         return []
@@ -435,6 +440,16 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
     with args.interrupts.tune_loop():
         grid = tuner.fit()
     return record_unfinished(grid, store, plan.profile, model, interrupted=args.interrupts.signum is not None)
+
+
+def ids_known(store: ResultsStore, space: Space, trials: list[TrialSpec]) -> None:
+    """Rows under the ids of before (which hashed the experiment and space names) adopted under content ids,
+    and the space's trials recorded as asked for by it (each row's ``spaces`` and ``experiments``)."""
+    adopted = store.adopt_legacy(trials)
+    if adopted:
+        print(f"[hsae] {trials[0].experiment}: {adopted} row(s) recorded under an old trial id (one that hashed the "
+              f"experiment and space names) now under the trial's content id")
+    store.record_asked(trials[0].experiment, space.name, [t.key for t in trials])
 
 
 def trial_order(pending: list[TrialSpec], plan: Plan, args: argparse.Namespace, at_once: int) -> list[TrialSpec]:
@@ -632,7 +647,8 @@ def summarise(plan: Plan, out: str, failed: list[tuple[TrialSpec | None, str]], 
     trials_path, curves_path = ResultsStore(out).consolidate()
     print(f"[hsae] results: {trials_path} and {curves_path} ({time.perf_counter() - t0:.0f} s)")
     rows = pd.read_parquet(trials_path)
-    mine = rows[rows["experiment"].isin({t.experiment for ts in plan.trials.values() for t in ts})]
+    mine = rows[rows["experiment"].isin({t.experiment for ts in plan.trials.values() for t in ts})
+                | rows["trial_id"].isin({t.key for ts in plan.trials.values() for t in ts})]
     for r in mine[mine["status"] == "degenerate"].itertuples():
         print(f"[hsae] degenerate (no scores): {r.variant} seed {r.seed}: {r.error}", file=sys.stderr)
     if not failed:

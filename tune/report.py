@@ -31,6 +31,7 @@ import pandas as pd  # noqa: E402
 
 from hsae.atomic import atomic_file, atomic_write_text  # noqa: E402
 from hsae.pareto import study_fronts, varying_params  # noqa: E402
+from hsae.results import asked_by  # noqa: E402
 from hsae.schema import REPORT_METRICS, label  # noqa: E402
 from hsae.stats import mean_ci95  # noqa: E402
 from hsae.verdict import BARS, arm_names  # noqa: E402
@@ -249,13 +250,13 @@ def section_parts(trials: pd.DataFrame, done: pd.DataFrame) -> list[str]:
     """One table per space in ``SECTIONS`` that has completed trials, then a line on its other trials."""
     parts = []
     for title, space, by in SECTIONS:
-        df = done[done["space"] == space]
+        df = done[asked_by(done, space)]
         if df.empty:
             continue
         by = [b for b in by if b in df and (b == "variant" or df[b].notna().any())]
         parts.append(f"## {title}\n")
         parts.append(summary(df, by, list(REPORT_METRICS)))
-        stopped = trials[(trials["space"] == space) & (trials["status"] != "completed")]
+        stopped = trials[asked_by(trials, space) & (trials["status"] != "completed")]
         if not stopped.empty:
             parts.append(f"\n{len(stopped)} other trial(s): " + ", ".join(describe(r) for r in stopped.itertuples()))
         parts.append("")
@@ -274,7 +275,7 @@ def write_figures(done: pd.DataFrame, curves: pd.DataFrame, controls: dict, out:
         figures.append(("Total loss curves", "fig1b_loss_curves.png"))
     if fig_mechanisms(curves, main, out / "mechanisms.png"):
         figures.append(("Mechanisms during training", "mechanisms.png"))
-    if fig_alpha(done[done["space"] == "ortho"], out / "alpha_vs_correlation.png"):
+    if fig_alpha(done[asked_by(done, "ortho")], out / "alpha_vs_correlation.png"):
         figures.append(("α vs inter-group correlation", "alpha_vs_correlation.png"))
     if fig_l0_ev(done, out / "l0_vs_ev.png"):
         figures.append(("L0 vs explained variance", "l0_vs_ev.png"))

@@ -17,7 +17,7 @@ import pandas as pd
 
 from hsae.budget import arm_outcomes, budget_check
 from hsae.external import is_external
-from hsae.results import load_curves, load_trials
+from hsae.results import asked_by, load_curves, load_trials
 from hsae.stats import mean_ci95
 from hsae.variants import PAPER_VARIANTS
 from hsae.verdict import (
@@ -153,7 +153,7 @@ def main_trials(done: pd.DataFrame) -> pd.DataFrame:
     else all completed."""
     if "space" not in done:
         return done
-    main = done["space"] == "variants"
+    main = asked_by(done, "variants")
     return done[main | external_rows(done)] if main.any() else done
 
 
@@ -336,8 +336,8 @@ def frontier_trials(done: pd.DataFrame, exploratory: bool = False) -> pd.DataFra
     if "cfg_target_l0" not in rows:
         return rows.iloc[:0]
     rows = rows[rows["cfg_target_l0"].notna()]
-    if "space" in rows and (rows["space"] == "frontier").any():
-        rows = rows[rows["space"] == "frontier"]
+    if "space" in rows and asked_by(rows, "frontier").any():
+        rows = rows[asked_by(rows, "frontier")]
     return rows if rows["cfg_target_l0"].nunique() > 1 else rows.iloc[:0]
 
 

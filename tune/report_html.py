@@ -13,6 +13,7 @@ append it to ``SECTIONS``.
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -369,6 +370,9 @@ def curves_section(inp: Inputs) -> str:
 def trials_section(inp: Inputs) -> str:
     """Every trial, completed or not, one row each: identity, status and the headline metrics."""
     t = inp.trials[[c for c in TABLE_COLUMNS if c in inp.trials]].copy()
+    if "space" in t and "spaces" in inp.trials:  # every space that asked for the trial, not only the one that ran it
+        t["space"] = [", ".join(json.loads(s)) if isinstance(s, str) else own
+                      for s, own in zip(inp.trials["spaces"], t["space"], strict=True)]
     if "error" in t:  # the last line says what went wrong; the rest is in trials.parquet
         errors = [e.strip().splitlines()[-1][:160] if isinstance(e, str) and e.strip() else "" for e in t["error"]]
         t = t.assign(error=errors) if any(errors) else t.drop(columns="error")
