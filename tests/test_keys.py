@@ -71,7 +71,10 @@ def test_rerun_into_the_same_folder_with_another_model_gets_new_rows(sweep, tmp_
 
 def test_the_default_profiles_keep_their_trial_keys():
     """Keys computed at commit 78d7e1e, before extensions became a fraction of the budget (extension_steps=1500
-    then a profile field): results directories of these profiles resume and skip their finished trials."""
+    then a profile field) and before trial ids became content only: the sweep context is unchanged, and the id
+    of then is the spec's ``legacy_key``, which a results directory of these profiles is translated from
+    (``ResultsStore.adopt_legacy``), so it resumes and skips its finished trials. Declaring the verdict's fields
+    (margin, stages) changes neither."""
     from dataclasses import replace
 
     from hsae.spaces import TrialSpec, get_profile, sweep_context
@@ -84,7 +87,9 @@ def test_the_default_profiles_keep_their_trial_keys():
     for name, (profile, context, key) in expected.items():
         got = sweep_context(profile, "0123456789abcdef")
         trial = TrialSpec("embedded-variants", "variants", "relu", {"target_l0": 64}, 42, got)
-        assert (got, trial.key) == (context, key), name
+        assert (got, trial.legacy_key()) == (context, key), name
+        staged = replace(profile, equivalence_margin=0.02, seed_looks=4, max_seeds=11, seeds_per_stage=4)
+        assert sweep_context(staged, "0123456789abcdef") == context, name
     # Another budget is another trial; so is another extension size at the same budget.
     assert sweep_context(get_profile("embedded", steps=30), "0123456789abcdef") != expected["embedded"][1]
     assert sweep_context(get_profile("embedded", extension_fraction=0.5), "0123456789abcdef") != expected["embedded"][1]

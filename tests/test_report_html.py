@@ -187,13 +187,19 @@ def degrade(root: Path, how: str) -> None:
         trials = trials.drop(columns=[c for c in trials if c.startswith(("forget_acc", "unlearning", "controls_ok"))])
         shutil.rmtree(root / "controls")
     trials.to_parquet(root / "trials.parquet", index=False)
+    if how == "interrupted before a trial finished":  # what the sweep consolidates then: no rows, untyped curves
+        trials.iloc[:0].to_parquet(root / "trials.parquet", index=False)
+        pd.DataFrame({c: pd.Series(dtype=float) for c in ("trial_id", "step", "loss")}).to_parquet(
+            root / "curves.parquet", index=False)
+        return
     if how != "no curves":
         (root / "grid.parquet").unlink()
     else:
         (root / "curves.parquet").unlink()
 
 
-@pytest.mark.parametrize("how", ["no grid", "no evaluation", "single trial", "no curves"])
+@pytest.mark.parametrize("how", ["no grid", "no evaluation", "single trial", "no curves",
+                                 "interrupted before a trial finished"])
 def test_missing_inputs_leave_a_note_not_a_crash(planted, tmp_path, how):
     root = tmp_path / "r"
     shutil.copytree(planted[0], root, ignore=shutil.ignore_patterns("report"))
@@ -202,6 +208,10 @@ def test_missing_inputs_leave_a_note_not_a_crash(planted, tmp_path, how):
     notes = [html.unescape(n) for n in re.findall(r'<p class="note">([^<]*)</p>', text)]
     if how == "no curves":
         assert notes == ["No curves.parquet rows for the completed trials: no training curves."]
+        return
+    if how == "interrupted before a trial finished":
+        assert "No curves.parquet rows for the completed trials: no training curves." in notes
+        assert "<h2>Trials (0)</h2>" in text
         return
     assert "No verdict: no grid.parquet in the results." in notes
     assert "No forget-vs-retain figure: no grid.parquet in the results." in notes

@@ -81,7 +81,7 @@ from tune.search import (  # noqa: E402
     storage_url,
     tune_name,
 )
-from tune.stages import looks_of, run_stages  # noqa: E402
+from tune.stages import looks_of, run_stages, stage_verdict  # noqa: E402
 from tune.trackers import TRACKERS, check_trackers, tracker_callbacks  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -346,8 +346,9 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
                  if p.activations == "stream" else f" ({p.cache_rows():,} rows harvested once)")]
     for space, trials in plan.trials.items():
         variants = sorted({t.variant for t in trials})
-        lines.append(f"space {space:<12} {len(trials)} trials ({len({t.seed for t in trials})} seeds): "
-                     f"{', '.join(variants)}")
+        seeds = len({t.seed for t in trials})
+        stages = f", up to {len(trials) // seeds * p.max_seeds} if no arm is decided early" if p.seed_looks > 1 else ""
+        lines.append(f"space {space:<12} {len(trials)} trials ({seeds} seeds{stages}): {', '.join(variants)}")
     return "\n".join(lines + describe_sizes(plan.sizes))
 
 
@@ -708,6 +709,16 @@ def main(argv: list[str] | None = None, trial_hooks: Sequence[str] = ()) -> int:
         args.interrupts.uninstall()
 
 
+def run_space_stages(space: Space, plan: Plan, args: argparse.Namespace, server_name: str,
+                     model: ModelInfo) -> list[tuple[TrialSpec | None, str]]:
+    """A staged run's later looks for one space (``tune/stages.py``): each stage is a ``run_space`` of its own."""
+    first = plan.trials[space.name]
+    return run_stages(first, plan.profile,
+                      lambda seeds: space_trials(space, args, plan.profile, first[0].context, seeds),
+                      lambda specs, stage: run_space(space, specs, plan, args, server_name, model, stage),
+                      lambda keys: stage_verdict(args.out, keys), lambda: args.interrupts.signum is not None)
+
+
 def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     """The sweep from validated input to the summary; the exit code."""
     if args.cache:
@@ -742,11 +753,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"[hsae] space {space.name!r}: {space.description}")
         failed += run_space(space, plan.trials[space.name], plan, args, server_name, info.model)
         if plan.profile.seed_looks > 1 and args.interrupts.signum is None:
-            failed += run_stages(
-                plan.trials[space.name], plan.profile, args.out,
-                lambda seeds, s=space: space_trials(s, args, plan.profile, plan.trials[s.name][0].context, seeds),
-                lambda specs, stage, s=space: run_space(s, specs, plan, args, server_name, info.model, stage),
-                lambda: args.interrupts.signum is not None)
+            failed += run_space_stages(space, plan, args, server_name, info.model)
         if args.interrupts.signum is not None:
             ResultsStore(args.out).consolidate()  # the finished trials' rows, readable as they are
             print(interrupted_message(args.interrupts.signum, argv), file=sys.stderr)

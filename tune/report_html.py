@@ -349,6 +349,8 @@ def _curve_traces(c: pd.DataFrame, metric: str, show: set[str]) -> list[go.Scatt
 def curves_section(inp: Inputs) -> str:
     """Training loss and held-out MSE against step, one line per completed trial (curves.parquet)."""
     title = "<h2>Training curves</h2>"
+    if inp.curves.empty or inp.done.empty:  # an interrupted first sweep: empty Parquet has no typed columns
+        return title + note("No curves.parquet rows for the completed trials: no training curves.")
     c = inp.curves.drop(columns=["variant", "seed"], errors="ignore").merge(
         inp.done[["trial_id", "variant", "seed"]], on="trial_id")
     metrics = [m for m in ("loss", "val_mse") if m in c and c[m].notna().any()]

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from hsae.spaces import Profile, TrialSpec
 from hsae.stats import seed_looks
-from hsae.verdict import BASELINE, Verdict, arm_names
+from hsae.verdict import BASELINE, Verdict
 
 FIRST_SEED = 42
 
@@ -40,9 +39,10 @@ def identity(spec: TrialSpec) -> str:
     return json.dumps([spec.variant, spec.arm or "", spec.params], sort_keys=True, default=str)
 
 
-def arms_of(specs: list[TrialSpec], rows: Any) -> dict[str, str]:
-    """Each configuration's arm name as the verdict names it, from the finished rows of ``specs``."""
-    named = rows.assign(_arm=arm_names(rows).to_numpy()).set_index("trial_id")["_arm"]
+def arms_of(specs: list[TrialSpec], verdict: Verdict) -> dict[str, str]:
+    """Each configuration's arm name as the verdict names it, from its ranked trials among ``specs`` (an arm
+    with no ranked trial, none converged, gets no seeds: more of them would not converge either)."""
+    named = verdict.per_trial.set_index("trial_id")["arm"]
     return {identity(s): str(named[s.key]) for s in specs if s.key in named.index}
 
 
@@ -56,36 +56,33 @@ def needing_seeds(verdict: Verdict | str) -> set[str] | None:
     return undecided | {BASELINE} if undecided else set()
 
 
-def stage_verdict(out: str, experiments: set[str]) -> Verdict | str:
-    """The verdict over these experiments' rows, as the report computes it (bootstrap cells aside: they choose
+def stage_verdict(out: str, keys: set[str]) -> Verdict | str:
+    """The verdict over these trials' rows, as the report computes it (bootstrap cells aside: they choose
     nothing, so a few resamples do)."""
     from hsae.results import ResultsStore
     from tune.report_data import ReportInputs
 
     ResultsStore(out).consolidate()  # the rows so far, as the report will read them
     inputs = ReportInputs.load(out, n_boot=20)
-    return replace(inputs, trials=inputs.trials[inputs.trials["experiment"].isin(experiments)]).verdict
+    return replace(inputs, trials=inputs.trials[inputs.trials["trial_id"].isin(keys)]).verdict
 
 
-def run_stages(first_specs: list[TrialSpec], profile: Profile, out: str,
-               make_specs: Callable[[list[int]], list[TrialSpec]],
-               run: Callable[[list[TrialSpec], int], list[Any]], stopped: Callable[[], bool]) -> list[Any]:
+def run_stages(first_specs: list[TrialSpec], profile: Profile, make_specs: Callable[[list[int]], list[TrialSpec]],
+               run: Callable[[list[TrialSpec], int], list[Any]], verdict_of: Callable[[set[str]], Verdict | str],
+               stopped: Callable[[], bool]) -> list[Any]:
     """The stages after the first look: ``make_specs(seeds)`` gives the space's trials at those seeds, ``run(specs,
-    stage)`` trains them (returning failures), ``stopped()`` says a signal arrived. Prints each look."""
-    import pandas as pd
-
+    stage)`` trains them (returning failures), ``verdict_of(trial ids)`` is the verdict over those trials' rows,
+    ``stopped()`` says a signal arrived. Prints each look."""
     looks = looks_of(profile, len({s.seed for s in first_specs}))
-    experiments = {s.experiment for s in first_specs}
     failed: list[Any] = []
     done = list(first_specs)
     for stage in range(1, len(looks)):
-        verdict = stage_verdict(out, experiments)
+        verdict = verdict_of({s.key for s in done})
         arms = needing_seeds(verdict)
         print(look_line(stage, looks, verdict, arms), flush=True)
         if not arms:
             return failed
-        rows = pd.read_parquet(Path(out) / "trials.parquet")
-        named = arms_of(done, rows[rows["trial_id"].isin({s.key for s in done})])
+        named = arms_of(done, verdict)
         specs = [s for s in make_specs(stage_seeds(looks, stage)) if named.get(identity(s)) in arms]
         if not specs:
             return failed
@@ -93,7 +90,7 @@ def run_stages(first_specs: list[TrialSpec], profile: Profile, out: str,
         done += specs
         if stopped():
             return failed
-    print(look_line(len(looks), looks, stage_verdict(out, experiments), None), flush=True)
+    print(look_line(len(looks), looks, verdict_of({s.key for s in done}), None), flush=True)
     return failed
 
 
