@@ -686,8 +686,9 @@ def probe_blocks(inp: ReportInputs) -> list[Block]:
         Paragraph.of("Balanced accuracy of a logistic probe on the k latents with the largest class-mean difference "
                      "(chosen and fitted on select documents, scored on test documents; docs/evaluation.md, \"Second "
                      "witness\"). Cells: mean ± 95% CI over seeds. The witness's primary metric: ",
-                     strong(metric_label(PROBE_PRIMARY)), "; its claims come from the same block test against "
-                     f"{v.baseline if isinstance(v, Verdict) else 'relu'} as the headline, as a secondary metric."),
+                     strong(metric_label(PROBE_PRIMARY)), ", tested against "
+                     f"{v.baseline if isinstance(v, Verdict) else 'relu'} as the headline is; it is worded as a claim "
+                     "only when the headline decided every arm better or worse, else it is descriptive."),
         probe_table(main, test)]
     if test is not None:
         blocks += [Heading(3, "Do the two witnesses agree?")] + agreement_blocks(v, test, main)
@@ -758,8 +759,9 @@ def frontier_blocks(inp: ReportInputs) -> list[Block]:
         Heading(2, "Sparsity frontier: every metric against held-out L0"),
         Paragraph.of(f"Trials trained to target L0 {', '.join(f'{t:g}' for t in sorted(inp.frontier))} (cfg_target_l0; "
                      "docs/training.md, \"Target L0\"), in SAEBench's form: one line per arm, x = held-out L0, points "
-                     "at mean ± 95% CI over seeds. The verdict below is the same calibrated test (block ANOVA, "
-                     "Dunnett against relu) run within each target's trials, so arms are compared at matched L0.")]
+                     "at mean ± 95% CI over seeds. The verdict below is the same calibrated test (each arm against "
+                     "relu by its paired differences over seeds) run within each target's trials, so arms are "
+                     "compared at matched L0.")]
     if problems := inp.problems:
         return blocks + [Paragraph.of(strong("No claims: " + "; ".join(problems) + "."))]
     blocks += [Heading(3, f"Verdict at each target L0: {metric_label(headline)} (headline)"),
