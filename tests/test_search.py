@@ -156,3 +156,6 @@ def test_row_numbers_read_nullable_and_degenerate_rows():
     text = row_numbers({"status": "completed", "explained_variance": 0.91, "l0": 40.0, "val_mse": 0.1,
                         "converged": pd.NA, "forget_acc_at_retain98": None, "unlearning_score": float("nan")})
     assert text == "EV 0.910, L0 40.0, val_mse 0.1, NOT converged"
+    external = row_numbers({"status": "completed", "variant": "external:mine", "explained_variance": 0.91, "l0": 40.0,
+                            "val_mse": None, "converged": pd.NA})
+    assert external == "EV 0.910, L0 40.0, val_mse None, not trained here"  # an external arm trains nothing

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
+from hsae.external import is_external
 from hsae.progress import format_duration
 from hsae.results import ResultsStore
 from hsae.spaces import TrialSpec
@@ -33,7 +34,10 @@ def row_numbers(row: dict[str, Any]) -> str:
 
     parts = [f"EV {num('explained_variance', '.3f')}", f"L0 {num('l0', '.1f')}", f"val_mse {num('val_mse', '.4g')}"]
     converged = row.get("converged")
-    parts.append("converged" if converged is not None and not pd.isna(converged) and converged else "NOT converged")
+    if is_external(str(row.get("variant", ""))):  # nothing was trained here, nothing to converge
+        parts.append("not trained here")
+    else:
+        parts.append("converged" if converged is not None and not pd.isna(converged) and converged else "NOT converged")
     forget = num("forget_acc_at_retain98", ".3f")
     if forget is not None:
         parts.append(f"forget acc at retain >= 0.98 {forget}")
