@@ -166,14 +166,18 @@ def min_detectable_difference(sd_resid: float, n_arms: int, n_blocks: int, alpha
 def _unit_mdd(n_arms: int, n_blocks: int, alpha: float, power: float) -> float:
     """``min_detectable_difference`` at residual s.d. 1 (it scales linearly with the s.d.)."""
     df = (n_arms - 1) * (n_blocks - 1)
-    crit = dunnett_critical(n_arms - 1, df, alpha)
+    return noncentrality_for_power(dunnett_critical(n_arms - 1, df, alpha), df, power) * math.sqrt(2.0 / n_blocks)
+
+
+def noncentrality_for_power(crit: float, df: int, power: float) -> float:
+    """The noncentrality at which a two-sided t test with critical value ``crit`` and ``df`` rejects with
+    probability ``power`` (inf when beyond reach)."""
     hi = crit + 2.0
     while rejection_probability(hi, crit, df) < power:
-        if hi > 1e4:
+        if hi > 1e5:
             return math.inf
         hi *= 2
-    ncp = optimize.brentq(lambda d: rejection_probability(d, crit, df) - power, 0.0, hi, xtol=1e-9)
-    return float(ncp * math.sqrt(2.0 / n_blocks))
+    return float(optimize.brentq(lambda d: rejection_probability(d, crit, df) - power, 0.0, hi, xtol=1e-9))
 
 
 # -- the robust many-to-one test: each arm by its own paired differences -------------------------
@@ -249,15 +253,8 @@ def _paired_unit_mdd(n: int, family: int, alpha: float, power: float) -> float:
     """The paired test's minimal detectable difference at a paired-difference s.d. of 1."""
     if n < 2:
         return math.nan
-    df = n - 1
-    crit = float(sps.t.ppf(1 - alpha / (2 * family), df))
-    hi = crit + 2.0
-    while rejection_probability(hi, crit, df) < power:
-        if hi > 1e5:
-            return math.inf
-        hi *= 2
-    ncp = optimize.brentq(lambda d: rejection_probability(d, crit, df) - power, 0.0, hi, xtol=1e-9)
-    return float(ncp / math.sqrt(n))
+    crit = float(sps.t.ppf(1 - alpha / (2 * family), n - 1))
+    return noncentrality_for_power(crit, n - 1, power) / math.sqrt(n)
 
 
 def paired_mdd(sd: float, n: int, family: int, alpha: float = 0.05, power: float = 0.8) -> float:
