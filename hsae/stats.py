@@ -236,14 +236,20 @@ def paired_many_to_one(y: Any, alpha: float = 0.05, family: int | None = None) -
 
 
 def decisions(res: PairedManyToOne, margin: float | None = None) -> np.ndarray:
-    """Per comparison: BETTER_UP (interval above 0), BETTER_DOWN (below 0), EQUIVALENT (interval contains 0 and
-    the equivalence interval lies within ±margin) or UNDECIDED. One error budget covers every claim: where
-    the truth is 0 only a directional claim can be false, where |truth| >= margin only a directional claim of
-    the wrong sign or 'equivalent' can, and each of those needs an interval to miss the truth on one side
-    (<= alpha / family per comparison, <= alpha over the family)."""
-    out = np.where(res.lo > 0, BETTER_UP, np.where(res.hi < 0, BETTER_DOWN, UNDECIDED))
+    """``decide`` on every comparison of a ``paired_many_to_one`` result."""
+    return decide(res.lo, res.hi, res.eq_lo, res.eq_hi, margin)
+
+
+def decide(lo: Any, hi: Any, eq_lo: Any, eq_hi: Any, margin: float | None = None) -> np.ndarray:
+    """BETTER_UP (the simultaneous interval above 0), BETTER_DOWN (below 0), EQUIVALENT (it contains 0 and the
+    equivalence interval lies strictly within ±margin) or UNDECIDED (NaN intervals decide nothing). One error
+    budget covers every claim: where the truth is 0 only a directional claim can be false, where |truth| >=
+    margin only a directional claim of the wrong sign or 'equivalent' can, and each of those needs an interval
+    to miss the truth on one side (<= alpha / family per comparison, <= alpha over the family)."""
+    lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    out = np.where(lo > 0, BETTER_UP, np.where(hi < 0, BETTER_DOWN, UNDECIDED))
     if margin is not None and math.isfinite(margin) and margin > 0:
-        inside = (res.eq_lo > -margin) & (res.eq_hi < margin)
+        inside = (np.asarray(eq_lo, dtype=float) > -margin) & (np.asarray(eq_hi, dtype=float) < margin)
         out = np.where((out == UNDECIDED) & inside, EQUIVALENT, out)
     return out
 

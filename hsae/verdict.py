@@ -488,11 +488,10 @@ def claim(lo: float, hi: float, higher_is_better: bool, n_seeds: int, baseline: 
     ``min_seeds`` seeds nothing is decided (one seed says nothing of seed-to-seed variation)."""
     if n_seeds < min_seeds:
         return f"{UNDECIDED} (needs ≥ {min_seeds} seeds)"
-    if math.isfinite(lo) and lo > 0 or math.isfinite(hi) and hi < 0:
-        return f"better than {baseline}" if (lo > 0) == higher_is_better else f"worse than {baseline}"
-    if margin is not None and math.isfinite(margin) and margin > 0 and -margin < eq_lo and eq_hi < margin:
-        return f"equivalent to {baseline} (±{margin:g})"
-    return UNDECIDED
+    code = int(stats.decide(lo, hi, eq_lo, eq_hi, margin))  # the rule the calibration simulations test
+    if code in (stats.BETTER_UP, stats.BETTER_DOWN):
+        return f"better than {baseline}" if (code == stats.BETTER_UP) == higher_is_better else f"worse than {baseline}"
+    return f"equivalent to {baseline} (±{margin:g})" if code == stats.EQUIVALENT else UNDECIDED
 
 
 POWER_SEEDS = (3, 5, 10)

@@ -67,7 +67,7 @@ from hsae.spaces import (  # noqa: E402
     validate_trials,
 )
 from hsae.train import step_seconds  # noqa: E402
-from hsae.verdict import NEGATIVE_MAX, POSITIVE_MIN, controls_in_range  # noqa: E402
+from hsae.verdict import ALPHA, NEGATIVE_MAX, POSITIVE_MIN, controls_in_range  # noqa: E402
 from tune.breakdown import breakdown, format_breakdown, write_breakdown  # noqa: E402
 from tune.interrupt import Interrupts, SweepInterrupted, interrupted_message  # noqa: E402
 from tune.nodes import SharedStorageError, check_shared_storage  # noqa: E402
@@ -340,7 +340,7 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
              f"headline metric    {p.headline_metric} (declared before the run; the others are descriptive), "
              f"equivalence margin ±{p.equivalence_margin:g}"
              + (f"; seeds in stages until decided: looks at {looks_of(p, args.seeds or p.seeds)} seeds, each at "
-                f"α = {0.05 / p.seed_looks:.4g}" if p.seed_looks > 1 else ""),
+                f"α = {ALPHA / p.seed_looks:.4g}" if p.seed_looks > 1 else ""),
              f"activations        {p.activations}" + (
                  f": blocks of {p.stream_block_contexts} contexts, {p.stream_window_blocks} buffered"
                  if p.activations == "stream" else f" ({p.cache_rows():,} rows harvested once)")]
