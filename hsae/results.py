@@ -6,6 +6,7 @@ Layout under the results directory (``--out``):
     parts/curves/<experiment>/<trial_id>.parquet   that trial's per-step metrics
     parts/probe/<experiment>/<trial_id>.parquet    that trial's sparse-probe grid (every task x k)
     parts/asked/<experiment>/<space>.json          the trial ids that experiment's space asked for
+    spaces/<space>.json                            the space's declaration (reference, trend), as run
     trials.parquet, curves.parquet                 every part, consolidated (rebuilt after each sweep; also
     grid, probe, questions and split.parquet)
 
@@ -173,6 +174,12 @@ class ResultsStore:
         if home is None:
             return None
         return pd.read_parquet(self._part("trials", home, trial_id)).iloc[0].to_dict()
+
+    def record_space(self, declaration: dict[str, Any]) -> None:
+        """A space's declaration as the sweep read it (``hsae.spaces.Space.declaration``: its reference, trend and
+        description), before any of its trials ran: what its report section tests."""
+        atomic_write_text(self.root / "spaces" / f"{declaration['name']}.json",
+                          json.dumps(declaration, indent=1, sort_keys=True) + "\n")
 
     def record_asked(self, experiment: str, space: str, trial_ids: Iterable[str]) -> None:
         """Remember that ``experiment``'s ``space`` asked for these trials (the rows' ``spaces`` and
@@ -365,6 +372,15 @@ def one_row_per_trial(trials: pd.DataFrame,
     fixed = [name for name, _ in TRIAL_COLUMNS if name in kept]  # rows from before a column: it is null there
     kept = kept[fixed + [c for c in kept if c not in fixed]]
     return kept, dict(zip(kept["trial_id"].astype(str), kept["experiment"].astype(str), strict=True))
+
+
+def load_declarations(root: str | Path) -> dict[str, dict[str, Any]]:
+    """Every space declaration a sweep recorded in ``root`` (``ResultsStore.record_space``), by space name."""
+    out = {}
+    for path in sorted((Path(root) / "spaces").glob("*.json")):
+        doc = json.loads(path.read_text())
+        out[str(doc["name"])] = doc
+    return out
 
 
 def asked_by(trials: pd.DataFrame, space: str) -> pd.Series:

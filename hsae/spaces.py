@@ -16,6 +16,13 @@ A space file (``tune/spaces/<name>.yaml``) lists blocks, each a variant with par
 Grid search expands every block's grid values into a cartesian product; Optuna samples ``uniform``,
 ``loguniform``, ``int`` and ``choice`` ranges (and takes grid lists as choices). Every expanded
 configuration is validated through ``SAEConfig`` before the sweep starts.
+
+A grid space of several configurations declares its ``reference`` (the configuration every other is compared
+with: the ablation's null setting, ``relu`` for the main study) and may declare a ``trend`` along ordered
+grid parameters (docs/sweeps.md, "Reference and trend"):
+
+    reference: {variant: fixed_ortho, params: {alpha: 0.0}}   # or a bare variant name: reference: relu
+    trend: [alpha]
 """
 
 from __future__ import annotations
@@ -298,6 +305,34 @@ class Block:
     external: ExternalArm | None = None  # an external arm (hsae.external): SAEs loaded, not trained
     arm: str | None = None  # a label naming this block's arm in the verdict (docs/sweeps.md, "Arms")
 
+    def grid(self) -> list[dict[str, Any]]:
+        """The parameters of each configuration of the block's grid (its cartesian product, in file order)."""
+        names = list(self.params)
+        choices = [v["grid"] if isinstance(v, dict) else [v] for v in self.params.values()]
+        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The configuration a space's other arms are compared with: a variant, the parameter values that single it
+    out among the space's configurations, and its arm label (none for an unlabelled block)."""
+
+    variant: str
+    params: dict[str, Any] = field(default_factory=dict)
+    arm: str = ""
+
+    def matches(self, variant: str, params: dict[str, Any], arm: str | None) -> bool:
+        return (variant == self.variant and (arm or "") == self.arm
+                and all(k in params and _same_value(params[k], v) for k, v in self.params.items()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "params": dict(self.params), "arm": self.arm}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) if numbers else a == b
+
 
 @dataclass(frozen=True)
 class Space:
@@ -306,6 +341,18 @@ class Space:
     scheduler: str
     blocks: tuple[Block, ...]
     source: str = ""
+    reference: Reference | None = None  # required of a grid space with >= 2 configurations
+    trend: tuple[str, ...] = ()  # ordered grid parameters tested for a trend (>= 3 levels each)
+
+    def configurations(self) -> list[tuple[str, dict[str, Any], str]]:
+        """(variant, params, arm label) of every grid configuration, in file order (an external block is one)."""
+        return [(b.variant, {}, "") if b.external is not None else (b.variant, params, b.arm or "")
+                for b in self.blocks for params in ([{}] if b.external is not None else b.grid())]
+
+    def declaration(self) -> dict[str, Any]:
+        """What the report reads of the space, declared before the run (results/spaces/<name>.json)."""
+        return {"name": self.name, "description": self.description,
+                "reference": None if self.reference is None else self.reference.as_dict(), "trend": list(self.trend)}
 
     def has_samplers(self) -> bool:
         return any(isinstance(v, dict) and next(iter(v)) != "grid" for b in self.blocks for v in b.params.values())
@@ -394,9 +441,9 @@ def parse_space(name: str, text: str, source: str = "<string>") -> Space:
         raise SpaceError(f"{source}: malformed YAML: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("trials"), list) or not doc["trials"]:
         raise SpaceError(f"{source}: a space file needs a non-empty 'trials' list of {{variant, params}} blocks")
-    unknown = sorted(set(doc) - {"description", "scheduler", "trials"})
+    unknown = sorted(set(doc) - set(SPACE_KEYS))
     if unknown:
-        raise SpaceError(f"{source}: unknown top-level key(s) {unknown}; valid: ['description', 'scheduler', 'trials']")
+        raise SpaceError(f"{source}: unknown top-level key(s) {unknown}; valid: {list(SPACE_KEYS)}")
     scheduler = doc.get("scheduler", "fifo")
     if scheduler not in SCHEDULERS:
         raise SpaceError(f"{source}: scheduler {scheduler!r} is not one of {list(SCHEDULERS)}")
@@ -420,7 +467,61 @@ def parse_space(name: str, text: str, source: str = "<string>") -> Space:
         for pname, spec in params.items():
             _check_sampler(where, pname, spec)
         blocks.append(Block(str(raw["variant"]), dict(params), arm=raw.get("arm")))
-    return Space(name, str(doc.get("description", "")), scheduler, tuple(blocks), source)
+    space = Space(name, str(doc.get("description", "")), scheduler, tuple(blocks), source)
+    return replace(space, reference=_reference(doc.get("reference"), space), trend=_trend(doc.get("trend"), space))
+
+
+SPACE_KEYS = ("description", "scheduler", "reference", "trend", "trials")
+REFERENCE_HELP = ("declare the configuration every other arm is compared with, e.g. 'reference: relu' or "
+                  "'reference: {variant: fixed_ortho, params: {alpha: 0.0}}' (docs/sweeps.md, \"Reference and trend\")")
+
+
+def _reference(raw: Any, space: Space) -> Reference | None:
+    """The space's ``reference``: required of a grid space of >= 2 configurations, matching exactly one."""
+    where = f"{space.source}: space {space.name!r}"
+    if space.has_samplers():
+        if raw is not None:
+            raise SpaceError(f"{where}: 'reference' is for grid spaces (a search compares no arms)")
+        return None
+    configs = space.configurations()
+    if raw is None:
+        if len(configs) >= 2:
+            raise SpaceError(f"{where} has {len(configs)} configurations but no 'reference': {REFERENCE_HELP}")
+        return None
+    if isinstance(raw, str):
+        raw = {"variant": raw}
+    if not isinstance(raw, dict) or "variant" not in raw or set(raw) - {"variant", "params", "arm"} \
+            or not isinstance(raw.get("params") or {}, dict):
+        raise SpaceError(f"{where}: 'reference' must be a variant name or {{variant, params, arm}}, got {raw!r}")
+    ref = Reference(str(raw["variant"]), dict(raw.get("params") or {}), str(raw.get("arm") or ""))
+    # Arms are compared within a target L0 (the frontier space's verdict is one per target): one match per target.
+    targets = {str(p.get("target_l0")) for _, p, _ in configs}
+    exact = [c for c in configs if ref.matches(*c) and set(c[1]) == set(ref.params)]  # relu: relu at its defaults
+    found = [str(c[1].get("target_l0")) for c in (exact or [c for c in configs if ref.matches(*c)])]
+    if sorted(found) != sorted(targets):
+        listed = "; ".join(f"{v} {p}" + (f" arm {a}" if a else "") for v, p, a in configs)
+        raise SpaceError(f"{where}: 'reference' {raw!r} matches {len(found)} of its configurations, not exactly one"
+                         f"{' per target L0' if len(targets) > 1 else ''} (its configurations: {listed})")
+    return ref
+
+
+def _trend(raw: Any, space: Space) -> tuple[str, ...]:
+    """The space's ``trend`` parameters: grid parameters with >= 3 levels (two levels are one comparison)."""
+    where = f"{space.source}: space {space.name!r}"
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw) or len(set(raw)) != len(raw):
+        raise SpaceError(f"{where}: 'trend' must be a list of distinct parameter names, got {raw!r}")
+    levels = {p: set() for p in raw}
+    for _, params, _ in space.configurations() if not space.has_samplers() else []:
+        for p in raw:
+            if isinstance(params.get(p), (int, float)) and not isinstance(params.get(p), bool):
+                levels[p].add(float(params[p]))
+    for p, seen in levels.items():
+        if len(seen) < 3:
+            raise SpaceError(f"{where}: 'trend' parameter {p!r} takes {len(seen)} numeric grid level(s) here; a "
+                             f"trend needs >= 3 (two levels are one comparison, tested against the reference)")
+    return tuple(raw)
 
 
 def _external_block(raw: Any, where: str, source: str) -> Block:
@@ -461,12 +562,8 @@ def grid_trials(space: Space, experiment: str, seeds: list[int], context: str = 
             out += [TrialSpec(experiment, space.name, block.variant, src.params(), seed, context)
                     for seed, src in block.external.seeded()]
             continue
-        names = list(block.params)
-        choices = [v["grid"] if isinstance(v, dict) else [v] for v in block.params.values()]
-        for combo in itertools.product(*choices):
-            for seed in seeds:
-                params = dict(zip(names, combo, strict=True))
-                out.append(TrialSpec(experiment, space.name, block.variant, params, seed, context, block.arm or ""))
+        out += [TrialSpec(experiment, space.name, block.variant, params, seed, context, block.arm or "")
+                for params in block.grid() for seed in seeds]
     return sorted(out, key=lambda t: t.seed)  # stable: file order within a seed
 
 

@@ -1,10 +1,13 @@
 """The statistics of the verdict, in one place (docs/evaluation.md, "The seed-level test").
 
 * t quantiles and ``mean_ci95`` (the report's "mean ± half-width" cells);
-* the seed-level test: a randomized complete block design (arm x seed; a seed fixes the data order for
-  every arm), analysed by two-way ANOVA without interaction (arm + seed block, residual variance pooled
-  over all arms), with Dunnett's many-to-one correction against one control arm (Dunnett 1955);
-* the power of that same test: the minimal detectable difference from the pooled residual s.d.
+* the test that makes the claims: each arm against one control by its own paired differences over the seeds
+  (a seed fixes the data order for every arm), Bonferroni over the family, with an equivalence interval
+  (two one-sided tests) and the decisions better / worse / equivalent / undecided; its power, the seeds that
+  would decide, and the staged procedure that adds seeds until decided;
+* a trend along an ordered parameter: a pre-declared slope contrast tested the same way;
+* for comparison, the pooled block-design test (two-way ANOVA, Dunnett's many-to-one correction; Dunnett
+  1955), which assumes one spread for every arm, and its power.
 
 Everything is vectorised over leading axes, so a calibration simulation runs thousands of sweeps at once.
 """
@@ -328,3 +331,38 @@ def staged_decisions(y: Any, looks: list[int], alpha: float = 0.05,
         new = (at < 0) & (now != UNDECIDED)
         decided, at = np.where(new, now, decided), np.where(new, k, at)
     return decided, at
+
+
+# -- a trend along an ordered parameter ------------------------------------------------------------
+# A pre-declared linear contrast over the grid's levels: each seed's least-squares slope of the metric on the
+# level's rank (0, 1, 2, ...: one grid step at a time, whatever the spacing), tested like any paired
+# comparison by its own spread over the seeds. Under "no arm differs" each seed's slope has mean 0 whatever
+# the arms' spreads, so the test keeps its rate as the many-to-one test does.
+def level_ranks(levels: Any) -> np.ndarray:
+    """Each arm's grid step along an ordered parameter: the rank of its level among the distinct levels."""
+    levels = np.asarray(levels, dtype=float)
+    if not np.isfinite(levels).all():
+        raise ValueError(f"every arm of a trend needs a level, got {levels.tolist()}")
+    distinct = np.unique(levels)
+    if len(distinct) < 3:
+        raise ValueError(f"a trend needs >= 3 distinct levels (two are one comparison), got {distinct.tolist()}")
+    return np.searchsorted(distinct, levels).astype(float)
+
+
+def slope_weights(ranks: Any) -> np.ndarray:
+    """The contrast whose value on arm means is their least-squares slope on ``ranks``: (r - mean) / SS."""
+    r = np.asarray(ranks, dtype=float)
+    centred = r - r.mean()
+    return centred / (centred ** 2).sum()
+
+
+def trend_test(y: Any, levels: Any, alpha: float = 0.05, family: int = 1) -> PairedManyToOne:
+    """The slope of a (..., arms, seeds) table along the arms' ``levels``, per seed, tested as one comparison
+    of a family of ``family`` (Bonferroni, as ``paired_many_to_one``): its ``diff`` is the mean slope per grid
+    step. A seed where an arm has no value gives no slope."""
+    y = np.asarray(y, dtype=float)
+    w = slope_weights(level_ranks(levels))
+    if y.shape[-2] != len(w):
+        raise ValueError(f"the table has {y.shape[-2]} arms but {len(w)} levels")
+    slopes = np.einsum("...as,a->...s", y, w)  # NaN wherever an arm lacks that seed
+    return paired_many_to_one(np.stack([np.zeros_like(slopes), slopes], axis=-2), alpha, family)

@@ -556,21 +556,24 @@ def _round(x: float) -> float:
 
 def arm_tests(per_trial: pd.DataFrame, headline: str, secondary: list[str] | tuple[str, ...] = (),
               baseline: str = BASELINE, alpha: float = ALPHA, directions: dict[str, bool] | None = None,
-              margin: float | None = None, witness: str | None = None, looks: int = 1) -> list[MetricTest]:
+              margin: float | None = None, witness: str | None = None, looks: int = 1,
+              family: int | None = None) -> list[MetricTest]:
     """The headline and each secondary metric through the same test, in that order (docs/evaluation.md,
     "Which numbers are claims"). Only the headline is worded as a claim, at the family-wise rate ``alpha``
     (split evenly over a staged run's ``looks``), with equivalence within ``margin``; the second ``witness``'s
     metric is worded as a claim only when the headline decided every arm better or worse (serial gatekeeping:
-    a false witness claim then needs a false headline claim first); every other metric is descriptive."""
+    a false witness claim then needs a false headline claim first); every other metric is descriptive.
+    ``family``: the comparisons one metric's correction covers (default: the arms here; an ablation section
+    passes its comparisons with the reference, with relu and its trends)."""
     rate = alpha / looks
-    head = arm_test(per_trial, headline, "headline", baseline, rate, directions, margin)
+    head = arm_test(per_trial, headline, "headline", baseline, rate, directions, margin, family)
     out = [head]
     for m in dict.fromkeys(secondary):
         if m == headline:
             continue
         gate = m == witness and head.decided_all_directions()
         out.append(arm_test(per_trial, m, "witness" if m == witness else "secondary", baseline, rate, directions,
-                            claimed=gate))
+                            family=family, claimed=gate))
     return out
 
 
@@ -723,14 +726,16 @@ def scored(done: pd.DataFrame, grid: pd.DataFrame, questions: pd.DataFrame | Non
 def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None = None,
                   secondary: list[str] | tuple[str, ...] | None = None, questions: pd.DataFrame | None = None,
                   n_boot: int = 1000, seed: int = 0, baseline: str = BASELINE, alpha: float = ALPHA,
-                  directions: dict[str, bool] | None = None, witness: str | None = WITNESS) -> Verdict:
+                  directions: dict[str, bool] | None = None, witness: str | None = WITNESS,
+                  family: int | None = None) -> Verdict:
     """The verdict over the completed trials of ``trials`` from grid.parquet's rows.
 
     ``headline``: the declared metric (None: ``declared_headline(trials)``); ``secondary``: other metrics
     tested the same way (None: the other candidates); a metric not recomputed from the grid is read from
     the trial rows (e.g. sparse-probing columns). With ``questions`` carrying roles, matched retain is
     chosen on select questions and scored on test questions. The equivalence margin and the number of
-    looks of a staged run are the ones the rows declare (``equivalence_margin``, ``seed_looks``)."""
+    looks of a staged run are the ones the rows declare (``equivalence_margin``, ``seed_looks``); ``baseline``
+    and ``family`` as in ``arm_tests``."""
     done = trials[trials["status"] == "completed"]
     if "stream_join" in done and (done["stream_join"] == "oldest").any():
         raise ValueError("trials joined the activation stream at the oldest buffered batch (stream_join = "
@@ -754,7 +759,7 @@ def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None
     per_trial = ids.merge(boot.point, left_on="trial_id", right_index=True).reset_index(drop=True)
     margin = float(declared(done, "equivalence_margin", DEFAULT_MARGIN))
     looks = int(declared(done, "seed_looks", 1))
-    tests = arm_tests(per_trial, headline, secondary, baseline, alpha, directions, margin, witness, looks)
+    tests = arm_tests(per_trial, headline, secondary, baseline, alpha, directions, margin, witness, looks, family)
     counts = setting_counts(grid[grid["trial_id"].isin(per_trial["trial_id"])])
     return Verdict(per_trial, boot, stability(per_trial), headline, tests, int(per_trial["seed"].nunique()),
                    counts, baseline, excluded, crosscheck(done, per_trial), bank)

@@ -38,7 +38,8 @@ def real_args(hub, out, *extra):
 @pytest.fixture
 def space(tmp_path):
     path = tmp_path / "two.yaml"
-    path.write_text("description: relu and the paper's fixed orthogonality\ntrials:\n  - variant: relu\n"
+    path.write_text("description: relu and the paper's fixed orthogonality\nreference: relu\ntrials:\n"
+                    "  - variant: relu\n"
                     "  - variant: fixed_ortho\n    params: {alpha: 0.1}\n")
     return str(path)
 

@@ -46,7 +46,8 @@ def test_killed_trial_resumes_from_checkpoint_to_the_same_numbers(tiny, tmp_path
 
 def test_nan_trial_ends_degenerate_with_reason_and_the_sweep_goes_on(tiny, tmp_path, capsys):
     space = tmp_path / "blowup.yaml"
-    space.write_text("trials:\n  - variant: relu\n  - variant: relu\n    params: {l1_coeff: 1.0e+38}\n")
+    space.write_text("reference: relu\ntrials:\n  - variant: relu\n"
+                     "  - variant: relu\n    params: {l1_coeff: 1.0e+38}\n")
     assert tiny(tmp_path / "r", "--space", str(space)) == 0
     t = rows(tmp_path / "r")
     assert sorted(t["status"]) == ["completed", "degenerate"]

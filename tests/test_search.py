@@ -89,6 +89,23 @@ def test_sweep_progress_prints_one_line_per_trial_and_an_eta(tmp_path, capsys, m
     assert "topk seed 43 (k=8): FAILED" in lines[3] and "1 to go" in lines[3]
 
 
+def test_a_trial_finished_before_is_counted_done_but_never_times_the_eta(tmp_path, capsys, monkeypatch):
+    clock = iter(range(0, 10_000, 100))
+    monkeypatch.setattr("tune.progress.time.monotonic", lambda: next(clock))
+    progress = SweepProgress(str(tmp_path), total=3, steps=100)
+    old, new = fake_trial("old"), fake_trial("new", seed=43)
+    new.config["trial"]["arm"] = "relu_aa1"
+    for t in (old, new):
+        progress.on_trial_start(0, [old, new], t)
+    progress.on_trial_result(0, [old, new], old, {"step": 101, "skipped": 1, "final": 1})
+    progress.on_trial_complete(0, [old, new], old)
+    progress.on_trial_result(0, [old, new], new, {"step": 50})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[hsae] trial 1/3 already finished: relu seed 42") and progress.durations == []
+    assert "2 to go, sweep ETA ~" in lines[-1]  # from the step rate, not from a 0-s "trial time"
+    assert progress.status_line([old, new]).startswith("[hsae] 1/3 trials done, 1 running: relu arm relu_aa1 seed 43")
+
+
 def test_the_status_line_names_a_trial_past_its_budget_as_extended(tmp_path):
     trials = [fake_trial("a"), fake_trial("b", seed=43), fake_trial("c", seed=44)]
     for extensions, at_budget in ((2, "evaluating or extending"), (0, "evaluating")):

@@ -285,7 +285,7 @@ def test_stream_sweep_survives_a_server_kill_with_rows_intact(ray_session, tmp_p
 def test_a_stream_sweep_killed_and_resumed_gives_every_trial_the_same_numbers(tmp_path):
     env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
     space = tmp_path / "two.yaml"
-    space.write_text("description: two variants\nscheduler: fifo\ntrials:\n  - variant: relu\n"
+    space.write_text("description: two variants\nscheduler: fifo\nreference: relu\ntrials:\n  - variant: relu\n"
                      "  - variant: static_hier\n    params: {alpha_l1: 0.4, alpha_l2: 0.2}\n")
 
     def command(out):  # one trial at a time: each joins long after the one before it left the window

@@ -445,11 +445,13 @@ def run_space(space: Space, trials: list[TrialSpec], plan: Plan, args: argparse.
 
 def ids_known(store: ResultsStore, space: Space, trials: list[TrialSpec]) -> None:
     """Rows under the ids of before (which hashed the experiment and space names) adopted under content ids,
-    and the space's trials recorded as asked for by it (each row's ``spaces`` and ``experiments``)."""
+    the space's declaration recorded (its report section's reference and trend), and its trials recorded as
+    asked for by it (each row's ``spaces`` and ``experiments``)."""
     adopted = store.adopt_legacy(trials)
     if adopted:
         print(f"[hsae] {trials[0].experiment}: {adopted} row(s) recorded under an old trial id (one that hashed the "
               f"experiment and space names) now under the trial's content id")
+    store.record_space(space.declaration())
     store.record_asked(trials[0].experiment, space.name, [t.key for t in trials])
 
 

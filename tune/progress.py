@@ -20,7 +20,8 @@ from hsae.spaces import TrialSpec
 
 def trial_label(spec: TrialSpec) -> str:
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(spec.params.items()))
-    return f"{spec.variant} seed {spec.seed}" + (f" ({params})" if params else "")
+    arm = f" arm {spec.arm}" if spec.arm else ""
+    return f"{spec.variant}{arm} seed {spec.seed}" + (f" ({params})" if params else "")
 
 
 def row_numbers(row: dict[str, Any]) -> str:
@@ -61,7 +62,9 @@ class SweepProgress(Callback):
         self.extension_steps, self.max_extensions = extension_steps, max_extensions if extension_steps else 0
         self.started: dict[str, float] = {}
         self.step: dict[str, int] = {}
-        self.durations: list[float] = []
+        self.durations: list[float] = []  # of the trials trained here (a finished one skipped takes 0 s)
+        self.done = 0
+        self.skipped: set[str] = set()
         self.peak_running = 1
         self.last_status = time.monotonic()
         self.reported: dict[str, float] = {}  # when each running trial last reported a training step
@@ -72,6 +75,8 @@ class SweepProgress(Callback):
         self.peak_running = max(self.peak_running, len(self.started))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("skipped"):  # finished before (a resumed or shared trial): not a trial time for the ETA
+            self.skipped.add(trial.trial_id)
         if result.get("final") or result.get("skipped"):  # training is over (its step is one past the last)
             return
         step = int(result.get("step") or 0)
@@ -104,9 +109,13 @@ class SweepProgress(Callback):
     def _finished(self, trial: Any, spec: TrialSpec | None, what: str) -> None:
         took = time.monotonic() - self.started.pop(trial.trial_id, time.monotonic())
         self.reported.pop(trial.trial_id, None)
-        self.durations.append(took)
+        self.done += 1
         label = trial_label(spec) if spec else trial.trial_id
-        print(f"[hsae] trial {len(self.durations)}/{self.total} done in {format_duration(took)}: {label}: {what}"
+        if trial.trial_id in self.skipped:
+            print(f"[hsae] trial {self.done}/{self.total} already finished: {label}{self.eta()}", flush=True)
+            return
+        self.durations.append(took)
+        print(f"[hsae] trial {self.done}/{self.total} done in {format_duration(took)}: {label}: {what}"
               f"{self.eta()}", flush=True)
 
     def training_rate(self) -> float | None:
@@ -133,7 +142,7 @@ class SweepProgress(Callback):
         trials are in; before a trial has finished, the training steps left (the running trials' to the end of
         their budget or extension, the others' budgets) at the measured step rate (evaluation not yet counted).
         Where trials may extend, how much more every extension would add. Estimates, labelled so."""
-        left = self.total - len(self.durations)
+        left = self.total - self.done
         if left <= 0:
             return ""
         rate = self.training_rate()
@@ -166,7 +175,7 @@ class SweepProgress(Callback):
         for t in running:
             spec, step = self._spec(t), self.step.get(t.trial_id, 0)
             parts.append(f"{trial_label(spec) if spec else t.trial_id} {self._where(step)}")
-        return (f"[hsae] {len(self.durations)}/{self.total} trials done, {len(running)} running: "
+        return (f"[hsae] {self.done}/{self.total} trials done, {len(running)} running: "
                 f"{'; '.join(parts) or '-'}{self.eta()}")
 
     def _where(self, step: int) -> str:

@@ -29,18 +29,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hsae.ablation import AblationVerdict, arm_summary, level_order  # noqa: E402
 from hsae.atomic import atomic_file, atomic_write_text  # noqa: E402
 from hsae.pareto import study_fronts, varying_params  # noqa: E402
 from hsae.results import asked_by  # noqa: E402
 from hsae.schema import REPORT_METRICS, label  # noqa: E402
 from hsae.stats import mean_ci95  # noqa: E402
-from hsae.verdict import BARS, arm_names  # noqa: E402
+from hsae.verdict import BARS, BASELINE, arm_names  # noqa: E402
 from tune.report_data import (  # noqa: E402
     Block,
     Heading,
     Paragraph,
     ReportInputs,
     Table,
+    ablation_section,
     banner_blocks,
     budget_blocks,
     controls_blocks,
@@ -460,6 +462,53 @@ def fig_forget_vs_retain(grid: pd.DataFrame, per_trial: pd.DataFrame, path: Path
 MARKS = {"": "{}", "strong": "**{}**", "code": "`{}`", "em": "_{}_"}
 
 
+def fig_ablation(av: AblationVerdict, path: Path) -> bool:
+    """The headline per arm with its 95% seed interval: along each trend's levels (one panel each), else one
+    point per arm; relu's mean and interval as a band, the reference marked."""
+    summary = arm_summary(av.verdict.per_trial, av.headline)
+    panels = [(t.parameter, level_order(t.levels), [t.levels[a] for a in level_order(t.levels)]) for t in av.trends]
+    if not panels:
+        arms = [a for a in summary if a != BASELINE]
+        panels = [("arm", arms, list(range(len(arms))))]
+    if not any(arms for _, arms, _ in panels):
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (name, arms, xs) in zip(axes[0], panels, strict=True):
+        means = [summary[a][0] for a in arms]
+        halves = [0.0 if not math.isfinite(summary[a][1]) else summary[a][1] for a in arms]
+        ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label="arm (95% seed CI)")
+        if av.reference in arms:
+            i = arms.index(av.reference)
+            ax.scatter([xs[i]], [means[i]], s=90, facecolors="none", edgecolors="k",
+                       label=f"{av.reference} (reference)")
+        if BASELINE in summary:
+            mean, half, _ = summary[BASELINE]
+            ax.axhline(mean, color="grey", linestyle="--", label=f"{BASELINE} (95% seed CI shaded)")
+            if math.isfinite(half):
+                ax.axhspan(mean - half, mean + half, color="grey", alpha=0.15)
+        if name == "arm":
+            ax.set_xticks(xs, arms, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel(name)
+        ax.set_ylabel(metric_label(av.headline))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Ablation {av.space}: headline per arm")
+    _save(fig, path)
+    return True
+
+
+def ablation_parts(inp: ReportInputs, out: Path) -> list[str]:
+    """Each ablation section's blocks, its figure after its heading and description."""
+    parts = []
+    for name, av in inp.ablations.items():
+        blocks = ablation_section(name, inp.declarations[name], av)
+        head = 2 if inp.declarations[name].get("description") else 1  # the heading and the description first
+        parts += markdown(blocks[:head])
+        if not isinstance(av, str) and fig_ablation(av, out / f"ablation_{name}.png"):
+            parts.append(f"![Headline per arm, ablation {name}](ablation_{name}.png)\n")
+        parts += markdown(blocks[head:])
+    return parts
+
+
 def markdown(blocks: list[Block]) -> list[str]:
     """Format-free blocks as report.md's parts: headings, paragraphs, pipe tables."""
     parts = []
@@ -506,6 +555,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_b
             inp.budget.to_csv(tmp, index=False)
     else:  # no table this time: an earlier report's must not stand beside this one
         (out / "budget_check.csv").unlink(missing_ok=True)
+    parts += ablation_parts(inp, out)
     parts += markdown(controls_blocks(inp.controls)) + section_parts(trials, done)
     parts += figure_parts(write_figures(done, inp.curves, inp.controls, out)) + pareto_parts(trials, out)
     report = out / "report.md"

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from hsae.ablation import AblationVerdict, ablation_verdict, arm_summary, level_order
 from hsae.budget import arm_outcomes, budget_check
 from hsae.external import is_external
-from hsae.results import asked_by, load_curves, load_trials
+from hsae.results import asked_by, load_curves, load_declarations, load_trials
 from hsae.stats import mean_ci95
 from hsae.variants import PAPER_VARIANTS
 from hsae.verdict import (
     ALPHA,
     BARS,
+    BASELINE,
     CANDIDATES,
     NEGATIVE_MAX,
     POSITIVE_MIN,
@@ -148,13 +150,26 @@ def converged(df: pd.DataFrame) -> pd.DataFrame:
     return df[ok]
 
 
-def main_trials(done: pd.DataFrame) -> pd.DataFrame:
-    """The main job: the completed trials of the "variants" space (and any external arm's) if there are any,
-    else all completed."""
+def main_trials(done: pd.DataFrame, declarations: dict[str, dict] | None = None) -> pd.DataFrame:
+    """The main job: the completed trials of the "variants" space (and any external arm's) if there are any;
+    else, where the sweeps recorded their spaces' declarations, those of the spaces compared with relu (an A/A
+    run, the baselines; an ablation has a section of its own); else all completed."""
     if "space" not in done:
         return done
     main = asked_by(done, "variants")
-    return done[main | external_rows(done)] if main.any() else done
+    if main.any():
+        return done[main | external_rows(done)]
+    if declarations:
+        main = pd.Series(False, index=done.index)
+        for name in (n for n, d in declarations.items() if not is_ablation(d)):
+            main |= asked_by(done, name)
+        return done[main | external_rows(done)]
+    return done
+
+
+def is_ablation(declaration: dict) -> bool:
+    """A space whose reference is not plain relu: its arms are compared with its own control (a section)."""
+    return declaration.get("reference") not in (None, {"variant": BASELINE, "params": {}, "arm": ""})
 
 
 def report_variants(names: object) -> list[str]:
@@ -241,13 +256,31 @@ class ReportInputs:
         return self.trials[self.trials["status"] == "completed"]
 
     @cached_property
+    def declarations(self) -> dict[str, dict]:
+        """The spaces' declarations the sweeps recorded (reference, trend), by space name."""
+        return load_declarations(self.results_dir)
+
+    @cached_property
+    def ablations(self) -> dict[str, AblationVerdict | str]:
+        """Each declared ablation space's verdict over its ranked trials, or why there is none."""
+        ranked = self.done if self.exploratory else converged(self.done)
+        out: dict[str, AblationVerdict | str] = {}
+        for name, declaration in self.declarations.items():
+            rows = ranked[asked_by(ranked, name)] if "space" in ranked else ranked.iloc[:0]
+            if not is_ablation(declaration) or rows.empty:
+                continue
+            out[name] = ablation_of(rows, self, declaration)
+        return out
+
+    @cached_property
     def problems(self) -> list[str]:
         return controls_problems(self.done, self.controls)
 
     @cached_property
     def main(self) -> pd.DataFrame:
         """The trials the verdict ranks: the converged trials of the main job (exploratory: all its completed ones)."""
-        return main_trials(self.done) if self.exploratory else converged(main_trials(self.done))
+        main = main_trials(self.done, self.declarations)
+        return main if self.exploratory else converged(main)
 
     @cached_property
     def headline(self) -> str | None:
@@ -264,6 +297,8 @@ class ReportInputs:
     @cached_property
     def verdict(self) -> Verdict | str:
         """The verdict, or why there is none; the probe metrics are secondary metrics of the same test."""
+        if self.main.empty and self.ablations:
+            return "the spaces run here are ablations, each compared with its own reference in its section below"
         return verdict_of(self.main, self, [*CANDIDATES, *self.probes])  # the headline is left out of secondary
 
     @cached_property
@@ -304,7 +339,7 @@ class ReportInputs:
 def budget_points(inp: ReportInputs, metrics: list[str]) -> pd.DataFrame:
     """Per trained trial of the main job's space: arm, seed, steps and ``metrics`` (the candidates recomputed
     from the grid, chosen on select questions; others read from the rows); ``attrs["bank"]``: the question bank."""
-    rows = main_trials(inp.done)
+    rows = main_trials(inp.done, inp.declarations)
     rows = rows[~external_rows(rows) & rows["steps"].notna()]  # an external arm is not trained: no budget to check
     boot, _, bank = scored(rows, inp.grid, inp.questions, n_boot=1)
     from_rows = [m for m in metrics if m not in boot.point]
@@ -327,6 +362,17 @@ def verdict_of(trials: pd.DataFrame, inp: ReportInputs, secondary: list[str]) ->
     except ValueError as exc:
         return f"not computed: {exc}"
     return v if not v.per_trial.empty else "no converged, completed trial has grid rows"
+
+
+def ablation_of(trials: pd.DataFrame, inp: ReportInputs, declaration: dict) -> AblationVerdict | str:
+    """``hsae.ablation.ablation_verdict`` on a space's ranked trials, or why there is none."""
+    if inp.grid is None:
+        return "no grid.parquet in the results"
+    secondary = [m for m in PROBE_METRICS[:1] if m in trials and trials[m].notna().any()]
+    try:
+        return ablation_verdict(trials, inp.grid, declaration, inp.questions, secondary, inp.n_boot)
+    except ValueError as exc:
+        return f"not computed: {exc}"
 
 
 def frontier_trials(done: pd.DataFrame, exploratory: bool = False) -> pd.DataFrame:
@@ -770,6 +816,99 @@ def frontier_blocks(inp: ReportInputs) -> list[Block]:
         blocks += [Heading(3, f"Verdict at each target L0: {metric_label(PROBE_PRIMARY)} (second witness)"),
                    frontier_claims_table(inp, PROBE_PRIMARY)]
     return blocks
+
+
+def ablation_blocks(inp: ReportInputs) -> list[Block]:
+    """Every declared ablation space's section (``ablation_section``)."""
+    return [b for name, av in inp.ablations.items() for b in ablation_section(name, inp.declarations[name], av)]
+
+
+def ablation_section(name: str, declaration: dict, av: AblationVerdict | str) -> list[Block]:
+    """A space's heading, its description, the table of every arm against the reference and relu, the trends
+    along its ordered parameters, and what the claims rest on."""
+    blocks: list[Block] = [Heading(2, f"Ablation verdict: {name}")]
+    if declaration.get("description"):
+        blocks.append(Paragraph.of(declaration["description"]))
+    if isinstance(av, str):
+        return [*blocks, Paragraph.of(f"No verdict: {av}.")]
+    return [*blocks, ablation_table(av), *trend_paragraphs(av), ablation_claims_paragraph(av)]
+
+
+def ablation_arms(av: AblationVerdict) -> list[str]:
+    """relu, the reference, then the other arms along the first trend's levels (else in report order)."""
+    arms = ordered(av.verdict.per_trial["arm"])
+    along = level_order(av.trends[0].levels) if av.trends else []
+    rest = along + [a for a in arms if a not in along]
+    first = [a for a in (BASELINE, av.reference) if a in arms]
+    return first + [a for a in rest if a not in first]
+
+
+def ablation_table(av: AblationVerdict) -> Table:
+    """One row per arm: the headline's mean and seed interval, its difference with the reference and with relu
+    (adjusted interval, p, claim), and the second witness's mean, descriptive."""
+    v, head = av.verdict, av.verdict.main
+    headline = summary_cells(arm_summary(v.per_trial, v.headline))
+    header = ["arm", "seeds", f"{metric_label(v.headline)} (headline): mean ± 95% seed CI",
+              f"Δ vs {av.reference} [adjusted 95% CI]", "adjusted p", "claim"]
+    if av.versus_relu is not None:
+        header += [f"Δ vs {BASELINE} [adjusted 95% CI]", "adjusted p", "claim vs relu"]
+    witness = [t for t in v.tests[1:] if t.metric == PROBE_PRIMARY]
+    probe = summary_cells(arm_summary(v.per_trial, PROBE_PRIMARY)) if witness else {}
+    if witness:
+        header.append(f"{metric_label(PROBE_PRIMARY)}: mean ± 95% seed CI (descriptive)")
+    rows = []
+    for arm in ablation_arms(av):
+        mean, seeds = headline.get(arm, ("–", "0"))
+        cells = [arm, seeds, mean, *_claim_cells(head, arm)]
+        if av.versus_relu is not None:
+            cells += _claim_cells(av.versus_relu, arm)
+        if witness:
+            cells.append(probe.get(arm, ("–", "0"))[0])
+        rows.append(cells)
+    table = _mark(Table(header, rows), 5)
+    return _mark(table, 8) if av.versus_relu is not None else table
+
+
+def summary_cells(summary: dict[str, tuple[float, float, int]]) -> dict[str, tuple[str, str]]:
+    """arm -> ("mean ± half-width", seeds) of ``hsae.ablation.arm_summary``."""
+    out = {}
+    for arm, (mean, half, n) in summary.items():
+        text = "–" if not math.isfinite(mean) else (f"{mean:.3g}" if not math.isfinite(half) else
+                                                    f"{mean:.3g} ± {half:.2g}")
+        out[arm] = (text, str(n))
+    return out
+
+
+def trend_paragraphs(av: AblationVerdict) -> list[Paragraph]:
+    """One sentence per declared trend: the slope per grid step, its interval, p and what it says."""
+    out = []
+    for t in av.trends:
+        levels = ", ".join(f"{t.levels[a]:g}" for a in level_order(t.levels))
+        out.append(Paragraph.of(
+            strong(f"Trend along {t.parameter}"), f" ({len(t.levels)} levels: {levels}): ",
+            f"{metric_label(av.headline)} changes by {t.slope:+.3g} per grid step {interval_text(t.lo, t.hi, True)} "
+            f"(mean over {t.n} seeds of each seed's least-squares slope), adjusted p {p_text(t.p_adj)}: ",
+            strong(t.claim), "."))
+    return out
+
+
+def ablation_claims_paragraph(av: AblationVerdict) -> Paragraph:
+    """What the section's claims rest on, and what the undecided arms would need."""
+    head = av.verdict.main
+    parts: list[str | Span] = [
+        f"The claims of this section: each arm against {av.reference} (the space's declared reference)"
+        + (f" and against {BASELINE}" if av.versus_relu is not None else "")
+        + (f", and {len(av.trends)} trend(s)" if av.trends else "")
+        + f", {av.family} comparisons in one family at the family-wise 0.05 (Bonferroni: each at "
+          f"{head.alpha / av.family:.2g}), each by its own paired differences over the seeds; equivalence within "
+          f"±{head.margin:g}. The second witness is shown beside it, descriptive. "]
+    tests = [head] + ([av.versus_relu] if av.versus_relu is not None else [])
+    needed = [f"{a.arm} vs {t.baseline} ({a.seeds_needed} seeds)" if a.seeds_needed else f"{a.arm} vs {t.baseline}"
+              for t in tests for a in t.arms if not a.decided]
+    if needed:
+        parts.append(f"Undecided (seeds that would decide it at the measured difference and spread): "
+                     f"{'; '.join(needed)}.")
+    return Paragraph.of(*parts)
 
 
 def budget_blocks(inp: ReportInputs) -> list[Block]:

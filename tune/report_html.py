@@ -34,6 +34,7 @@ from tune.report_data import (
     Paragraph,
     ReportInputs,
     Table,
+    ablation_blocks,
     banner_blocks,
     budget_blocks,
     controls_blocks,
@@ -411,14 +412,19 @@ def pareto_section(inp: Inputs) -> str:
     return "\n".join(parts)  # no multi-objective study: no section
 
 
+def ablation_section(inp: Inputs) -> str:
+    """Each declared ablation space's section: report.md's blocks, as HTML (no section without one)."""
+    return blocks_html(ablation_blocks(inp))
+
+
 def budget_section(inp: Inputs) -> str:
     """The budget check (only with a budget directory): report.md's table, as HTML."""
     return blocks_html(budget_blocks(inp))
 
 
 SECTIONS: list[Callable[[Inputs], str]] = [
-    header_section, verdict_section, probe_section, forget_retain_section, frontier_section, parcoords_section,
-    curves_section, budget_section, pareto_section, trials_section,
+    header_section, verdict_section, probe_section, forget_retain_section, frontier_section, ablation_section,
+    parcoords_section, curves_section, budget_section, pareto_section, trials_section,
 ]
 
 
