@@ -37,7 +37,7 @@ import pandas as pd
 from hsae import schema
 from hsae.atomic import atomic_file, atomic_write_text
 from hsae.schema import SAE_METRICS
-from hsae.verdict import BARS, SELECT_TEST_COLUMNS, bar_metric, matched_retain_select_test
+from hsae.verdict import BARS, SELECT_TEST_COLUMNS, area_select_test, bar_metric, matched_retain_select_test
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig, TrainConfig
@@ -435,9 +435,9 @@ def training_values(steps: int, batch_size: int, wall_s: float, final_loss: floa
             "final_loss": final_loss, **{name: metrics.get(name) for name in SAE_METRICS}}
 
 
-def matched_retain(grid: list[dict[str, Any]], bar: float) -> float:
-    """The test forget accuracy of the grid setting chosen on select questions at retain >= ``bar`` (NaN if
-    none): ``hsae.verdict.matched_retain_select_test`` on the grid points' accuracies."""
+def select_test_accuracies(grid: list[dict[str, Any]]) -> list[list[float]]:
+    """The grid settings' accuracies in ``SELECT_TEST_COLUMNS`` order (forget, retain on select questions, then
+    on test questions); ValueError for an empty grid or a setting without them."""
     if not grid:
         raise ValueError("a matched-retain value needs at least one grid setting")
     for i, g in enumerate(grid):
@@ -445,8 +445,20 @@ def matched_retain(grid: list[dict[str, Any]], bar: float) -> float:
         if missing:
             raise ValueError(f"grid setting {i} lacks {missing}: matched retain chooses on select questions and "
                              "reports on test questions (docs/evaluation.md, 'Select and test')")
-    arrays = [[float(g[k]) for g in grid] for k in SELECT_TEST_COLUMNS]
-    return float(matched_retain_select_test(*arrays, bar)[0])
+    return [[float(g[k]) for g in grid] for k in SELECT_TEST_COLUMNS]
+
+
+def matched_retain(grid: list[dict[str, Any]], bar: float) -> float:
+    """The test forget accuracy of the grid setting chosen on select questions at retain >= ``bar`` (NaN if
+    none): ``hsae.verdict.matched_retain_select_test`` on the grid points' accuracies."""
+    return float(matched_retain_select_test(*select_test_accuracies(grid), bar)[0])
+
+
+def grid_frontier_area(grid: list[dict[str, Any]]) -> float:
+    """The frontier area of the grid settings, as the verdict computes it (``hsae.verdict.metrics``): each retain
+    level's setting chosen on select questions, its removal read on test questions (``area_select_test``)."""
+    forget_select, retain_select, forget_test, _ = select_test_accuracies(grid)
+    return float(area_select_test(forget_select, retain_select, forget_test))
 
 
 def evaluation_values(out: dict[str, Any], eval_s: float) -> dict[str, Any]:
@@ -459,6 +471,7 @@ def evaluation_values(out: dict[str, Any], eval_s: float) -> dict[str, Any]:
         "n_retain_questions": u["n_retain"], "unlearning_grid": json.dumps(summary),
         # Chosen on select questions, reported on test questions (docs/evaluation.md, "Select and test").
         **{bar_metric(bar): _clean(matched_retain(u["grid"], bar)) for bar in BARS},
+        "frontier_area": grid_frontier_area(u["grid"]),  # the declared headline (Profile.headline_metric)
         "settings_selecting_none": sum(1 for g in u["grid"] if g.get("features_selected") == 0),
         "ce_score_forget": ce.get("ce_score_forget"), "ce_score_retain": ce.get("ce_score_retain"),
         "kl_forget": ce.get("kl_forget"), "kl_retain": ce.get("kl_retain"), "eval_s": eval_s,

@@ -184,6 +184,10 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "forget@retain≥.98", _EVAL),
     _c("forget_acc_at_retain95", "float64", "the same at retain accuracy >= 0.95", "fraction", "lower",
        "forget@retain≥.95", _EVAL),
+    _c("frontier_area", "float64", "removal averaged over retain levels 0.9, 0.905, ..., 1: at each level, 1 - the "
+       "test-question forget accuracy of the setting chosen on select questions at that retain (0 where none "
+       "reaches it); the declared headline by default (docs/evaluation.md, 'Headline'; "
+       "hsae.verdict.area_select_test); null unless completed", "fraction", "higher", "frontier area", _EVAL),
     _c("settings_selecting_none", "Int64", "grid settings (SAEBench + extended) whose retain threshold left no "
        "feature to clamp: they cannot change an answer", "settings", group=_EVAL),
     _c("controls_ok", "boolean", "the sweep's evaluation controls were in range (positive >= 0.2, negative <= "

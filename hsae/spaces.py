@@ -54,7 +54,23 @@ def default_spaces_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "tune" / "spaces"
 
 
-SPACE_NAMES = ("variants", "ortho", "groups", "dynamic", "hier", "contrast", "baselines")
+# Shipped spaces that ``--space all`` leaves out, because they are not ablations: ``aa`` is the verdict's A/A test
+# (relu against replicates of itself: it checks the verdict, not a hypothesis), and ``frontier`` trains every arm at
+# four target L0s, a sparsity frontier at four times an ablation's compute (the ablations compare arms at the
+# profile's one target L0). Each runs by its own name.
+NOT_IN_ALL = ("aa", "frontier")
+
+
+def shipped_spaces(spaces_dir: Path | None = None) -> list[str]:
+    """The names of the shipped space files (``tune/spaces/*.yaml``), sorted: the one list of spaces."""
+    return sorted(p.stem for p in (spaces_dir or default_spaces_dir()).glob("*.yaml"))
+
+
+def all_spaces(spaces_dir: Path | None = None) -> list[str]:
+    """What ``--space all`` runs: every shipped space but ``NOT_IN_ALL``."""
+    return [name for name in shipped_spaces(spaces_dir) if name not in NOT_IN_ALL]
+
+
 SAMPLERS = ("grid", "uniform", "loguniform", "int", "choice")
 SCHEDULERS = ("asha", "fifo")
 ACTIVATION_SOURCES = ("cache", "stream")
@@ -542,7 +558,7 @@ def load_space(name: str, spaces_dir: Path | None = None) -> Space:
             raise SpaceError(f"space file {name!r} does not exist")
         return parse_space(path.stem, path.read_text(), str(path))
     directory = spaces_dir or default_spaces_dir()
-    available = sorted(p.stem for p in directory.glob("*.yaml"))
+    available = shipped_spaces(directory)
     if name not in available:
         raise SpaceError(f"unknown space {name!r}; valid spaces: {available + ['all']}")
     path = directory / f"{name}.yaml"

@@ -59,6 +59,46 @@ def test_objectives_need_the_evaluation():
         parse_objectives("forget_acc_at_retain98", evaluate=False)
 
 
+def test_the_declared_headline_and_the_probe_are_objectives_to_maximise():
+    assert parse_objectives("frontier_area,sparse_probe_mean_k1", evaluate=True) == [
+        ("frontier_area", "max"), ("sparse_probe_mean_k1", "max")]
+    with pytest.raises(ValueError, match="evaluation, which is off"):
+        parse_objectives("frontier_area", evaluate=False)
+
+
+# Four grid settings whose select and test questions disagree (select chooses setting 1 where test would choose
+# setting 2; only select questions put setting 0 at retain 1): an area chosen or read on the wrong questions, or
+# on all of them, differs from the verdict's, chosen on select and read on test.
+PLANTED = {"forget_acc_select": [0.9, 0.5, 0.6, 0.3], "retain_acc_select": [1.0, 0.97, 0.95, 0.92],
+           "forget_acc_test": [0.85, 0.55, 0.2, 0.4], "retain_acc_test": [0.99, 0.96, 0.94, 0.91],
+           "forget_acc": [0.875, 0.525, 0.4, 0.35], "retain_acc": [0.995, 0.965, 0.945, 0.915]}
+
+
+def test_a_rows_frontier_area_is_the_verdicts_and_reaches_the_study():
+    import pandas as pd
+
+    from hsae.results import evaluation_values
+    from hsae.verdict import SELECT_TEST_COLUMNS, area, area_select_test, grid_metrics
+    from tune.trainable import final_values
+
+    grid = [{**{k: v[i] for k, v in PLANTED.items()}, "grid": "saebench", "features_selected": 3} for i in range(4)]
+    out = {"unlearning": {"score": 0.1, "tied_settings": 0, "n_forget": 20, "n_retain": 40, "grid": grid},
+           "sparse_probe": {"columns": {"sparse_probe_mean_k1": 0.75}}}
+    row = evaluation_values(out, 1.0)
+    expect = area_select_test(PLANTED["forget_acc_select"], PLANTED["retain_acc_select"], PLANTED["forget_acc_test"])
+    assert row["frontier_area"] == pytest.approx(expect)
+    assert row["frontier_area"] == pytest.approx(grid_metrics(pd.DataFrame(grid))["frontier_area"])
+    f_sel, r_sel, f_test, r_test = (PLANTED[k] for k in SELECT_TEST_COLUMNS)
+    others = (area(PLANTED["forget_acc"], PLANTED["retain_acc"]), area(f_test, r_test), area(f_sel, r_sel),
+              area_select_test(f_test, r_sel, f_test), area_select_test(f_sel, r_test, f_test))
+    assert all(abs(o - expect) > 0.02 for o in others)  # the planted grid tells the rules apart
+    # The trial's final report (what the searcher reads) carries both, and Optuna is told them.
+    report = final_values({"status": "completed", **row}, steps=40)
+    assert report["frontier_area"] == pytest.approx(expect) and report["sparse_probe_mean_k1"] == 0.75
+    state, values = told_state(report, False, ["frontier_area", "sparse_probe_mean_k1"])
+    assert state.name == "COMPLETE" and values == pytest.approx([expect, 0.75])
+
+
 def fake_trial(tid, variant="relu", seed=42, params=None):
     trial = {"experiment": "e", "space": "s", "variant": variant, "params": params or {}, "seed": seed,
              "context": "c" * 16}

@@ -142,6 +142,27 @@ def test_bad_input_exits_2_before_compute(args, message, tmp_path, capsys):
     assert not (tmp_path / "r" / "trials.parquet").exists()
 
 
+FIXED = "trials:\n  - variant: fixed_ortho\n    params: {alpha: 0.1}\n"
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("space,message", [
+    ("variants", "--search optuna samples one block's ranges, and space 'variants' has 7 blocks (relu, "),
+    ("all", "space 'baselines' has 3 blocks (relu, topk, matryoshka_batchtopk)"),
+    ("fixed.yaml", "space 'fixed' fixes every parameter of 'fixed_ortho', so there is nothing to sample"),
+])
+def test_a_space_the_search_cannot_run_exits_2_before_ray(space, message, dry_run, tmp_path, monkeypatch, capsys):
+    (tmp_path / "fixed.yaml").write_text(FIXED)
+    monkeypatch.setattr(ablate, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(ablate, "model_config", lambda *a, **k: pytest.fail("the model was read"))
+    space = str(tmp_path / space) if space.endswith(".yaml") else space
+    args = ["--profile", "tiny", "--space", space, "--search", "optuna", "--out", str(tmp_path / "r")]
+    assert ablate.main(args + (["--dry-run"] if dry_run else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hsae-ablate: error: ") and message in err and "use --search grid" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_unwritable_results_directory_exits_2(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -54,15 +54,17 @@ from hsae.models import ModelInfo, ModelSpec, cache_root, describe_model, model_
 from hsae.preflight import Sizes, check_fits, check_plan, describe_sizes, plan_sizes  # noqa: E402
 from hsae.results import ResultsStore, control_grid_rows  # noqa: E402
 from hsae.spaces import (  # noqa: E402
+    NOT_IN_ALL,
     PROFILES,
-    SPACE_NAMES,
     Profile,
     Space,
     TrialSpec,
+    all_spaces,
     get_profile,
     grid_trials,
     load_space,
     parse_profile_settings,
+    shipped_spaces,
     sweep_context,
     validate_trials,
 )
@@ -74,6 +76,8 @@ from tune.nodes import SharedStorageError, check_shared_storage  # noqa: E402
 from tune.progress import SweepProgress  # noqa: E402
 from tune.search import (  # noqa: E402
     OBJECTIVES,
+    SEARCHES,
+    check_search,
     check_storage_url,
     default_scheduler,
     parse_objectives,
@@ -94,7 +98,7 @@ EXIT_CONTROLS_FAILED = 3
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hsae-ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--space", required=True, help=f"one of {list(SPACE_NAMES) + ['all']}")
+    p.add_argument("--space", required=True, help=space_help())
     p.add_argument("--profile", default="embedded", help=f"one of {sorted(PROFILES)} (default embedded)")
     p.add_argument("--experiment", default=None, help="name; a re-run with the same name skips finished trials "
                                                       "(default <profile>-<space>)")
@@ -121,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def space_help() -> str:
+    """``--space``'s choices, read from the shipped space files (``tune/spaces/*.yaml``)."""
+    return (f"a shipped space ({', '.join(shipped_spaces())}), 'all' (every shipped space but "
+            f"{' and '.join(NOT_IN_ALL)}, which are not ablations: run them by name; docs/sweeps.md, \"Spaces\"), or "
+            f"the path of a YAML space file of your own")
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """What the run does with the study: profile overrides, where it runs and how, outputs, search, resume."""
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -128,7 +139,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan (trials, devices, sizes, tokens) and exit")
     p.add_argument("--out", default="results", help="results directory (default results/)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
-    p.add_argument("--search", default="grid", choices=["grid", "optuna"])
+    p.add_argument("--search", default="grid", choices=list(SEARCHES))
     p.add_argument("--samples", type=int, default=8, help="trials per space block for --search optuna")
     p.add_argument("--objectives", default="val_mse",
                    help=f"--search optuna: metric or comma-separated metrics to optimise (several: a "
@@ -240,8 +251,6 @@ def space_trials(space: Space, args: argparse.Namespace, profile: Profile, conte
     if args.search == "grid":
         return [t if is_external(t.variant) else replace(t, params=profile.trial_params(t.params))
                 for t in grid_trials(space, experiment, seeds, context)]
-    if any(b.external is not None for b in space.blocks):
-        raise ValueError(f"space {space.name!r} has an external arm: it has nothing to search; use --search grid")
     return [TrialSpec(experiment, space.name, b.variant,
                       profile.trial_params({k: v for k, v in b.params.items() if not isinstance(v, dict)}), s, context)
             for b in space.blocks for s in seeds]
@@ -252,13 +261,12 @@ def resolve(args: argparse.Namespace) -> Plan:
     check_args(args)
     profile = resolve_profile(args)
     args.objectives_parsed = parse_objectives(args.objectives, evaluate=profile.evaluate)
+    spaces = plan_spaces(args)  # before the model is read: a space the search cannot run is refused at once
     harvest = harvest_config(profile)
     spec = harvest.model
     config = model_config(spec)
     model = describe_model(spec, config)  # the model's facts (the harvest's dtype), layer checked
     twin = check_eval_model(profile, model)
-    names = list(SPACE_NAMES) if args.space == "all" else [args.space]
-    spaces = [load_space(n) for n in names]
     if any(default_scheduler(args, space) == "asha" for space in spaces):
         # ASHA compares trials at fixed steps: an extension would meet a rung the budget never reaches.
         profile = replace(profile, max_extensions=0)
@@ -274,6 +282,15 @@ def resolve(args: argparse.Namespace) -> Plan:
     settings = RunSettings(precision=args.precision, threads_per_trial=layout.threads)
     return Plan(profile, model, harvest, spaces, trials, sizes, twin, settings, layout,
                 plan_precision(args, model.d_model, profile.d_sae, layout.threads))
+
+
+def plan_spaces(args: argparse.Namespace) -> list[Space]:
+    """The spaces ``--space`` names (``all``: every shipped one but ``NOT_IN_ALL``), each checked against
+    ``--search``."""
+    spaces = [load_space(n) for n in (all_spaces() if args.space == "all" else [args.space])]
+    for space in spaces:
+        check_search(space, args.search)
+    return spaces
 
 
 def run_layout(args: argparse.Namespace, profile: Profile) -> Layout:

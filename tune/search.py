@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from hsae.spaces import Profile, Space, SpaceError, TrialSpec
-from hsae.verdict import BARS, bar_metric
+from hsae.verdict import CANDIDATES, WITNESS, higher_is_better
 
-# Every metric a study may optimise, with its direction; the evaluated ones exist only when a trial is scored.
-EVALUATED_OBJECTIVES = {**{bar_metric(bar): "min" for bar in BARS}, "unlearning_score": "max"}
+# Every metric a study may optimise, with its direction; the evaluated ones exist only when a trial is scored: the
+# verdict's candidates (the declared headline, frontier_area by default, among them) and the second witness's
+# primary, each in the verdict's own direction.
+EVALUATED_OBJECTIVES = {m: "max" if higher_is_better(m) else "min" for m in (*CANDIDATES, WITNESS)}
 OBJECTIVES = {"val_mse": "min", "explained_variance": "max", "l0": "min", **EVALUATED_OBJECTIVES}
 
 
@@ -56,6 +58,30 @@ def check_storage_url(url: str) -> None:
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ValueError(f"--optuna-storage {url!r} is not a database URL (e.g. sqlite:///results/optuna.db, "
                          f"postgresql://user@host/db): {exc}") from exc
+
+
+SEARCHES = ("grid", "optuna")
+
+
+def check_search(space: Space, search: str) -> None:
+    """Refuse a space that ``--search`` cannot run, in the plan (before Ray and in --dry-run): Optuna samples the
+    ranges of one trained block, so a space with several blocks, an external arm or nothing to sample is a grid's.
+    (A grid refuses sampled ranges itself: ``hsae.spaces.grid_trials``.)"""
+    if search != "optuna":
+        return
+    advice = "use --search grid, or a space file of one block with a range to sample (docs/sweeps.md, \"Optuna\")"
+    if len(space.blocks) != 1:
+        variants = ", ".join(b.variant for b in space.blocks)
+        raise SpaceError(f"--search optuna samples one block's ranges, and space {space.name!r} has "
+                         f"{len(space.blocks)} blocks ({variants}): {advice}")
+    block = space.blocks[0]
+    if block.external is not None:
+        raise SpaceError(f"--search optuna: space {space.name!r} is an external arm, which has nothing to sample: "
+                         f"{advice}")
+    if not any(isinstance(v, dict) for v in block.params.values()):
+        raise SpaceError(f"--search optuna: space {space.name!r} fixes every parameter of {block.variant!r}, so "
+                         f"there is nothing to sample (a range is {{uniform|loguniform|int|choice|grid: ...}}): "
+                         f"{advice}")
 
 
 def tune_name(trials: list[TrialSpec]) -> str:
@@ -178,8 +204,6 @@ def search_setup(space: Space, trials: list[TrialSpec], pending: list[TrialSpec]
                   reuse_actors=True)
     if args.search == "grid":
         return {"trial": tune.grid_search([t.as_dict() for t in pending]), "ctx": ctx}, tune.TuneConfig(**common)
-    if len(space.blocks) != 1:
-        raise SpaceError(f"--search optuna takes one block per space; {space.name!r} has {len(space.blocks)}")
     url, name = storage_url(args), study_name(trials, args.objectives_parsed)
     storage, study = open_study(url, name, args.objectives_parsed)
     remaining = args.samples - finished_in_study(study)
