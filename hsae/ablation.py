@@ -137,6 +137,8 @@ def ablation_verdict(trials: pd.DataFrame, grid: pd.DataFrame, declaration: dict
     names = arm_names(done)
     reference = reference_arm(done, names, Reference(**declaration["reference"]))
     arms = list(dict.fromkeys(names))
+    if len(arms) < 2:
+        raise ValueError(f"only {len(arms)} arm ({', '.join(arms)}) has ranked trials: nothing to compare")
     with_relu = BASELINE in arms and reference != BASELINE
     levels = {p: arm_levels(done, names, p) for p in declaration.get("trend", [])}
     levels = {p: lv for p, lv in levels.items() if len(set(lv.values())) >= 3}  # a run of fewer levels: no trend

@@ -87,3 +87,9 @@ def assert_evaluation_held_out(evaluator: Any, profile: str, root: Path, **overr
     select_x = np.asarray(evaluator.select_x[np.arange(len(evaluator.select_labels))])
     outside = sum(row.tobytes() not in eval_rows for row in select_x)
     assert len(select_x) > 0 and outside == 0, f"{outside} of {len(select_x)} selection rows are not held-out rows"
+
+
+def small_space(name: str) -> str:
+    """The path of one of the tests' small space files (tests/spaces/<name>.yaml): sweeps that test the machinery
+    keep their trial counts whatever the shipped spaces of that name train."""
+    return str(Path(__file__).parent / "spaces" / f"{name}.yaml")

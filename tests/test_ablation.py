@@ -64,6 +64,13 @@ def test_a_flat_ablation_shows_no_trend_and_no_claim():
     assert not any(a.claim.startswith(("better", "worse")) for a in av.versus_relu.arms)
 
 
+def test_an_ablation_of_one_ranked_arm_says_there_is_nothing_to_compare():
+    trials, grid = ablation_study(step=0.0, arm_noise=0.01, seeds=range(42, 45), rng=np.random.default_rng(5))
+    alone = trials[trials["cfg_alpha"] == 0.0]
+    with pytest.raises(ValueError, match=r"only 1 arm \(fixed_ortho\) has ranked trials"):
+        ablation_verdict(alone, grid, DECLARATION, n_boot=10)
+
+
 def test_the_reference_is_the_one_arm_the_declaration_names():
     trials = pd.DataFrame({"variant": ["relu", "fixed_ortho", "fixed_ortho", "fixed_ortho"],
                            "cfg_alpha": [None, 0.0, 0.1, 0.2], "arm": [None, None, None, None]})
@@ -72,8 +79,11 @@ def test_the_reference_is_the_one_arm_the_declaration_names():
     assert reference_arm(trials, names, Reference("relu")) == "relu"
     with pytest.raises(ValueError, match="is 0 arm"):
         reference_arm(trials, names, Reference("fixed_ortho", {"alpha": 0.3}))
-    with pytest.raises(ValueError, match="is 3 arm"):
-        reference_arm(trials, names, Reference("fixed_ortho"))
+    # A bare variant is the variant at its defaults (alpha = 0.1 here), as a space file's 'reference: relu' is.
+    assert reference_arm(trials, names, Reference("fixed_ortho")) == "fixed_ortho"
+    no_default = trials[trials["cfg_alpha"] != 0.1]
+    with pytest.raises(ValueError, match="is 2 arm"):
+        reference_arm(no_default, V.arm_names(no_default), Reference("fixed_ortho"))
     # alpha = 0.1 is fixed_ortho's default: that arm keeps the bare name (hsae.verdict.arm_names)
     assert arm_levels(trials, names, "alpha") == {"fixed_ortho[alpha=0]": 0.0, "fixed_ortho": 0.1,
                                                   "fixed_ortho[alpha=0.2]": 0.2}

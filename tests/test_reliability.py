@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from hsae.results import ResultsStore
+from tests.helpers import small_space
 from tune import ablate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,9 +36,9 @@ def rows(out):
 
 @pytest.mark.slow  # two sweeps with a kill (≈ 18 s): in the full suite, out of the fast loop
 def test_killed_trial_resumes_from_checkpoint_to_the_same_numbers(tiny, tmp_path):
-    assert tiny(tmp_path / "clean", "--space", "groups", "--experiment", "e") == 0
+    assert tiny(tmp_path / "clean", "--space", small_space("groups"), "--experiment", "e") == 0
     # Each trial's first attempt is SIGKILLed at step 25; Tune retries it from its step-20 checkpoint.
-    assert tiny(tmp_path / "killed", "--space", "groups", "--experiment", "e",
+    assert tiny(tmp_path / "killed", "--space", small_space("groups"), "--experiment", "e",
                 hooks=["tests.faults:kill_first_attempt_at_step_25"]) == 0
     clean, killed = rows(tmp_path / "clean"), rows(tmp_path / "killed")
     assert list(clean.index) == list(killed.index) and (killed["status"] == "completed").all()

@@ -8,6 +8,7 @@ import pytest
 from hsae.convergence import MAX_LOG_GAP, convergence_verdict, is_converged, val_mse_rel_change
 from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
 from hsae.spaces import SpaceError, default_spaces_dir, grid_trials, load_space, parse_space
+from tests.helpers import small_space
 from tune import ablate
 from tune.report import build_report
 
@@ -25,7 +26,7 @@ def sweep(ray_session, tmp_path, monkeypatch):
 
 def test_sweep_with_asha_writes_documented_parquet_and_report(sweep, capsys):
     run, out = sweep
-    assert run("--space", "ortho", "--scheduler", "asha") == 0
+    assert run("--space", small_space("ortho"), "--scheduler", "asha") == 0
     trials = pd.read_parquet(out / "trials.parquet")
     curves = pd.read_parquet(out / "curves.parquet")
     assert len(trials) == 5
@@ -53,6 +54,9 @@ def test_sweep_with_asha_writes_documented_parquet_and_report(sweep, capsys):
     report = build_report(out)
     text = report.read_text()
     assert "## Ablation: orthogonality α" in text and "| fixed_ortho |" in text
+    # The space's declaration was recorded by the sweep: its section, whatever the tiny run's convergence.
+    assert json.loads((out / "spaces" / "ortho.json").read_text())["reference"]["params"] == {"alpha": 0.0}
+    assert "## Ablation verdict: ortho" in text
     assert "## Convergence" in text
     for png in ("fig1a_unlearning.png", "fig1b_loss_curves.png", "alpha_vs_correlation.png", "l0_vs_ev.png",
                 "mechanisms.png"):
@@ -78,9 +82,9 @@ def assert_convergence_recomputable(trials, curves):
 
 def test_rerun_with_same_experiment_skips_finished_trials(sweep, capsys):
     run, out = sweep
-    assert run("--space", "groups") == 0
+    assert run("--space", small_space("groups")) == 0
     first = pd.read_parquet(out / "trials.parquet").set_index("trial_id")["finished_at"]
-    assert run("--space", "groups") == 0
+    assert run("--space", small_space("groups")) == 0
     assert "already finished" in capsys.readouterr().out
     second = pd.read_parquet(out / "trials.parquet").set_index("trial_id")["finished_at"]
     assert len(second) == 2 and second.sort_index().equals(first.sort_index())
@@ -115,7 +119,7 @@ def test_steps_30_plans_and_trains_at_most_the_stated_maximum(sweep, tmp_path, c
 
 def test_failing_trial_is_recorded_as_failed_and_exit_is_nonzero(sweep, capsys):
     run, out = sweep
-    assert run("--space", "groups", hooks=["tests.faults:raise_in_adaptive_ortho"]) == 1
+    assert run("--space", small_space("groups"), hooks=["tests.faults:raise_in_adaptive_ortho"]) == 1
     trials = pd.read_parquet(out / "trials.parquet")
     assert set(trials["status"]) == {"failed"}
     assert trials["error"].str.contains("injected fault").all()
@@ -179,7 +183,7 @@ def test_space_files_parse_and_validate():
     assert {t.variant for t in grid_trials(load_space("variants"), "e", [42])} == {
         "relu", "fixed_ortho", "adaptive_ortho", "enhanced_adaptive", "static_hier", "dynamic_hier",
         "contrastive_hier"}
-    alphas = [t.params["alpha"] for t in grid_trials(load_space("ortho"), "e", [42, 43])]
+    alphas = [t.params["alpha"] for t in grid_trials(load_space("ortho"), "e", [42, 43]) if t.variant == "fixed_ortho"]
     assert sorted(set(alphas)) == [0.0, 0.1, 0.2, 0.3, 0.4] and len(alphas) == 10
 
 
@@ -201,7 +205,8 @@ def test_malformed_space_files_are_refused_with_the_field_named(text, message):
 def test_grid_value_of_wrong_type_names_the_trial():
     from hsae.spaces import PROFILES, validate_trials
 
-    space = parse_space("x", "trials:\n  - variant: fixed_ortho\n    params: {alpha: {grid: [0.1, high]}}")
+    space = parse_space("x", "reference: {variant: fixed_ortho, params: {alpha: 0.1}}\n"
+                             "trials:\n  - variant: fixed_ortho\n    params: {alpha: {grid: [0.1, high]}}")
     with pytest.raises(SpaceError, match=r"variant 'fixed_ortho', params \{'alpha': 'high'\}: alpha must be a number"):
         validate_trials(grid_trials(space, "e", [42]), PROFILES["tiny"], 64)
 
@@ -226,7 +231,7 @@ def test_controls_out_of_range_stop_the_verdict(sweep, monkeypatch, capsys):
     run, out = sweep
     monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], controls_required=True))
     monkeypatch.setattr(ablate, "POSITIVE_MIN", 2.0)  # no control can remove 200% of the answers
-    assert run("--space", "groups") == ablate.EXIT_CONTROLS_FAILED == 3
+    assert run("--space", small_space("groups")) == ablate.EXIT_CONTROLS_FAILED == 3
     err = capsys.readouterr()
     assert "EVALUATION BROKEN" in err.out and "no unlearning number is a result" in err.err
     trials = pd.read_parquet(out / "trials.parquet")
@@ -237,7 +242,7 @@ def test_controls_out_of_range_stop_the_verdict(sweep, monkeypatch, capsys):
 
 def test_sweep_writes_split_questions_and_grid(sweep):
     run, out = sweep
-    assert run("--space", "groups") in (0, ablate.EXIT_CONTROLS_FAILED)
+    assert run("--space", small_space("groups")) in (0, ablate.EXIT_CONTROLS_FAILED)
     split, questions = pd.read_parquet(out / "split.parquet"), pd.read_parquet(out / "questions.parquet")
     grid, trials = pd.read_parquet(out / "grid.parquet"), pd.read_parquet(out / "trials.parquet")
     assert set(split["part"]) == {"train", "heldout"}

@@ -244,7 +244,7 @@ SECTIONS = [  # (title, space, grouping columns) of the tables, in report order
     ("Ablation: dynamic vs static assignment", "dynamic", ["variant", "cfg_temperature_init"]),
     ("Ablation: hierarchy weights", "hier", ["cfg_alpha_l1", "cfg_alpha_l2"]),
     ("Ablation: contrastive learning", "contrast", ["cfg_nce_temperature", "cfg_nce_weight"]),
-    ("Baselines", "baselines", ["variant", "cfg_k"]),
+    ("Baselines", "baselines", ["variant"]),
 ]
 
 

@@ -263,13 +263,12 @@ class ReportInputs:
     @cached_property
     def ablations(self) -> dict[str, AblationVerdict | str]:
         """Each declared ablation space's verdict over its ranked trials, or why there is none."""
-        ranked = self.done if self.exploratory else converged(self.done)
         out: dict[str, AblationVerdict | str] = {}
         for name, declaration in self.declarations.items():
-            rows = ranked[asked_by(ranked, name)] if "space" in ranked else ranked.iloc[:0]
+            rows = self.done[asked_by(self.done, name)] if "space" in self.done else self.done.iloc[:0]
             if not is_ablation(declaration) or rows.empty:
                 continue
-            out[name] = ablation_of(rows, self, declaration)
+            out[name] = ablation_of(rows if self.exploratory else converged(rows), self, declaration)
         return out
 
     @cached_property
@@ -368,6 +367,8 @@ def ablation_of(trials: pd.DataFrame, inp: ReportInputs, declaration: dict) -> A
     """``hsae.ablation.ablation_verdict`` on a space's ranked trials, or why there is none."""
     if inp.grid is None:
         return "no grid.parquet in the results"
+    if trials.empty:
+        return "no converged, completed trial: nothing is ranked (the convergence rule, docs/training.md)"
     secondary = [m for m in PROBE_METRICS[:1] if m in trials and trials[m].notna().any()]
     try:
         return ablation_verdict(trials, inp.grid, declaration, inp.questions, secondary, inp.n_boot)
