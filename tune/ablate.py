@@ -366,6 +366,11 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
         seeds = len({t.seed for t in trials})
         stages = f", up to {len(trials) // seeds * p.max_seeds} if no arm is decided early" if p.seed_looks > 1 else ""
         lines.append(f"space {space:<12} {len(trials)} trials ({seeds} seeds{stages}): {', '.join(variants)}")
+    if len(plan.trials) > 1:
+        distinct = {t.key for trials in plan.trials.values() for t in trials if not is_external(t.variant)}
+        most = p.steps + p.max_extensions * p.extension_steps()
+        lines.append(f"in all             {len(distinct)} distinct trials (a trial several spaces ask for trains "
+                     f"once): {len(distinct) * p.steps:,} SAE steps, up to {len(distinct) * most:,} with extensions")
     return "\n".join(lines + describe_sizes(plan.sizes))
 
 
