@@ -12,8 +12,11 @@ from .helpers import BATCH, D_IN, D_SAE, SMALL_PARAMS
 
 # Planted data (conftest: 128 atoms in 32 dimensions, ~4 active per token); a few hundred steps.
 STEPS = 300
-# A few-hundred-step run drifts after the freeze; the 5% of the rows' l0_target_met is for full runs.
-TEST_TOLERANCE = 0.15
+# After the freeze the L0 drifts at the fixed coefficient: the batch L0 of relu at target 10 ranges 9.0-11.1 over
+# steps 200-300 of this run, and docs/training.md ("Target L0", measured on planted data) has few-hundred-step runs
+# ending 5-20% off (relu 10.7 for 10, static_hier 10.4 for 12). So the held-out L0 at the end is held to 15%; the 5%
+# of l0_target_met is asserted on what the controller itself reads, the smoothed batch L0 at the freeze.
+DRIFT_TOLERANCE = 0.15
 
 
 def train(data, variant, steps=STEPS, checkpoint_dir=None, on_progress=None, train_overrides=None, **params):
@@ -30,9 +33,10 @@ def train(data, variant, steps=STEPS, checkpoint_dir=None, on_progress=None, tra
 @pytest.mark.parametrize("variant,target", [("relu", 10), pytest.param("static_hier", 12, marks=pytest.mark.slow)])
 def test_controller_reaches_the_target_on_held_out_rows(synthetic, variant, target):
     _, free = train(synthetic, variant)
-    assert abs(free.metrics["l0"] - target) > 2 * TEST_TOLERANCE * target  # the default coefficient lands elsewhere
+    assert abs(free.metrics["l0"] - target) > 2 * DRIFT_TOLERANCE * target  # the default coefficient lands elsewhere
     trainer, result = train(synthetic, variant, target_l0=target)
-    assert abs(result.metrics["l0"] - target) <= TEST_TOLERANCE * target, result.metrics["l0"]
+    assert target_met(trainer.controller.l0_ema, target), trainer.controller.l0_ema  # within 5% when it freezes
+    assert abs(result.metrics["l0"] - target) <= DRIFT_TOLERANCE * target, result.metrics["l0"]
     # Calibrated, then frozen: the multiplier moved, and is one value over the last 40% of the steps.
     frozen = [h["sparsity_multiplier"] for h in result.history if h["step"] >= trainer.cfg.calibration_end()]
     assert len(set(frozen)) == 1 and frozen[0] != 1.0
