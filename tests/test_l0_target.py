@@ -1,5 +1,7 @@
 """Training to a target L0 and reviving dead latents (docs/training.md, "Target L0", "Dead latents")."""
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,27 @@ def test_controller_moves_the_multiplier_toward_the_target_and_stops_at_the_end(
     held = ctl.multiplier
     ctl.observe(5, 1e6)  # the calibration is over: frozen
     assert ctl.multiplier == held
+
+
+def test_one_observation_moves_the_multiplier_by_the_documented_formula():
+    # log m += clamp(gain * log(L0_ema / target), +-0.05); L0_ema = d * L0_ema + (1 - d) * L0, the first L0 as it is.
+    ctl = L0Controller(target=32.0, start=0, end=10, gain=0.02, ema_decay=0.9)
+    ctl.observe(0, 64.0)
+    assert ctl.l0_ema == 64.0 and ctl.multiplier == pytest.approx(math.exp(0.02 * math.log(64.0 / 32.0)), rel=1e-12)
+    before = ctl.log_multiplier
+    ctl.observe(1, 16.0)  # below the target, but the smoothed L0 (0.9 * 64 + 0.1 * 16 = 59.2) is still above it
+    assert ctl.l0_ema == pytest.approx(59.2, rel=1e-12)
+    assert ctl.log_multiplier == pytest.approx(before + 0.02 * math.log(59.2 / 32.0), rel=1e-12)
+
+
+def test_a_large_error_moves_the_multiplier_by_the_clamp_and_no_more():
+    ctl = L0Controller(target=32.0, start=0, end=10, gain=1.0, ema_decay=0.0)
+    ctl.observe(0, 320.0)  # 1.0 * log(10) = 2.3: clamped to +0.05
+    assert ctl.log_multiplier == pytest.approx(0.05, rel=1e-12) and ctl.multiplier == pytest.approx(math.exp(0.05))
+    ctl.observe(1, 0.0)  # no latent fires: log(1e-3 / 32) = -10.4, clamped to -0.05
+    assert ctl.log_multiplier == pytest.approx(0.0, abs=1e-12)
+    ctl.observe(2, 32.0 * math.exp(0.01))  # inside the clamp: the proportional step itself
+    assert ctl.log_multiplier == pytest.approx(0.01, rel=1e-9)
 
 
 def test_target_met_is_within_five_percent():
