@@ -62,7 +62,8 @@ def test_the_paired_test_refuses_a_table_without_two_arms_and_a_bad_alpha():
 
 # -- hsae/verdict.py --------------------------------------------------------------------------------------
 def test_accuracies_of_different_shapes_are_refused():
-    for fn, args in ((V.select_setting, (np.zeros(3), np.zeros(4), 0.99)), (V.area, (np.zeros((3, 2)), np.zeros(3)))):
+    # The area's message names the shapes its caller passed, not the columns it reshapes them to.
+    for fn, args in ((V.select_setting, (np.zeros(3), np.zeros(4), 0.99)), (V.area, (np.zeros(3), np.zeros((3, 2))))):
         shapes = (np.shape(args[0]), np.shape(args[1]))
         with raises_exactly(f"forget and retain accuracies differ in shape: {shapes[0]} vs {shapes[1]}"):
             fn(*args)
