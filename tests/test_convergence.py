@@ -7,10 +7,11 @@ import pytest
 
 from hsae.config import TrainConfig
 from hsae.convergence import (
+    END_POINTS,
+    WINDOW,
     convergence_verdict,
     end_levels,
     is_converged,
-    log_every_for,
     plateau_window,
     val_mse_rel_change,
 )
@@ -39,12 +40,34 @@ def test_missing_points_give_no_verdict():
     assert not is_converged(float("nan"))
 
 
+def logged_steps(steps: int, log_every: int) -> list[int]:
+    """The steps a run of ``steps`` logs held-out MSE at (the trainer's rule, checkpoints aside): every
+    ``log_every``-th step after the first and the last step."""
+    return sorted({*range(log_every, steps + 1, log_every), steps})
+
+
+def points_in_window(logged: list[int], end: float, total_steps: int) -> list[int]:
+    """The logged steps of the window that ends at ``end`` and spans WINDOW of ``total_steps``, from the last
+    logged step at or before its start (where ``val_mse_rel_change`` starts reading)."""
+    start = max((s for s in logged if s <= end - WINDOW * total_steps + 1e-9), default=None)
+    return [s for s in logged if start is not None and start <= s <= end]
+
+
 @pytest.mark.parametrize("profile", ["embedded", "real", "tiny"])
-@pytest.mark.parametrize("steps", [None, 7, 40, 333, 5000])
-def test_every_profile_logs_often_enough_for_three_points_at_each_end_of_a_window(profile, steps):
-    cfg = get_profile(profile, steps=steps).train_config(42)
-    assert cfg.log_every <= max(1, 0.025 * cfg.steps)
-    assert log_every_for(cfg.steps) >= cfg.log_every
+@pytest.mark.parametrize("steps", [None, 7, 30, 40, 333, 5000])
+def test_every_profile_logs_enough_points_for_both_ends_of_each_window_also_after_an_extension(profile, steps):
+    # Each end's level is the median of END_POINTS logged points, so a window needs 2 x END_POINTS of them; a
+    # window of fewer steps than that can only be logged at every step.
+    budget = get_profile(profile, steps=steps).train_config(42)
+    for extensions in range(budget.max_extensions + 1):
+        cfg = budget.extended(extensions)
+        logged = logged_steps(cfg.steps, cfg.log_every)
+        for end in (cfg.steps, cfg.decay_start()):  # the end check's window, the plateau's (before any decay)
+            inside = points_in_window(logged, end, cfg.steps)
+            if WINDOW * cfg.steps >= 2 * END_POINTS:
+                assert len(inside) >= 2 * END_POINTS, (extensions, cfg.log_every, inside)
+            else:
+                assert cfg.log_every == 1 and inside == list(range(inside[0], end + 1)), (extensions, inside)
 
 
 def test_lr_schedule_warms_up_holds_and_decays_to_zero():

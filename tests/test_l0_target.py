@@ -1,5 +1,7 @@
 """Training to a target L0 and reviving dead latents (docs/training.md, "Target L0", "Dead latents")."""
 
+import math
+
 import pytest
 import torch
 
@@ -12,8 +14,11 @@ from .helpers import BATCH, D_IN, D_SAE, SMALL_PARAMS
 
 # Planted data (conftest: 128 atoms in 32 dimensions, ~4 active per token); a few hundred steps.
 STEPS = 300
-# A few-hundred-step run drifts after the freeze; the 5% of the rows' l0_target_met is for full runs.
-TEST_TOLERANCE = 0.15
+# After the freeze the L0 drifts at the fixed coefficient: the batch L0 of relu at target 10 ranges 9.0-11.1 over
+# steps 200-300 of this run, and docs/training.md ("Target L0", measured on planted data) has few-hundred-step runs
+# ending 5-20% off (relu 10.7 for 10, static_hier 10.4 for 12). So the held-out L0 at the end is held to 15%; the 5%
+# of l0_target_met is asserted on what the controller itself reads, the smoothed batch L0 at the freeze.
+DRIFT_TOLERANCE = 0.15
 
 
 def train(data, variant, steps=STEPS, checkpoint_dir=None, on_progress=None, train_overrides=None, **params):
@@ -30,9 +35,10 @@ def train(data, variant, steps=STEPS, checkpoint_dir=None, on_progress=None, tra
 @pytest.mark.parametrize("variant,target", [("relu", 10), pytest.param("static_hier", 12, marks=pytest.mark.slow)])
 def test_controller_reaches_the_target_on_held_out_rows(synthetic, variant, target):
     _, free = train(synthetic, variant)
-    assert abs(free.metrics["l0"] - target) > 2 * TEST_TOLERANCE * target  # the default coefficient lands elsewhere
+    assert abs(free.metrics["l0"] - target) > 2 * DRIFT_TOLERANCE * target  # the default coefficient lands elsewhere
     trainer, result = train(synthetic, variant, target_l0=target)
-    assert abs(result.metrics["l0"] - target) <= TEST_TOLERANCE * target, result.metrics["l0"]
+    assert target_met(trainer.controller.l0_ema, target), trainer.controller.l0_ema  # within 5% when it freezes
+    assert abs(result.metrics["l0"] - target) <= DRIFT_TOLERANCE * target, result.metrics["l0"]
     # Calibrated, then frozen: the multiplier moved, and is one value over the last 40% of the steps.
     frozen = [h["sparsity_multiplier"] for h in result.history if h["step"] >= trainer.cfg.calibration_end()]
     assert len(set(frozen)) == 1 and frozen[0] != 1.0
@@ -51,6 +57,27 @@ def test_controller_moves_the_multiplier_toward_the_target_and_stops_at_the_end(
     held = ctl.multiplier
     ctl.observe(5, 1e6)  # the calibration is over: frozen
     assert ctl.multiplier == held
+
+
+def test_one_observation_moves_the_multiplier_by_the_documented_formula():
+    # log m += clamp(gain * log(L0_ema / target), +-0.05); L0_ema = d * L0_ema + (1 - d) * L0, the first L0 as it is.
+    ctl = L0Controller(target=32.0, start=0, end=10, gain=0.02, ema_decay=0.9)
+    ctl.observe(0, 64.0)
+    assert ctl.l0_ema == 64.0 and ctl.multiplier == pytest.approx(math.exp(0.02 * math.log(64.0 / 32.0)), rel=1e-12)
+    before = ctl.log_multiplier
+    ctl.observe(1, 16.0)  # below the target, but the smoothed L0 (0.9 * 64 + 0.1 * 16 = 59.2) is still above it
+    assert ctl.l0_ema == pytest.approx(59.2, rel=1e-12)
+    assert ctl.log_multiplier == pytest.approx(before + 0.02 * math.log(59.2 / 32.0), rel=1e-12)
+
+
+def test_a_large_error_moves_the_multiplier_by_the_clamp_and_no_more():
+    ctl = L0Controller(target=32.0, start=0, end=10, gain=1.0, ema_decay=0.0)
+    ctl.observe(0, 320.0)  # 1.0 * log(10) = 2.3: clamped to +0.05
+    assert ctl.log_multiplier == pytest.approx(0.05, rel=1e-12) and ctl.multiplier == pytest.approx(math.exp(0.05))
+    ctl.observe(1, 0.0)  # no latent fires: log(1e-3 / 32) = -10.4, clamped to -0.05
+    assert ctl.log_multiplier == pytest.approx(0.0, abs=1e-12)
+    ctl.observe(2, 32.0 * math.exp(0.01))  # inside the clamp: the proportional step itself
+    assert ctl.log_multiplier == pytest.approx(0.01, rel=1e-9)
 
 
 def test_target_met_is_within_five_percent():

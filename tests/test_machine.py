@@ -1,6 +1,6 @@
 """Precision and concurrency chosen for the machine in front of us, never part of a trial's identity."""
 
-import time
+import math
 
 import pytest
 import torch
@@ -72,22 +72,63 @@ def test_forced_precision_is_kept_and_bad_values_name_the_choices():
         RunSettings(precision="fp16")
 
 
-def test_the_probe_is_bounded_in_time_even_when_bf16_crawls():
-    def crawling(a, w, bf16):
-        if bf16:
-            time.sleep(0.6)  # a bf16 product slower than the whole budget
+class Clock:
+    """A module's ``time``: perf_counter reads a planted clock that only the planted work advances."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def planted_products(clock, fp32_s, bf16_s, calls):
+    """A matmul for measure_bf16_speedup whose products take the planted seconds (one value, or one per call of
+    that precision), recording each call's precision."""
+    def matmul(a, w, bf16):
+        took = bf16_s if bf16 else fp32_s
+        clock.now += took[sum(c == bf16 for c in calls)] if isinstance(took, list) else took
+        calls.append(bf16)
         return a @ w
-
-    t0 = time.perf_counter()
-    speedup = measure_bf16_speedup(32, 64, budget_s=0.5, matmul=crawling)
-    assert time.perf_counter() - t0 < 1.5  # one bf16 product, no repeats
-    assert speedup < 0.01
+    return matmul
 
 
-def test_the_real_probe_runs_in_milliseconds_at_small_shapes():
-    t0 = time.perf_counter()
-    speedup = measure_bf16_speedup(64, 128)
-    assert speedup > 0 and time.perf_counter() - t0 < machine.PROBE_BUDGET_S * 2 + 1
+@pytest.mark.parametrize("fp32_s, bf16_s, rounds", [
+    (0.001, 0.6, 1),  # a bf16 product slower than the 0.5 s budget: the warm-up round alone
+    (0.05, 0.1, 4),  # 0.15 s a round: 0.60 s > 0.5 s after the fourth, so it stops there
+    (0.002, 0.001, 7),  # 0.003 s a round: never spends the budget, stops at the 7-round cap
+])
+def test_the_probe_alternates_products_and_stops_once_the_budget_is_spent(monkeypatch, fp32_s, bf16_s, rounds):
+    clock, calls = Clock(), []
+    monkeypatch.setattr(machine, "time", clock)
+    speedup = measure_bf16_speedup(32, 64, budget_s=0.5, matmul=planted_products(clock, fp32_s, bf16_s, calls))
+    assert calls == [False, True] * rounds
+    assert speedup == pytest.approx(fp32_s / bf16_s)
+
+
+def test_the_probe_compares_the_best_time_of_each_precision(monkeypatch):
+    clock, calls = Clock(), []
+    monkeypatch.setattr(machine, "time", clock)
+    fp32 = [0.009, 0.004, 0.006, 0.005, 0.004, 0.007, 0.008]  # a burst of other load hits some products
+    bf16 = [0.010, 0.003, 0.002, 0.004, 0.009, 0.002, 0.005]
+    speedup = measure_bf16_speedup(32, 64, budget_s=1.0, matmul=planted_products(clock, fp32, bf16, calls))
+    assert len(calls) == 14 and speedup == pytest.approx(0.004 / 0.002)
+
+
+def test_the_real_probe_multiplies_in_bf16_only_under_autocast_and_runs_at_most_seven_rounds():
+    a, w = torch.ones(4, 8), torch.ones(8, 16)
+    assert machine.autocast_matmul(a, w, False).dtype == torch.float32
+    assert machine.autocast_matmul(a, w, True).dtype == torch.bfloat16
+    calls = []
+
+    def counted(a, w, bf16):
+        calls.append(bf16)
+        return machine.autocast_matmul(a, w, bf16)
+
+    speedup = measure_bf16_speedup(64, 128, matmul=counted)
+    rounds = len(calls) // 2
+    assert calls == [False, True] * rounds and 1 <= rounds <= 7  # the probe's cap, whatever this machine's speed
+    assert math.isfinite(speedup) and speedup > 0
 
 
 def test_the_trainer_uses_the_resolved_precision(probe):
@@ -216,9 +257,21 @@ def test_a_step_that_fails_to_time_leaves_its_trial_last_and_the_threads_as_they
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_variant_times_a_step_and_one_grows_with_its_dictionary(variant):
+def test_every_variant_times_a_step_as_the_median_after_a_warm_up(variant, monkeypatch):
+    # Each real training step advances a planted clock by a planted time: the answer is the median of the
+    # timed steps, the first (warm-up) step left out.
+    clock, planted, trained = Clock(), [9.0, 1.0, 3.0, 2.0], []
+    real_step = Trainer._train_step
+
+    def timed_step(self, batch):
+        out = real_step(self, batch)
+        clock.now += planted[len(trained)]
+        trained.append(batch.x.clone())
+        return out
+
+    monkeypatch.setattr("hsae.train.time", clock)
+    monkeypatch.setattr(Trainer, "_train_step", timed_step)
     train_cfg = TrainConfig(steps=100, batch_size=128, autocast="none", lr_warmup_steps=0)
-    narrow = step_seconds(SAEConfig(variant, 16, 64), train_cfg, l0=8)
-    assert 0 < narrow < 10
-    if variant == "relu":
-        assert narrow < step_seconds(SAEConfig("relu", 32, 4096), train_cfg, l0=8)
+    assert step_seconds(SAEConfig(variant, 16, 64), train_cfg, steps=3, l0=8) == 2.0
+    assert len(trained) == 4 and all(len(x) == 128 for x in trained)  # one warm-up step and three timed ones
+    assert not any(torch.equal(trained[0], x) for x in trained[1:])  # each step on its own batch

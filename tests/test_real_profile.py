@@ -49,8 +49,12 @@ def test_real_profile_sweep_on_standins(ray_session, hub, space, tmp_path, monke
     out = tmp_path / "results"
     code = ablate.main(real_args(hub, out, "--space", space))
     trials = pd.read_parquet(out / "trials.parquet")
-    assert code in (0, ablate.EXIT_CONTROLS_FAILED)
-    assert (code == 0) == bool(trials["controls_ok"].all())
+    # The exit code and the rows' flag follow from the controls the run wrote, by the documented range (positive
+    # >= 0.2, negative <= 0.05: docs/evaluation.md, "Controls"), whichever side of it the stand-ins land on here.
+    controls = json.loads((out / "controls" / "real.json").read_text())
+    in_range = controls["positive"]["score"] >= 0.2 and controls["negative"]["score"] <= 0.05
+    assert code == (0 if in_range else ablate.EXIT_CONTROLS_FAILED), (code, controls)
+    assert trials["controls_ok"].tolist() == [in_range, in_range]
     assert list(trials["status"]) == ["completed", "completed"]
     assert set(trials["model"]) == {str(hub["model"])} and set(trials["layer"]) == {19}
     assert set(trials["cfg_d_in"]) == {64}  # the stand-in's hidden size, read from the model

@@ -195,5 +195,19 @@ def test_server_probes_one_sae_on_held_out_documents(ray_session, tiny_harvest_c
              "b_dec": torch.zeros(d)}
     answer = server.sparse_probe(SAEConfig("relu", d, 64).to_dict(), {k: v.numpy() for k, v in state.items()})
     assert set(answer["columns"]) == set(sp.ROW_COLUMNS)
-    assert answer["columns"]["sparse_probe_tasks"] >= 1 and answer["columns"]["sparse_probe_forget_k1"] is not None
     assert {g["features"] for g in answer["grid"]} == {"sae", "random", "raw"}
+    assert 0.0 <= answer["columns"]["sparse_probe_forget_k1"] <= 1.0  # a number (NaN fails)
+    # The unit path on the same documents: this ReLU SAE's latents by hand (zero biases: relu(x W_enc)), pooled per
+    # document, probed with the default config, the raw ceiling computed afresh rather than read from the server.
+    w_enc = state["W_enc"].numpy()
+    expected = sp.sparse_probe(sp.encode_pooled(lambda rows: np.maximum(rows @ w_enc, 0.0), docs, 1000), docs,
+                               sp.ProbeConfig())
+    timing = "sparse_probe_s"  # seconds the probe took: the one column that is not a function of the inputs
+    assert set(answer["columns"]) == set(expected.columns)
+    for name, value in expected.columns.items():
+        if name != timing:
+            assert answer["columns"][name] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), name
+    assert len(answer["grid"]) == len(expected.grid) and expected.columns["sparse_probe_tasks"] >= 1
+    for got, want in zip(answer["grid"], expected.grid, strict=True):
+        assert {k: v for k, v in got.items() if k != "accuracy"} == {k: v for k, v in want.items() if k != "accuracy"}
+        assert got["accuracy"] == pytest.approx(want["accuracy"], rel=1e-6, nan_ok=True), got

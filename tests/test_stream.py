@@ -250,10 +250,13 @@ def test_stream_saes_are_no_worse_than_cache_saes_beyond_seed_noise(tiny_harvest
             result = Trainer(SAEConfig("relu", 64, 256), train).fit(batches, eval_batch=held_out)
             ev[kind].append(result.metrics["explained_variance"])
     stream.close()
-    # One-sided: the stream trains on fresh rows where the cache repeats its 1,240 rows ~6 times, so the
-    # stream may be better (by 0.02-0.03 EV here); it must not be worse beyond the seeds' spread.
-    spread = max(np.ptp(ev["cache"]), np.ptp(ev["stream"]))
-    assert np.mean(ev["cache"]) - np.mean(ev["stream"]) <= max(spread, 0.01), ev
+    # One-sided: the stream trains on fresh rows where the cache repeats its 1,240 rows ~6 times, so the stream may
+    # be better (by 0.02-0.04 EV here: cache 0.804-0.825, stream 0.840-0.844); no stream SAE may be worse than the
+    # cache SAE of its seed (same initialisation) by more than the cache's own seed spread (0.021 here; at least
+    # 0.01). The tolerance never comes from the stream's spread: one collapsed stream seed would widen its own.
+    tolerance = max(float(np.ptp(ev["cache"])), 0.01)
+    for seed, (cache, streamed) in enumerate(zip(ev["cache"], ev["stream"], strict=True)):
+        assert cache - streamed <= tolerance, (seed, tolerance, ev)
 
 
 @pytest.mark.slow

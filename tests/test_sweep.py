@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from hsae.convergence import MAX_LOG_GAP, convergence_verdict, is_converged, val_mse_rel_change
+from hsae.convergence import MAX_LOG_GAP, TOLERANCE, convergence_verdict, val_mse_rel_change
 from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
 from hsae.spaces import SpaceError, default_spaces_dir, grid_trials, load_space, parse_space
 from tests.helpers import small_space
@@ -75,9 +75,37 @@ def assert_convergence_recomputable(trials, curves):
         decay_start = row.steps - round(row.cfg_lr_decay_fraction * row.steps)
         verdict = convergence_verdict(curve["step"].tolist(), curve["val_mse"].tolist(), row.steps, warm_until,
                                       decay_start)
-        assert verdict["plateau_rel_change"] == pytest.approx(row.plateau_rel_change, nan_ok=True)
-        assert bool(row.converged) == verdict["converged"] == (is_converged(change)
-                                                              and is_converged(verdict["plateau_rel_change"]))
+        plateau = verdict["plateau_rel_change"]
+        assert plateau == pytest.approx(row.plateau_rel_change, nan_ok=True)
+        # The rule (docs/training.md): the end check is one-sided (a fall at the end is fine, a rise of TOLERANCE
+        # is not), the plateau two-sided; NaN (a missing window) never converges.
+        expected = change < TOLERANCE and abs(plateau) < TOLERANCE
+        assert bool(row.converged) == verdict["converged"] == expected
+
+
+def planted_row(mse_per_25_steps_after_800: float):
+    """One trial of 1,000 steps logged every 25 (rate decayed over the last 200), flat before step 800, then the
+    held-out MSE changing by the given fraction per 25 steps; its row as the trainer writes it."""
+    steps = list(range(25, 1001, 25))
+    mse = [0.5 * (1 + mse_per_25_steps_after_800) ** max(0, (s - 800) // 25) for s in steps]
+    verdict = convergence_verdict(steps, mse, 1000, warm_until=0, decay_start=800)
+    row = {"trial_id": "t", "steps": 1000, "cfg_l1_warmup_steps": 0, "cfg_lr_warmup_steps": 0,
+           "cfg_lr_decay_fraction": 0.2, "val_mse_rel_change": verdict["val_mse_rel_change"],
+           "plateau_rel_change": verdict["plateau_rel_change"],
+           "converged": verdict["converged"]}
+    return pd.DataFrame([row]), pd.DataFrame({"trial_id": "t", "step": steps, "val_mse": mse})
+
+
+def test_the_recomputed_verdict_passes_a_run_that_anneals_at_the_end_and_catches_a_wrong_row():
+    # 0.4% lower per 25 steps through the decay: the end falls ~3% (the old two-sided end check failed it).
+    annealed, curves = planted_row(-0.004)
+    assert annealed.loc[0, "val_mse_rel_change"] < -TOLERANCE and annealed.loc[0, "converged"]
+    assert_convergence_recomputable(annealed, curves)
+    rising, curves = planted_row(+0.004)  # ~3% higher at the end: not converged
+    assert rising.loc[0, "val_mse_rel_change"] > TOLERANCE and not rising.loc[0, "converged"]
+    assert_convergence_recomputable(rising, curves)
+    with pytest.raises(AssertionError):  # a row that claims convergence while rising at the end
+        assert_convergence_recomputable(rising.assign(converged=True), curves)
 
 
 def test_rerun_with_same_experiment_skips_finished_trials(sweep, capsys):
