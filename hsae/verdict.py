@@ -644,7 +644,7 @@ def crosscheck(trials: pd.DataFrame, per_trial: pd.DataFrame, tol: float = 1e-6)
     merged = per_trial.merge(trials, on="trial_id", suffixes=("", "_row"))
     out = []
     for m in CANDIDATES:
-        if f"{m}_row" not in merged:
+        if f"{m}_row" not in merged or merged[f"{m}_row"].isna().all():  # rows from before the column: not recorded
             continue
         a, b = merged[m].astype(float), merged[f"{m}_row"].astype(float)
         differ = ((a - b).abs() > tol) | (a.isna() != b.isna())

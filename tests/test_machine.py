@@ -11,6 +11,7 @@ from hsae.machine import RunSettings, default_layout, measure_bf16_speedup, reso
 from hsae.spaces import get_profile, parse_profile_settings
 from hsae.train import Trainer, step_seconds
 from hsae.variants import VARIANTS
+from tests.helpers import small_space
 from tune import ablate
 
 
@@ -162,7 +163,7 @@ def test_asha_trains_every_trial_its_budget_and_a_grid_extends(probe, tmp_path):
     extensions = ["--set", "extension_fraction=0.5", "--set", "max_extensions=1"]
     chosen = {}
     for search in (["--search", "optuna", "--objectives", "val_mse"], []):
-        args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "ortho", "--dry-run",
+        args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", small_space("ortho"), "--dry-run",
                                                  "--out", str(tmp_path / "r"), *extensions, *search])
         chosen[bool(search)] = ablate.resolve(args).profile.train_config(42).max_steps()
     assert chosen == {True: 40, False: 60}

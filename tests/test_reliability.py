@@ -112,7 +112,8 @@ def test_two_sweeps_sharing_a_results_directory_never_corrupt_each_other(tmp_pat
 @pytest.mark.parametrize("space_text,message", [
     ("trials:\n  - variant: nope\n", "unknown variant 'nope'; valid variants"),
     ("trials:\n  - variant: fixed_ortho\n    params: {n_groups: 30}\n", "n_groups=30 does not divide"),
-    ("trials:\n  - variant: fixed_ortho\n    params: {alpha: {grid: [0.1, high]}}\n", "alpha must be a number"),
+    ("reference: {variant: fixed_ortho, params: {alpha: 0.1}}\ntrials:\n  - variant: fixed_ortho\n"
+     "    params: {alpha: {grid: [0.1, high]}}\n", "alpha must be a number"),
     ("trials: [variant: relu\n", "malformed YAML"),
     ("trials:\n  - variant: fixed_ortho\n    params: {alpha: -1}\n", "alpha must be a finite number >= 0"),
 ])
