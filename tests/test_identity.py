@@ -98,7 +98,7 @@ def test_asked_by_reads_the_list_and_falls_back_to_the_own_space():
 
 
 def write_space(path, blocks):
-    path.write_text(yaml.safe_dump({"scheduler": "fifo", "trials": blocks}))
+    path.write_text(yaml.safe_dump({"scheduler": "fifo", "reference": "relu", "trials": blocks}))
     return str(path)
 
 

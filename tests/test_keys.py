@@ -6,6 +6,7 @@ import torch
 
 from hsae.keys import content_key
 from hsae.models import ModelSpec, byte_tokenizer, describe_model, spec_identity, tiny_gemma2
+from tests.helpers import small_space
 from tune import ablate
 
 
@@ -47,7 +48,8 @@ def sweep(ray_session, tmp_path, monkeypatch):
     out = tmp_path / "results"
 
     def run(*args):
-        return ablate.main(["--profile", "tiny", "--space", "groups", "--no-eval", "--out", str(out), *args])
+        return ablate.main(["--profile", "tiny", "--space", small_space("groups"), "--no-eval", "--out", str(out),
+                            *args])
 
     return run, out
 
