@@ -102,7 +102,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(hub, tmp_path, monkeypatch, 
     assert ablate.main(real_args(hub, out, "--space", "ortho", "--dry-run")) == 0
     printed = capsys.readouterr().out
     assert "gemma2, 20 layers x 64" in printed and "layer 19" in printed
-    assert str(hub["eval_model"]) in printed and "space ortho" in printed and "5 trials (1 seeds)" in printed
+    assert str(hub["eval_model"]) in printed and "space ortho" in printed and "6 trials (1 seeds)" in printed
     assert "activation cache" in printed and "tokens per trial   10,240" in printed
     assert not out.exists() and not (tmp_path / "cache").exists()
 
