@@ -114,8 +114,9 @@ def probe_cache_path() -> Path:
 _MEASURED: dict[str, float] = {}
 
 
-def cpu_bf16_speedup(d_in: int, d_out: int, threads: int) -> float:
-    """The measured bf16 speed-up for these shapes on this CPU: from memory, the per-machine cache, or a probe."""
+def cpu_bf16_speedup(d_in: int, d_out: int, threads: int, persist: bool = True) -> float:
+    """The measured bf16 speed-up for these shapes on this CPU: from memory, the per-machine cache, or a probe
+    (kept in the cache unless ``persist`` is False: a dry run writes nothing)."""
     key = hashlib.sha256(json.dumps({**cpu_identity(), "d_in": d_in, "d_out": d_out, "threads": threads},
                                     sort_keys=True).encode()).hexdigest()[:16]
     if key in _MEASURED:
@@ -124,12 +125,17 @@ def cpu_bf16_speedup(d_in: int, d_out: int, threads: int) -> float:
     cached = _read_json(path)
     if key not in cached:
         cached[key] = measure_bf16_speedup(d_in, d_out, threads)
-        try:
-            atomic_write_text(path, json.dumps({**_read_json(path), key: cached[key]}, indent=1))
-        except OSError:
-            pass  # a read-only cache costs a probe per process, nothing more
+        if persist:
+            _keep(path, key, cached[key])
     _MEASURED[key] = float(cached[key])
     return _MEASURED[key]
+
+
+def _keep(path: Path, key: str, speedup: float) -> None:
+    try:
+        atomic_write_text(path, json.dumps({**_read_json(path), key: speedup}, indent=1))
+    except OSError:
+        pass  # a read-only cache costs a probe per process, nothing more
 
 
 def _read_json(path: Path) -> dict[str, float]:
@@ -140,8 +146,9 @@ def _read_json(path: Path) -> dict[str, float]:
 
 
 def resolve_precision(requested: str, device: torch.device, d_in: int, d_out: int,
-                      threads: int | None = None) -> PrecisionChoice:
-    """What ``requested`` ("auto", "bf16", "fp32") means on ``device`` for a d_in -> d_out dictionary."""
+                      threads: int | None = None, persist: bool = True) -> PrecisionChoice:
+    """What ``requested`` ("auto", "bf16", "fp32") means on ``device`` for a d_in -> d_out dictionary
+    (``persist``: whether a CPU probe's measurement goes to the machine's cache)."""
     check_precision(requested)
     if requested != "auto":
         return PrecisionChoice(requested, f"{requested}: asked for")
@@ -152,7 +159,7 @@ def resolve_precision(requested: str, device: torch.device, d_in: int, d_out: in
         return PrecisionChoice("fp32", f"fp32: CUDA capability {major}.{minor} has no native bf16")
     if device.type != "cpu":
         return PrecisionChoice("fp32", f"fp32: no bf16 rule for device {device.type!r}")
-    speedup = cpu_bf16_speedup(d_in, d_out, threads or torch.get_num_threads())
+    speedup = cpu_bf16_speedup(d_in, d_out, threads or torch.get_num_threads(), persist)
     capability = torch.backends.cpu.get_cpu_capability()
     if speedup >= BF16_MIN_SPEEDUP:
         return PrecisionChoice("bf16", f"bf16: {speedup:.1f}x faster than fp32 on this CPU ({capability})", speedup)

@@ -307,7 +307,8 @@ def plan_precision(args: argparse.Namespace, d_in: int, d_sae: int, threads: int
     """The trials' precision where the driver can tell (this machine's CPU); None when trials run on GPUs."""
     if args.gpus_per_trial > 0 or (args.address and args.precision == "auto"):
         return None
-    return resolve_precision(args.precision, torch.device("cpu"), d_in, d_sae, threads=threads)
+    return resolve_precision(args.precision, torch.device("cpu"), d_in, d_sae, threads=threads,
+                             persist=not args.dry_run)  # a dry run measures, and writes nothing
 
 
 def format_machine(plan: Plan) -> str:
