@@ -228,7 +228,7 @@ def test_space_block_makes_one_seed_per_folder(tmp_path):
     for i in range(3):
         saelens_saved("standard", tmp_path / f"sae{i}")
     space_file = tmp_path / "space.yaml"
-    space_file.write_text(yaml.safe_dump({"trials": [
+    space_file.write_text(yaml.safe_dump({"reference": "relu", "trials": [
         {"variant": "relu"}, {"external": {"name": "my_relu", "paths": ["sae0", "sae1", str(tmp_path / "sae2")]}}]}))
     space = parse_space("mine", space_file.read_text(), str(space_file))
     trials = grid_trials(space, "exp", [42, 43], "ctx")
@@ -290,7 +290,8 @@ def test_sweep_exits_2_before_compute_naming_both_values(d_in, hook, message, tm
     meta = SAEMetadata(model_name="tiny", hook_name=hook)
     SAELensSAE.from_dict(StandardSAEConfig(d_in=d_in, d_sae=32, metadata=meta).to_dict()).save_model(tmp_path / "sae")
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"trials": [{"variant": "relu"}, {"external": {"name": "x", "paths": ["sae"]}}]}))
+    space.write_text(yaml.safe_dump({"reference": "relu",
+                                     "trials": [{"variant": "relu"}, {"external": {"name": "x", "paths": ["sae"]}}]}))
     out = tmp_path / "out"
     assert main(["--space", str(space), "--profile", "tiny", "--out", str(out)]) == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
