@@ -296,3 +296,52 @@ def test_sweep_exits_2_before_compute_naming_both_values(d_in, hook, message, tm
     assert main(["--space", str(space), "--profile", "tiny", "--out", str(out)]) == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+# -- an external arm through a real sweep: the trainable, the activation server, the verdict -------------------
+@pytest.mark.slow
+def test_an_external_arm_runs_through_a_tiny_sweep_and_is_tested_against_relu_on_its_seeds(ray_session, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """A first sweep trains relu (seeds 42, 43) and exports its SAEs; a second sweep's space loads those exports as
+    an external arm beside relu (whose trials it finds finished): the external rows are completed, untrained
+    (converged null) and paired with relu's seeds 42, 43 in the verdict, which the report computes with no
+    mismatch between the rows and grid.parquet."""
+    from hsae.verdict import build_verdict
+    from tune.ablate import main
+    from tune.report import build_report
+
+    monkeypatch.setenv("HSAE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    relu_space, aa_space = tmp_path / "relu.yaml", tmp_path / "aa.yaml"
+    relu_space.write_text(yaml.safe_dump({"trials": [{"variant": "relu"}]}))
+    sweep = ["--profile", "tiny", "--out", str(out), "--seeds", "2"]
+    assert main(["--space", str(relu_space), *sweep]) == 0
+    relu = pd.read_parquet(out / "trials.parquet").sort_values("seed")
+    assert list(relu["seed"]) == [42, 43] and (relu["status"] == "completed").all()
+    aa_space.write_text(yaml.safe_dump({"reference": "relu", "trials": [
+        {"variant": "relu"}, {"external": {"name": "aa_relu", "paths": [str(out / p) for p in relu["sae_path"]]}}]}))
+    capsys.readouterr()
+    assert main(["--space", str(aa_space), *sweep]) == 0
+    assert "2 of 4 trials already finished" in capsys.readouterr().out  # relu's: not trained again
+
+    trials = pd.read_parquet(out / "trials.parquet")
+    external = trials[trials["variant"] == "external:aa_relu"].sort_values("seed")
+    assert list(external["seed"]) == [42, 43] and (external["status"] == "completed").all()
+    assert external["converged"].isna().all() and external["steps"].isna().all()  # loaded, not trained
+    assert list(external["source_path"]) == [str(out / p) for p in relu["sae_path"]]
+    assert external["frontier_area"].notna().all()
+    # The i-th folder is seed 42 + i, measured in that seed's unit: relu's own SAE of that seed, its own numbers.
+    for name in ("explained_variance", "l0", "mse"):
+        assert list(external[name]) == pytest.approx(list(relu[name]), rel=RTOL), name
+
+    grid, questions = pd.read_parquet(out / "grid.parquet"), pd.read_parquet(out / "questions.parquet")
+    v = build_verdict(trials, grid, questions=questions, n_boot=20)
+    assert v.boot.select_test and v.mismatches == [] and v.excluded == {}
+    tested = v.main.by_arm()["external:aa_relu"]
+    assert v.main.baseline == "relu" and tested.n == 2 and tuple(tested.seeds) == (42, 43)
+
+    # The report's verdict over the same rows (on this random tiny model the controls are out of range, so it is
+    # headed "Diagnostics"): both arms with their 2 seeds, and no row that disagrees with grid.parquet.
+    text = build_report(out, n_boot=50, exploratory=True).read_text()
+    assert "| external:aa_relu | 2 |" in text and "choose each setting on select questions" in text
+    assert "Mismatch" not in text
