@@ -4,6 +4,7 @@ Each hook is called as ``hook(spec, step, restored)`` when a trial starts (step 
 step, inside the trial's own process.
 """
 
+import json
 import os
 import signal
 import time
@@ -43,3 +44,40 @@ def hold_seed_43_mid_training(spec, step, restored):
     elif step == 20 and not restored:
         Path(marks, "training").write_text(spec.key)
         time.sleep(20)
+
+
+# The resume test's witness: every hook call, kept by a named actor the test starts (tests run Ray in-process, so
+# an environment variable set by a test never reaches the trials' workers, which Ray started before it).
+CALL_LOG = "hsae-test-call-log"
+
+
+class CallLog:
+    """What ``record_calls`` saw, in order: (trial key, step, restored, the restored checkpoint's step)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, bool, int | None]] = []
+
+    def add(self, call: tuple[str, int, bool, int | None]) -> None:
+        self.calls.append(call)
+
+    def take(self) -> list[tuple[str, int, bool, int | None]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def record_calls(spec, step, restored):
+    """Each call to the ``CALL_LOG`` actor (none running: nothing), before the next hook may kill the trial; a
+    restored attempt's first call carries the step of the checkpoint Tune handed it (the trainer's state.json)."""
+    import ray
+    from ray import tune
+
+    try:
+        log = ray.get_actor(CALL_LOG)
+    except ValueError:
+        return
+    checkpoint_step = None
+    if restored and step == 0:
+        with tune.get_checkpoint().as_directory() as path:
+            checkpoint_step = json.loads(Path(path, "state.json").read_text())["step"]
+    ray.get(log.add.remote((spec.key, step, restored, checkpoint_step)))
+
