@@ -81,3 +81,39 @@ def record_calls(spec, step, restored):
             checkpoint_step = json.loads(Path(path, "state.json").read_text())["step"]
     ray.get(log.add.remote((spec.key, step, restored, checkpoint_step)))
 
+
+# Driver-side faults: the signal tests' driver (``python -c ...``) calls one of these before ``tune.ablate.main``.
+
+def hold_the_controls():
+    """The controls (after ray.init and the harvest, before any Tuner) write ``$HSAE_TEST_MARKS/controls`` and
+    wait up to 120 s for a signal; if none interrupts them they write ``controls-done`` and go on."""
+    from tune import ablate
+
+    original = ablate.run_controls
+
+    def run_controls(*args, **kwargs):
+        marks = Path(os.environ["HSAE_TEST_MARKS"])
+        (marks / "controls").write_text(str(os.getpid()))
+        time.sleep(120)
+        (marks / "controls-done").write_text("")
+        return original(*args, **kwargs)
+
+    ablate.run_controls = run_controls
+
+
+def hold_tune_cleanup():
+    """Tune's cleanup at the end of ``Tuner.fit`` (after a first signal ended its loop and saved the experiment)
+    writes ``$HSAE_TEST_MARKS/cleanup`` and waits up to 120 s, as a stop waiting on a stuck trial does, so a
+    second signal finds the driver inside ``Tuner.fit``; if none interrupts it, it writes ``cleanup-done``."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    original = TuneController.cleanup
+
+    def cleanup(self):
+        marks = Path(os.environ["HSAE_TEST_MARKS"])
+        (marks / "cleanup").write_text(str(os.getpid()))
+        time.sleep(120)
+        (marks / "cleanup-done").write_text("")
+        return original(self)
+
+    TuneController.cleanup = cleanup
