@@ -3,7 +3,13 @@ study, W&B (offline) and MLflow (local store) through Ray's logger callbacks, ev
 SAELens loads it, and output a person can read."""
 
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -13,6 +19,8 @@ from hsae.models import ModelSpec, describe_model
 from tune import ablate
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
 
 SPACE = "trials:\n  - variant: fixed_ortho\n    params:\n      alpha: {uniform: [0.0, 0.4]}\n"
 
@@ -61,6 +69,39 @@ def test_multi_objective_study_persists_resumes_and_matches_the_rows(sweep):
     # The study has all its trials: nothing more runs.
     assert run("--search", "optuna", "--samples", "4", *objectives) == 0
     assert len(study_of(out).get_trials()) == 5
+
+
+def test_a_killed_study_resumes_without_redoing_its_finished_trial_and_ends_with_its_samples(tmp_path):
+    """The driver and its Ray killed (SIGKILL to the group, as an OOM killer or a lost node) once the study's first
+    trial has its row; --resume finishes the study: that trial is not run again, and the study and the rows end
+    with the requested samples, one row per complete Optuna trial."""
+    out = tmp_path / "results"
+    space = tmp_path / "search.yaml"
+    space.write_text(SPACE)
+    env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "tune/ablate.py", "--profile", "tiny", "--out", str(out), "--space", str(space),
+           "--seeds", "1", "--search", "optuna", "--samples", "3", "--scheduler", "fifo", "--max-concurrent", "1"]
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while not list(out.glob("parts/trials/*/*.parquet")):
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = {p.stem: pd.read_parquet(p)["finished_at"].iloc[0] for p in out.glob("parts/trials/*/*.parquet")}
+    assert 1 <= len(first) < 3
+    done = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert len(rows) == 3 and (rows["status"] == "completed").all() and rows["cfg_alpha"].is_unique
+    for trial_id, finished_at in first.items():
+        assert rows.loc[trial_id, "finished_at"] == finished_at  # finished before the kill: not redone
+    complete = study_of(out).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 3
+    alphas = sorted(t.params["sampled/alpha"] for t in complete)
+    assert alphas == pytest.approx(sorted(rows["cfg_alpha"]), abs=1e-12)
 
 
 def test_every_completed_trial_exports_an_sae_that_saelens_loads(sweep, capsys):

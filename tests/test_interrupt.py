@@ -1,6 +1,7 @@
 """Ctrl-C ends a sweep as an interruption: exit 130, no row for an interrupted trial, --resume finishes it."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -141,3 +142,87 @@ def test_sigterm_mid_trial_exits_143_keeps_finished_rows_and_resume_gives_the_un
     compared = [c for c in reference.columns if c not in TIMINGS and not c.endswith("_s")]
     assert list(rows.index) == list(reference.index) and len(compared) > 100
     pd.testing.assert_frame_equal(rows[compared], reference[compared])
+
+
+def driver(*calls, hooks=()):
+    """``python -c``: the sweep's main, after the driver-side faults ``calls`` (tests/faults.py) are in place."""
+    setup = "".join(f"from tests.faults import {c}; {c}(); " for c in calls)
+    return [sys.executable, "-c", f"import sys; from tune.ablate import main; {setup}"
+            f"sys.exit(main(sys.argv[1:], trial_hooks={list(hooks)!r}))"]
+
+
+def wait_for(path, proc, log_path, seconds=400):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow  # a tiny sweep stopped by SIGTERM between Ray's start and Tune's loop, then resumed (≈ 1 min)
+def test_sigterm_after_ray_init_outside_tune_exits_143_and_resume_runs_the_sweep(tmp_path):
+    """SIGTERM while the driver runs the controls (Ray up, the activations harvested, no Tuner yet): the driver's
+    own handler, put back after ray.init, turns it into the interruption (not Ray's C++ stack dump)."""
+    space = tmp_path / "one.yaml"
+    space.write_text("trials:\n  - variant: relu\n")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "HSAE_TEST_MARKS": str(marks)}
+    out = tmp_path / "r"
+    args = ["--space", str(space), "--profile", "tiny", "--seeds", "1", "--out", str(out)]
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*driver("hold_the_controls"), *args], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(marks / "controls", proc, log_path)
+        proc.send_signal(signal.SIGTERM)  # to the driver alone, as `timeout` sends it
+        code = proc.wait(timeout=300)
+    text = log_path.read_text()
+    assert code == 143, text[-3000:]
+    assert "interrupted by SIGTERM" in text and "*** SIGTERM received" not in text, text[-3000:]
+    assert shlex.join([*args, "--resume"]) in text, text[-3000:]  # the product's resume command
+    assert not (marks / "controls-done").exists()  # the signal ended the controls: nothing after them ran
+    assert not (out / "ray_results").exists()  # no Tuner was made
+    done = subprocess.run([*driver(), *args, "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = pd.read_parquet(out / "trials.parquet")
+    assert list(rows["seed"]) == [42] and list(rows["status"]) == ["completed"]
+
+
+@pytest.mark.slow  # a tiny sweep stopped by two SIGINTs mid-trial, then resumed (≈ 1-2 min)
+def test_a_second_sigint_during_tunes_stop_exits_130_at_once_and_resume_completes(tmp_path):
+    """The first Ctrl-C asks Tune to stop (the experiment is saved); a second one, while Tune's stop waits on its
+    trials inside Tuner.fit, ends the driver there: exit 130, the finished rows kept, --resume finishes the rest."""
+    space = tmp_path / "one.yaml"
+    space.write_text("trials:\n  - variant: relu\n")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "HSAE_TEST_MARKS": str(marks)}
+    out = tmp_path / "r"
+    args = ["--space", str(space), "--profile", "tiny", "--seeds", "2", "--max-concurrent", "1", "--out", str(out)]
+    hooks = ["tests.faults:hold_seed_43_mid_training"]
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*driver("hold_tune_cleanup", hooks=hooks), *args], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(marks / "training", proc, log_path)  # seed 42 done, seed 43 at step 20 of 40
+        proc.send_signal(signal.SIGINT)
+        wait_for(marks / "cleanup", proc, log_path, 300)  # Tune's loop ended, its stop under way in Tuner.fit
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=300)
+    text = log_path.read_text()
+    assert code == 130, text[-3000:]
+    assert text.count("stopping the running trials") == 1, text[-3000:]  # the first signal's message only
+    assert "interrupted by SIGINT" in text and shlex.join([*args, "--resume"]) in text, text[-3000:]
+    assert not (marks / "cleanup-done").exists()  # the second signal did not wait for Tune's stop
+    first = pd.read_parquet(out / "trials.parquet")  # consolidated: the finished trial, nothing of the other
+    assert list(first["seed"]) == [42] and list(first["status"]) == ["completed"]
+    done = subprocess.run([*driver(hooks=hooks), *args, "--resume"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (marks / "restored").read_text() == (marks / "training").read_text()  # from its step-10 checkpoint
+    rows = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert sorted(rows["seed"]) == [42, 43] and (rows["status"] == "completed").all()
+    assert rows.loc[first["trial_id"], "finished_at"].tolist() == first["finished_at"].tolist()  # not redone

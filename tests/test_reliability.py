@@ -27,6 +27,7 @@ def tiny(ray_session, tmp_path, monkeypatch):
     def run(out, *args, hooks=()):
         return ablate.main(["--profile", "tiny", "--out", str(out), *args], trial_hooks=hooks)
 
+    run.ray = ray_session
     return run
 
 
@@ -36,13 +37,34 @@ def rows(out):
 
 @pytest.mark.slow  # two sweeps with a kill (≈ 18 s): in the full suite, out of the fast loop
 def test_killed_trial_resumes_from_checkpoint_to_the_same_numbers(tiny, tmp_path):
-    assert tiny(tmp_path / "clean", "--space", small_space("groups"), "--experiment", "e") == 0
-    # Each trial's first attempt is SIGKILLed at step 25; Tune retries it from its step-20 checkpoint.
-    assert tiny(tmp_path / "killed", "--space", small_space("groups"), "--experiment", "e",
-                hooks=["tests.faults:kill_first_attempt_at_step_25"]) == 0
+    """Training is deterministic, so equal numbers alone would not tell a restore from a rerun from scratch: every
+    hook call is recorded, and the retry must start from the step-20 checkpoint and log only the steps after it."""
+    from tests.faults import CALL_LOG, CallLog
+
+    log = tiny.ray.remote(num_cpus=0)(CallLog).options(name=CALL_LOG).remote()
+    try:
+        assert tiny(tmp_path / "clean", "--space", small_space("groups"), "--experiment", "e",
+                    hooks=["tests.faults:record_calls"]) == 0
+        clean_calls = tiny.ray.get(log.take.remote())
+        # Each trial's first attempt is SIGKILLed at step 25; Tune retries it from its step-20 checkpoint.
+        assert tiny(tmp_path / "killed", "--space", small_space("groups"), "--experiment", "e",
+                    hooks=["tests.faults:record_calls", "tests.faults:kill_first_attempt_at_step_25"]) == 0
+        killed_calls = tiny.ray.get(log.take.remote())
+    finally:
+        tiny.ray.kill(log)
     clean, killed = rows(tmp_path / "clean"), rows(tmp_path / "killed")
     assert list(clean.index) == list(killed.index) and (killed["status"] == "completed").all()
     pd.testing.assert_frame_equal(clean[COMPARED], killed[COMPARED])
+    keys = sorted({call[0] for call in clean_calls})
+    assert keys == sorted({call[0] for call in killed_calls}) and len(keys) == 2
+    for key in keys:
+        steps = [step for k, step, restored, _ in clean_calls if k == key]
+        assert steps[0] == 0 and 20 in steps and 25 in steps and steps[-1] > 25
+        assert all(not restored for k, _, restored, _ in clean_calls if k == key)
+        calls = [(step, restored, at) for k, step, restored, at in killed_calls if k == key]
+        first = [(s, False, None) for s in steps if s <= 25]  # killed at step 25, after its step-20 checkpoint
+        retry = [(0, True, 20)] + [(s, True, None) for s in steps if s > 20]  # restored: never steps 5-20 again
+        assert calls == first + retry
 
 
 def test_nan_trial_ends_degenerate_with_reason_and_the_sweep_goes_on(tiny, tmp_path, capsys):
