@@ -253,6 +253,7 @@ def random_sae(seed, d=64, n=256):
     return SAEConfig("relu", d, n).to_dict(), {k: v.numpy() for k, v in state.items()}
 
 
+@pytest.mark.slow  # three evaluations (≈ 12 s): in the full suite, out of the fast loop
 def test_two_evaluators_give_one_evaluators_numbers_at_once(ray_session, tiny_harvest_cfg, tmp_path):
     # Evaluations on two threads (each with its model copy) return what one evaluator returns, SAE by SAE.
     from hsae.server import create_activation_server

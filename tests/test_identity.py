@@ -168,6 +168,7 @@ def as_legacy(out, experiment, new, legacy):
     cfg.write_text(json.dumps(doc))
 
 
+@pytest.mark.slow  # two sweeps (≈ 12 s): in the full suite, out of the fast loop
 def test_a_results_directory_with_old_ids_resumes_without_training_again(sweep, tmp_path, capsys):
     run, out = sweep
     variants = write_space(tmp_path / "variants.yaml", [{"variant": "relu"}])

@@ -187,6 +187,7 @@ def test_resume_restores_controller_and_resampling_exactly(synthetic, tmp_path):
 SHORT = {"lr_decay_fraction": 0.0, "calibration_fraction": 0.6, "log_every": 2}
 
 
+@pytest.mark.slow  # a run with an extension (≈ 9 s): in the full suite, out of the fast loop
 def test_a_run_the_rule_fails_trains_on_and_recalibrates_before_a_new_frozen_window(synthetic):
     trainer, fixed = train(synthetic, "relu", steps=40, train_overrides=SHORT, target_l0=10)
     assert not trainer.convergence()["converged"] and fixed.steps == 40 and fixed.extensions == 0

@@ -116,6 +116,7 @@ def _writer(root, experiment, n):
         store.consolidate()
 
 
+@pytest.mark.slow  # two sweeps at once in subprocesses (≈ 21 s): in the full suite, out of the fast loop
 def test_two_sweeps_sharing_a_results_directory_never_corrupt_each_other(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), exp, 25)) for exp in ("a", "b")]

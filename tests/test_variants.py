@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hsae import metrics as M
@@ -13,6 +14,7 @@ def test_registry_holds_exactly_the_study_variants():
     }
 
 
+@pytest.mark.slow  # every variant trained (≈ 15 s): in the full suite; the mechanism tests stay fast
 def test_every_variant_learns_the_synthetic_dictionary(synthetic):
     for name in VARIANTS:
         _, result = train_small(synthetic, name, steps=200)
