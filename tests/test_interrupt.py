@@ -96,16 +96,22 @@ def test_sigint_mid_trial_exits_130_writes_no_stopped_row_and_resume_completes_e
 TIMINGS = ("finished_at", "wall_s", "tokens_per_s", "eval_s")
 
 
-@pytest.mark.slow  # a tiny sweep run whole, then stopped by SIGTERM mid-trial and resumed (≈ 2-3 min)
-def test_sigterm_mid_trial_exits_143_keeps_finished_rows_and_resume_gives_the_uninterrupted_numbers(tmp_path):
-    """SIGTERM to the driver alone, as `timeout`, Slurm, Kubernetes and systemd send it, while a trial trains in
-    Tune's loop: after ray.init, where Ray's own handler (a C++ stack dump) used to take it."""
+def marked_sweep(tmp_path):
+    """A one-relu space, a folder where the held driver leaves its marks, and the environment pointing at both."""
     space = tmp_path / "one.yaml"
     space.write_text("trials:\n  - variant: relu\n")
     marks = tmp_path / "marks"
     marks.mkdir()
     env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "HSAE_TEST_MARKS": str(marks)}
+    return space, marks, env
+
+
+@pytest.mark.slow  # a tiny sweep run whole, then stopped by SIGTERM mid-trial and resumed (≈ 2-3 min)
+def test_sigterm_mid_trial_exits_143_keeps_finished_rows_and_resume_gives_the_uninterrupted_numbers(tmp_path):
+    """SIGTERM to the driver alone, as `timeout`, Slurm, Kubernetes and systemd send it, while a trial trains in
+    Tune's loop: after ray.init, where Ray's own handler (a C++ stack dump) used to take it."""
+    space, marks, env = marked_sweep(tmp_path)
     driver = [sys.executable, "-c", "import sys; from tune.ablate import main; "
               "sys.exit(main(sys.argv[1:], trial_hooks=['tests.faults:hold_seed_43_mid_training']))"]
 
@@ -162,12 +168,7 @@ def wait_for(path, proc, log_path, seconds=400):
 def test_sigterm_after_ray_init_outside_tune_exits_143_and_resume_runs_the_sweep(tmp_path):
     """SIGTERM while the driver runs the controls (Ray up, the activations harvested, no Tuner yet): the driver's
     own handler, put back after ray.init, turns it into the interruption (not Ray's C++ stack dump)."""
-    space = tmp_path / "one.yaml"
-    space.write_text("trials:\n  - variant: relu\n")
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "HSAE_TEST_MARKS": str(marks)}
+    space, marks, env = marked_sweep(tmp_path)
     out = tmp_path / "r"
     args = ["--space", str(space), "--profile", "tiny", "--seeds", "1", "--out", str(out)]
     log_path = tmp_path / "first.log"
@@ -194,12 +195,7 @@ def test_sigterm_after_ray_init_outside_tune_exits_143_and_resume_runs_the_sweep
 def test_a_second_sigint_during_tunes_stop_exits_130_at_once_and_resume_completes(tmp_path):
     """The first Ctrl-C asks Tune to stop (the experiment is saved); a second one, while Tune's stop waits on its
     trials inside Tuner.fit, ends the driver there: exit 130, the finished rows kept, --resume finishes the rest."""
-    space = tmp_path / "one.yaml"
-    space.write_text("trials:\n  - variant: relu\n")
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "HSAE_TEST_MARKS": str(marks)}
+    space, marks, env = marked_sweep(tmp_path)
     out = tmp_path / "r"
     args = ["--space", str(space), "--profile", "tiny", "--seeds", "2", "--max-concurrent", "1", "--out", str(out)]
     hooks = ["tests.faults:hold_seed_43_mid_training"]
