@@ -6,7 +6,7 @@
 Each layout ``TxH`` runs T worker processes at once, each training the main job's SAE shape (640 -> 1,280,
 batch 1,024, the precision the machine chooses) with H torch threads, for ``--seconds`` after a warm-up. A
 trial of the main job also waits while the activation server evaluates its SAE (``--eval-share`` of its
-life, measured in the last main job; the server then uses the cores itself), so a layout's throughput is
+life, as measured in a main job's breakdown; the server then uses the cores itself), so a layout's throughput is
 counted as trial-steps per second of the whole machine, and the ratio to the best layout is printed.
 The sweep's default (``hsae.machine.default_layout``) follows the winner's rule; run this on a quiet machine.
 """

@@ -1,6 +1,6 @@
-"""Evaluation cost of the activation server, three ways on the same SAEs: last round's path (one evaluator,
-every setting re-runs its prompts), answers shared between settings that edit a prompt alike (one evaluator),
-and that on ``--evaluators`` evaluators at once (threads of one server, each with its model copy).
+"""Evaluation cost of the activation server, three ways on the same SAEs: every setting re-running its prompts
+(one evaluator, ``EvalConfig.share_answers=False``), answers shared between settings that edit a prompt alike (one
+evaluator), and that on ``--evaluators`` evaluators at once (threads of one server, each with its model copy).
 
     python bench/evaluation.py results [--variants relu,static_hier] [--evaluators 2] [--threads 1]
 
@@ -22,9 +22,8 @@ import pandas as pd
 import ray
 
 from hsae.external import ExternalSource, load_external
+from hsae.profiles import get_profile
 from hsae.server import ActivationServer
-from hsae.spaces import get_profile
-from tune.ablate import eval_config, harvest_config
 
 
 def evaluate_all(server: ActivationServer, saes: list, at_once: int) -> tuple[float, list]:
@@ -66,7 +65,7 @@ def main() -> None:
     ray.init("local", num_cpus=1, include_dashboard=False)  # the server's ray.put needs a local Ray
     trials = pd.read_parquet(f"{args.results}/trials.parquet")
     profile = get_profile("embedded")
-    eval_cfg, bank_cfg = eval_config(profile)
+    eval_cfg, bank_cfg = profile.eval, profile.bank
     saes = []
     for variant in args.variants.split(","):
         done = trials[(trials["status"] == "completed") & (trials["seed"] == 42)]
@@ -77,7 +76,7 @@ def main() -> None:
              (f"answers shared between alike edits, {args.evaluators} evaluators", True, args.evaluators)]
     first = None
     for name, share, n in modes:
-        server = ActivationServer(harvest_config(profile), eval_cfg=replace(eval_cfg, share_answers=share),
+        server = ActivationServer(profile.harvest, eval_cfg=replace(eval_cfg, share_answers=share),
                                   bank_cfg=bank_cfg, evaluators=n, threads=args.threads)
         server.controls()  # the one-off work (bank, residuals, controls, evaluator copies): not timed
         seconds, answers = evaluate_all(server, saes, n)

@@ -16,9 +16,8 @@ import pandas as pd
 import ray
 
 from hsae.external import ExternalSource, load_external
+from hsae.profiles import get_profile
 from hsae.server import ActivationServer
-from hsae.spaces import get_profile
-from tune.ablate import eval_config, harvest_config
 
 COLUMNS = ("sparse_probe_mean_k1", "sparse_probe_forget_k1", "sparse_probe_mean_k5", "sparse_probe_forget_k5")
 
@@ -33,8 +32,8 @@ def main() -> None:
     trials = pd.read_parquet(f"{args.results}/trials.parquet")
     trials = trials[trials["status"] == "completed"]
     profile = get_profile("embedded")
-    eval_cfg, bank_cfg = eval_config(profile)
-    server = ActivationServer(harvest_config(profile), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
+    eval_cfg, bank_cfg = profile.eval, profile.bank
+    server = ActivationServer(profile.harvest, eval_cfg=eval_cfg, bank_cfg=bank_cfg)
     out = {}
     for variant in args.variants.split(","):
         rows = trials[trials["variant"] == variant]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hsae.spaces import PROFILES
+from hsae.profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,9 +59,9 @@ def main() -> None:
     if args.cache:
         os.environ["HSAE_CACHE"] = args.cache
     profile = PROFILES["embedded"]
-    per_block = profile.stream_block_contexts * (profile.ctx_len - 1) // profile.batch_size
+    per_block = profile.stream.block_contexts * (profile.harvest.ctx_len - 1) // profile.train.batch_size
     steps = args.blocks * per_block
-    tokens = steps * profile.batch_size
+    tokens = steps * profile.train.batch_size
     with tempfile.TemporaryDirectory(prefix="hsae-bench-stream-") as tmp:
         streamed, printed = sweep(Path(tmp) / "stream" / "out", args.k, tokens, "stream", slots=args.k)
         late, late_printed = sweep(Path(tmp) / "late" / "out", args.k, tokens, "stream", slots=args.k - 1)
@@ -69,10 +69,11 @@ def main() -> None:
     line = stream_line(printed)
     peak_mb = float(re.search(r"server peak memory (\d+) MB", line).group(1))
     d_in = int(streamed["cfg_d_in"].iloc[0])  # the served model's width
-    window_mb = profile.stream_window_blocks * profile.stream_block_contexts * (profile.ctx_len - 1) * d_in * 4 / 2**20
-    print(f"{args.k} relu trials x {steps} steps x {profile.batch_size} = {tokens:,} tokens each")
+    window_rows = profile.stream.window_blocks * profile.stream.block_contexts * (profile.harvest.ctx_len - 1)
+    window_mb = window_rows * d_in * 4 / 2**20
+    print(f"{args.k} relu trials x {steps} steps x {profile.train.batch_size} = {tokens:,} tokens each")
     print(f"all at once ({args.k} slots): {line}")
-    print(f"server peak memory: {peak_mb:.0f} MB, of which the window ({profile.stream_window_blocks} blocks) "
+    print(f"server peak memory: {peak_mb:.0f} MB, of which the window ({profile.stream.window_blocks} blocks) "
           f"holds at most {window_mb:.0f} MB; the rest is the model and the held-out rows")
     if cached is not None:
         speed_stream, speed_cache = streamed["tokens_per_s"].mean(), cached["tokens_per_s"].mean()

@@ -31,30 +31,29 @@ from ray import tune  # noqa: E402
 
 from hsae.activations import Harvester  # noqa: E402
 from hsae.config import SAEConfig  # noqa: E402
+from hsae.profiles import PROFILES, Profile, override  # noqa: E402
 from hsae.server import create_activation_server, fetch  # noqa: E402
-from hsae.spaces import PROFILES, Profile  # noqa: E402
 from hsae.train import ArrayBatches, Trainer  # noqa: E402
-from tune.ablate import harvest_config  # noqa: E402
 
 
 def train_on(x, labels, d: int, profile: Profile, seed: int) -> None:
     cfg = SAEConfig("relu", d, profile.d_sae)
     trainer = Trainer(cfg, profile.train_config(seed),
                       on_progress=lambda p: tune.report({"step": p.step, "loss": p.record["loss"]}))
-    trainer.fit(ArrayBatches(x, labels, profile.batch_size, seed), guard=False)
+    trainer.fit(ArrayBatches(x, labels, profile.train.batch_size, seed), guard=False)
 
 
 def shared_trial(config: dict) -> None:
     torch.set_num_threads(1)
     served = fetch(ray.get(ray.get_actor(config["server"]).prepare.remote()))
-    train_on(served.x, served.labels, served.model.d_model, Profile(**config["profile"]), config["seed"])
+    train_on(served.x, served.labels, served.model.d_model, Profile.from_dict(config["profile"]), config["seed"])
 
 
 def own_model_trial(config: dict) -> None:
     torch.set_num_threads(1)
-    profile = Profile(**config["profile"])
+    profile = Profile.from_dict(config["profile"])
     root = Path(tempfile.mkdtemp(prefix="hsae-bench-"))  # a private cache: nothing shared
-    harvest = Harvester(harvest_config(profile), root, progress=None).run()
+    harvest = Harvester(profile.harvest, root, progress=None).run()
     x, labels = harvest.arrays("train")
     train_on(x, labels, x.shape[1], profile, config["seed"])
 
@@ -79,12 +78,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--embedded", action="store_true", help="also time --space variants on the embedded default")
     args = ap.parse_args()
-    profile = replace(PROFILES["tiny"], steps=args.steps, evaluate=False)
+    profile = replace(override(PROFILES["tiny"], {"train.steps": args.steps}), evaluate=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="hsae-bench-tune-")
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
-        server = create_activation_server(harvest_config(profile), name="bench-sweep", cache_root=cache, num_cpus=0)
+        server = create_activation_server(profile.harvest, name="bench-sweep", cache_root=cache, num_cpus=0)
         ray.get(server.prepare.remote())
         run(shared_trial, args.k, {"server": "bench-sweep", "profile": asdict(profile)}, storage, "shared")
         shared = time.perf_counter() - t0  # the one harvest included

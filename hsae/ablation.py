@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from hsae import stats
+from hsae.scoring import higher_is_better
 from hsae.spaces import Reference
 from hsae.verdict import (
     ARM_COLUMN,
@@ -30,7 +31,6 @@ from hsae.verdict import (
     arm_names,
     arm_test,
     build_verdict,
-    higher_is_better,
     seed_table,
 )
 

@@ -7,6 +7,7 @@ compute starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +84,7 @@ class TrainConfig:
     # Sparsity coefficients ramp linearly from 0 over these steps (0: no warm-up).
     l1_warmup_steps: int = 0
     # Learning rate: linear warm-up from 0 over these steps, then constant, then a linear decay to 0
-    # over the last ``lr_decay_fraction`` of the steps (docs/variants.md, "Training schedule").
+    # over the last ``lr_decay_fraction`` of the steps (docs/training.md, "The embedded profile's budget").
     lr_warmup_steps: int = 0
     lr_decay_fraction: float = 0.0
     # b_dec starts at the geometric median of the first batch (robust to the residual stream's outliers)
@@ -93,11 +94,12 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     device: str = "cpu"
-    # Mixed precision for the forward pass and loss: "auto" = bfloat16 on CUDA, none on the CPU (no
-    # speed-up there); "bf16" forces it (also on the CPU); "none" keeps fp32 everywhere.
+    # Mixed precision for the forward pass and loss: "bf16" or "none" (fp32 everywhere); "auto" = bfloat16 on
+    # CUDA, else fp32. A sweep sets it from the precision it measured on the machine (hsae.machine), never from a
+    # profile: it is a run setting, not part of what a trial is.
     autocast: str = "auto"
-    # torch.compile the variant's loss: 5-10% faster steps on this CPU (docs/performance.md) for a
-    # 10-40 s compile per process, so it pays only on long runs.
+    # torch.compile the variant's loss: a 10-40 s compile per process for a few per cent per step
+    # (docs/performance.md), so it pays only on long runs.
     compile: bool = False
     # The calibration phase (docs/training.md, "Target L0"): during the first ``calibration_fraction`` of the
     # steps the trainer may change the objective (the L0 controller scales the shared sparsity coefficient of an
@@ -112,10 +114,13 @@ class TrainConfig:
     # calibration phase, in variants with an L1 penalty (0: never; docs/training.md, "Dead latents").
     resample_every: int = 0
     # Train until converged (docs/training.md, "Extensions"): while the convergence rule fails at the last step,
-    # train ``extension_steps`` more, at most ``max_extensions`` times. The calibration phase keeps its fraction
-    # of the longer run, so the controller acts again and the last 20% are again one fixed objective.
+    # train ``steps_per_extension()`` more, at most ``max_extensions`` times. The calibration phase keeps its
+    # fraction of the longer run, so the controller acts again and the last 20% are again one fixed objective.
+    # An extension's size is ``extension_steps``, or where that is 0 ``extension_fraction`` of ``steps`` (so a
+    # profile's budget and its extensions scale together: --steps N trains N to N x (1 + max x fraction)).
     extension_steps: int = 0
     max_extensions: int = 0
+    extension_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
@@ -131,7 +136,8 @@ class TrainConfig:
         check_positive_int("lr_warmup_steps", self.lr_warmup_steps, minimum=0)
         if not isinstance(self.lr_decay_fraction, (int, float)) or not 0.0 <= self.lr_decay_fraction < 1.0:
             raise ValueError(f"lr_decay_fraction must be in [0, 1), got {self.lr_decay_fraction!r}")
-        if self.lr_warmup_steps + self.lr_decay_fraction * self.steps > self.steps:
+        # A warm-up longer than the run only keeps it below full rate; overlapping the decay is a mistake.
+        if self.lr_decay_fraction and self.lr_warmup_steps + self.lr_decay_fraction * self.steps > self.steps:
             raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} plus the decay "
                              f"({self.lr_decay_fraction} x {self.steps} steps) exceed steps={self.steps}")
         check_positive_int("log_every", self.log_every)
@@ -147,16 +153,34 @@ class TrainConfig:
         check_positive_int("resample_every", self.resample_every, minimum=0)
         check_positive_int("extension_steps", self.extension_steps, minimum=0)
         check_positive_int("max_extensions", self.max_extensions, minimum=0)
-        if self.max_extensions and not self.extension_steps:
-            raise ValueError(f"max_extensions={self.max_extensions} needs extension_steps > 0 (the steps each "
-                             f"extension adds), got {self.extension_steps}; max_extensions=0 turns extensions off")
+        fraction = self.extension_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < math.inf:
+            raise ValueError(f"extension_fraction must be a number >= 0 (the share of the steps each extension "
+                             f"adds), got {fraction!r}")
+        if self.max_extensions and not self.steps_per_extension():
+            raise ValueError(f"max_extensions={self.max_extensions} needs extension_steps > 0 or extension_fraction "
+                             f"> 0 (the steps each extension adds), got {self.extension_steps} and {fraction}; "
+                             f"max_extensions=0 turns extensions off")
         if self.max_extensions and self.lr_decay_fraction:
             raise ValueError(f"max_extensions={self.max_extensions} continues a run at its constant rate: it needs "
                              f"lr_decay_fraction=0, got {self.lr_decay_fraction} (with a decay, set max_extensions=0)")
 
+    def steps_per_extension(self) -> int:
+        """The steps one extension adds: ``extension_steps``, else ``extension_fraction`` of ``steps``, rounded, at
+        least 1 (0: none). The embedded profile's 1/3 of 4,500 is 1,500."""
+        if self.extension_steps or not self.extension_fraction:
+            return self.extension_steps
+        return max(1, round(self.extension_fraction * self.steps))
+
+    def resolved_extensions(self) -> TrainConfig:
+        """This schedule with its extension size in steps (``extension_fraction`` spent): what a trial is given, and
+        what its row records."""
+        return dataclasses.replace(self, extension_steps=self.steps_per_extension(), extension_fraction=0.0)
+
     def extended(self, times: int) -> TrainConfig:
         """This schedule ``times`` extensions longer (docs/training.md, "Extensions")."""
-        return dataclasses.replace(self, steps=self.steps + times * self.extension_steps)
+        size = self.steps_per_extension()
+        return dataclasses.replace(self, steps=self.steps + times * size, extension_steps=size, extension_fraction=0.0)
 
     def max_steps(self) -> int:
         """The most steps a run may train: its budget and every extension."""

@@ -149,8 +149,8 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """A model's dtype. "auto": bfloat16 on a GPU that computes it natively (the same capability rule as
     training, hsae.machine), float32 elsewhere. On a CPU a harvest stays float32 even where bf16 is fast unless
-    asked (``Profile.harvest_dtype``): the dtype changes the activations, hence the study's data and its harvest
-    key, and a cached harvest makes the saving small (docs/performance.md, "A bf16 harvest")."""
+    asked (the profile's ``harvest.model.dtype``): the dtype changes the activations, hence the study's data and
+    its harvest key, and a cached harvest makes the saving small (docs/performance.md, "A bf16 harvest")."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if resolve_precision("auto", device, 1, 1).precision == "bf16" else torch.float32

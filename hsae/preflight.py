@@ -103,12 +103,12 @@ def describe_sizes(sizes: Sizes) -> list[str]:
 def plan_sizes(profile: Any, model: Any, model_config: Any, trials: list[Any]) -> Sizes:
     """The sizes of a sweep of ``trials`` (TrialSpecs) under ``profile`` on ``model`` (a ModelInfo)."""
     train_tokens = profile.cache_rows()
-    eval_tokens = profile.n_eval_ctxs * (profile.ctx_len - 1)
+    eval_tokens = profile.harvest.n_eval_ctxs * (profile.harvest.ctx_len - 1)
     cache = 4 * model.d_model * (train_tokens + eval_tokens)
     store = cache
     if profile.activations == "stream":  # only the held-out rows go to disk; the window bounds the rest
         cache = 4 * model.d_model * eval_tokens
-        window_rows = profile.stream_window_blocks * profile.stream_block_contexts * (profile.ctx_len - 1)
+        window_rows = profile.stream.window_blocks * profile.stream.block_contexts * (profile.harvest.ctx_len - 1)
         store = cache + 4 * model.d_model * window_rows
     per_variant: dict[str, int] = {}
     for t in trials:
@@ -117,26 +117,26 @@ def plan_sizes(profile: Any, model: Any, model_config: Any, trials: list[Any]) -
             per_variant[t.variant] = max(per_variant.get(t.variant, 0), b)
             continue
         n = sae_parameters(t.variant, model.d_model, profile.d_sae, t.params)
-        b = trial_bytes(n, profile.batch_size, model.d_model, profile.d_sae)
+        b = trial_bytes(n, profile.train.batch_size, model.d_model, profile.d_sae)
         per_variant[t.variant] = max(per_variant.get(t.variant, 0), b)
     return Sizes(cache_bytes=cache, object_store_bytes=store,
                  model_bytes=model_parameters(model_config) * dtype_bytes(model.dtype),
                  trial_bytes=per_variant, train_tokens=train_tokens, eval_tokens=eval_tokens,
-                 tokens_per_trial=profile.steps * profile.batch_size)
+                 tokens_per_trial=profile.train.steps * profile.train.batch_size)
 
 
 def check_plan(sizes: Sizes, cache_dir: Path, cache_complete: bool, concurrent: int, gpus_per_trial: float) -> None:
     """Refuse a plan that cannot fit this machine: disk for the cache, memory for the model and the trials."""
     if not cache_complete:
         check_fits("the activation cache", sizes.cache_bytes, free_disk_bytes(cache_dir), f"{cache_dir} (free)",
-                   "lower --n-ctxs (or --set n_eval_ctxs=...), or point --cache at a larger disk")
+                   "lower --n-ctxs (or --set harvest.n_eval_ctxs=...), or point --cache at a larger disk")
     check_fits("the language model", sizes.model_bytes, host_memory_bytes(), "this machine's memory",
                "run on a machine with more memory or pick a smaller --model")
     largest = max(sizes.trial_bytes.values(), default=0)
     if gpus_per_trial > 0 and torch.cuda.is_available():
         gpu = int(torch.cuda.get_device_properties(0).total_memory * gpus_per_trial)
         check_fits("one trial", largest, gpu, f"a {gpus_per_trial} share of this GPU",
-                   "raise --gpus-per-trial, lower --d-sae or --set batch_size=...")
+                   "raise --gpus-per-trial, lower --d-sae or --set train.batch_size=...")
     elif gpus_per_trial == 0:
         check_fits(f"{concurrent} concurrent trials", largest * concurrent, host_memory_bytes(),
-                   "this machine's memory", "lower --max-concurrent, --d-sae or --set batch_size=...")
+                   "this machine's memory", "lower --max-concurrent, --d-sae or --set train.batch_size=...")

@@ -37,12 +37,13 @@ import pandas as pd
 from hsae import schema
 from hsae.atomic import atomic_file, atomic_write_text
 from hsae.schema import SAE_METRICS
-from hsae.verdict import BARS, SELECT_TEST_COLUMNS, area_select_test, bar_metric, matched_retain_select_test
+from hsae.scoring import BARS, SELECT_TEST_COLUMNS, area_select_test, bar_metric, matched_retain_select_test
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig, TrainConfig
     from hsae.models import ModelInfo
-    from hsae.spaces import Profile, TrialSpec
+    from hsae.profiles import Profile
+    from hsae.spaces import TrialSpec
 
 STATUSES = ("completed", "early_stopped", "failed", "degenerate")
 FINISHED = ("completed", "degenerate")  # a re-run skips these; failed and early-stopped trials run again
@@ -422,7 +423,8 @@ def trial_row(spec: TrialSpec, profile: Profile, model: ModelInfo, sae_cfg: SAEC
     if sae_cfg is not None:
         row.update({f"cfg_{k}": v for k, v in sae_cfg.flat().items()})
     if train_cfg is not None:
-        row.update({f"cfg_{k}": v for k, v in asdict(train_cfg).items() if k != "seed"})
+        # extension_fraction is spent in a trial's config (its extension_steps say the size): not a column
+        row.update({f"cfg_{k}": v for k, v in asdict(train_cfg).items() if k not in ("seed", "extension_fraction")})
     row.update(values)
     return row
 
@@ -450,12 +452,12 @@ def select_test_accuracies(grid: list[dict[str, Any]]) -> list[list[float]]:
 
 def matched_retain(grid: list[dict[str, Any]], bar: float) -> float:
     """The test forget accuracy of the grid setting chosen on select questions at retain >= ``bar`` (NaN if
-    none): ``hsae.verdict.matched_retain_select_test`` on the grid points' accuracies."""
+    none): ``hsae.scoring.matched_retain_select_test`` on the grid points' accuracies."""
     return float(matched_retain_select_test(*select_test_accuracies(grid), bar)[0])
 
 
 def grid_frontier_area(grid: list[dict[str, Any]]) -> float:
-    """The frontier area of the grid settings, as the verdict computes it (``hsae.verdict.metrics``): each retain
+    """The frontier area of the grid settings, as the verdict computes it (``hsae.scoring.metrics``): each retain
     level's setting chosen on select questions, its removal read on test questions (``area_select_test``)."""
     forget_select, retain_select, forget_test, _ = select_test_accuracies(grid)
     return float(area_select_test(forget_select, retain_select, forget_test))

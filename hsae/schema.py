@@ -75,7 +75,7 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("model", "string", "model the activations came from", group=_ID),
     _c("layer", "Int64", "model layer the activations came from", group=_ID),
     _c("harvest_dtype", "string", "the dtype of the forward that computed every activation row, held-out ones included "
-       "(Profile.harvest_dtype resolved on the activation server's device; part of the harvest's key; docs/"
+       "(the profile's harvest.model.dtype resolved on the activation server's device; part of the harvest's key; docs/"
        "performance.md, \"A bf16 harvest\")", group=_ID),
     _c("sae_path", "string", "the trained SAE in the SAELens layout (cfg.json + sae_weights.safetensors), relative "
        "to the results directory: saes/<trial_id>; completed trials only", group=_META),
@@ -158,9 +158,9 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        group=_TRAIN),
     _c("stream_start_batch", "Int64", "stream mode: the first stream batch the trial trained on (it trained on "
        "batches start .. start + steps - 1; docs/sweeps.md)", "batches", group=_TRAIN),
-    _c("stream_join", "string", "stream mode: where the trial's batches started (Profile.stream_join): \"first\" = "
-       "batch 0, its data a function of the step alone; \"oldest\" = the oldest batch buffered when it started, so "
-       "timing decided its data and a seed is no shared data order (docs/sweeps.md)", group=_TRAIN),
+    _c("stream_join", "string", "stream mode: where the trial's batches started (the profile's stream.join): "
+       "\"first\" = batch 0, its data a function of the step alone; \"oldest\" = the oldest batch buffered when it "
+       "started, so timing decided its data and a seed is no shared data order (docs/sweeps.md)", group=_TRAIN),
     _c("stream_lm_tokens", "Int64", "stream mode: LM tokens the server had computed for the sweep's training "
        "stream when the trial finished (the last row's value is the sweep's cost)", "tokens", group=_TRAIN),
     _c("outlier_tokens", "Int64", "training tokens of the harvest dropped as attention sinks (norm > 10x the median; "
@@ -179,7 +179,7 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "settings", group=_EVAL),
     _c("forget_acc_at_retain99", "float64", "test-question forget accuracy of the setting (SAEBench + extended grid) "
        "chosen on select questions: lowest select forget accuracy among those with select retain accuracy >= 0.99; "
-       "null if none (hsae.verdict.matched_retain_select_test)", "fraction", "lower", "forget@retain≥.99", _EVAL),
+       "null if none (hsae.scoring.matched_retain_select_test)", "fraction", "lower", "forget@retain≥.99", _EVAL),
     _c("forget_acc_at_retain98", "float64", "the same at retain accuracy >= 0.98", "fraction", "lower",
        "forget@retain≥.98", _EVAL),
     _c("forget_acc_at_retain95", "float64", "the same at retain accuracy >= 0.95", "fraction", "lower",
@@ -187,7 +187,7 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     _c("frontier_area", "float64", "removal averaged over retain levels 0.9, 0.905, ..., 1: at each level, 1 - the "
        "test-question forget accuracy of the setting chosen on select questions at that retain (0 where none "
        "reaches it); the declared headline by default (docs/evaluation.md, 'Headline'; "
-       "hsae.verdict.area_select_test); null unless completed", "fraction", "higher", "frontier area", _EVAL),
+       "hsae.scoring.area_select_test); null unless completed", "fraction", "higher", "frontier area", _EVAL),
     _c("settings_selecting_none", "Int64", "grid settings (SAEBench + extended) whose retain threshold left no "
        "feature to clamp: they cannot change an answer", "settings", group=_EVAL),
     _c("controls_ok", "boolean", "the sweep's evaluation controls were in range (positive >= 0.2, negative <= "

@@ -30,20 +30,17 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hsae.config import SAEConfig, TrainConfig
-from hsae.convergence import log_every_for
+from hsae.config import SAEConfig
 from hsae.external import ExternalArm, ExternalSAEError, is_external
 from hsae.external import parse_block as parse_external_block
 from hsae.keys import content_key
-from hsae.machine import AUTOCAST, RunSettings
-from hsae.models import check_dtype_name
-from hsae.stream import StreamConfig, check_join_policy
+from hsae.profiles import Profile
 
 
 def default_spaces_dir() -> Path:
@@ -73,245 +70,10 @@ def all_spaces(spaces_dir: Path | None = None) -> list[str]:
 
 SAMPLERS = ("grid", "uniform", "loguniform", "int", "choice")
 SCHEDULERS = ("asha", "fifo")
-ACTIVATION_SOURCES = ("cache", "stream")
 
 
 class SpaceError(ValueError):
     """A malformed or invalid space file; the message names the file and the field."""
-
-
-# Profile fields that say how the verdict reads the rows, not what a trial computes: left out of the sweep
-# context, so declaring them (or staging seeds) never retrains a finished trial.
-VERDICT_FIELDS = ("equivalence_margin", "max_seeds", "seeds_per_stage", "seed_looks")
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Everything about a sweep that is not the searched space: model, data, sizes, budget."""
-
-    name: str
-    model: str
-    layer: int
-    corpus: str
-    n_ctxs: int
-    n_eval_ctxs: int
-    ctx_len: int
-    d_sae: int
-    steps: int
-    batch_size: int
-    lr: float
-    log_every: int
-    checkpoint_every: int
-    bank_kind: str = "cloze"
-    min_forget_questions: int = 150
-    min_retain_questions: int = 300
-    ce_contexts_per_domain: int = 4
-    # Where the real profile's data come from: hub ids, or local copies in the hub's layout (hsae.hub).
-    # SAEBench evaluates a base model's SAEs on its instruction-tuned twin (None: the base model).
-    eval_model: str | None = None
-    forget_corpus: str = "cais/wmdp-bio-forget-corpus"
-    retain_corpus: str = "Salesforce/wikitext"
-    wmdp_questions: str = "cais/wmdp"
-    mmlu_questions: str = "cais/mmlu"
-    evaluate: bool = True
-    # Seeds per configuration (42, 43, ...): intervals need several; --seeds overrides.
-    seeds: int = 3
-    # Fraction of each domain's documents held out from SAE training for evaluation (questions, feature
-    # selection, control directions, CE text).
-    holdout_fraction: float = 0.1
-    # Share of training contexts drawn from the forget corpus (the rest from retain).
-    forget_fraction: float = 0.5
-    # Whether evaluation controls out of range fail the sweep (exit 3). Only the tiny test profile says no:
-    # a random model knows nothing its controls could remove; its rows still carry controls_ok = false.
-    controls_required: bool = True
-    # Learning-rate schedule (TrainConfig): linear warm-up over these steps, linear decay to 0 over the last
-    # fraction of the steps.
-    lr_warmup_steps: int = 0
-    lr_decay_fraction: float = 0.0
-    # Where training rows come from: "cache" (harvested once to disk, every trial samples the same rows) or
-    # "stream" (hsae.stream: computed as trials consume them; memory bounded by the window whatever the
-    # budget). --tokens beyond the cache's rows switches to "stream" unless --activations says otherwise.
-    activations: str = "cache"
-    stream_block_contexts: int = 256
-    stream_window_blocks: int = 4
-    stream_stall_s: float = 120.0
-    # Where each trial's stream batches start (hsae.stream.JOIN_POLICIES): "first" = batch 0 for every trial,
-    # so its data are a function of the step alone; "oldest" = the oldest batch buffered when it starts (no
-    # LM pass of its own, but timing decides its data: its rows say stream_join = "oldest").
-    stream_join: str = "first"
-    # The held-out L0 every trial trains to (docs/training.md, "Target L0"), unless its block sets target_l0:
-    # L1 variants calibrate their sparsity coefficient to it, TopK variants take k = target_l0. None: off.
-    target_l0: int | None = None
-    # TrainConfig.calibration_fraction and resample_every (dead latents resampled; 0: never).
-    calibration_fraction: float = 0.6
-    resample_every: int = 0
-    # Extensions (docs/training.md, "Extensions"): a trial the convergence rule fails trains on, at most
-    # ``max_extensions`` times, each time ``extension_fraction`` of its budget (``extension_steps``: the one rule,
-    # so --steps N trains N to N x (1 + max_extensions x extension_fraction) steps; max_extensions=0 turns them
-    # off). Cached activations only: a stream serves each trial a fixed number of batches, so a streamed trial
-    # trains its budget (its row says cfg_max_extensions = 0).
-    extension_fraction: float = 0.0
-    max_extensions: int = 0
-    # The metric the verdict's claims are made on, declared before the run (docs/evaluation.md, "Headline");
-    # every other candidate is secondary. Recorded on each trial row.
-    headline_metric: str = "frontier_area"
-    # The headline's equivalence margin, declared with it (docs/evaluation.md, "Equivalence margin"): an arm whose
-    # difference from relu is shown to lie within ±margin is "equivalent to relu". Recorded on each trial row.
-    equivalence_margin: float = 0.05
-    # Seeds added in stages until each arm is decided (--until-decided; docs/evaluation.md, "Seeds in stages"): the
-    # first look at `seeds`, then `seeds_per_stage` more for every undecided arm (and relu), up to `max_seeds`.
-    # seed_looks is the number of looks the run declared (1 without stages): each spends 0.05 / seed_looks.
-    max_seeds: int = 9
-    seeds_per_stage: int = 2
-    seed_looks: int = 1
-    # The harvest's dtype (hsae.models.DTYPES, or "auto": bf16 on a GPU that computes it natively, else float32).
-    # It changes every activation row, held-out ones included, hence the harvest key; the model that answers the
-    # questions and gives CE/KL always runs at "auto" (docs/performance.md, "A bf16 harvest").
-    harvest_dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        check_dtype_name("harvest_dtype", self.harvest_dtype)
-        if not (isinstance(self.equivalence_margin, (int, float)) and self.equivalence_margin > 0):
-            raise ValueError(f"equivalence_margin must be > 0 (a difference in the headline's units), got "
-                             f"{self.equivalence_margin!r}")
-        if self.seed_looks < 1 or self.seeds_per_stage < 1:
-            raise ValueError(f"seed_looks and seeds_per_stage must be >= 1, got {self.seed_looks}, "
-                             f"{self.seeds_per_stage}")
-        if self.activations not in ACTIVATION_SOURCES:
-            raise ValueError(f"activations must be one of {list(ACTIVATION_SOURCES)}, got {self.activations!r}")
-        check_join_policy("stream_join", self.stream_join)
-        fraction = self.extension_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < math.inf:
-            raise ValueError(f"extension_fraction must be a number >= 0 (the share of a trial's steps each extension "
-                             f"adds), got {fraction!r}")
-        if self.max_extensions and not fraction:
-            raise ValueError(f"max_extensions={self.max_extensions} needs extension_fraction > 0 (the share of a "
-                             f"trial's steps each extension adds); max_extensions=0 turns extensions off")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Profile:
-        """A profile from ``asdict``; one written before extensions were a fraction of the budget (a Tune experiment
-        interrupted then and resumed now) gives its ``extension_steps`` as that fraction of its ``steps``."""
-        data = dict(data)
-        if "extension_steps" in data:
-            legacy = data.pop("extension_steps")
-            data.setdefault("extension_fraction", legacy / data["steps"] if legacy else 0.0)
-        return cls(**data)
-
-    def extension_steps(self) -> int:
-        """The steps one extension adds: ``extension_fraction`` of ``steps``, rounded, at least 1 (0: none). The
-        embedded profile's 1/3 of 4,500 is the 1,500 steps it always had."""
-        if not self.extension_fraction:
-            return 0
-        return max(1, round(self.extension_fraction * self.steps))
-
-    def key_fields(self) -> dict[str, Any]:
-        """What a sweep's key hashes of the profile: every field but the verdict's (``VERDICT_FIELDS``), the
-        extension as its steps (what the trainer is given), so that a profile whose extension steps are unchanged
-        keeps its trials' keys."""
-        fields = {k: v for k, v in asdict(self).items() if k not in VERDICT_FIELDS}
-        del fields["extension_fraction"]
-        return {**fields, "extension_steps": self.extension_steps()}
-
-    def cache_rows(self) -> int:
-        """Training rows a harvest of this profile holds (contexts x tokens after the start token)."""
-        return self.n_ctxs * (self.ctx_len - 1)
-
-    def stream_config(self) -> StreamConfig | None:
-        if self.activations != "stream":
-            return None
-        return StreamConfig(batch_size=self.batch_size, block_contexts=self.stream_block_contexts,
-                            window_blocks=self.stream_window_blocks, stall_s=self.stream_stall_s,
-                            join=self.stream_join)
-
-    def train_config(self, seed: int, settings: RunSettings | None = None) -> TrainConfig:
-        # Device "auto": the GPU Ray gave the trial (--gpus-per-trial), else the CPU. Precision is the run's
-        # (RunSettings), not the profile's: the trainer resolves "auto" on its device (hsae.machine). The log
-        # interval never exceeds 5% of the steps, so the convergence rule recomputes from the curves at any --steps.
-        precision = (settings or RunSettings()).precision
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                           lr_warmup_steps=min(self.lr_warmup_steps, self.steps // 10),
-                           lr_decay_fraction=self.lr_decay_fraction,
-                           log_every=min(self.log_every, log_every_for(self.steps)),
-                           checkpoint_every=self.checkpoint_every, device="auto",
-                           autocast=AUTOCAST.get(precision, precision),
-                           calibration_fraction=self.calibration_fraction, resample_every=self.resample_every,
-                           extension_steps=self.extension_steps(),
-                           max_extensions=self.max_extensions if self.activations == "cache" else 0)
-
-    def trial_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A space block's parameters with the profile's ``target_l0`` filled in where the block sets none."""
-        if self.target_l0 is None or "target_l0" in params:
-            return dict(params)
-        return {**params, "target_l0": self.target_l0}
-
-
-PROFILES: dict[str, Profile] = {
-    # The paper's protocol on Gemma-2-2B (GPU cluster): 2048 contexts x 128 tokens, 1000 steps.
-    "real": Profile(name="real", model="google/gemma-2-2b", layer=19, corpus="wmdp", n_ctxs=2048, n_eval_ctxs=64,
-                    ctx_len=128, d_sae=16384, steps=1000, batch_size=2048, lr=3e-4, log_every=10,
-                    checkpoint_every=100, bank_kind="letter", eval_model="google/gemma-2-2b-it"),
-    # WMDP / MMLU questions are test sets that no training corpus contains; 10% of the corpus documents are
-    # still held out for feature selection, control directions and CE text.
-    # What runs here offline on 2 CPU cores: Gemma-3-270M layer 13 (same relative depth), 2048 contexts
-    # (260k training tokens, ~6 min to harvest), a 2x dictionary, 4500 steps x 1024 at lr 2e-3 with warm-up and
-    # no decay; every variant trained to a held-out L0 of 64 (its sparsity coefficient calibrated over the first
-    # 80% of the steps and frozen for the last 20%; dead latents resampled every 250 steps meanwhile) and judged
-    # converged on those last 20%: one fixed objective at a constant rate (docs/training.md); a trial that is not
-    # trains on, a third of its budget (1,500 steps) at a time, at most twice. 40% of each domain's articles are
-    # held out (the cloze questions come from them), which leaves the forget corpus 721 training contexts: 35% of
-    # the 2048.
-    "embedded": Profile(name="embedded", model="embedded", layer=13, corpus="embedded", n_ctxs=2048, n_eval_ctxs=256,
-                        ctx_len=128, d_sae=1280, steps=4500, batch_size=1024, lr=2e-3, log_every=75,
-                        checkpoint_every=300, ce_contexts_per_domain=2, holdout_fraction=0.4, forget_fraction=0.35,
-                        lr_warmup_steps=50, lr_decay_fraction=0.0, target_l0=64, calibration_fraction=0.8,
-                        resample_every=250, extension_fraction=1 / 3, max_extensions=2),
-    # Unit/integration tests: a random tiny Gemma-2 on a toy corpus, seconds per trial.
-    "tiny": Profile(name="tiny", model="tiny", layer=2, corpus="toy", n_ctxs=48, n_eval_ctxs=8, ctx_len=32,
-                    d_sae=256, steps=40, batch_size=256, lr=3e-3, log_every=5, checkpoint_every=10,
-                    min_forget_questions=10, min_retain_questions=10, ce_contexts_per_domain=2, seeds=1,
-                    holdout_fraction=0.3, controls_required=False, stream_block_contexts=16),
-}
-
-
-def get_profile(name: str, **overrides: Any) -> Profile:
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; valid profiles: {sorted(PROFILES)}")
-    fields = {f for f in asdict(PROFILES[name])}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown profile field(s) {unknown}; valid: {sorted(fields)}")
-    return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
-
-
-# Profile fields whose default is None, with the type a --set value must have (null turns them off again).
-OPTIONAL_PROFILE_FIELDS: dict[str, type] = {"target_l0": int}
-
-
-def parse_profile_settings(pairs: list[str], profile: Profile) -> dict[str, Any]:
-    """``--set field=value`` pairs as typed overrides of ``profile``'s fields (values read as YAML)."""
-    out: dict[str, Any] = {}
-    current = asdict(profile)
-    for pair in pairs:
-        field_name, sep, text = pair.partition("=")
-        if field_name in ("autocast", "precision", "device"):
-            raise ValueError(f"--set {pair!r}: precision and device are run settings, not part of the study (they "
-                             f"never change a trial's key): use --precision {{auto,bf16,fp32}} or --gpus-per-trial")
-        if not sep or field_name not in current or field_name == "name":
-            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of "
-                             f"{sorted(k for k in current if k != 'name')}")
-        value, old = yaml.safe_load(text), current[field_name]
-        if value is None and field_name in OPTIONAL_PROFILE_FIELDS:
-            out[field_name] = None
-            continue
-        expected = type(old) if old is not None else OPTIONAL_PROFILE_FIELDS.get(field_name, str)
-        ok = (isinstance(value, expected) and not (expected is int and isinstance(value, bool))) or (
-            expected is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"--set {field_name}: expected a {expected.__name__} (the profile has {old!r}), "
-                             f"got {text!r}")
-        out[field_name] = float(value) if expected is float else value
-    return out
 
 
 @dataclass(frozen=True)

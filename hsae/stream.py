@@ -59,7 +59,7 @@ def check_join_policy(name: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    batch_size: int
+    batch_size: int = 2048  # a profile sets its training batch here (Profile keeps the two one fact)
     block_contexts: int = 256  # the mixing buffer: a batch draws its rows from this many contexts
     window_blocks: int = 4  # blocks kept published at once: the memory bound
     stall_s: float = 120.0  # how long the producer waits for the slowest consumer before detaching it
@@ -84,12 +84,12 @@ class BlockSource:
         self.blocks_per_epoch = hcfg.n_ctxs // cfg.block_contexts
         if self.blocks_per_epoch < 1:
             raise ValueError(f"block_contexts={cfg.block_contexts} exceeds an epoch's {hcfg.n_ctxs} contexts "
-                             f"(n_ctxs): lower stream_block_contexts or raise --n-ctxs")
+                             f"(n_ctxs): lower stream.block_contexts or raise --n-ctxs")
         rows = cfg.block_contexts * (hcfg.ctx_len - 1)
         self.batches_per_block = rows // cfg.batch_size
         if self.batches_per_block < 1:
             raise ValueError(f"a block of {cfg.block_contexts} contexts gives {rows} rows, fewer than one batch of "
-                             f"{cfg.batch_size}: raise stream_block_contexts")
+                             f"{cfg.batch_size}: raise stream.block_contexts")
         self.tokens_per_block = cfg.block_contexts * hcfg.ctx_len  # what the LM computes for a block
         # Packed epochs, the newest few: the producer and a trial recomputing an old block need different ones.
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -21,9 +21,10 @@ from hsae.external import metrics as external_metrics
 from hsae.l0_control import target_met
 from hsae.machine import RunSettings
 from hsae.models import ModelInfo
+from hsae.profiles import Profile
 from hsae.results import curve_rows, evaluation_values, grid_rows, probe_rows, training_values, trial_row
 from hsae.schema import SAE_METRICS
-from hsae.spaces import Profile, TrialSpec
+from hsae.spaces import TrialSpec
 from hsae.stream import StreamBatches
 from hsae.train import (
     ArrayBatches,
@@ -104,12 +105,12 @@ class TrialRun:
         """The trained SAE in the SAELens layout, named by the model's resolvable name and carrying the trial."""
         if self.result is None:
             raise RuntimeError("export_sae before the trial trained an SAE")
-        p = self.profile
-        dataset = f"{p.forget_corpus} + {p.retain_corpus}" if p.corpus == "wmdp" else p.corpus
+        corpus, ctx_len = self.profile.harvest.corpus, self.profile.harvest.ctx_len
+        dataset = f"{corpus.forget} + {corpus.retain}" if corpus.name == "wmdp" else corpus.name
         trial = {"trial_id": self.spec.key, "experiment": self.spec.experiment, "seed": self.spec.seed,
                  "params": self.spec.params, "steps": self.result.steps, "model_source": self.model.source}
         return export_saelens(self.result.sae, path, self.result.scale, model_name=self.model.name,
-                              hook_layer=self.model.layer, dataset_path=dataset, context_size=p.ctx_len,
+                              hook_layer=self.model.layer, dataset_path=dataset, context_size=ctx_len,
                               metadata={"hsae_trial": trial})
 
     def _degenerate(self, reason: str, metrics: dict[str, float]) -> TrialOutcome:

@@ -1,20 +1,15 @@
 """The verdict: does an arm remove forget knowledge better than a plain ReLU SAE at matched retain?
 
-Pure numpy/pandas/scipy (no torch, no Ray). Everything is recomputed from grid.parquet's per-question
-outcomes (``docs/evaluation.md``, "The verdict"):
+Pure numpy/pandas/scipy (no torch, no Ray). Every number is recomputed from grid.parquet's per-question
+outcomes by ``hsae/scoring.py`` (matched retain chosen on select and scored on test questions, the frontier
+area, the question bootstrap); here they are compared across arms (``docs/evaluation.md``, "The verdict"):
 
-* **matched retain**: the grid setting whose retain accuracy meets a bar with the lowest forget accuracy,
-  chosen on *select* questions and scored on *test* questions (``matched_retain_select_test``) when
-  questions.parquet gives each question a role; on all questions otherwise;
-* **frontier area**: removal averaged over retain levels on a fixed grid in [lo, 1], each level's setting
-  chosen by the same rule;
 * **arms**: one configuration each (variant + its parameters, or the space file's ``arm:`` label);
 * **claims**: every arm against the ``relu`` arm by its own paired differences over the seeds (a seed is a
   block), Bonferroni-corrected (``hsae/stats.py``), on the headline metric the profile declared before the
   run (``Profile.headline_metric``): better, worse, equivalent within the declared margin, or undecided with
   the seeds that would decide it; the second witness's primary is a claim only behind the headline's gate,
-  every other metric is descriptive;
-* **question bootstrap**: the question noise of one number (a cell), not the seed-level test.
+  every other metric is descriptive.
 """
 
 from __future__ import annotations
@@ -27,26 +22,11 @@ import numpy as np
 import pandas as pd
 
 from hsae import stats
+from hsae.scoring import CANDIDATES, Bootstrap, higher_is_better, scored
 
-BARS = (0.99, 0.98, 0.95)
-AREA_LO, AREA_STEP = 0.9, 0.005
 POSITIVE_MIN, NEGATIVE_MAX = 0.2, 0.05  # the controls' range (docs/evaluation.md, "Controls")
 BASELINE = "relu"
 ALPHA = 0.05  # family-wise error rate of the claims on one metric
-EPS = 1e-9  # accuracies are k/n: compare with a tolerance far below 1/n
-ROLES = ("select", "test")
-
-
-def bar_metric(bar: float) -> str:
-    """The metric name of a retain bar: 0.99 -> 'forget_acc_at_retain99'."""
-    return f"forget_acc_at_retain{round(bar * 100)}"
-
-
-CANDIDATES: tuple[str, ...] = ("unlearning_score", *(bar_metric(b) for b in BARS), "frontier_area")
-HIGHER_IS_BETTER: dict[str, bool] = {"unlearning_score": True, "frontier_area": True,
-                                     **{bar_metric(b): False for b in BARS}}
-# Metric families whose direction follows from the name (the second witness's probe accuracies).
-HIGHER_IS_BETTER_PREFIXES = ("sparse_probe",)
 DEFAULT_HEADLINE = "frontier_area"  # Profile.headline_metric's default; why: docs/evaluation.md, "Headline"
 # Profile.equivalence_margin's default: a frontier-area difference smaller than this is no difference a
 # researcher would act on (docs/evaluation.md, "Equivalence margin").
@@ -55,315 +35,6 @@ WITNESS = "sparse_probe_mean_k1"  # the second witness's primary metric (docs/ev
 # Chosen and scored on the same (all) questions, as SAEBench defines it: shown, never claimed on
 # (docs/evaluation.md, "Select and test"); the other candidates choose on select and score on test questions.
 DESCRIPTIVE_ONLY: tuple[str, ...] = ("unlearning_score",)
-
-
-def higher_is_better(metric: str, directions: dict[str, bool] | None = None) -> bool:
-    """Which way ``metric`` is better; ValueError naming the known ones when nothing says."""
-    known = {**HIGHER_IS_BETTER, **(directions or {})}
-    if metric in known:
-        return known[metric]
-    if metric.startswith(HIGHER_IS_BETTER_PREFIXES):
-        return True
-    raise ValueError(f"no direction known for metric {metric!r}: pass directions={{{metric!r}: True/False}}; "
-                     f"known: {sorted(known)} and names starting with {list(HIGHER_IS_BETTER_PREFIXES)}")
-
-
-# -- selection on select questions, measurement on test questions --------------------------------
-def select_setting(forget_select: Any, retain_select: Any, bar: float) -> tuple[np.ndarray, np.ndarray]:
-    """The setting each column (resample) chooses: the lowest select-question forget accuracy among
-    settings whose select-question retain accuracy is >= ``bar`` (ties: higher retain, then the first).
-    Returns (index, found): (settings,) inputs give scalars-as-arrays, (settings, R) give (R,)."""
-    f, r = np.asarray(forget_select, dtype=float), np.asarray(retain_select, dtype=float)
-    if f.shape != r.shape:
-        raise ValueError(f"forget and retain accuracies differ in shape: {f.shape} vs {r.shape}")
-    # Accuracies are multiples of 1/n (n <= 10^5): a 1e-7 retain bonus breaks ties without reordering.
-    key = np.where(r >= bar - EPS, f - 1e-7 * np.nan_to_num(r), np.inf)
-    if key.shape[0] == 0:
-        shape = key.shape[1:]
-        return np.zeros(shape, dtype=int), np.zeros(shape, dtype=bool)
-    return key.argmin(axis=0), np.isfinite(key.min(axis=0))
-
-
-def matched_retain_select_test(forget_select: Any, retain_select: Any, forget_test: Any, retain_test: Any,
-                               bar: float) -> tuple[Any, Any]:
-    """Choose the grid setting on select questions (lowest forget accuracy with retain >= ``bar``), report
-    that setting's (forget, retain) accuracy on test questions; NaN when no setting meets the bar.
-
-    Inputs are per-setting accuracies, (settings,) or (settings, resamples); with select = test (no roles)
-    the forget value is ``forget_at_retain``."""
-    idx, found = select_setting(forget_select, retain_select, bar)
-    out = []
-    for test in (forget_test, retain_test):
-        t = np.asarray(test, dtype=float)
-        picked = np.take_along_axis(t, np.asarray(idx)[None, ...], axis=0)[0] if t.shape[0] else np.nan * idx
-        value = np.where(found, picked, np.nan)
-        out.append(float(value) if value.ndim == 0 else value)
-    return out[0], out[1]
-
-
-# -- point metrics ------------------------------------------------------------------------------
-def forget_at_retain(forget_acc: Any, retain_acc: Any, bar: float) -> Any:
-    """Lowest forget accuracy over settings whose retain accuracy is >= ``bar``; NaN when none is.
-
-    Inputs of shape (settings,) give a float; (settings, resamples) give one value per resample."""
-    return matched_retain_select_test(forget_acc, retain_acc, forget_acc, retain_acc, bar)[0]
-
-
-def frontier(points: Any) -> np.ndarray:
-    """The forget-vs-retain Pareto frontier of (retain_acc, forget_acc) points, by retain descending.
-
-    A point is kept when no point at retain >= its own reaches a forget accuracy <= its own; read as a
-    step function it gives, for each retain level, the lowest forget accuracy reachable at >= that retain.
-    """
-    p = np.asarray(points, dtype=float).reshape(-1, 2)
-    if not len(p):
-        return p
-    p = p[np.lexsort((p[:, 1], -p[:, 0]))]  # retain descending, then forget ascending
-    best = np.minimum.accumulate(p[:, 1])
-    return p[np.r_[True, p[1:, 1] < best[:-1]]]
-
-
-def retain_levels(lo: float = AREA_LO, step: float = AREA_STEP) -> np.ndarray:
-    """The fixed grid of retain levels lo, lo + step, ..., 1.0 that the frontier area averages over."""
-    if not 0 <= lo < 1 or step <= 0:
-        raise ValueError(f"need 0 <= lo < 1 and step > 0, got lo={lo!r}, step={step!r}")
-    return np.round(np.linspace(lo, 1.0, int(round((1.0 - lo) / step)) + 1), 10)
-
-
-def area_select_test(forget_select: Any, retain_select: Any, forget_test: Any, lo: float = AREA_LO,
-                     step: float = AREA_STEP) -> Any:
-    """Frontier area: the mean over retain levels r of 1 - the test forget accuracy of the setting chosen at
-    r on select questions (0 where no setting reaches r). (settings,) -> float, (settings, R) -> (R,)."""
-    f = np.asarray(forget_select, dtype=float)
-    two = f.ndim == 1
-    cols = [np.asarray(a, dtype=float)[:, None] if two else np.asarray(a, dtype=float)
-            for a in (forget_select, retain_select, forget_test)]
-    removal = [1.0 - np.nan_to_num(matched_retain_select_test(cols[0], cols[1], cols[2], cols[2], r)[0], nan=1.0)
-               for r in retain_levels(lo, step)]
-    out = np.mean(removal, axis=0)
-    return float(out[0]) if two else out
-
-
-def area(forget_acc: Any, retain_acc: Any, lo: float = AREA_LO, step: float = AREA_STEP) -> Any:
-    """Frontier area from accuracies: (settings,) -> float, (settings, resamples) -> (resamples,)."""
-    f, r = np.asarray(forget_acc, dtype=float), np.asarray(retain_acc, dtype=float)
-    if f.shape != r.shape:
-        raise ValueError(f"forget and retain accuracies differ in shape: {f.shape} vs {r.shape}")
-    return area_select_test(f, r, f, lo, step)
-
-
-def frontier_area(points: Any, lo: float = AREA_LO, step: float = AREA_STEP) -> float:
-    """Mean over retain levels r in [lo, 1] (step ``step``) of 1 - the lowest forget accuracy reachable at
-    retain >= r (0 when no setting reaches r): removal averaged over the retain range a user could accept."""
-    p = np.asarray(points, dtype=float).reshape(-1, 2)
-    return area(p[:, 1], p[:, 0], lo, step)
-
-
-SELECT_TEST_COLUMNS = ("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test")
-
-
-def grid_metrics(rows: pd.DataFrame) -> dict[str, float]:
-    """Every candidate metric of one trial's (or control's) grid rows, from their accuracy columns (the
-    select/test ones when every row has them: settings chosen on select, scored on test questions)."""
-    f, r = rows["forget_acc"].to_numpy(float), rows["retain_acc"].to_numpy(float)
-    sb = (rows["grid"] == "saebench").to_numpy() if "grid" in rows else np.ones(len(rows), bool)
-    has_split = all(c in rows for c in SELECT_TEST_COLUMNS) and rows[list(SELECT_TEST_COLUMNS)].notna().all().all()
-    split = tuple(rows[c].to_numpy(float) for c in SELECT_TEST_COLUMNS) if has_split and len(rows) else None
-    return {k: float(v) for k, v in metrics(f, r, sb, split).items()}
-
-
-def metrics(forget_acc: np.ndarray, retain_acc: np.ndarray, saebench: np.ndarray,
-            split: tuple[np.ndarray, ...] | None = None) -> dict[str, Any]:
-    """Every candidate metric from settings' accuracies on all questions ((settings,) or (settings, R)).
-
-    ``split``: (forget, retain) accuracies on select questions, then on test questions, when questions have
-    roles: matched retain and frontier area choose on the first pair and report the second. The SAEBench
-    score keeps SAEBench's own rule on SAEBench's settings and all questions: 1 - min(forget if retain >=
-    0.99 else 1), a number comparable with SAEBench's."""
-    f_sel, r_sel, f_test, r_test = split if split is not None else (forget_acc, retain_acc, forget_acc, retain_acc)
-    out: dict[str, Any] = {bar_metric(b): matched_retain_select_test(f_sel, r_sel, f_test, r_test, b)[0]
-                           for b in BARS}
-    out["frontier_area"] = area_select_test(f_sel, r_sel, f_test)
-    best = forget_at_retain(forget_acc[saebench], retain_acc[saebench], 0.99)
-    out["unlearning_score"] = 1.0 - np.nan_to_num(best, nan=1.0) if saebench.any() else np.nan * best
-    return {m: out[m] for m in CANDIDATES}
-
-
-# -- per-question outcomes and the bootstrap ----------------------------------------------------
-def decode(bitstrings: Any) -> np.ndarray:
-    """'0'/'1' strings (one per setting, one character per question) as a bool matrix settings x questions."""
-    strings = list(bitstrings)
-    if not strings:
-        return np.zeros((0, 0), dtype=bool)
-    if not all(isinstance(s, str) for s in strings):
-        raise ValueError("a grid setting has no per-question outcomes (forget_correct / retain_correct is null)")
-    n = len(strings[0])
-    if any(len(s) != n for s in strings):
-        raise ValueError("per-question outcome strings of one trial differ in length")
-    raw = np.frombuffer("".join(strings).encode("ascii"), dtype=np.uint8).reshape(len(strings), n)
-    if not np.isin(raw, (48, 49)).all():
-        raise ValueError("per-question outcome strings must hold only '0' and '1'")
-    return raw == 49
-
-
-@dataclass
-class Outcomes:
-    """One trial's per-question outcomes: settings x questions (True = still answered correctly)."""
-
-    forget: np.ndarray
-    retain: np.ndarray
-    saebench: np.ndarray  # (settings,) bool: SAEBench's own settings
-
-
-def trial_outcomes(rows: pd.DataFrame) -> Outcomes:
-    grid = rows["grid"].fillna("saebench") if "grid" in rows else pd.Series("saebench", index=rows.index)
-    forget, retain = decode(rows["forget_correct"]), decode(rows["retain_correct"])
-    if forget.shape[0] != retain.shape[0]:
-        raise ValueError("forget and retain outcomes differ in number of settings")
-    return Outcomes(forget, retain, (grid == "saebench").to_numpy())
-
-
-def outcomes_by_trial(grid: pd.DataFrame, trial_ids: Any,
-                      control: str = "sae") -> tuple[dict[str, Outcomes], dict[str, str]]:
-    """Decoded outcomes of each trial's ``control`` rows; trials without usable rows go to the second dict."""
-    rows = grid[grid["control"] == control] if "control" in grid else grid
-    out, excluded = {}, {}
-    for tid in trial_ids:
-        mine = rows[rows["trial_id"] == tid]
-        if mine.empty:
-            excluded[tid] = "no grid rows"
-            continue
-        try:
-            out[tid] = trial_outcomes(mine)
-        except (ValueError, KeyError) as exc:
-            excluded[tid] = str(exc)
-    return out, excluded
-
-
-def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, n) multinomial count vectors: how often each of n questions is drawn in each resample."""
-    if n < 1:
-        return np.zeros((n_boot, 0))
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
-
-
-def accuracies(correct: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(settings, resamples) accuracies of (settings, questions) outcomes under (resamples, questions) counts."""
-    if correct.shape[1] == 0:
-        return np.full((correct.shape[0], counts.shape[0]), np.nan)
-    return (correct.astype(float) @ counts.T) / counts.sum(axis=1)
-
-
-@dataclass
-class Bootstrap:
-    """Each trial's candidate metrics on the real bank (``point``) and on ``n_boot`` question resamples."""
-
-    trial_ids: list[str]
-    point: pd.DataFrame  # index trial_id, columns CANDIDATES
-    samples: dict[str, np.ndarray]  # metric -> (trials, n_boot), row i is trial_ids[i]
-    n_forget: int = 0
-    n_retain: int = 0
-    select_test: bool = False  # matched retain chosen on select questions, scored on test questions
-
-    def rows(self, trial_ids: Any) -> list[int]:
-        index = {t: i for i, t in enumerate(self.trial_ids)}
-        return [index[t] for t in trial_ids if t in index]
-
-
-@dataclass(frozen=True)
-class Roles:
-    """Which forget and retain questions (bank order) are test questions; the others select."""
-
-    forget_test: np.ndarray  # (n_forget,) bool
-    retain_test: np.ndarray  # (n_retain,) bool
-
-
-def question_roles(questions: pd.DataFrame | None, n_forget: int, n_retain: int,
-                   bank: str | None = None) -> Roles | None:
-    """Each question's role from questions.parquet (``role`` in {select, test}; outcome strings follow
-    ``question_id`` order within a domain); None when the questions carry no roles."""
-    if questions is None or "role" not in questions:
-        return None
-    q = questions[questions["bank"].astype(str) == bank] if bank is not None and "bank" in questions else questions
-    q = q.sort_values("question_id")
-    bad = sorted(set(q["role"].dropna().astype(str)) - set(ROLES))
-    if bad or q["role"].isna().any():
-        raise ValueError(f"questions.parquet role must be one of {list(ROLES)}, got {bad or ['null']}")
-    test = {d: (q.loc[q["domain"] == d, "role"] == "test").to_numpy() for d in ("forget", "retain")}
-    if (len(test["forget"]), len(test["retain"])) != (n_forget, n_retain):
-        raise ValueError(f"questions.parquet has {len(test['forget'])} forget / {len(test['retain'])} retain "
-                         f"questions, the grid's outcomes {n_forget} / {n_retain}: roles cannot be matched")
-    for d, mask in test.items():
-        if len(mask) and (mask.all() or not mask.any()):
-            raise ValueError(f"questions.parquet: every {d} question has one role; need both select and test")
-    return Roles(test["forget"], test["retain"])
-
-
-def _split_accuracies(o: Outcomes, roles: Roles, counts: dict[str, np.ndarray] | None) -> tuple[np.ndarray, ...]:
-    """(forget select, retain select, forget test, retain test) accuracies: point values without ``counts``,
-    (settings, R) under each part's own resample counts with them."""
-    out = []
-    for part in ("select", "test"):
-        for name, correct, test in (("forget", o.forget, roles.forget_test), ("retain", o.retain, roles.retain_test)):
-            cols = correct[:, test if part == "test" else ~test]
-            out.append(cols.mean(axis=1) if counts is None else accuracies(cols, counts[f"{name}_{part}"]))
-    return out[0], out[1], out[2], out[3]
-
-
-def bootstrap(outcomes: dict[str, Outcomes], n_boot: int = 1000, seed: int = 0,
-              roles: Roles | None = None) -> Bootstrap:
-    """Resample forget and retain questions independently (the same resamples for every trial; with roles,
-    select and test questions each within their part) and recompute every candidate metric."""
-    ids = list(outcomes)
-    sizes = {(o.forget.shape[1], o.retain.shape[1]) for o in outcomes.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"trials do not share one question bank (forget, retain sizes {sorted(sizes)})")
-    n_f, n_r = sizes.pop() if sizes else (0, 0)
-    rng = np.random.default_rng(seed)
-    cf, cr = resample_counts(n_f, n_boot, rng), resample_counts(n_r, n_boot, rng)
-    split_counts = None
-    if roles is not None:
-        split_counts = {f"{name}_{part}": resample_counts(int((mask if part == "test" else ~mask).sum()), n_boot, rng)
-                        for name, mask in (("forget", roles.forget_test), ("retain", roles.retain_test))
-                        for part in ("select", "test")}
-    samples = {m: np.full((len(ids), n_boot), np.nan) for m in CANDIDATES}
-    point = {}
-    for i, tid in enumerate(ids):
-        o = outcomes[tid]
-        f, r = o.forget.mean(axis=1), o.retain.mean(axis=1)
-        split = _split_accuracies(o, roles, None) if roles is not None else None
-        point[tid] = {m: float(v) for m, v in metrics(f, r, o.saebench, split).items()}
-        split = _split_accuracies(o, roles, split_counts) if roles is not None else None
-        for m, v in metrics(accuracies(o.forget, cf), accuracies(o.retain, cr), o.saebench, split).items():
-            samples[m][i] = v
-    frame = pd.DataFrame.from_dict(point, orient="index", columns=list(CANDIDATES))
-    return Bootstrap(ids, frame, samples, n_f, n_r, roles is not None)
-
-
-def nanmean(a: np.ndarray, axis: int) -> np.ndarray:
-    """Mean over finite values (NaN where there are none), without warnings."""
-    finite = np.isfinite(a)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(finite, a, 0.0).sum(axis=axis) / finite.sum(axis=axis)
-
-
-def interval(samples: Any, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the finite samples (NaN, NaN when there are none)."""
-    s = np.asarray(samples, dtype=float).ravel()
-    s = s[np.isfinite(s)]
-    if not len(s):
-        return math.nan, math.nan
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(s, [tail, 100 - tail])
-    return float(lo), float(hi)
-
-
-def mean_interval(boot: Bootstrap, trial_ids: Any, metric: str) -> tuple[float, float]:
-    """Question-bootstrap interval of the mean of ``metric`` over the given trials (seeds held fixed)."""
-    rows = boot.rows(trial_ids)
-    if not rows:
-        return math.nan, math.nan
-    return interval(nanmean(boot.samples[metric][rows], axis=0))
 
 
 # -- arms: one configuration each -----------------------------------------------------------------
@@ -681,20 +352,6 @@ class Verdict:
         return list(dict.fromkeys(self.per_trial["arm"]))
 
 
-def one_bank(grid: pd.DataFrame, trial_ids: Any) -> str | None:
-    """The question bank the trials' SAE rows index; ValueError when they span several (no pairing across
-    banks: position i must be the same question everywhere)."""
-    if "bank" not in grid:
-        return None
-    rows = grid[grid["trial_id"].isin(list(trial_ids))]
-    rows = rows[rows["control"] == "sae"] if "control" in rows else rows
-    banks = sorted(rows["bank"].dropna().astype(str).unique())
-    if len(banks) > 1:
-        raise ValueError(f"the trials span {len(banks)} question banks ({', '.join(b[:8] for b in banks)}): "
-                         f"compare the trials of one bank (one profile) at a time")
-    return banks[0] if banks else None
-
-
 def declared(trials: pd.DataFrame, column: str, default: Any) -> Any:
     """The one value the rows record in ``column`` (declared before the run), else ``default``; ValueError when
     the rows declare several (compare trials of one declaration at a time)."""
@@ -710,17 +367,6 @@ def declared(trials: pd.DataFrame, column: str, default: Any) -> Any:
 def declared_headline(trials: pd.DataFrame, default: str = DEFAULT_HEADLINE) -> str:
     """The headline the rows record (``headline_metric``, one value), else ``default``."""
     return str(declared(trials, "headline_metric", default))
-
-
-def scored(done: pd.DataFrame, grid: pd.DataFrame, questions: pd.DataFrame | None = None, n_boot: int = 1000,
-           seed: int = 0) -> tuple[Bootstrap, dict[str, str], str | None]:
-    """The candidate metrics of trials ``done`` recomputed from grid.parquet (with ``questions``' roles: chosen on
-    select questions, scored on test ones), their bootstrap, the trials without usable rows, the bank's key."""
-    bank = one_bank(grid, done["trial_id"])
-    outcomes, excluded = outcomes_by_trial(grid, list(done["trial_id"]))
-    sizes = {(o.forget.shape[1], o.retain.shape[1]) for o in outcomes.values()}
-    roles = question_roles(questions, *sizes.pop(), bank=bank) if len(sizes) == 1 else None
-    return bootstrap(outcomes, n_boot, seed, roles), excluded, bank
 
 
 def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None = None,
@@ -740,7 +386,7 @@ def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None
     if "stream_join" in done and (done["stream_join"] == "oldest").any():
         raise ValueError("trials joined the activation stream at the oldest buffered batch (stream_join = "
                          "'oldest'): timing chose their data, so a seed is not one data order for every arm and the "
-                         "block design does not apply; re-run with stream_join = 'first' (docs/sweeps.md)")
+                         "block design does not apply; re-run with stream.join = 'first' (docs/sweeps.md)")
     headline = headline or declared_headline(done)
     if headline in DESCRIPTIVE_ONLY:
         raise ValueError(f"headline metric {headline!r} chooses its setting on the questions that score it, so no "

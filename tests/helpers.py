@@ -60,13 +60,12 @@ def served_evaluator(profile: str, root: Path, **overrides: Any) -> Any:
 
 def served(profile: str, root: Path, **overrides: Any) -> Any:
     """The activation server of a sweep on ``profile`` (``overrides``: its fields), as a plain object."""
+    from hsae.profiles import get_profile
     from hsae.server import ActivationServer
-    from hsae.spaces import get_profile
-    from tune.ablate import eval_config, harvest_config
 
     chosen = get_profile(profile, **overrides)
-    eval_cfg, bank_cfg = eval_config(chosen)
-    return ActivationServer(harvest_config(chosen), cache_root=str(root), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
+    eval_cfg, bank_cfg = chosen.eval, chosen.bank
+    return ActivationServer(chosen.harvest, cache_root=str(root), eval_cfg=eval_cfg, bank_cfg=bank_cfg)
 
 
 def assert_evaluation_held_out(evaluator: Any, profile: str, root: Path, **overrides: Any) -> None:
@@ -74,10 +73,9 @@ def assert_evaluation_held_out(evaluator: Any, profile: str, root: Path, **overr
     held out, and every activation row it selects features and fits controls on is a held-out (eval) row."""
     from hsae.activations import harvest
     from hsae.corpora import load_corpus, split_table
-    from hsae.spaces import get_profile
-    from tune.ablate import harvest_config
+    from hsae.profiles import get_profile
 
-    cfg = harvest_config(get_profile(profile, **overrides))
+    cfg = get_profile(profile, **overrides).harvest
     split = split_table(load_corpus(cfg.corpus), cfg.holdout_fraction, cfg.seed)
     heldout = set(split.loc[split["part"] == "heldout", "doc_id"])
     trained_on = {q["doc_id"] for q in evaluator.bank.text} - heldout

@@ -195,11 +195,10 @@ def test_a_bf16_harvest_trains_on_bf16_rows_and_is_scored_at_float32(ray_session
     """``harvest_dtype`` changes the training data (its own harvest key, every row a bf16 value) and not the
     scoring: the evaluator runs the model at the dtype "auto" gives on this device (float32 on a CPU)."""
     from hsae.models import resolve_dtype
-    from hsae.spaces import get_profile
+    from hsae.profiles import get_profile
     from tests.helpers import served, served_evaluator
-    from tune.ablate import harvest_config
 
-    bf16, fp32 = (harvest(harvest_config(get_profile("tiny", harvest_dtype=d)), root=tmp_path, progress=None)
+    bf16, fp32 = (harvest(get_profile("tiny", harvest_dtype=d).harvest, root=tmp_path, progress=None)
                   for d in ("bfloat16", "float32"))
     assert bf16.key != fp32.key
     x, x32 = bf16.arrays("train")[0], fp32.arrays("train")[0]
@@ -211,5 +210,5 @@ def test_a_bf16_harvest_trains_on_bf16_rows_and_is_scored_at_float32(ray_session
     assert next(evaluator.loaded.model.parameters()).dtype == auto == torch.float32  # a CPU test machine
     server = served("tiny", tmp_path)
     assert server.evaluator().loaded is server.harvester.loaded  # at "auto" the harvest's model serves: no copy
-    with pytest.raises(ValueError, match=r"unknown harvest_dtype 'fp8'; valid: \['auto', 'float32'"):
+    with pytest.raises(ValueError, match=r"harvest.model: unknown dtype 'fp8'; valid: \['auto', 'float32'"):
         get_profile("tiny", harvest_dtype="fp8")

@@ -15,7 +15,7 @@ from hsae.convergence import (
     plateau_window,
     val_mse_rel_change,
 )
-from hsae.spaces import get_profile
+from hsae.profiles import get_profile
 
 
 def test_relative_change_is_read_over_the_last_fifth():

@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hsae import scoring as SC
 from hsae import verdict as V
 from hsae.results import TRIAL_COLUMNS, trial_frame
 
 # The verdict's metrics a trial row carries: what the cross-check compares.
-ROW_METRICS = [m for m in V.CANDIDATES if m in {name for name, _ in TRIAL_COLUMNS}]
+ROW_METRICS = [m for m in SC.CANDIDATES if m in {name for name, _ in TRIAL_COLUMNS}]
 
 N_FORGET, N_RETAIN = 40, 200
 SEEDS = (42, 43)

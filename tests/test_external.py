@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +38,10 @@ from hsae.external import (
     load_external,
 )
 from hsae.models import ModelInfo
+from hsae.profiles import PROFILES, override
 from hsae.results import ResultsStore
 from hsae.schema import SAE_METRICS
-from hsae.spaces import PROFILES, SpaceError, grid_trials, parse_space
+from hsae.spaces import SpaceError, grid_trials, parse_space
 from hsae.train import ArrayBatches, to_batch
 from hsae.trial import ExternalRun, TrialRun
 from hsae.variants import VARIANTS
@@ -50,7 +50,8 @@ from tests.helpers import TINY_PARAMS
 D_IN, D_SAE, LAYER = 24, 64, 3
 MODEL = ModelInfo(source="toy-lm", family="toy", layer=LAYER, d_model=D_IN, n_layers=6, bos_id=None, eos_id=None,
                   dtype="float32", identity={}, name="toy-lm")
-PROFILE = replace(PROFILES["tiny"], d_sae=D_SAE, steps=30, batch_size=128, log_every=5, checkpoint_every=0)
+PROFILE = override(PROFILES["tiny"], {"d_sae": D_SAE, "train.steps": 30, "train.batch_size": 128, "train.log_every": 5,
+                                      "train.checkpoint_every": 0})
 RTOL = 1e-4
 
 
@@ -94,7 +95,7 @@ def train_and_export(variant: str, seed: int, tmp_path: Path):
 
     spec = TrialSpec("exp", "s", variant, TINY_PARAMS.get(variant, {}), seed, "ctx")
     run = TrialRun(spec, PROFILE, MODEL, tmp_path / "ckpt")
-    outcome = run.run(ArrayBatches(TRAIN_X, TRAIN_LABELS, PROFILE.batch_size, seed), EVAL, stand_in_evaluate)
+    outcome = run.run(ArrayBatches(TRAIN_X, TRAIN_LABELS, PROFILE.train.batch_size, seed), EVAL, stand_in_evaluate)
     assert outcome.status == "completed", outcome.row.get("error")
     return outcome, run.export_sae(tmp_path / "export")
 
@@ -107,7 +108,7 @@ def external_spec(path: Path, seed: int, name: str = "mine"):
 
 def run_external(spec, seed: int):
     run = ExternalRun(spec, PROFILE, MODEL)
-    return run.run(ArrayBatches(TRAIN_X, TRAIN_LABELS, PROFILE.batch_size, seed), EVAL, stand_in_evaluate)
+    return run.run(ArrayBatches(TRAIN_X, TRAIN_LABELS, PROFILE.train.batch_size, seed), EVAL, stand_in_evaluate)
 
 
 def assert_same_numbers(got: dict, expected: dict, names: list[str]) -> None:

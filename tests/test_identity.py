@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from hsae.activations import harvest_key
+from hsae.profiles import get_profile
 from hsae.results import ResultsStore, asked_by, one_row_per_trial
-from hsae.spaces import TrialSpec, get_profile, sweep_context
+from hsae.spaces import TrialSpec, sweep_context
 from hsae.verdict import build_verdict
 from tests.test_keys import save_tiny
 from tune import ablate
@@ -49,7 +50,7 @@ def test_budget_layer_and_model_change_the_context(tmp_path, monkeypatch):
 
     def context(**fields):
         profile = get_profile("tiny", **fields)
-        return sweep_context(profile, harvest_key(ablate.harvest_config(profile)))
+        return sweep_context(profile, harvest_key(profile.harvest))
 
     base = context()
     others = [context(steps=30), context(layer=1), context(model=str(tmp_path / "m")), context(d_sae=128)]
@@ -178,7 +179,7 @@ def test_a_results_directory_with_old_ids_resumes_without_training_again(sweep, 
     args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", variants, "--no-eval"])
     profile = ablate.resolve_profile(args)
     spec_now = TrialSpec("old", "variants", "relu", {}, 42,
-                         sweep_context(profile, harvest_key(ablate.harvest_config(profile))))
+                         sweep_context(profile, harvest_key(profile.harvest)))
     assert spec_now.key == new
     # The directory as the old code left it: the row, its curves and its SAE under the id that hashed the names.
     legacy = spec_now.legacy_key()

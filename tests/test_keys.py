@@ -79,12 +79,13 @@ def test_the_default_profiles_keep_their_trial_keys():
     (margin, stages) changes neither."""
     from dataclasses import replace
 
-    from hsae.spaces import TrialSpec, get_profile, sweep_context
+    from hsae.profiles import get_profile, override
+    from hsae.spaces import TrialSpec, sweep_context
 
     embedded = get_profile("embedded")
     expected = {"embedded": (embedded, "5d932a810a753565", "171003b2ebe89ad6"),
                 "tiny": (get_profile("tiny"), "b8276ba1cd5c9790", "0a35a2c6782291d2"),
-                "asha": (replace(embedded, max_extensions=0), "a5ca71a99651bef0", "1ef4f3a2706d6b9f"),
+                "asha": (override(embedded, {"train.max_extensions": 0}), "a5ca71a99651bef0", "1ef4f3a2706d6b9f"),
                 "stream": (get_profile("embedded", activations="stream"), "cb4c4ceca0d42224", "f11c3604aa6ebd68")}
     for name, (profile, context, key) in expected.items():
         got = sweep_context(profile, "0123456789abcdef")

@@ -7,7 +7,7 @@ import torch
 
 from hsae.config import SAEConfig, TrainConfig
 from hsae.l0_control import L0Controller, target_met
-from hsae.spaces import get_profile, parse_profile_settings
+from hsae.profiles import get_profile, parse_profile_settings
 from hsae.train import ArrayBatches, Trainer, latest_checkpoint, to_batch
 
 from .helpers import BATCH, D_IN, D_SAE, SMALL_PARAMS
@@ -100,7 +100,7 @@ def test_bad_targets_name_the_field(value):
 def test_target_reaches_trials_from_the_profile_and_the_command_line():
     profile = get_profile("tiny")
     settings = parse_profile_settings(["target_l0=32", "resample_every=50"], profile)
-    assert settings == {"target_l0": 32, "resample_every": 50}
+    assert settings == {"target_l0": 32, "train.resample_every": 50}  # flat names read as their paths
     chosen = get_profile("tiny", **settings)
     assert chosen.trial_params({"alpha": 0.1}) == {"alpha": 0.1, "target_l0": 32}
     assert chosen.trial_params({"target_l0": 16}) == {"target_l0": 16}  # a block's own target wins
@@ -261,7 +261,7 @@ def test_extensions_need_a_constant_rate_and_end_where_the_budget_says():
 
 def test_an_extension_is_a_fraction_of_the_budget_so_steps_n_trains_at_most_a_stated_multiple_of_n():
     embedded = get_profile("embedded")
-    assert embedded.extension_fraction == pytest.approx(1 / 3)
+    assert embedded.train.extension_fraction == pytest.approx(1 / 3)
     cfg = embedded.train_config(42)  # the embedded profile's 4,500 steps: 1,500 a time, twice, as always
     assert (cfg.steps, cfg.extension_steps, cfg.max_extensions, cfg.max_steps()) == (4500, 1500, 2, 7500)
     short = get_profile("embedded", steps=30).train_config(42)  # the smoke test: 30 steps, not 3,030
@@ -272,7 +272,7 @@ def test_an_extension_is_a_fraction_of_the_budget_so_steps_n_trains_at_most_a_st
         assert budget.max_steps() == steps + 2 * budget.extension_steps
     off = get_profile("embedded", steps=30, **parse_profile_settings(["max_extensions=0"], embedded))
     assert off.train_config(42).max_steps() == 30  # the explicit way to turn extensions off
-    with pytest.raises(ValueError, match="max_extensions=2 needs extension_fraction > 0"):
+    with pytest.raises(ValueError, match="max_extensions=2 needs extension_steps > 0 or extension_fraction > 0"):
         get_profile("tiny", max_extensions=2)
     with pytest.raises(ValueError, match="extension_fraction must be a number"):
         get_profile("embedded", extension_fraction=-0.5)
@@ -281,12 +281,12 @@ def test_an_extension_is_a_fraction_of_the_budget_so_steps_n_trains_at_most_a_st
 def test_a_profile_written_with_extension_steps_reads_as_its_fraction():
     # A Tune experiment interrupted before extensions were fractions carries its profile as it was: --resume
     # rebuilds it with the same extension steps.
-    from dataclasses import asdict
+    from hsae.profiles import FLAT_NAMES, Profile
 
-    from hsae.spaces import Profile
-
-    old = {k: v for k, v in asdict(get_profile("embedded")).items() if k != "extension_fraction"}
+    embedded = get_profile("embedded")
+    old = {"name": "embedded", "d_sae": 1280, "target_l0": 64,  # the flat profile of then, less its fraction
+           **{flat: embedded.get(path) for flat, path in FLAT_NAMES.items() if flat != "extension_fraction"}}
     for steps, extension in ((4500, 1500), (30, 1500), (1000, 7)):
         profile = Profile.from_dict({**old, "steps": steps, "extension_steps": extension})
         assert profile.train_config(42).extension_steps == extension
-    assert Profile.from_dict({**old, "extension_steps": 0, "max_extensions": 0}).extension_fraction == 0.0
+    assert Profile.from_dict({**old, "extension_steps": 0, "max_extensions": 0}).train.extension_fraction == 0.0

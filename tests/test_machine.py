@@ -8,7 +8,7 @@ import torch
 from hsae import machine
 from hsae.config import SAEConfig, TrainConfig
 from hsae.machine import RunSettings, default_layout, measure_bf16_speedup, resolve_precision
-from hsae.spaces import get_profile, parse_profile_settings
+from hsae.profiles import get_profile, parse_profile_settings
 from hsae.train import Trainer, step_seconds
 from hsae.variants import VARIANTS
 from tests.helpers import small_space
@@ -140,7 +140,7 @@ def test_the_trainer_uses_the_resolved_precision(probe):
 
 
 def test_precision_is_a_run_setting_not_a_profile_field():
-    with pytest.raises(ValueError, match="run settings, not part of the study"):
+    with pytest.raises(ValueError, match="a run setting, not part of the study"):
         parse_profile_settings(["autocast=bf16"], get_profile("embedded"))
     assert get_profile("embedded").train_config(42).autocast == "auto"
     assert get_profile("embedded").train_config(42, RunSettings(precision="fp32")).autocast == "none"
@@ -222,7 +222,7 @@ def test_trials_run_seed_by_seed_the_longest_training_first(probe, tmp_path, mon
     seconds = ablate.training_seconds(trials, plan)
     assert [seconds[t.key] for t in ordered[:7]] == sorted((seconds[t.key] for t in ordered[:7]), reverse=True)
     relu = next(t for t in trials if t.variant == "relu")
-    assert seconds[relu.key] == pytest.approx(plan.profile.steps * 1e-3)
+    assert seconds[relu.key] == pytest.approx(plan.profile.train.steps * 1e-3)
     assert "ms per step measured here: contrastive_hier 5, static_hier 3" in capsys.readouterr().out
 
 

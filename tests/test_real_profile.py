@@ -130,7 +130,7 @@ def test_eval_model_of_another_width_is_refused_before_compute(hub, tmp_path, mo
 
 def test_bad_profile_setting_names_the_field_and_the_choices(hub, tmp_path, capsys):
     assert ablate.main(real_args(hub, tmp_path / "r", "--space", "ortho", "--set", "batch_sise=2")) == 2
-    assert "--set 'batch_sise=2': expected FIELD=VALUE with FIELD one of" in capsys.readouterr().err
+    assert "--set 'batch_sise=2': expected PATH=VALUE with PATH a field path, one of" in capsys.readouterr().err
     assert ablate.main(real_args(hub, tmp_path / "r", "--space", "ortho", "--set", "steps=many")) == 2
     assert "--set steps: expected a int" in capsys.readouterr().err
 

@@ -9,13 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hsae import scoring as SC
 from hsae import stats as S
 from hsae import verdict as V
 from tests.test_budget import budget_dirs
 from tests.test_report_sections import set_columns
 from tests.test_verdict import N_FORGET, N_RETAIN, planted_study, write_results
 from tune.report import markdown, verdict_parts
-from tune.report_data import ReportInputs, budget_blocks, controls_blocks, frontier_blocks
+from tune.report_blocks import budget_blocks, controls_blocks, frontier_blocks
+from tune.report_data import ReportInputs
 
 N_BOOT = 20
 
@@ -60,10 +62,10 @@ def test_the_paired_test_refuses_a_table_without_two_arms_and_a_bad_alpha():
             S.paired_many_to_one(np.zeros((2, 3)), alpha=alpha)
 
 
-# -- hsae/verdict.py --------------------------------------------------------------------------------------
+# -- hsae/scoring.py and hsae/verdict.py -----------------------------------------------------------------
 def test_accuracies_of_different_shapes_are_refused():
     # The area's message names the shapes its caller passed, not the columns it reshapes them to.
-    for fn, args in ((V.select_setting, (np.zeros(3), np.zeros(4), 0.99)), (V.area, (np.zeros(3), np.zeros((3, 2))))):
+    for fn, args in ((SC.select_setting, (np.zeros(3), np.zeros(4), 0.99)), (SC.area, (np.zeros(3), np.zeros((3, 2))))):
         shapes = (np.shape(args[0]), np.shape(args[1]))
         with raises_exactly(f"forget and retain accuracies differ in shape: {shapes[0]} vs {shapes[1]}"):
             fn(*args)
@@ -77,7 +79,7 @@ def study():
 def test_a_metric_neither_recomputed_nor_on_the_rows_is_refused(study):
     trials, grid = study
     with raises_exactly(f"metric(s) ['sparse_probe_mean_k1'] are neither recomputed from the grid "
-                        f"({list(V.CANDIDATES)}) nor columns of the trial rows"):
+                        f"({list(SC.CANDIDATES)}) nor columns of the trial rows"):
         V.build_verdict(trials, grid, secondary=["sparse_probe_mean_k1"], n_boot=N_BOOT)
 
 
@@ -90,11 +92,11 @@ def questions(roles: list[str | None], n_forget: int = N_FORGET) -> pd.DataFrame
 def test_question_roles_that_cannot_be_matched_to_the_outcomes_are_refused():
     with raises_exactly(f"questions.parquet has {N_FORGET - 1} forget / {N_RETAIN} retain questions, the grid's "
                         f"outcomes {N_FORGET} / {N_RETAIN}: roles cannot be matched"):
-        V.question_roles(questions(["select", "test"], N_FORGET - 1), N_FORGET, N_RETAIN)
+        SC.question_roles(questions(["select", "test"], N_FORGET - 1), N_FORGET, N_RETAIN)
     with raises_exactly("questions.parquet: every forget question has one role; need both select and test"):
-        V.question_roles(questions(["test"]), N_FORGET, N_RETAIN)
+        SC.question_roles(questions(["test"]), N_FORGET, N_RETAIN)
     with raises_exactly("questions.parquet role must be one of ['select', 'test'], got ['null']"):
-        V.question_roles(questions(["select", None]), N_FORGET, N_RETAIN)
+        SC.question_roles(questions(["select", None]), N_FORGET, N_RETAIN)
 
 
 # -- what the report prints for each refusal ---------------------------------------------------------------

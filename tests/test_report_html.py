@@ -237,7 +237,8 @@ def test_the_verdict_is_computed_once_and_neither_rendering_imports_the_other(pl
     shutil.copytree(planted[0], root, ignore=shutil.ignore_patterns("report"))
     build_report(root, n_boot=50)
     assert len(calls) == 1  # report.md and report.html render the one verdict object
-    for module, other in (("report_html", "tune.report"), ("report_data", "tune.report")):
+    for module, other in (("report_html", "tune.report"), ("report_data", "tune.report"),
+                          ("report_blocks", "tune.report")):
         tree = ast.parse((Path(__file__).parent.parent / "tune" / f"{module}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert other not in imported and "tune.report_html" not in imported, module

@@ -9,7 +9,8 @@ import pytest
 
 from tests.test_verdict import CURVES, NOISE, RETAINS, SEEDS, grid_frame, grid_rows, planted_study, write_results
 from tune.report import build_report
-from tune.report_data import NO_PROBE, PROBE_PRIMARY, ReportInputs, agreement, ordered, report_variants
+from tune.report_blocks import NO_PROBE, agreement
+from tune.report_data import PROBE_PRIMARY, ReportInputs, ordered, report_variants
 
 N_BOOT = 50
 # Planted probe accuracy (mean over tasks, k = 1) per variant: fixed_ortho far above relu, adaptive_ortho relu's twin.

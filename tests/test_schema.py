@@ -10,8 +10,9 @@ from hsae import results, schema
 from hsae.config import SAEConfig
 from hsae.metrics import evaluate
 from hsae.models import ModelInfo
+from hsae.profiles import PROFILES
 from hsae.results import trial_row
-from hsae.spaces import PROFILES, TrialSpec
+from hsae.spaces import TrialSpec
 from hsae.variants import build_sae
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results-schema.md"

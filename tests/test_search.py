@@ -78,7 +78,7 @@ def test_a_rows_frontier_area_is_the_verdicts_and_reaches_the_study():
     import pandas as pd
 
     from hsae.results import evaluation_values
-    from hsae.verdict import SELECT_TEST_COLUMNS, area, area_select_test, grid_metrics
+    from hsae.scoring import SELECT_TEST_COLUMNS, area, area_select_test, grid_metrics
     from tune.trainable import final_values
 
     grid = [{**{k: v[i] for k, v in PLANTED.items()}, "grid": "saebench", "features_selected": 3} for i in range(4)]

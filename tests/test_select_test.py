@@ -16,7 +16,7 @@ import torch
 from hsae.config import SAEConfig
 from hsae.corpora import FORGET, RETAIN, load_corpus, split_table
 from hsae.evaluation.questions import QuestionBank, questions_table, require_bank_sizes
-from hsae.verdict import area_select_test, matched_retain_select_test
+from hsae.scoring import area_select_test, matched_retain_select_test
 from tests.helpers import served_evaluator
 
 PROFILE = "tiny"
@@ -76,12 +76,11 @@ def test_a_bank_without_enough_test_questions_is_refused():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, ray_session):
     from hsae.activations import harvest
-    from hsae.spaces import get_profile
-    from tune.ablate import harvest_config
+    from hsae.profiles import get_profile
 
     root = tmp_path_factory.mktemp("cache")
     ev = served_evaluator(PROFILE, root)
-    cfg = harvest_config(get_profile(PROFILE))
+    cfg = get_profile(PROFILE).harvest
     return ev, harvest(cfg, root=root, progress=None), cfg, root
 
 

@@ -7,7 +7,8 @@ the same architectures (tests/standins.py): its own sizes, offline.
 
 import pytest
 
-from hsae.spaces import PROFILES, default_spaces_dir
+from hsae.profiles import PROFILES
+from hsae.spaces import default_spaces_dir
 from tests import standins
 from tune import ablate
 

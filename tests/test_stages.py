@@ -10,7 +10,8 @@ import pytest
 
 from hsae import stats
 from hsae import verdict as V
-from hsae.spaces import PROFILES, TrialSpec
+from hsae.profiles import PROFILES
+from hsae.spaces import TrialSpec
 from tune import stages
 
 ARMS = {"relu": 0.0, "fixed_ortho": 0.3, "adaptive_ortho": 0.0}  # fixed_ortho removes far more; adaptive is relu's twin

@@ -137,9 +137,9 @@ def test_a_late_joiner_and_a_running_trial_share_the_window_without_stalling():
 
 
 def test_a_join_policy_outside_the_choices_is_refused_naming_the_field():
-    from hsae.spaces import get_profile
+    from hsae.profiles import get_profile
 
-    with pytest.raises(ValueError, match=r"stream_join must be one of \['first', 'oldest'\], got 'newest'"):
+    with pytest.raises(ValueError, match=r"stream: join must be one of \['first', 'oldest'\], got 'newest'"):
         get_profile("tiny", stream_join="newest")
     with pytest.raises(ValueError, match="join must be one of"):
         StreamConfig(batch_size=64, join="latest")

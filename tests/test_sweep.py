@@ -132,7 +132,7 @@ def test_steps_30_plans_and_trains_at_most_the_stated_maximum(sweep, tmp_path, c
     plan = capsys.readouterr().out
     found = re.search(r"each trial trains (\d+) to (\d+) steps: one the convergence rule fails trains on (\d+) "
                       r"steps \(1/2 of its 30: extension_fraction\) at a time, at most 2 times "
-                      r"\(--set max_extensions=0: exactly 30\)", plan)
+                      r"\(--set train.max_extensions=0: exactly 30\)", plan)
     assert found, plan
     least, most, extension = map(int, found.groups())
     assert (least, most, extension) == (30, 60, 15)
@@ -231,7 +231,8 @@ def test_malformed_space_files_are_refused_with_the_field_named(text, message):
 
 
 def test_grid_value_of_wrong_type_names_the_trial():
-    from hsae.spaces import PROFILES, validate_trials
+    from hsae.profiles import PROFILES
+    from hsae.spaces import validate_trials
 
     space = parse_space("x", "reference: {variant: fixed_ortho, params: {alpha: 0.1}}\n"
                              "trials:\n  - variant: fixed_ortho\n    params: {alpha: {grid: [0.1, high]}}")
@@ -254,7 +255,7 @@ def test_controls_out_of_range_stop_the_verdict(sweep, monkeypatch, capsys):
     """A positive control that cannot reach its bar: rows carry controls_ok = false, exit code 3."""
     from dataclasses import replace
 
-    from hsae.spaces import PROFILES
+    from hsae.profiles import PROFILES
 
     run, out = sweep
     monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], controls_required=True))

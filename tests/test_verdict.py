@@ -1,4 +1,5 @@
-"""The verdict (hsae/verdict.py) and the report that leads with it, on planted data with known answers."""
+"""The verdict (hsae/verdict.py, on the numbers of hsae/scoring.py) and the report that leads with it, on planted
+data with known answers."""
 
 import json
 import math
@@ -7,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hsae import scoring as SC
 from hsae import stats as S
 from hsae import verdict as V
 from hsae.results import trial_frame
@@ -53,23 +55,23 @@ HAND = [(0.9, 1.0, 10), (0.7, 0.99, 10), (0.5, 0.985, 20), (0.3, 0.96, 20), (1.0
 
 def test_matched_retain_equals_hand_computation():
     f, r = np.array([p[0] for p in HAND]), np.array([p[1] for p in HAND])
-    assert V.forget_at_retain(f, r, 0.99) == pytest.approx(0.7)
-    assert V.forget_at_retain(f, r, 0.98) == pytest.approx(0.5)
-    assert V.forget_at_retain(f, r, 0.95) == pytest.approx(0.3)
-    assert math.isnan(V.forget_at_retain(np.array([0.2, 0.1]), np.array([0.97, 0.9]), 0.98))  # no setting meets it
-    assert math.isnan(V.forget_at_retain(np.array([]), np.array([]), 0.99))
+    assert SC.forget_at_retain(f, r, 0.99) == pytest.approx(0.7)
+    assert SC.forget_at_retain(f, r, 0.98) == pytest.approx(0.5)
+    assert SC.forget_at_retain(f, r, 0.95) == pytest.approx(0.3)
+    assert math.isnan(SC.forget_at_retain(np.array([0.2, 0.1]), np.array([0.97, 0.9]), 0.98))  # no setting meets it
+    assert math.isnan(SC.forget_at_retain(np.array([]), np.array([]), 0.99))
     # Vectorised over resamples: column b is its own grid.
-    two = V.forget_at_retain(np.c_[f, f[::-1]], np.c_[r, [0.5] * 5], 0.98)
+    two = SC.forget_at_retain(np.c_[f, f[::-1]], np.c_[r, [0.5] * 5], 0.98)
     assert two[0] == pytest.approx(0.5) and math.isnan(two[1])
 
 
 def test_frontier_and_its_area_equal_hand_computation():
     points = [(p[1], p[0]) for p in HAND] + [(0.97, 0.6)]  # (0.97, 0.6) is dominated by (0.985, 0.5)
-    assert V.frontier(points).tolist() == [[1.0, 0.9], [0.99, 0.7], [0.985, 0.5], [0.96, 0.3]]
+    assert SC.frontier(points).tolist() == [[1.0, 0.9], [0.99, 0.7], [0.985, 0.5], [0.96, 0.3]]
     # Levels 0.900..1.000 (21): 13 levels <= 0.96 reach 0.3, 5 reach 0.5, 0.99 reaches 0.7, 2 reach 0.9.
-    assert V.frontier_area(points) == pytest.approx((13 * 0.7 + 5 * 0.5 + 0.3 + 2 * 0.1) / 21)
-    assert V.frontier_area([(0.5, 0.0)]) == 0.0  # nothing reaches retain 0.9: no removal anywhere
-    assert V.frontier_area([(1.0, 0.2)], lo=0.95) == pytest.approx(0.8)
+    assert SC.frontier_area(points) == pytest.approx((13 * 0.7 + 5 * 0.5 + 0.3 + 2 * 0.1) / 21)
+    assert SC.frontier_area([(0.5, 0.0)]) == 0.0  # nothing reaches retain 0.9: no removal anywhere
+    assert SC.frontier_area([(1.0, 0.2)], lo=0.95) == pytest.approx(0.8)
 
 
 def test_grid_rows_give_the_hand_values_and_counts():
@@ -78,39 +80,39 @@ def test_grid_rows_give_the_hand_values_and_counts():
     rows += grid_rows("t", [(0.3, 0.96, 20), (1.0, 1.0, 0), (1.0, 1.0, 0)], rng, grid="extended",
                       n_forget=10, n_retain=200)
     grid = grid_frame(rows)
-    outcomes, excluded = V.outcomes_by_trial(grid, ["t", "missing"])
+    outcomes, excluded = SC.outcomes_by_trial(grid, ["t", "missing"])
     assert excluded == {"missing": "no grid rows"}
-    boot = V.bootstrap(outcomes, n_boot=50, seed=1)
+    boot = SC.bootstrap(outcomes, n_boot=50, seed=1)
     point = boot.point.loc["t"]
     assert point["forget_acc_at_retain99"] == pytest.approx(0.7)
     assert point["forget_acc_at_retain95"] == pytest.approx(0.3)
     assert point["unlearning_score"] == pytest.approx(0.3)  # SAEBench settings only: 1 - 0.7
-    assert V.grid_metrics(grid[grid.grid == "saebench"])["frontier_area"] == pytest.approx(12.1 / 21)
+    assert SC.grid_metrics(grid[grid.grid == "saebench"])["frontier_area"] == pytest.approx(12.1 / 21)
     counts = V.setting_counts(grid).set_index("grid")
     assert counts.loc["saebench", ["settings", "selecting_none", "tied"]].tolist() == [5, 1, 0]
     assert counts.loc["extended", ["settings", "selecting_none", "tied"]].tolist() == [3, 2, 1]
 
 
 def test_decode_rejects_missing_or_malformed_outcomes():
-    assert V.decode(["101", "000"]).tolist() == [[True, False, True], [False, False, False]]
+    assert SC.decode(["101", "000"]).tolist() == [[True, False, True], [False, False, False]]
     for bad in (["10", None], ["10", "1"], ["1x"]):
         with pytest.raises(ValueError):
-            V.decode(bad)
+            SC.decode(bad)
 
 
 # -- (b) the question bootstrap -----------------------------------------------------------------
-def _one_setting(p: float, n: int, rng: np.random.Generator, exact: bool = False) -> V.Outcomes:
+def _one_setting(p: float, n: int, rng: np.random.Generator, exact: bool = False) -> SC.Outcomes:
     """One setting at full retain; forget questions correct with probability p (exactly p*n with ``exact``)."""
-    forget = V.decode([bits(round(p * n), n, rng)]) if exact else rng.random((1, n)) < p
-    return V.Outcomes(forget, np.ones((1, 50), dtype=bool), np.array([True]))
+    forget = SC.decode([bits(round(p * n), n, rng)]) if exact else rng.random((1, n)) < p
+    return SC.Outcomes(forget, np.ones((1, 50), dtype=bool), np.array([True]))
 
 
 def test_bootstrap_intervals_contain_the_true_accuracy_and_shrink_with_more_questions():
     rng = np.random.default_rng(0)
     widths = {}
     for n in (100, 1600):
-        boot = V.bootstrap({"t": _one_setting(0.6, n, rng, exact=True)}, n_boot=1000, seed=0)
-        lo, hi = V.interval(boot.samples["forget_acc_at_retain99"][0])
+        boot = SC.bootstrap({"t": _one_setting(0.6, n, rng, exact=True)}, n_boot=1000, seed=0)
+        lo, hi = SC.interval(boot.samples["forget_acc_at_retain99"][0])
         assert lo < 0.6 < hi
         widths[n] = hi - lo
     assert widths[1600] < 0.4 * widths[100]  # ~1/4: the width scales as 1/sqrt(n)
@@ -124,8 +126,8 @@ def test_bootstrap_intervals_cover_the_true_accuracy_95_percent_of_the_time():
     rng = np.random.default_rng(0)
     reps, covered = 1000, 0
     for rep in range(reps):
-        boot = V.bootstrap({"t": _one_setting(0.6, 100, rng)}, n_boot=200, seed=rep)
-        lo, hi = V.interval(boot.samples["forget_acc_at_retain99"][0])
+        boot = SC.bootstrap({"t": _one_setting(0.6, 100, rng)}, n_boot=200, seed=rep)
+        lo, hi = SC.interval(boot.samples["forget_acc_at_retain99"][0])
         covered += lo <= 0.6 <= hi
     assert abs(covered / reps - 0.95) <= 3 * math.sqrt(0.95 * 0.05 / reps), covered / reps
 
@@ -133,7 +135,7 @@ def test_bootstrap_intervals_cover_the_true_accuracy_95_percent_of_the_time():
 def test_bootstrap_refuses_trials_on_different_question_banks():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="question bank"):
-        V.bootstrap({"a": _one_setting(0.5, 10, rng), "b": _one_setting(0.5, 20, rng)}, n_boot=10)
+        SC.bootstrap({"a": _one_setting(0.5, 10, rng), "b": _one_setting(0.5, 20, rng)}, n_boot=10)
 
 
 def test_trials_on_two_question_banks_are_not_paired(study):
@@ -141,7 +143,7 @@ def test_trials_on_two_question_banks_are_not_paired(study):
     grid = grid.assign(bank=np.where(grid.trial_id.str.startswith("relu"), "bank-a", "bank-b"))
     with pytest.raises(ValueError, match="2 question banks"):
         V.build_verdict(trials, grid, n_boot=10)
-    assert V.one_bank(grid, ["relu-42", "relu-43"]) == "bank-a" and V.one_bank(grid.drop(columns="bank"), []) is None
+    assert SC.one_bank(grid, ["relu-42", "relu-43"]) == "bank-a" and SC.one_bank(grid.drop(columns="bank"), []) is None
 
 
 # -- (c) paired claims ----------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def test_a_variant_that_removes_far_more_is_better_and_a_relu_twin_is_undecided(
     assert "relu-45" not in set(v.per_trial["trial_id"])
     # The secondary metrics went through the same test in the same call, labelled so and never worded as claims;
     # the SAEBench score (setting chosen on the questions that score it) is shown, never tested.
-    claimable = [m for m in V.CANDIDATES if m not in V.DESCRIPTIVE_ONLY]
+    claimable = [m for m in SC.CANDIDATES if m not in V.DESCRIPTIVE_ONLY]
     assert [t.role for t in v.tests] == ["headline"] + ["secondary"] * (len(claimable) - 1)
     assert {t.metric for t in v.tests} == set(claimable) and "unlearning_score" not in claimable
     assert all(a.claim == V.DESCRIPTIVE for t in v.tests[1:] for a in t.arms)
@@ -387,13 +389,13 @@ def write_results(root, study, controls_ok=True, positive=0.33, with_grid=True, 
             "seed": t.seed, "status": t.status, "profile": "embedded", "model": "embedded", "layer": 13,
             "mse": 0.1 if done else None, "explained_variance": 0.8 if done else None, "l0": 20.0 if done else None,
             "converged": done and t.trial_id not in unconverged, "val_mse_rel_change": 0.05 if done else None,
-            "unlearning_score": V.grid_metrics(g)["unlearning_score"] if done else None,
+            "unlearning_score": SC.grid_metrics(g)["unlearning_score"] if done else None,
             "unlearning_grid": json.dumps(g[["forget_acc", "retain_acc"]].to_dict("records")) if done else None,
         }))
     frame = pd.concat(rows, ignore_index=True)
-    metrics = {t: V.grid_metrics(grid[(grid.trial_id == t) & (grid.control == "sae")]) for t in frame.trial_id}
-    for bar in V.BARS:
-        frame[V.bar_metric(bar)] = [metrics[t][V.bar_metric(bar)] for t in frame.trial_id]
+    metrics = {t: SC.grid_metrics(grid[(grid.trial_id == t) & (grid.control == "sae")]) for t in frame.trial_id}
+    for bar in SC.BARS:
+        frame[SC.bar_metric(bar)] = [metrics[t][SC.bar_metric(bar)] for t in frame.trial_id]
     frame["controls_ok"] = controls_ok
     root.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(root / "trials.parquet", index=False)
@@ -501,12 +503,12 @@ def test_matched_retain_chooses_on_select_and_reports_test():
     # on test questions setting 2 would look best: the rule still reports setting 1's test accuracies.
     f_sel, r_sel = np.array([0.9, 0.3, 0.5]), np.array([1.0, 0.96, 0.97])
     f_test, r_test = np.array([0.8, 0.6, 0.1]), np.array([1.0, 0.94, 0.99])
-    assert V.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 0.95) == (0.6, 0.94)
-    assert V.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 0.999) == (0.8, 1.0)
-    f, r = V.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 1.01)
+    assert SC.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 0.95) == (0.6, 0.94)
+    assert SC.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 0.999) == (0.8, 1.0)
+    f, r = SC.matched_retain_select_test(f_sel, r_sel, f_test, r_test, 1.01)
     assert math.isnan(f) and math.isnan(r)
     # Ties on select forget accuracy go to the higher select retain accuracy.
-    assert V.select_setting(np.array([0.3, 0.3]), np.array([0.96, 0.99]), 0.95)[0] == 1
+    assert SC.select_setting(np.array([0.3, 0.3]), np.array([0.96, 0.99]), 0.95)[0] == 1
 
 
 def roles_for(n: int, rng: np.random.Generator) -> list[str]:
@@ -523,7 +525,7 @@ def test_no_selection_step_reads_a_test_question(study):
                               "role": roles_for(N_FORGET, rng) + roles_for(N_RETAIN, rng)})
     v = V.build_verdict(trials, grid, questions=questions, n_boot=20)
     assert v.boot.select_test
-    roles = V.question_roles(questions, N_FORGET, N_RETAIN)
+    roles = SC.question_roles(questions, N_FORGET, N_RETAIN)
     sae = grid[grid.control == "sae"]
     # Scramble every test-question outcome: the chosen settings cannot move, only the reported numbers.
     scrambled = sae.copy()
@@ -533,8 +535,8 @@ def test_no_selection_step_reads_a_test_question(study):
             for bits_ in scrambled[col]]
     v2 = V.build_verdict(trials, pd.concat([scrambled, grid[grid.control != "sae"]]), questions=questions, n_boot=20)
     for tid in ("relu-42", "fixed_ortho-43"):
-        o, o2 = (V.trial_outcomes(g[g.trial_id == tid]) for g in (sae, scrambled))
-        sel = [V.select_setting(x.forget[:, ~roles.forget_test].mean(1), x.retain[:, ~roles.retain_test].mean(1),
+        o, o2 = (SC.trial_outcomes(g[g.trial_id == tid]) for g in (sae, scrambled))
+        sel = [SC.select_setting(x.forget[:, ~roles.forget_test].mean(1), x.retain[:, ~roles.retain_test].mean(1),
                                 0.95)[0] for x in (o, o2)]
         assert sel[0] == sel[1]
         # The verdict's value is the test-question forget accuracy of the setting chosen on select questions.
@@ -544,7 +546,7 @@ def test_no_selection_step_reads_a_test_question(study):
         scrambled_value = o2.forget[int(sel[0]), roles.forget_test].mean()
         assert v2.per_trial.set_index("trial_id").loc[tid, "forget_acc_at_retain95"] == pytest.approx(scrambled_value)
     with pytest.raises(ValueError, match="role must be one of"):
-        V.question_roles(questions.assign(role="train"), N_FORGET, N_RETAIN)
+        SC.question_roles(questions.assign(role="train"), N_FORGET, N_RETAIN)
 
 
 def test_rows_whose_data_timing_chose_are_refused_by_the_block_design(study):

@@ -34,10 +34,6 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 from hsae.activations import HarvestConfig, cache_dir, harvest_key  # noqa: E402
 from hsae.atomic import atomic_write_text  # noqa: E402
 from hsae.config import SAEConfig  # noqa: E402
-from hsae.corpora import CorpusSpec  # noqa: E402
-from hsae.evaluation.evaluator import EvalConfig  # noqa: E402
-from hsae.evaluation.questions import BankConfig  # noqa: E402
-from hsae.evaluation.unlearning import UnlearningConfig  # noqa: E402
 from hsae.external import check_trials as check_external_trials  # noqa: E402
 from hsae.external import is_external  # noqa: E402
 from hsae.keys import content_key  # noqa: E402
@@ -52,18 +48,15 @@ from hsae.machine import (  # noqa: E402
 )
 from hsae.models import ModelInfo, ModelSpec, cache_root, describe_model, model_config  # noqa: E402
 from hsae.preflight import Sizes, check_fits, check_plan, describe_sizes, plan_sizes  # noqa: E402
+from hsae.profiles import PROFILES, Profile, get_profile, override, parse_profile_settings  # noqa: E402
 from hsae.results import ResultsStore, control_grid_rows  # noqa: E402
 from hsae.spaces import (  # noqa: E402
     NOT_IN_ALL,
-    PROFILES,
-    Profile,
     Space,
     TrialSpec,
     all_spaces,
-    get_profile,
     grid_trials,
     load_space,
-    parse_profile_settings,
     shipped_spaces,
     sweep_context,
     validate_trials,
@@ -134,8 +127,9 @@ def space_help() -> str:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """What the run does with the study: profile overrides, where it runs and how, outputs, search, resume."""
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any profile field (docs/sweeps.md), e.g. --set batch_size=512; repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override any profile field by its path (docs/sweeps.md, \"Profiles and --set\"), e.g. "
+                        "--set train.batch_size=512 (or its flat name: batch_size=512); repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the plan (trials, devices, sizes, tokens) and exit")
     p.add_argument("--out", default="results", help="results directory (default results/)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
@@ -209,7 +203,7 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
     profile = get_profile(args.profile, steps=args.steps, model=args.model, layer=args.layer, d_sae=args.d_sae,
                           n_ctxs=args.n_ctxs, eval_model=args.eval_model, forget_corpus=args.forget_corpus,
                           retain_corpus=args.retain_corpus, wmdp_questions=args.wmdp, mmlu_questions=args.mmlu)
-    profile = replace(profile, **parse_profile_settings(args.set, profile))
+    profile = override(profile, parse_profile_settings(args.set, profile))
     profile = with_token_budget(profile, args.tokens, args.activations)
     if args.no_eval:
         profile = replace(profile, evaluate=False)
@@ -217,9 +211,9 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
         profile = staged(profile, args)
     profile.train_config(42)  # validates steps, batch size, lr
     rows = profile.cache_rows()
-    if rows < profile.batch_size:
-        raise ValueError(f"n_ctxs={profile.n_ctxs} gives {rows} training activations, fewer than one batch of "
-                         f"{profile.batch_size}: raise --n-ctxs")
+    if rows < profile.train.batch_size:
+        raise ValueError(f"n_ctxs={profile.harvest.n_ctxs} gives {rows} training activations, fewer than one batch "
+                         f"of {profile.train.batch_size}: raise --n-ctxs")
     return profile
 
 
@@ -236,7 +230,7 @@ def staged(profile: Profile, args: argparse.Namespace) -> Profile:
 def with_token_budget(profile: Profile, tokens: int | None, activations: str | None) -> Profile:
     """Steps from a token budget, and the stream whenever the budget exceeds what the cache would hold."""
     if tokens is not None:
-        profile = replace(profile, steps=-(-tokens // profile.batch_size))
+        profile = override(profile, {"train.steps": -(-tokens // profile.train.batch_size)})
         if activations is None and tokens > profile.cache_rows():
             activations = "stream"
     return replace(profile, activations=activations or profile.activations)
@@ -262,14 +256,14 @@ def resolve(args: argparse.Namespace) -> Plan:
     profile = resolve_profile(args)
     args.objectives_parsed = parse_objectives(args.objectives, evaluate=profile.evaluate)
     spaces = plan_spaces(args)  # before the model is read: a space the search cannot run is refused at once
-    harvest = harvest_config(profile)
+    harvest = profile.harvest
     spec = harvest.model
     config = model_config(spec)
     model = describe_model(spec, config)  # the model's facts (the harvest's dtype), layer checked
     twin = check_eval_model(profile, model)
     if any(default_scheduler(args, space) == "asha" for space in spaces):
         # ASHA compares trials at fixed steps: an extension would meet a rung the budget never reaches.
-        profile = replace(profile, max_extensions=0)
+        profile = override(profile, {"train.max_extensions": 0})
     context = sweep_context(profile, harvest_key(harvest))
     trials = {space.name: space_trials(space, args, profile, context) for space in spaces}
     for specs in trials.values():
@@ -342,25 +336,26 @@ def preflight(plan: Plan, args: argparse.Namespace) -> None:
 
 
 def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
-    p, m = plan.profile, plan.model
+    p, m, corpus = plan.profile, plan.model, plan.profile.harvest.corpus
     lines = [f"[hsae] plan for profile {p.name!r} (dry run: nothing is loaded, started or written)",
              f"model              {m.source} ({m.family}, {m.n_layers} layers x {m.d_model}, {m.dtype}), "
              f"layer {m.layer}",
              f"evaluation model   {plan.eval_model.source if plan.eval_model else m.source}"
              + ("" if p.evaluate else " (evaluation off)"),
-             f"corpus             {p.corpus}" + (f": forget {p.forget_corpus}, retain {p.retain_corpus}"
-                                                 if p.corpus == "wmdp" else ""),
-             f"questions          {p.bank_kind}" + (f": {p.wmdp_questions}, {p.mmlu_questions}"
-                                                     if p.bank_kind == "letter" else ""),
+             f"corpus             {corpus.name}" + (f": forget {corpus.forget}, retain {corpus.retain}"
+                                                     if corpus.name == "wmdp" else ""),
+             f"questions          {p.bank.kind}" + (f": {p.bank.wmdp}, {p.bank.mmlu}"
+                                                      if p.bank.kind == "letter" else ""),
              f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: "
              f"{plan.layout.threads} CPU + {args.gpus_per_trial} GPU each, up to {concurrent} at once",
-             f"training           {p.steps} steps x {p.batch_size}, d_sae {p.d_sae}, lr {p.lr}; {format_budget(p)}",
+             f"training           {p.train.steps} steps x {p.train.batch_size}, d_sae {p.d_sae}, lr {p.train.lr}; "
+             f"{format_budget(p)}",
              f"headline metric    {p.headline_metric} (declared before the run; the others are descriptive), "
              f"equivalence margin ±{p.equivalence_margin:g}"
              + (f"; seeds in stages until decided: looks at {looks_of(p, args.seeds or p.seeds)} seeds, each at "
                 f"α = {ALPHA / p.seed_looks:.4g}" if p.seed_looks > 1 else ""),
              f"activations        {p.activations}" + (
-                 f": blocks of {p.stream_block_contexts} contexts, {p.stream_window_blocks} buffered"
+                 f": blocks of {p.stream.block_contexts} contexts, {p.stream.window_blocks} buffered"
                  if p.activations == "stream" else f" ({p.cache_rows():,} rows harvested once)")]
     for space, trials in plan.trials.items():
         variants = sorted({t.variant for t in trials})
@@ -369,9 +364,10 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
         lines.append(f"space {space:<12} {len(trials)} trials ({seeds} seeds{stages}): {', '.join(variants)}")
     if len(plan.trials) > 1:
         distinct = {t.key for trials in plan.trials.values() for t in trials if not is_external(t.variant)}
-        most = p.steps + p.max_extensions * p.extension_steps()
+        most = p.train.max_steps()
         lines.append(f"in all             {len(distinct)} distinct trials (a trial several spaces ask for trains "
-                     f"once): {len(distinct) * p.steps:,} SAE steps, up to {len(distinct) * most:,} with extensions")
+                     f"once): {len(distinct) * p.train.steps:,} SAE steps, up to {len(distinct) * most:,} with "
+                     f"extensions")
     return "\n".join(lines + describe_sizes(plan.sizes))
 
 
@@ -379,30 +375,14 @@ def format_budget(profile: Profile) -> str:
     """Each trial's least and most training steps, and the rule between them (docs/training.md, "Extensions")."""
     cfg = profile.train_config(0)
     if not cfg.max_extensions:
-        why = "streamed activations" if profile.max_extensions else "max_extensions=0"
+        why = "streamed activations" if profile.train.max_extensions else "max_extensions=0"
         return f"each trial trains {cfg.steps} steps (no extensions: {why})"
-    fraction = profile.extension_fraction
+    fraction = profile.train.extension_fraction
     share = Fraction(fraction).limit_denominator(12)  # 1/3, not 0.333...
     share_text = str(share) if abs(float(share) - fraction) < 1e-9 else f"{fraction:g}"
     return (f"each trial trains {cfg.steps} to {cfg.max_steps()} steps: one the convergence rule fails trains on "
             f"{cfg.extension_steps} steps ({share_text} of its {cfg.steps}: extension_fraction) at a time, at most "
-            f"{cfg.max_extensions} times (--set max_extensions=0: exactly {cfg.steps})")
-
-
-def harvest_config(profile: Profile) -> HarvestConfig:
-    return HarvestConfig(model=ModelSpec(profile.model, layer=profile.layer, dtype=profile.harvest_dtype),
-                         corpus=CorpusSpec(profile.corpus, forget=profile.forget_corpus, retain=profile.retain_corpus),
-                         ctx_len=profile.ctx_len, n_ctxs=profile.n_ctxs, n_eval_ctxs=profile.n_eval_ctxs,
-                         holdout_fraction=profile.holdout_fraction, forget_fraction=profile.forget_fraction)
-
-
-def eval_config(profile: Profile) -> tuple[EvalConfig, BankConfig]:
-    ucfg = UnlearningConfig(min_forget_questions=profile.min_forget_questions,
-                            min_retain_questions=profile.min_retain_questions)
-    bank = BankConfig(kind=profile.bank_kind, wmdp=profile.wmdp_questions, mmlu=profile.mmlu_questions)
-    if profile.name == "tiny":
-        bank = replace(bank, max_forget=1000, max_retain=1000)
-    return EvalConfig(unlearning=ucfg, ce_contexts_per_domain=profile.ce_contexts_per_domain), bank
+            f"{cfg.max_extensions} times (--set train.max_extensions=0: exactly {cfg.steps})")
 
 
 def check_reachable(address: str) -> None:
@@ -506,7 +486,7 @@ def training_seconds(trials: list[TrialSpec], plan: Plan) -> dict[str, float]:
         shown = {c: t.variant if configs_of[t.variant] == 1 else c for c, t in first.items()}
         print("[hsae] trial order: seed by seed, the longest training first; ms per step measured here: "
               + ", ".join(f"{shown[c]} {s * 1e3:.0f}" for c, s in sorted(step.items(), key=lambda kv: -kv[1])))
-    return {t.key: plan.profile.steps * step.get(configuration(t), 0.0) for t in trials}
+    return {t.key: plan.profile.train.steps * step.get(configuration(t), 0.0) for t in trials}
 
 
 def measured_step(trial: TrialSpec, plan: Plan) -> float:
@@ -556,7 +536,7 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
         return None
     total = len(pending) if args.search == "grid" else tune_config.num_samples
     budget = profile.train_config(0)
-    callbacks = [SweepProgress(args.out, total, profile.steps, extension_steps=budget.extension_steps,
+    callbacks = [SweepProgress(args.out, total, profile.train.steps, extension_steps=budget.extension_steps,
                                max_extensions=budget.max_extensions),
                  *tracker_callbacks(args.log, args.out, name)]
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=1),
@@ -615,7 +595,7 @@ def start_server(plan: Plan, ray: Any) -> tuple[str, Any, Any]:
     from hsae.server import create_activation_server
 
     profile = plan.profile
-    eval_cfg, bank_cfg = eval_config(profile)
+    eval_cfg, bank_cfg = profile.eval, profile.bank
     stream = profile.stream_config()
     mode = f"-stream-{content_key(asdict(stream), length=8)}" if stream else ""  # one server per batch cutting
     server_name = f"hsae-activations-{profile.name}-{harvest_key(plan.harvest)}{mode}"
@@ -688,10 +668,10 @@ def summarise(plan: Plan, out: str, failed: list[tuple[TrialSpec | None, str]], 
 
 def format_stream(stats: dict[str, Any], profile: Profile) -> str:
     """The stream's LM cost against what one trial trains on (1.0 = one LM pass for the whole sweep)."""
-    trained = profile.steps * profile.batch_size
+    trained = profile.train.steps * profile.train.batch_size
     return (f"[hsae] stream: {stats['lm_tokens']:,} LM tokens computed for training ({stats['blocks_computed']} "
             f"blocks, {stats['blocks_recomputed']} recomputed, at most {stats['peak_window_blocks']} of "
-            f"{profile.stream_window_blocks} buffered; server peak memory {stats['server_peak_rss_mb']:.0f} MB); "
+            f"{profile.stream.window_blocks} buffered; server peak memory {stats['server_peak_rss_mb']:.0f} MB); "
             f"one trial trains on {trained:,}: lm_tokens_ratio {stats['lm_tokens'] / trained:.3f}")
 
 

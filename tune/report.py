@@ -5,13 +5,14 @@ report as one interactive, self-contained page: tune/report_html.py). With sever
 ``mean ± half-width of the 95% CI``; n counts the seeds behind it.
 
 The report leads with the verdict (``hsae/verdict.py``, docs/evaluation.md "The verdict"), computed once in
-``tune/report_data.py`` and rendered here as Markdown and in ``tune/report_html.py`` as HTML: a banner when
-the evaluation's controls are out of range, the forget-vs-retain figure, forget accuracy at matched retain
-per arm with intervals over seeds and questions, the block-design test against relu on the declared headline
-metric (and the secondary metrics), its power, and the settings that select nothing or tie; then the second
-witness (k-sparse probing) with one agreement line per arm, the sparsity frontier when the trials span several
-target L0s, and convergence and health per arm (docs/evaluation.md, "Report sections"). External arms are ranked
-and drawn after the trained ones. Results without grid.parquet get the rest of the report only.
+``tune/report_data.py``, worded as the blocks of ``tune/report_blocks.py`` and rendered here as Markdown and in
+``tune/report_html.py`` as HTML: a banner when the evaluation's controls are out of range, the forget-vs-retain
+figure, forget accuracy at matched retain per arm with intervals over seeds and questions, the block-design test
+against relu on the declared headline metric (and the secondary metrics), its power, and the settings that select
+nothing or tie; then the second witness (k-sparse probing) with one agreement line per arm, the sparsity frontier
+when the trials span several target L0s, and convergence and health per arm (docs/evaluation.md, "Report
+sections"). External arms are ranked and drawn after the trained ones. Results without grid.parquet get the rest
+of the report only.
 """
 
 from __future__ import annotations
@@ -34,33 +35,36 @@ from hsae.atomic import atomic_file, atomic_write_text  # noqa: E402
 from hsae.pareto import study_fronts, varying_params  # noqa: E402
 from hsae.results import asked_by  # noqa: E402
 from hsae.schema import REPORT_METRICS, label  # noqa: E402
+from hsae.scoring import BARS  # noqa: E402
 from hsae.stats import mean_ci95  # noqa: E402
-from hsae.verdict import BARS, BASELINE, arm_names  # noqa: E402
-from tune.report_data import (  # noqa: E402
+from hsae.verdict import BASELINE, arm_names  # noqa: E402
+from tune.report_blocks import (  # noqa: E402
     Block,
     Heading,
     Paragraph,
-    ReportInputs,
     Table,
     ablation_section,
     banner_blocks,
     budget_blocks,
     controls_blocks,
-    converged,
-    external_rows,
     fmt,
     frontier_blocks,
+    header_blocks,
+    metric_label,
+    probe_blocks,
+    verdict_blocks,
+)
+from tune.report_data import (  # noqa: E402
+    ReportInputs,
+    converged,
+    external_rows,
     frontier_points,
     frontier_steps,
-    header_blocks,
     main_trials,
-    metric_label,
     order_key,
     ordered,
-    probe_blocks,
     report_variants,
     variant_index,
-    verdict_blocks,
 )
 from tune.report_html import write_html  # noqa: E402
 
@@ -458,7 +462,7 @@ def fig_forget_vs_retain(grid: pd.DataFrame, per_trial: pd.DataFrame, path: Path
     return True
 
 
-# -- blocks (tune/report_data.py) as Markdown ---------------------------------------------------------
+# -- blocks (tune/report_blocks.py) as Markdown ---------------------------------------------------------
 MARKS = {"": "{}", "strong": "**{}**", "code": "`{}`", "em": "_{}_"}
 
 

@@ -2,8 +2,8 @@
 
 plotly.js is inlined once, in <head>, so the page opens without a network; every figure is a plotly div
 that only calls ``Plotly.newPlot``. The page is the list ``SECTIONS``, in order: the header and the
-verdict (the blocks of tune/report_data.py that report.md renders as Markdown, here as HTML; the verdict is
-computed once there), the forget-vs-retain figure per arm,
+verdict (the blocks of tune/report_blocks.py that report.md renders as Markdown, here as HTML; the verdict is
+computed once in tune/report_data.py), the forget-vs-retain figure per arm,
 parallel coordinates of the trials' parameters against their metrics, the training curves and the trial
 table. A section is a function ``Inputs -> str`` (an HTML fragment); one whose data is missing returns
 one line saying so. To add a section (say, an Optuna study's Pareto front), write such a function and
@@ -27,26 +27,28 @@ from plotly.subplots import make_subplots
 from hsae.atomic import atomic_write_text
 from hsae.pareto import study_fronts, varying_params
 from hsae.schema import label
-from hsae.verdict import BARS
-from tune.report_data import (
+from hsae.scoring import BARS
+from tune.report_blocks import (
     Block,
     Heading,
     Paragraph,
-    ReportInputs,
     Table,
     ablation_blocks,
     banner_blocks,
     budget_blocks,
     controls_blocks,
     frontier_blocks,
-    frontier_points,
-    frontier_steps,
     header_blocks,
     metric_label,
-    ordered,
     probe_blocks,
-    variant_index,
     verdict_blocks,
+)
+from tune.report_data import (
+    ReportInputs,
+    frontier_points,
+    frontier_steps,
+    ordered,
+    variant_index,
 )
 
 X_MIN = 0.8  # the forget-vs-retain view starts where report.md's figure does; zooming out shows the rest
@@ -76,7 +78,7 @@ td.better { background: #d9f2d9; font-weight: bold; } td.worse { background: #f8
 Inputs = ReportInputs  # a section is a function of the shared inputs (tune/report_data.py)
 
 
-# -- blocks (tune/report_data.py) as HTML ----------------------------------------------------------
+# -- blocks (tune/report_blocks.py) as HTML ----------------------------------------------------------
 TAGS = {"strong": "strong", "code": "code", "em": "em"}
 
 

@@ -13,8 +13,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hsae.spaces import Profile, Space, SpaceError, TrialSpec
-from hsae.verdict import CANDIDATES, WITNESS, higher_is_better
+from hsae.profiles import Profile
+from hsae.scoring import CANDIDATES, higher_is_better
+from hsae.spaces import Space, SpaceError, TrialSpec
+from hsae.verdict import WITNESS
 
 # Every metric a study may optimise, with its direction; the evaluated ones exist only when a trial is scored: the
 # verdict's candidates (the declared headline, frontier_area by default, among them) and the second witness's
@@ -180,8 +182,9 @@ def make_scheduler(name: str, profile: Profile) -> Any:
     # at each rung; max_t one past the last step so the final report (evaluation) is never cut. Under ASHA trials
     # train their budget: tune/ablate.py turns extensions off, since a rung past the budget would cut them.
     if name == "asha":
-        return ASHAScheduler(time_attr="step", metric="val_mse", mode="min", grace_period=max(1, profile.steps // 3),
-                             reduction_factor=2, max_t=profile.steps + 1)
+        steps = profile.train.steps
+        return ASHAScheduler(time_attr="step", metric="val_mse", mode="min", grace_period=max(1, steps // 3),
+                             reduction_factor=2, max_t=steps + 1)
     return FIFOScheduler()
 
 

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from hsae.spaces import Profile, TrialSpec
+from hsae.profiles import Profile
+from hsae.spaces import TrialSpec
 from hsae.stats import seed_looks
 from hsae.verdict import BASELINE, Verdict
 

@@ -22,9 +22,10 @@ from ray import tune
 
 from hsae.external import is_external
 from hsae.machine import RunSettings
+from hsae.profiles import Profile
 from hsae.results import ResultsStore
 from hsae.server import fetch, stream_source
-from hsae.spaces import Profile, TrialSpec
+from hsae.spaces import TrialSpec
 from hsae.train import ArrayBatches, DegenerateRunError, Progress
 from hsae.trial import Evaluate, ExternalRun, TrialOutcome, TrialRun
 from tune.search import OBJECTIVES
@@ -100,7 +101,7 @@ def training_source(server: Any, info: Any, store: ResultsStore, spec: TrialSpec
         start = ray.get(server.stream_join.remote(spec.key, run.train_cfg.steps))
         store.record_stream_start(spec.experiment, spec.key, start)
     run.source_values["stream_start_batch"] = start
-    run.source_values["stream_join"] = run.profile.stream_join  # "oldest": timing chose start (docs/sweeps.md)
+    run.source_values["stream_join"] = run.profile.stream.join  # "oldest": timing chose start (docs/sweeps.md)
     return stream_source(server, spec.key, start, batch_size, run.train_cfg.steps)
 
 

@@ -9,7 +9,7 @@ the CE/KL contexts.
 Select and test (docs/evaluation.md): ``select_x`` must come from *select* documents only and the CE/KL
 contexts from *test* documents (the activation server hands them over so); every question carries its
 document's role, and every grid setting records its accuracies on select and on test questions, so a
-matched-retain value chooses on the first and reports the second (``hsae.verdict.matched_retain_select_test``).
+matched-retain value chooses on the first and reports the second (``hsae.scoring.matched_retain_select_test``).
 """
 
 from __future__ import annotations
