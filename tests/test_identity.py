@@ -19,6 +19,7 @@ from hsae.spaces import TrialSpec, sweep_context
 from hsae.verdict import build_verdict
 from tests.test_keys import save_tiny
 from tune import ablate
+from tune import plan as tune_plan
 from tune.report import build_report
 
 
@@ -177,7 +178,7 @@ def test_a_results_directory_with_old_ids_resumes_without_training_again(sweep, 
     trained = pd.read_parquet(out / "trials.parquet").iloc[0]
     new = trained["trial_id"]
     args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", variants, "--no-eval"])
-    profile = ablate.resolve_profile(args)
+    profile = tune_plan.resolve_profile(args)
     spec_now = TrialSpec("old", "variants", "relu", {}, 42,
                          sweep_context(profile, harvest_key(profile.harvest)))
     assert spec_now.key == new

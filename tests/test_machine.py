@@ -13,6 +13,7 @@ from hsae.train import Trainer, step_seconds
 from hsae.variants import VARIANTS
 from tests.helpers import small_space
 from tune import ablate
+from tune import plan as tune_plan
 
 
 @pytest.fixture
@@ -152,7 +153,7 @@ def test_trial_keys_do_not_depend_on_precision_or_layout(probe, tmp_path):
     for extra in (["--precision", "bf16"], ["--precision", "fp32", "--max-concurrent", "1"]):
         args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "ortho", "--dry-run",
                                                  "--out", str(tmp_path / "r"), *extra])
-        plan = ablate.resolve(args)
+        plan = tune_plan.resolve(args)
         keys.append(sorted(t.key for t in plan.trials["ortho"]))
     assert keys[0] == keys[1]
 
@@ -165,7 +166,7 @@ def test_asha_trains_every_trial_its_budget_and_a_grid_extends(probe, tmp_path):
     for search in (["--search", "optuna", "--objectives", "val_mse"], []):
         args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", small_space("ortho"), "--dry-run",
                                                  "--out", str(tmp_path / "r"), *extensions, *search])
-        chosen[bool(search)] = ablate.resolve(args).profile.train_config(42).max_steps()
+        chosen[bool(search)] = tune_plan.resolve(args).profile.train_config(42).max_steps()
     assert chosen == {True: 40, False: 60}
 
 
@@ -196,7 +197,7 @@ def test_the_harvest_follows_the_same_capability_rule_on_cuda(monkeypatch, capab
 def _variants_plan(tmp_path, *extra):
     args = ablate.build_parser().parse_args(["--profile", "tiny", "--space", "variants", "--seeds", "2",
                                              "--dry-run", "--out", str(tmp_path / "r"), *extra])
-    return ablate.resolve(args), args
+    return tune_plan.resolve(args), args
 
 
 def test_trials_run_seed_by_seed_the_longest_training_first(probe, tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
 from hsae.spaces import SpaceError, default_spaces_dir, grid_trials, load_space, parse_space
 from tests.helpers import small_space
 from tune import ablate
+from tune import plan as tune_plan
 from tune.report import build_report
 
 
@@ -186,7 +187,7 @@ FIXED = "trials:\n  - variant: fixed_ortho\n    params: {alpha: 0.1}\n"
 def test_a_space_the_search_cannot_run_exits_2_before_ray(space, message, dry_run, tmp_path, monkeypatch, capsys):
     (tmp_path / "fixed.yaml").write_text(FIXED)
     monkeypatch.setattr(ablate, "connect", lambda *a, **k: pytest.fail("Ray was started"))
-    monkeypatch.setattr(ablate, "model_config", lambda *a, **k: pytest.fail("the model was read"))
+    monkeypatch.setattr(tune_plan, "model_config", lambda *a, **k: pytest.fail("the model was read"))
     space = str(tmp_path / space) if space.endswith(".yaml") else space
     args = ["--profile", "tiny", "--space", space, "--search", "optuna", "--out", str(tmp_path / "r")]
     assert ablate.main(args + (["--dry-run"] if dry_run else [])) == 2

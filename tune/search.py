@@ -180,7 +180,7 @@ def make_scheduler(name: str, profile: Profile) -> Any:
 
     # Grace period: a third of training (early losses of sparse, orthogonality-penalised SAEs cross); halving
     # at each rung; max_t one past the last step so the final report (evaluation) is never cut. Under ASHA trials
-    # train their budget: tune/ablate.py turns extensions off, since a rung past the budget would cut them.
+    # train their budget: tune/plan.py turns extensions off, since a rung past the budget would cut them.
     if name == "asha":
         steps = profile.train.steps
         return ASHAScheduler(time_attr="step", metric="val_mse", mode="min", grace_period=max(1, steps // 3),
