@@ -37,7 +37,7 @@ import pandas as pd
 from hsae import schema
 from hsae.atomic import atomic_file, atomic_write_text
 from hsae.schema import SAE_METRICS
-from hsae.scoring import BARS, SELECT_TEST_COLUMNS, area_select_test, bar_metric, matched_retain_select_test
+from hsae.scoring import BASELINE_CONTROL, CROSSFIT, SELECT_TEST_COLUMNS, grid_metrics
 
 if TYPE_CHECKING:
     from hsae.config import SAEConfig, TrainConfig
@@ -445,35 +445,33 @@ def select_test_accuracies(grid: list[dict[str, Any]]) -> list[list[float]]:
     for i, g in enumerate(grid):
         missing = [k for k in SELECT_TEST_COLUMNS if g.get(k) is None]
         if missing:
-            raise ValueError(f"grid setting {i} lacks {missing}: matched retain chooses on select questions and "
-                             "reports on test questions (docs/evaluation.md, 'Select and test')")
+            raise ValueError(f"grid setting {i} lacks {missing}: matched retain chooses on one part of the questions "
+                             "and reports on the other (docs/evaluation.md, 'Select and test')")
     return [[float(g[k]) for g in grid] for k in SELECT_TEST_COLUMNS]
 
 
-def matched_retain(grid: list[dict[str, Any]], bar: float) -> float:
-    """The test forget accuracy of the grid setting chosen on select questions at retain >= ``bar`` (NaN if
-    none): ``hsae.scoring.matched_retain_select_test`` on the grid points' accuracies."""
-    return float(matched_retain_select_test(*select_test_accuracies(grid), bar)[0])
-
-
-def grid_frontier_area(grid: list[dict[str, Any]]) -> float:
-    """The frontier area of the grid settings, as the verdict computes it (``hsae.scoring.metrics``): each retain
-    level's setting chosen on select questions, its removal read on test questions (``area_select_test``)."""
-    forget_select, retain_select, forget_test, _ = select_test_accuracies(grid)
-    return float(area_select_test(forget_select, retain_select, forget_test))
+def grid_values(grid: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> dict[str, float]:
+    """Every select/test metric of the grid settings (``hsae.scoring.CROSSFIT``), as the verdict computes them
+    (``hsae.scoring.grid_metrics``): accuracy-based ones, and with the unmodified model's grid point ``baseline``
+    the ones on the probability of the correct option (else NaN)."""
+    select_test_accuracies(grid)  # every setting has its select and test accuracies
+    frame = pd.DataFrame([{k: v for k, v in g.items() if not k.endswith("_correct")} for g in grid])
+    values = grid_metrics(frame, baseline)
+    return {m: values[m] for m in CROSSFIT}
 
 
 def evaluation_values(out: dict[str, Any], eval_s: float) -> dict[str, Any]:
     """The evaluation columns of a row from the activation server's ``evaluate`` answer."""
     u, ce = out["unlearning"], out.get("ce", {})
     summary = [{k: v for k, v in g.items() if not k.endswith("_correct")} for g in u["grid"]]
+    # Chosen on one part of the questions, reported on the other, both ways (docs/evaluation.md, "Select and test");
+    # the *_p ones on the probability of the correct option, as a share of the unmodified model's (u["baseline"]).
+    chosen = grid_values(u["grid"], u.get("baseline"))
     return {
         "unlearning_score": u["score"], "random_feature_score": u.get("random_feature_score"),
         "unlearning_tied_settings": u["tied_settings"], "n_forget_questions": u["n_forget"],
         "n_retain_questions": u["n_retain"], "unlearning_grid": json.dumps(summary),
-        # Chosen on select questions, reported on test questions (docs/evaluation.md, "Select and test").
-        **{bar_metric(bar): _clean(matched_retain(u["grid"], bar)) for bar in BARS},
-        "frontier_area": grid_frontier_area(u["grid"]),  # the declared headline (Profile.headline_metric)
+        **{m: _clean(v) for m, v in chosen.items()},  # frontier_area: the declared headline by default
         "settings_selecting_none": sum(1 for g in u["grid"] if g.get("features_selected") == 0),
         "ce_score_forget": ce.get("ce_score_forget"), "ce_score_retain": ce.get("ce_score_retain"),
         "kl_forget": ce.get("kl_forget"), "kl_retain": ce.get("kl_retain"), "eval_s": eval_s,
@@ -487,18 +485,24 @@ def probe_rows(trial_id: str, out: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def grid_rows(trial_id: str, out: dict[str, Any]) -> list[dict[str, Any]]:
-    """grid.parquet rows of one trial: its own settings (control "sae") and the random-feature control's."""
+    """grid.parquet rows of one trial: its own settings (control "sae"), the random-feature control's, and the
+    unmodified model's point (control "baseline", where the evaluation recorded it)."""
     u = out["unlearning"]
     rows = [{"trial_id": trial_id, "control": "sae", **g} for g in u["grid"]]
     rows += [{"trial_id": trial_id, "control": "random", **g} for g in u.get("random_feature_grid", [])]
+    if u.get("baseline"):
+        rows.append({"trial_id": trial_id, "control": BASELINE_CONTROL, **u["baseline"]})
     return rows
 
 
 def control_grid_rows(controls: dict[str, Any]) -> list[dict[str, Any]]:
-    """grid.parquet rows of the SAE-independent positive control (its strength in the multiplier column)."""
-    return [{"trial_id": "positive-control", "control": "positive", "grid": "control",
+    """grid.parquet rows of the SAE-independent positive control (its strength in the multiplier column), and the
+    unmodified model's point it is measured against (``controls["baseline"]``, where recorded)."""
+    rows = [{"trial_id": "positive-control", "control": "positive", "grid": "control",
              "multiplier": g["strength"], **g} for g in controls["positive"]["grid"]]
-
+    rows += [{"trial_id": "positive-control", "control": BASELINE_CONTROL, **g}
+             for g in (controls.get("baseline") or {}).get("grid", [])]
+    return rows
 
 
 def curve_rows(spec: TrialSpec, history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -177,17 +177,33 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "fraction", label="random-feature ctrl", group=_EVAL),
     _c("unlearning_tied_settings", "Int64", "SAEBench settings whose (forget, retain) accuracies duplicate another's",
        "settings", group=_EVAL),
-    _c("forget_acc_at_retain99", "float64", "test-question forget accuracy of the setting (SAEBench + extended grid) "
-       "chosen on select questions: lowest select forget accuracy among those with select retain accuracy >= 0.99; "
-       "null if none (hsae.scoring.matched_retain_select_test)", "fraction", "lower", "forget@retain≥.99", _EVAL),
+    _c("forget_acc_at_retain99", "float64", "forget accuracy of the setting (SAEBench + extended grid) with the lowest "
+       "forget accuracy among those with retain accuracy >= 0.99, chosen on one part of the questions and read on the "
+       "other: fold A, chosen on select and read on test questions (hsae.scoring.REPORTED_FOLDS); null if no "
+       "setting meets the bar on the select questions", "fraction",
+       "lower", "forget@retain≥.99", _EVAL),
     _c("forget_acc_at_retain98", "float64", "the same at retain accuracy >= 0.98", "fraction", "lower",
        "forget@retain≥.98", _EVAL),
     _c("forget_acc_at_retain95", "float64", "the same at retain accuracy >= 0.95", "fraction", "lower",
        "forget@retain≥.95", _EVAL),
     _c("frontier_area", "float64", "removal averaged over retain levels 0.9, 0.905, ..., 1: at each level, 1 - the "
-       "test-question forget accuracy of the setting chosen on select questions at that retain (0 where none "
-       "reaches it); the declared headline by default (docs/evaluation.md, 'Headline'; "
-       "hsae.scoring.area_select_test); null unless completed", "fraction", "higher", "frontier area", _EVAL),
+       "forget accuracy of the setting chosen at that retain on one part of the questions, read on the other (0 where "
+       "none reaches it), fold A (chosen on select, read on test questions); the declared headline by default "
+       "(docs/evaluation.md, 'Headline'; hsae.scoring.area_select_test); null unless completed", "fraction", "higher",
+       "frontier area", _EVAL),
+    _c("frontier_area_p", "float64", "frontier_area on the probability of the correct option: a setting's forget and "
+       "retain values are the shares of the unmodified model's mean probability of the correct option it keeps "
+       "(grid.parquet's *_p columns over the baseline row's); at each retain level 0.9..1, 1 - the forget share of the "
+       "setting chosen on one part of the questions, read on the other, fold A like it (docs/evaluation.md, "
+       "'Continuous outcomes'); null when the grid records no probabilities", "fraction", "higher",
+       "frontier area (p)", _EVAL),
+    _c("forget_p_at_retain99", "float64", "forget_acc_at_retain99 on the probability of the correct option: the forget "
+       "share kept by the setting with the lowest forget share among those keeping >= 0.99 of the retain probability, "
+       "chosen and read like it", "fraction", "lower", "forget p@retain p≥.99", _EVAL),
+    _c("forget_p_at_retain98", "float64", "the same at a retain share >= 0.98", "fraction", "lower",
+       "forget p@retain p≥.98", _EVAL),
+    _c("forget_p_at_retain95", "float64", "the same at a retain share >= 0.95", "fraction", "lower",
+       "forget p@retain p≥.95", _EVAL),
     _c("settings_selecting_none", "Int64", "grid settings (SAEBench + extended) whose retain threshold left no "
        "feature to clamp: they cannot change an answer", "settings", group=_EVAL),
     _c("controls_ok", "boolean", "the sweep's evaluation controls were in range (positive >= 0.2, negative <= "
@@ -281,7 +297,9 @@ GRID_COLUMNS: tuple[Column, ...] = (
     _c("trial_id", "string", "the trial the SAE belongs to; 'positive-control' for the SAE-independent control",
        group=_ID),
     _c("control", "string", "sae (the SAE's selected features) | random (random live features of the same SAE: "
-       "negative control) | positive (difference-of-means direction removal: positive control)", group=_ID),
+       "negative control) | positive (difference-of-means direction removal: positive control) | baseline (the "
+       "unmodified model: the reference of every probability share; one per trial and one for positive-control)",
+       group=_ID),
     _c("grid", "string", "saebench (SAEBench's 16 settings) | extended (more thresholds and feature counts) | "
        "control", group=_ID),
     _c("bank", "string", "content key of the question bank the outcomes index (questions.parquet)", group=_ID),
@@ -297,10 +315,10 @@ GRID_COLUMNS: tuple[Column, ...] = (
        "lower", group=_EVAL),
     _c("retain_acc", "float64", "retain-question accuracy under the intervention (all questions)", "fraction",
        "higher", group=_EVAL),
-    _c("forget_acc_select", "float64", "forget accuracy on select questions (what chooses a matched-retain "
-       "setting: docs/evaluation.md, 'Select and test')", "fraction", "lower", group=_EVAL),
+    _c("forget_acc_select", "float64", "forget accuracy on select questions (what fold A chooses a matched-retain "
+       "setting on and fold B reports: docs/evaluation.md, 'Select and test')", "fraction", "lower", group=_EVAL),
     _c("retain_acc_select", "float64", "retain accuracy on select questions", "fraction", "higher", group=_EVAL),
-    _c("forget_acc_test", "float64", "forget accuracy on test questions (what a matched-retain value reports)",
+    _c("forget_acc_test", "float64", "forget accuracy on test questions (what fold A reports and fold B chooses on)",
        "fraction", "lower", group=_EVAL),
     _c("retain_acc_test", "float64", "retain accuracy on test questions", "fraction", "higher", group=_EVAL),
     _c("retain_acc_exact", "boolean", "false when retain questions were skipped (an upper bound)", group=_EVAL),
@@ -310,6 +328,17 @@ GRID_COLUMNS: tuple[Column, ...] = (
     _c("forget_correct", "string", "per forget question (questions.parquet order), '1' if still answered "
        "correctly", group=_EVAL),
     _c("retain_correct", "string", "per retain question, '1' if still answered correctly", group=_EVAL),
+    _c("forget_p", "float64", "mean probability of the correct option over the forget questions (softmax over the "
+       "options' scores, the scores argmax answers with), computed from forget_p_correct's quantised values",
+       "probability", group=_EVAL),
+    _c("retain_p", "float64", "the same over the retain questions", "probability", group=_EVAL),
+    _c("forget_p_select", "float64", "forget_p over select questions", "probability", group=_EVAL),
+    _c("retain_p_select", "float64", "retain_p over select questions", "probability", group=_EVAL),
+    _c("forget_p_test", "float64", "forget_p over test questions", "probability", group=_EVAL),
+    _c("retain_p_test", "float64", "retain_p over test questions", "probability", group=_EVAL),
+    _c("forget_p_correct", "string", "per forget question (questions.parquet order), the probability p of the "
+       "correct option as round(p * 65535), 4 hex digits big-endian (hsae.scoring.encode_p / decode_p)", group=_EVAL),
+    _c("retain_p_correct", "string", "the same per retain question", group=_EVAL),
 )
 
 # questions.parquet: every question of every bank; question_id is the position in its bank.

@@ -4,10 +4,16 @@ their question bootstrap.
 Pure numpy/pandas (no torch, no Ray); ``docs/evaluation.md``, "The verdict":
 
 * **matched retain**: the grid setting whose retain accuracy meets a bar with the lowest forget accuracy,
-  chosen on *select* questions and scored on *test* questions (``matched_retain_select_test``) when
+  chosen on one part of the questions and scored on the other (``matched_retain_select_test``) when
   questions.parquet gives each question a role; on all questions otherwise;
 * **frontier area**: removal averaged over retain levels on a fixed grid in [lo, 1], each level's setting
   chosen by the same rule;
+* **folds**: every such choice is made twice, fold A choosing on select and scoring on test questions, fold B
+  choosing on test and scoring on select questions (``fold_metrics``), each fold's value kept (``Bootstrap.folds``);
+  a trial's value is the mean over ``REPORTED_FOLDS`` (``crossfit``), today fold A alone (why: ``REPORTED_FOLDS``);
+* **continuous outcomes**: the same metrics on the probability of the correct option (``*_p``), as the share
+  of the unmodified model's mean probability a setting keeps; grid.parquet stores each question's
+  probability quantised to 16 bits (``P_SCALE``), and every mean is computed from those integers;
 * **question bootstrap**: the question noise of one number (a cell), not the seed-level test.
 
 The seed-level test across arms, its claims and the verdict that gathers them are ``hsae/verdict.py``'s.
@@ -28,14 +34,27 @@ EPS = 1e-9  # accuracies are k/n: compare with a tolerance far below 1/n
 ROLES = ("select", "test")
 
 
-def bar_metric(bar: float) -> str:
-    """The metric name of a retain bar: 0.99 -> 'forget_acc_at_retain99'."""
-    return f"forget_acc_at_retain{round(bar * 100)}"
+def bar_metric(bar: float, kind: str = "acc") -> str:
+    """The metric name of a retain bar: 0.99 -> 'forget_acc_at_retain99' (kind "p": 'forget_p_at_retain99')."""
+    return f"forget_{kind}_at_retain{round(bar * 100)}"
 
 
-CANDIDATES: tuple[str, ...] = ("unlearning_score", *(bar_metric(b) for b in BARS), "frontier_area")
-HIGHER_IS_BETTER: dict[str, bool] = {"unlearning_score": True, "frontier_area": True,
-                                     **{bar_metric(b): False for b in BARS}}
+KINDS = ("acc", "p")  # accuracy (one bit per question) and the probability of the correct option
+AREA: dict[str, str] = {"acc": "frontier_area", "p": "frontier_area_p"}
+CANDIDATES: tuple[str, ...] = ("unlearning_score", *(bar_metric(b) for b in BARS), "frontier_area", "frontier_area_p")
+P_BARS: tuple[str, ...] = tuple(bar_metric(b, "p") for b in BARS)
+# Every metric recomputed per trial (the candidates, and the continuous matched-retain values beside them).
+SCORED: tuple[str, ...] = (*CANDIDATES, *P_BARS)
+# The metrics that choose a setting on one part of the questions and score it on the other (both folds computed).
+CROSSFIT: tuple[str, ...] = tuple(m for m in SCORED if m != "unlearning_score")
+FOLDS = ("A", "B")  # A: choose on select questions, score on test ones; B: choose on test, score on select
+# The folds a reported value averages. Fold B scores on select questions, whose documents also chose the SAE's
+# features and the positive control's direction (the server selects on select-document activations): until those
+# choices are made per fold too, fold B is not held out, so it is kept for inspection (Bootstrap.folds) and never
+# reported (docs/evaluation.md, "Folds").
+REPORTED_FOLDS: tuple[str, ...] = ("A",)
+HIGHER_IS_BETTER: dict[str, bool] = {"unlearning_score": True, "frontier_area": True, "frontier_area_p": True,
+                                     **{bar_metric(b, k): False for b in BARS for k in KINDS}}
 # Metric families whose direction follows from the name (the second witness's probe accuracies).
 HIGHER_IS_BETTER_PREFIXES = ("sparse_probe",)
 
@@ -59,7 +78,8 @@ def select_setting(forget_select: Any, retain_select: Any, bar: float) -> tuple[
     f, r = np.asarray(forget_select, dtype=float), np.asarray(retain_select, dtype=float)
     if f.shape != r.shape:
         raise ValueError(f"forget and retain accuracies differ in shape: {f.shape} vs {r.shape}")
-    # Accuracies are multiples of 1/n (n <= 10^5): a 1e-7 retain bonus breaks ties without reordering.
+    # Accuracies are multiples of 1/n (n <= 10^5): a 1e-7 retain bonus breaks ties without reordering (probability
+    # shares are not lattice values: there it can reorder only settings whose forget shares differ by < 1e-7).
     key = np.where(r >= bar - EPS, f - 1e-7 * np.nan_to_num(r), np.inf)
     if key.shape[0] == 0:
         shape = key.shape[1:]
@@ -143,33 +163,154 @@ def frontier_area(points: Any, lo: float = AREA_LO, step: float = AREA_STEP) -> 
 
 
 SELECT_TEST_COLUMNS = ("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test")
+# The same four for the mean probability of the correct option (grid.parquet; the baseline row's are the reference).
+P_SELECT_TEST_COLUMNS = ("forget_p_select", "retain_p_select", "forget_p_test", "retain_p_test")
 
 
-def grid_metrics(rows: pd.DataFrame) -> dict[str, float]:
-    """Every candidate metric of one trial's (or control's) grid rows, from their accuracy columns (the
-    select/test ones when every row has them: settings chosen on select, scored on test questions)."""
+# -- continuous outcomes: the probability of the correct option, 16 bits per question ---------------------
+P_SCALE = 65535  # a probability p is stored as round(p * P_SCALE), an unsigned 16-bit integer
+
+
+def quantise_p(p: Any) -> np.ndarray:
+    """Probabilities in [0, 1] as the stored integers round(p * P_SCALE) (uint16)."""
+    return np.rint(np.clip(np.asarray(p, dtype=float), 0.0, 1.0) * P_SCALE).astype(np.uint16)
+
+
+def encode_p(q: Any) -> str:
+    """Quantised probabilities (``quantise_p``) as grid.parquet stores them: 4 hex digits per question, big-endian
+    ("ffff" is p = 1, "8000" p = 32768 / 65535)."""
+    return np.asarray(q, dtype=">u2").tobytes().hex()
+
+
+def decode_p(strings: Any) -> np.ndarray:
+    """``encode_p`` strings (one per setting) as an int64 matrix settings x questions of quantised probabilities."""
+    strings = list(strings)
+    if not strings:
+        return np.zeros((0, 0), dtype=np.int64)
+    if not all(isinstance(s, str) for s in strings):
+        raise ValueError("a grid setting has no per-question probabilities (forget_p_correct / retain_p_correct null)")
+    n = len(strings[0])
+    if n % 4 or any(len(s) != n for s in strings):
+        raise ValueError("per-question probability strings of one trial differ in length or are not 4 hex digits "
+                         "per question")
+    try:
+        raw = bytes.fromhex("".join(strings))
+    except ValueError as exc:
+        raise ValueError(f"per-question probability strings must be hex digits: {exc}") from None
+    return np.frombuffer(raw, dtype=">u2").reshape(len(strings), n // 4).astype(np.int64)
+
+
+def mean_p(q: Any, counts: np.ndarray | None = None) -> Any:
+    """Mean probability of the correct option from quantised probabilities: (…, questions) -> (…), exactly
+    sum(q) / (P_SCALE * n) (an integer sum, one division); with (R, questions) resample ``counts``,
+    (settings, questions) -> (settings, R). NaN without questions."""
+    q = np.asarray(q)
+    if counts is None:
+        n = q.shape[-1]
+        return q.sum(axis=-1, dtype=np.int64) / (P_SCALE * n) if n else np.full(q.shape[:-1], np.nan)
+    if q.shape[-1] == 0:
+        return np.full((q.shape[0], counts.shape[0]), np.nan)
+    return (q.astype(float) @ counts.T) / (P_SCALE * counts.sum(axis=1))
+
+
+# -- folds: each choice made on one part and scored on the other, both ways -------------------------------
+def fold_parts(split: tuple[Any, ...], fold: str) -> tuple[Any, ...]:
+    """(choose forget, choose retain, score forget, score retain) of ``fold`` from (forget select, retain select,
+    forget test, retain test) values: fold A chooses on select and scores on test questions, fold B the reverse."""
+    f_sel, r_sel, f_test, r_test = split
+    if fold == "A":
+        return f_sel, r_sel, f_test, r_test
+    if fold == "B":
+        return f_test, r_test, f_sel, r_sel
+    raise ValueError(f"fold must be one of {list(FOLDS)}, got {fold!r}")
+
+
+def choice_metrics(parts: tuple[Any, ...], kind: str = "acc") -> dict[str, Any]:
+    """One fold's matched-retain values and frontier area (``kind`` "acc" or "p"): each setting chosen on the
+    first pair of ``parts`` (``fold_parts``), its forget value read on the second."""
+    out: dict[str, Any] = {bar_metric(b, kind): matched_retain_select_test(*parts, b)[0] for b in BARS}
+    out[AREA[kind]] = area_select_test(parts[0], parts[1], parts[2])
+    return out
+
+
+def _nan_like(value: Any) -> Any:
+    v = np.full_like(np.asarray(value, dtype=float), np.nan)
+    return float(v) if v.ndim == 0 else v
+
+
+def fold_metrics(split: tuple[Any, ...], p_split: tuple[Any, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """Every select/test metric (``CROSSFIT``) of each fold: accuracies ``split`` and the shares of the correct
+    option's probability ``p_split`` (None: not recorded, NaN), both (forget select, retain select, forget test,
+    retain test)."""
+    out = {}
+    for fold in FOLDS:
+        values = choice_metrics(fold_parts(split, fold), "acc")
+        if p_split is not None:
+            values.update(choice_metrics(fold_parts(p_split, fold), "p"))
+        else:
+            values.update({m: _nan_like(values["frontier_area"]) for m in (*P_BARS, AREA["p"])})
+        out[fold] = {m: values[m] for m in CROSSFIT}
+    return out
+
+
+def crossfit(*by_fold: Any) -> Any:
+    """The value of the given folds' values: their mean (one fold's where another is NaN: no setting met the bar on
+    its choosing part; NaN where none has one)."""
+    value = nanmean(np.stack([np.asarray(v, dtype=float) for v in by_fold]), axis=0)
+    return float(value) if np.ndim(value) == 0 else value
+
+
+def p_shares(rows: pd.DataFrame, baseline: Any, split: bool) -> tuple[np.ndarray, ...] | None:
+    """The settings' mean probability of the correct option as a share of the unmodified model's (``baseline``: its
+    grid row), (forget select, retain select, forget test, retain test) with ``split``, else on all questions (the
+    four the pair on all questions twice); None when the rows or the baseline do not record probabilities."""
+    names = P_SELECT_TEST_COLUMNS if split else ("forget_p", "retain_p", "forget_p", "retain_p")
+    if baseline is None or not all(c in rows for c in names) or rows[list(set(names))].isna().any().any():
+        return None
+    base = [baseline.get(c) if hasattr(baseline, "get") else None for c in names]
+    if any(b is None or pd.isna(b) for b in base):
+        return None
+    return tuple(rows[c].to_numpy(float) / float(b) for c, b in zip(names, base, strict=True))
+
+
+def grid_metrics(rows: pd.DataFrame, baseline: Any = None) -> dict[str, float]:
+    """Every scored metric (``SCORED``) of one trial's (or control's) grid rows, from their accuracy columns (the
+    select/test ones when every row has them: fold A) and, given the unmodified model's row ``baseline``, their
+    mean probabilities of the correct option (else those metrics are NaN)."""
     f, r = rows["forget_acc"].to_numpy(float), rows["retain_acc"].to_numpy(float)
     sb = (rows["grid"] == "saebench").to_numpy() if "grid" in rows else np.ones(len(rows), bool)
     has_split = all(c in rows for c in SELECT_TEST_COLUMNS) and rows[list(SELECT_TEST_COLUMNS)].notna().all().all()
     split = tuple(rows[c].to_numpy(float) for c in SELECT_TEST_COLUMNS) if has_split and len(rows) else None
-    return {k: float(v) for k, v in metrics(f, r, sb, split).items()}
+    p_split = p_shares(rows, baseline, split is not None) if len(rows) else None
+    return {k: float(v) for k, v in metrics(f, r, sb, split, p_split).items()}
+
+
+def scored_metrics(forget_acc: np.ndarray, retain_acc: np.ndarray, saebench: np.ndarray,
+                   split: tuple[np.ndarray, ...] | None = None, p_split: tuple[np.ndarray, ...] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Every scored metric, and each fold's value of the select/test ones (``metrics``)."""
+    split = split if split is not None else (forget_acc, retain_acc, forget_acc, retain_acc)
+    folds = fold_metrics(split, p_split)
+    out: dict[str, Any] = {m: crossfit(*(folds[f][m] for f in REPORTED_FOLDS)) for m in CROSSFIT}
+    best = forget_at_retain(forget_acc[saebench], retain_acc[saebench], 0.99)
+    out["unlearning_score"] = 1.0 - np.nan_to_num(best, nan=1.0) if saebench.any() else np.nan * best
+    return {m: out[m] for m in SCORED}, folds
 
 
 def metrics(forget_acc: np.ndarray, retain_acc: np.ndarray, saebench: np.ndarray,
-            split: tuple[np.ndarray, ...] | None = None) -> dict[str, Any]:
-    """Every candidate metric from settings' accuracies on all questions ((settings,) or (settings, R)).
+            split: tuple[np.ndarray, ...] | None = None, p_split: tuple[np.ndarray, ...] | None = None
+            ) -> dict[str, Any]:
+    """Every scored metric from settings' accuracies on all questions ((settings,) or (settings, R)).
 
     ``split``: (forget, retain) accuracies on select questions, then on test questions, when questions have
-    roles: matched retain and frontier area choose on the first pair and report the second. The SAEBench
-    score keeps SAEBench's own rule on SAEBench's settings and all questions: 1 - min(forget if retain >=
-    0.99 else 1), a number comparable with SAEBench's."""
-    f_sel, r_sel, f_test, r_test = split if split is not None else (forget_acc, retain_acc, forget_acc, retain_acc)
-    out: dict[str, Any] = {bar_metric(b): matched_retain_select_test(f_sel, r_sel, f_test, r_test, b)[0]
-                           for b in BARS}
-    out["frontier_area"] = area_select_test(f_sel, r_sel, f_test)
-    best = forget_at_retain(forget_acc[saebench], retain_acc[saebench], 0.99)
-    out["unlearning_score"] = 1.0 - np.nan_to_num(best, nan=1.0) if saebench.any() else np.nan * best
-    return {m: out[m] for m in CANDIDATES}
+    roles: matched retain and frontier area are chosen on one part and scored on the other (fold A chooses on the
+    first pair and scores the second, fold B the reverse; the value is ``REPORTED_FOLDS``'). Without it both folds
+    choose and score on all questions.
+    ``p_split``: the same four as shares of the unmodified model's mean probability of the correct option
+    (``p_shares``; without roles the all-question pair twice); None: the ``*_p`` metrics are NaN. The SAEBench
+    score keeps SAEBench's own rule on SAEBench's settings and all questions: 1 - min(forget if retain >= 0.99
+    else 1), a number comparable with SAEBench's."""
+    return scored_metrics(forget_acc, retain_acc, saebench, split, p_split)[0]
 
 
 # -- per-question outcomes and the bootstrap ----------------------------------------------------
@@ -191,33 +332,63 @@ def decode(bitstrings: Any) -> np.ndarray:
 
 @dataclass
 class Outcomes:
-    """One trial's per-question outcomes: settings x questions (True = still answered correctly)."""
+    """One trial's per-question outcomes: settings x questions (True = still answered correctly), and, where the grid
+    records them, the quantised probabilities of the correct option (settings x questions, and the unmodified
+    model's per question)."""
 
     forget: np.ndarray
     retain: np.ndarray
     saebench: np.ndarray  # (settings,) bool: SAEBench's own settings
+    forget_p: np.ndarray | None = None  # (settings, forget questions) int, p * P_SCALE
+    retain_p: np.ndarray | None = None
+    baseline_forget_p: np.ndarray | None = None  # (forget questions,) the unmodified model's
+    baseline_retain_p: np.ndarray | None = None
+
+    @property
+    def has_p(self) -> bool:
+        return all(a is not None for a in (self.forget_p, self.retain_p, self.baseline_forget_p,
+                                           self.baseline_retain_p))
 
 
-def trial_outcomes(rows: pd.DataFrame) -> Outcomes:
+def trial_outcomes(rows: pd.DataFrame, baseline: Any = None) -> Outcomes:
+    """Decoded outcomes of one trial's rows; with its ``baseline`` row (the unmodified model's) and probability
+    strings on every row, the probabilities too (else they are None)."""
     grid = rows["grid"].fillna("saebench") if "grid" in rows else pd.Series("saebench", index=rows.index)
     forget, retain = decode(rows["forget_correct"]), decode(rows["retain_correct"])
     if forget.shape[0] != retain.shape[0]:
         raise ValueError("forget and retain outcomes differ in number of settings")
-    return Outcomes(forget, retain, (grid == "saebench").to_numpy())
+    out = Outcomes(forget, retain, (grid == "saebench").to_numpy())
+    names = ("forget_p_correct", "retain_p_correct")
+    if baseline is None or not all(c in rows for c in names) or rows[list(names)].isna().any().any() \
+            or any(not isinstance(baseline.get(c), str) for c in names):
+        return out
+    out.forget_p, out.retain_p = decode_p(rows["forget_p_correct"]), decode_p(rows["retain_p_correct"])
+    out.baseline_forget_p = decode_p([baseline["forget_p_correct"]])[0]
+    out.baseline_retain_p = decode_p([baseline["retain_p_correct"]])[0]
+    if out.forget_p.shape != forget.shape or out.retain_p.shape != retain.shape \
+            or (len(out.baseline_forget_p), len(out.baseline_retain_p)) != (forget.shape[1], retain.shape[1]):
+        raise ValueError("per-question probabilities and outcomes differ in shape")
+    return out
+
+
+BASELINE_CONTROL = "baseline"  # grid.parquet's row of the unmodified model (one per trial, and the controls')
 
 
 def outcomes_by_trial(grid: pd.DataFrame, trial_ids: Any,
                       control: str = "sae") -> tuple[dict[str, Outcomes], dict[str, str]]:
-    """Decoded outcomes of each trial's ``control`` rows; trials without usable rows go to the second dict."""
+    """Decoded outcomes of each trial's ``control`` rows (with its baseline row's probabilities, where recorded);
+    trials without usable rows go to the second dict."""
     rows = grid[grid["control"] == control] if "control" in grid else grid
+    base = grid[grid["control"] == BASELINE_CONTROL] if "control" in grid else grid.iloc[:0]
     out, excluded = {}, {}
     for tid in trial_ids:
         mine = rows[rows["trial_id"] == tid]
         if mine.empty:
             excluded[tid] = "no grid rows"
             continue
+        own = base[base["trial_id"] == tid]
         try:
-            out[tid] = trial_outcomes(mine)
+            out[tid] = trial_outcomes(mine, own.iloc[0] if len(own) else None)
         except (ValueError, KeyError) as exc:
             excluded[tid] = str(exc)
     return out, excluded
@@ -239,14 +410,16 @@ def accuracies(correct: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Bootstrap:
-    """Each trial's candidate metrics on the real bank (``point``) and on ``n_boot`` question resamples."""
+    """Each trial's scored metrics on the real bank (``point``) and on ``n_boot`` question resamples."""
 
     trial_ids: list[str]
-    point: pd.DataFrame  # index trial_id, columns CANDIDATES
+    point: pd.DataFrame  # index trial_id, columns SCORED
     samples: dict[str, np.ndarray]  # metric -> (trials, n_boot), row i is trial_ids[i]
     n_forget: int = 0
     n_retain: int = 0
-    select_test: bool = False  # matched retain chosen on select questions, scored on test questions
+    select_test: bool = False  # settings chosen on one part of the questions, scored on the other (two folds)
+    # fold ("A", "B") -> index trial_id, columns CROSSFIT: each fold's point value (``point`` holds their mean)
+    folds: dict[str, pd.DataFrame] | None = None
 
     def rows(self, trial_ids: Any) -> list[int]:
         index = {t: i for i, t in enumerate(self.trial_ids)}
@@ -282,21 +455,44 @@ def question_roles(questions: pd.DataFrame | None, n_forget: int, n_retain: int,
     return Roles(test["forget"], test["retain"])
 
 
-def _split_accuracies(o: Outcomes, roles: Roles, counts: dict[str, np.ndarray] | None) -> tuple[np.ndarray, ...]:
-    """(forget select, retain select, forget test, retain test) accuracies: point values without ``counts``,
-    (settings, R) under each part's own resample counts with them."""
-    out = []
-    for part in ("select", "test"):
-        for name, correct, test in (("forget", o.forget, roles.forget_test), ("retain", o.retain, roles.retain_test)):
-            cols = correct[:, test if part == "test" else ~test]
-            out.append(cols.mean(axis=1) if counts is None else accuracies(cols, counts[f"{name}_{part}"]))
-    return out[0], out[1], out[2], out[3]
+def _parts(roles: Roles | None, n_forget: int, n_retain: int) -> list[tuple[str, str, np.ndarray]]:
+    """(domain, part, question mask) in the order (forget select, retain select, forget test, retain test); without
+    roles the all-question masks, twice."""
+    if roles is None:
+        every = {"forget": np.ones(n_forget, bool), "retain": np.ones(n_retain, bool)}
+        return [(d, "all", every[d]) for d in ("forget", "retain")] * 2
+    test = {"forget": roles.forget_test, "retain": roles.retain_test}
+    return [(d, part, test[d] if part == "test" else ~test[d]) for part in ("select", "test")
+            for d in ("forget", "retain")]
+
+
+def part_values(o: Outcomes, roles: Roles | None, counts: dict[str, np.ndarray] | None
+            ) -> tuple[tuple[np.ndarray, ...] | None, tuple[np.ndarray, ...] | None]:
+    """(accuracies, shares of the correct option's probability), each (forget select, retain select, forget test,
+    retain test): point values without ``counts``, (settings, R) under each part's own resample counts with them.
+    Without roles the accuracies are None (the callers pass all-question accuracies) and the shares are the
+    all-question pair twice."""
+    parts = _parts(roles, o.forget.shape[1], o.retain.shape[1])
+    acc = None
+    if roles is not None:
+        acc = tuple((o.forget if d == "forget" else o.retain)[:, m].mean(axis=1) if counts is None
+                    else accuracies((o.forget if d == "forget" else o.retain)[:, m], counts[f"{d}_{part}"])
+                    for d, part, m in parts)
+    if not o.has_p:
+        return acc, None
+    shares = []
+    for d, part, m in parts:
+        q, base = (o.forget_p, o.baseline_forget_p) if d == "forget" else (o.retain_p, o.baseline_retain_p)
+        c = None if counts is None else counts[f"{d}_{part}"]
+        shares.append(mean_p(q[:, m], c) / mean_p(base[None, m], c))
+    return acc, tuple(shares)
 
 
 def bootstrap(outcomes: dict[str, Outcomes], n_boot: int = 1000, seed: int = 0,
               roles: Roles | None = None) -> Bootstrap:
     """Resample forget and retain questions independently (the same resamples for every trial; with roles,
-    select and test questions each within their part) and recompute every candidate metric."""
+    select and test questions each within their part) and recompute every scored metric (accuracies and the
+    probability of the correct option, resampled together)."""
     ids = list(outcomes)
     sizes = {(o.forget.shape[1], o.retain.shape[1]) for o in outcomes.values()}
     if len(sizes) > 1:
@@ -304,23 +500,27 @@ def bootstrap(outcomes: dict[str, Outcomes], n_boot: int = 1000, seed: int = 0,
     n_f, n_r = sizes.pop() if sizes else (0, 0)
     rng = np.random.default_rng(seed)
     cf, cr = resample_counts(n_f, n_boot, rng), resample_counts(n_r, n_boot, rng)
-    split_counts = None
+    counts = {"forget_all": cf, "retain_all": cr}
     if roles is not None:
-        split_counts = {f"{name}_{part}": resample_counts(int((mask if part == "test" else ~mask).sum()), n_boot, rng)
-                        for name, mask in (("forget", roles.forget_test), ("retain", roles.retain_test))
-                        for part in ("select", "test")}
-    samples = {m: np.full((len(ids), n_boot), np.nan) for m in CANDIDATES}
-    point = {}
+        counts.update({f"{name}_{part}": resample_counts(int((mask if part == "test" else ~mask).sum()), n_boot, rng)
+                       for name, mask in (("forget", roles.forget_test), ("retain", roles.retain_test))
+                       for part in ("select", "test")})
+    samples = {m: np.full((len(ids), n_boot), np.nan) for m in SCORED}
+    point, folds = {}, {f: {} for f in FOLDS}
     for i, tid in enumerate(ids):
         o = outcomes[tid]
         f, r = o.forget.mean(axis=1), o.retain.mean(axis=1)
-        split = _split_accuracies(o, roles, None) if roles is not None else None
-        point[tid] = {m: float(v) for m, v in metrics(f, r, o.saebench, split).items()}
-        split = _split_accuracies(o, roles, split_counts) if roles is not None else None
-        for m, v in metrics(accuracies(o.forget, cf), accuracies(o.retain, cr), o.saebench, split).items():
+        values, by_fold = scored_metrics(f, r, o.saebench, *part_values(o, roles, None))
+        point[tid] = {m: float(v) for m, v in values.items()}
+        for fold in FOLDS:
+            folds[fold][tid] = {m: float(v) for m, v in by_fold[fold].items()}
+        resampled = metrics(accuracies(o.forget, cf), accuracies(o.retain, cr), o.saebench,
+                            *part_values(o, roles, counts))
+        for m, v in resampled.items():
             samples[m][i] = v
-    frame = pd.DataFrame.from_dict(point, orient="index", columns=list(CANDIDATES))
-    return Bootstrap(ids, frame, samples, n_f, n_r, roles is not None)
+    frame = pd.DataFrame.from_dict(point, orient="index", columns=list(SCORED))
+    fold_frames = {f: pd.DataFrame.from_dict(folds[f], orient="index", columns=list(CROSSFIT)) for f in FOLDS}
+    return Bootstrap(ids, frame, samples, n_f, n_r, roles is not None, fold_frames)
 
 
 def nanmean(a: np.ndarray, axis: int) -> np.ndarray:

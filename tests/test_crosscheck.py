@@ -133,8 +133,8 @@ def test_a_completed_trial_without_grid_rows_is_named_outside_the_verdict(honest
 
 # -- the product's own row path: the evaluator's grid, evaluation_values, grid_rows and questions_table -------
 # Each setting's planted accuracy on (forget select, retain select, forget test, retain test) questions. Chosen on
-# select questions, reported on test ones, each retain bar picks another setting than the same rule on test
-# questions (roles swapped) or on all questions (no roles) would.
+# select questions and reported on test ones (fold A), each retain bar picks another setting than the same rule on
+# test questions (fold B) or on all questions (no roles) does.
 SPLIT_POINTS = [(0.9, 1.00, 0.5, 0.97), (0.6, 0.99, 0.8, 1.00), (0.3, 0.97, 0.7, 0.99), (0.1, 0.94, 0.2, 0.96)]
 SPLIT_SHIFT = {"relu": 0.0, "fixed_ortho": -0.1}  # fixed_ortho answers fewer forget questions everywhere
 BANK_KEY = "bank-planted"
@@ -169,15 +169,27 @@ def planted_correct(bank, accs: tuple[float, float, float, float], rng: np.rando
     return correct
 
 
+def planted_p(correct: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Quantised probabilities of the correct option that agree with the outcomes: above 1/2 where correct."""
+    return SC.quantise_p(np.where(correct, rng.uniform(0.5, 1.0, len(correct)), rng.uniform(0.0, 0.5, len(correct))))
+
+
+def baseline_p(bank) -> np.ndarray:
+    """The unmodified model's planted probabilities (one evaluator, one bank: the same for every grid)."""
+    return planted_p(np.ones(len(bank), dtype=bool), np.random.default_rng(11))
+
+
 def evaluator_grid(bank, settings: list[dict], accs: list[tuple], rng: np.random.Generator) -> dict:
-    """``run_grid``'s answer (the evaluator's own bookkeeping) for settings whose outcomes are planted."""
+    """``run_grid``'s answer (the evaluator's own bookkeeping) for settings whose outcomes (and probabilities of the
+    correct option) are planted."""
     from hsae.evaluation.unlearning import Outcome, run_grid
 
-    outcomes = [Outcome(planted_correct(bank, a, rng), touched=len(bank), exact=True, edit_ratio=0.1) for a in accs]
+    correct = [planted_correct(bank, a, rng) for a in accs]
+    outcomes = [Outcome(c, touched=len(bank), exact=True, edit_ratio=0.1, p=planted_p(c, rng)) for c in correct]
     by_setting = {id(s): o for s, o in zip(settings, outcomes, strict=True)}
     result = run_grid(settings, lambda s: s, lambda s: by_setting[id(s)], np.asarray(bank.domain),
-                      bank.is_select(), np.ones(len(bank), dtype=bool)).as_dict()
-    for g in result["grid"]:
+                      bank.is_select(), np.ones(len(bank), dtype=bool), baseline_p=baseline_p(bank)).as_dict()
+    for g in [*result["grid"], result["baseline"]]:
         g["bank"] = bank.key  # as the evaluator tags its grid rows
     return result
 
@@ -228,26 +240,50 @@ def row_path():
 
 def test_the_rows_the_evaluator_path_writes_agree_with_the_verdicts_recomputation(row_path):
     trials, grid, questions = row_path["trials"], row_path["grid_frame"], row_path["questions"]
-    assert {"frontier_area", "forget_acc_at_retain99", "forget_acc_at_retain95"} <= set(ROW_METRICS)
+    assert {"frontier_area", "frontier_area_p", "forget_acc_at_retain99", "forget_acc_at_retain95"} <= set(ROW_METRICS)
     # The row holds the *test* accuracy of the setting chosen on *select* questions: at retain >= 0.99 relu-42's
     # select questions choose setting 1 (forget 0.6 at retain 0.99), whose test forget accuracy is 0.8.
+    # Fold B (kept, not reported): at retain >= 0.99 test questions choose setting 2 (forget 0.7 at retain 0.99),
+    # select forget 0.3. At retain >= 0.95: fold A setting 2 (test forget 0.7), fold B setting 3 (0.1).
     relu = trials.set_index("trial_id").loc["relu-42"]
     assert relu["forget_acc_at_retain99"] == pytest.approx(0.8)
     assert relu["forget_acc_at_retain95"] == pytest.approx(0.7)
     v = V.build_verdict(trials, grid, questions=questions, n_boot=20)
     assert v.boot.select_test and v.excluded == {} and v.bank == BANK_KEY
     assert v.mismatches == []
+    folds = {f: v.boot.folds[f].loc["relu-42"] for f in SC.FOLDS}
+    assert (folds["A"]["forget_acc_at_retain99"], folds["B"]["forget_acc_at_retain99"]) == pytest.approx((0.8, 0.3))
     recomputed = v.per_trial.set_index(v.per_trial["trial_id"].astype(str))[ROW_METRICS].sort_index()
     written = trials.set_index(trials["trial_id"].astype(str))[ROW_METRICS].sort_index().astype(float)
     pd.testing.assert_frame_equal(recomputed, written, check_exact=False, rtol=0, atol=1e-12)
     assert written.notna().all().all()
 
 
-@pytest.mark.parametrize("inconsistency", ["select and test roles swapped", "no roles", "a row's frontier area"])
+def redrawn_roles(questions: pd.DataFrame, seed: int = 3) -> pd.DataFrame:
+    """The questions with each domain's roles shuffled among its questions: other halves than the evaluation's."""
+    rng = np.random.default_rng(seed)
+    roles = questions["role"].copy()
+    for domain in ("forget", "retain"):
+        mine = questions["domain"] == domain
+        roles[mine] = rng.permutation(roles[mine].to_numpy())
+    return questions.assign(role=roles)
+
+
+def test_swapping_select_and_test_only_swaps_the_folds(row_path):
+    trials, grid, questions = row_path["trials"], row_path["grid_frame"], row_path["questions"]
+    swapped = questions.assign(role=questions["role"].map({"select": "test", "test": "select"}))
+    v, w = (V.build_verdict(trials, grid, questions=q, n_boot=20) for q in (questions, swapped))
+    # The reported fold (A) of the swapped roles is the evaluator's fold B: rows written by the evaluator disagree.
+    assert v.mismatches == [] and w.mismatches
+    pd.testing.assert_frame_equal(v.boot.folds["A"], w.boot.folds["B"])
+    pd.testing.assert_frame_equal(v.boot.folds["B"], w.boot.folds["A"])
+
+
+@pytest.mark.parametrize("inconsistency", ["roles redrawn", "no roles", "a row's frontier area"])
 def test_an_inconsistency_on_the_evaluator_path_is_a_mismatch(row_path, inconsistency):
     trials, grid, questions = row_path["trials"], row_path["grid_frame"], row_path["questions"]
-    if inconsistency == "select and test roles swapped":
-        questions = questions.assign(role=questions["role"].map({"select": "test", "test": "select"}))
+    if inconsistency == "roles redrawn":
+        questions = redrawn_roles(questions)
     elif inconsistency == "no roles":
         questions = questions.drop(columns="role")
     else:
@@ -287,7 +323,6 @@ def test_a_report_of_results_written_through_the_row_path_holds_no_mismatch(row_
     text = build_report(row_path_results(tmp_path / "honest", row_path), n_boot=50).read_text()
     assert "## Verdict" in text and "choose each setting on select questions" in text
     assert "Mismatch" not in text
-    q = row_path["questions"]
-    swapped = q.assign(role=q["role"].map({"select": "test", "test": "select"}))
-    text = build_report(row_path_results(tmp_path / "swapped", row_path, swapped), n_boot=50).read_text()
+    redrawn = redrawn_roles(row_path["questions"])
+    text = build_report(row_path_results(tmp_path / "redrawn", row_path, redrawn), n_boot=50).read_text()
     assert {f.split(":")[0] for f in bold_flags(text, "Mismatch: ")} >= {"forget_acc_at_retain99", "frontier_area"}

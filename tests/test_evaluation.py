@@ -83,6 +83,32 @@ def test_bank_is_answered_correctly_by_the_unmodified_model(tiny_world):
     assert torch.equal(scores.argmax(-1), b["answer"])
 
 
+def test_the_continuous_outcome_is_the_softmax_of_the_scores_argmax_reads(tiny_world):
+    """Beside the bit (argmax of the options' scores) every answer keeps the softmax probability of the correct option
+    over those same scores, quantised to 16 bits; an edited question carries its re-run probability."""
+    from hsae.scoring import P_SCALE, decode_p
+
+    loaded, bank, ev = tiny_world
+    b = ev.batches[0]
+    hidden = tail_hidden(loaded, b["resid"])
+    ids = torch.tensor([[o[0] for o in q] for q in b["options"]])
+    scores = token_logits(loaded, hidden[torch.arange(len(ids)), b["last"]], ids).double()
+    p = torch.softmax(scores, -1).gather(1, b["answer"][:, None])[:, 0].numpy()
+    np.testing.assert_array_equal(ev.baseline_p[b["idx"]], np.rint(p * P_SCALE).astype(np.uint16))
+    assert (ev.baseline_p[b["idx"]] > P_SCALE / len(ids[0])).all()  # answered correctly: above chance
+    cfg, state = identity_sae()
+    out = ev.unlearning(cfg, state)
+    base = out["baseline"]
+    assert base["forget_correct"] == "1" * bank.count(FORGET)
+    np.testing.assert_array_equal(decode_p([base["forget_p_correct"]])[0],
+                                  ev.baseline_p[np.asarray(bank.domain) == FORGET])
+    for g in out["grid"]:  # every setting: probabilities where the bits are, agreeing with them
+        q = decode_p([g["forget_p_correct"]])[0]
+        assert len(q) == bank.count(FORGET) and g["forget_p"] == q.sum() / (P_SCALE * len(q))
+        if g["questions_touched"] == 0:
+            assert g["forget_p_correct"] == base["forget_p_correct"]
+
+
 def test_baselines_are_measured_on_the_unmodified_model(tiny_world):
     from dataclasses import replace
 
@@ -198,18 +224,20 @@ def test_matched_retain_columns_equal_a_hand_computation():
         (0.70, 0.99, 0.65, 0.97, 10),
         (0.90, 1.00, 0.95, 1.00, 10),
         (1.00, 1.00, 1.00, 1.00, 0),
-        (0.10, 0.50, 0.05, 0.995, 40),  # test retain meets every bar, select retain none: never chosen
+        (0.10, 0.50, 0.05, 0.995, 40),  # test retain meets every bar, select retain none: only fold B chooses it
     ]
     grid = [{**_point(*p[:4]), "forget_acc": p[0], "retain_acc": p[1], "features_selected": p[4]} for p in points]
     unlearning = {"score": 0.3, "tied_settings": 0, "n_forget": 100, "n_retain": 200, "grid": grid}
     values = evaluation_values({"unlearning": unlearning}, 1.0)
-    # Chosen on select questions, reported on test questions.
-    assert values["forget_acc_at_retain99"] == 0.65
-    assert values["forget_acc_at_retain98"] == 0.60
-    assert values["forget_acc_at_retain95"] == 0.45
+    # Fold A (reported) chooses on select questions and reports test ones (0.65, 0.60, 0.45 at the three bars);
+    # fold B (kept, not reported) would choose on test questions and report select ones (0.10).
+    assert values["forget_acc_at_retain99"] == pytest.approx(0.65)
+    assert values["forget_acc_at_retain98"] == pytest.approx(0.60)
+    assert values["forget_acc_at_retain95"] == pytest.approx(0.45)
     assert values["settings_selecting_none"] == 1
     high = evaluation_values({"unlearning": {**unlearning, "grid": grid[-1:]}}, 1.0)
-    assert high["forget_acc_at_retain95"] is None  # no setting keeps retain >= 0.95
+    assert high["forget_acc_at_retain95"] is None  # no setting keeps retain >= 0.95 on the select questions
+    assert high["frontier_area_p"] is None  # the grid records no probabilities of the correct option
 
 
 def test_identity_sae_recovers_all_of_the_ce_loss(tiny_world):

@@ -88,6 +88,11 @@ def test_bank_and_controls_say_what_they_do_with_an_eta(tmp_path, monkeypatch):
     assert scored and all("ETA" in s and "prompts/s" in s for s in scored)
     assert len(scored) <= 9  # at most one line per 10% (none at the end), never one per batch of prompts
     assert "questions kept" in lines[-1]
+    # ... with the share of the candidates the unmodified model answers correctly, per domain, and the caps.
+    assert "answered correctly" in lines[-1] and "cap 1000" in lines[-1]
+    for name, domain in (("forget", 1), ("retain", 0)):
+        made = bank.candidates[name]
+        assert made["candidates"] >= made["answered"] == bank.count(domain)  # caps of 1000: every one kept
 
     lines.clear()
     x, labels = h.arrays("eval")

@@ -3,13 +3,15 @@ each on small planted results with known answers (the frames of tests/test_verdi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from tests.test_verdict import CURVES, NOISE, RETAINS, SEEDS, grid_frame, grid_rows, planted_study, write_results
 from tune.report import build_report
-from tune.report_blocks import NO_PROBE, agreement
+from tune.report_blocks import NO_PROBE, NOISE_HEADING, agreement
 from tune.report_data import PROBE_PRIMARY, ReportInputs, ordered, report_variants
 
 N_BOOT = 50
@@ -120,6 +122,46 @@ def test_null_probe_columns_render_as_no_probe(tmp_path):
     body = section(report_text(root), "Second witness: k-sparse probing")
     assert table_row(body, "relu").startswith(f"| relu | 3 | {NO_PROBE} |")
     assert f"Every ranked trial: {NO_PROBE}." in body
+
+
+# -- where the noise comes from (hsae/noise.py) ------------------------------------------------------------
+def test_the_noise_section_splits_each_tested_metric_headline_first(probed):
+    root, text = probed
+    body = section(text, NOISE_HEADING)
+    noise = ReportInputs.load(root, N_BOOT).noise
+    assert [m.metric for m in noise][:2] == ["frontier_area", "forget_acc_at_retain99"]  # the verdict's order
+    headings = [line for line in body.splitlines() if line.startswith("### ")]
+    assert headings[0] == "### frontier area (retain 0.9–1) (headline)"
+    assert len(headings) == len([m for m in noise if m.splits])  # a metric no arm is tested on has no table
+    assert "### probe accuracy, mean over tasks, k=1 (second witness)" in headings
+    head = noise[0].by_arm()
+    for arm in ("fixed_ortho", "adaptive_ortho"):  # each row is the computed split, as the report words it
+        s = head[arm]
+        row = table_row(body, arm)
+        assert row.startswith(f"| {arm} | 3 | {s.diff + 0.0:+.3g} | {s.total_sd:.3g} | {100 * s.question_share:.0f}% (")
+        assert f"| {s.mdd:.3g} |" in row and math.isfinite(s.question_share)
+    assert table_row(body, "fixed_ortho").endswith("| decided |")  # fixed_ortho is better on the headline
+    undecided = head["adaptive_ortho"]
+    assert table_row(body, "adaptive_ortho").endswith(
+        f"| {undecided.seeds_needed if undecided.seeds_needed else '> 200'} |")
+    # The probe's accuracies are not scored on the question bank: the total only, said so.
+    probe = body[body.index("### probe accuracy, mean over tasks, k=1"):]
+    probe = probe[:probe.find("\n### ", 4) if "\n### " in probe[4:] else None]
+    assert "No question resamples" in probe and "No question resamples" not in body[:body.index("### probe")]
+    pooled, shares = noise[0].pooled_share(), noise[0].shares()
+    assert (f"On the headline (frontier area (retain 0.9–1)), question sampling is {100 * pooled:.0f}% of the "
+            f"variance of the arms' mean differences from relu, pooled over the arms (one arm's share: "
+            f"{100 * min(shares):.0f}%–{100 * max(shares):.0f}%)") in body
+    assert "Seeds a decision would take at the measured difference and spread: adaptive_ortho" in body
+    page = (root / "report" / "report.html").read_text()
+    assert f"<h2>{NOISE_HEADING}</h2>" in page and page.index(NOISE_HEADING) > page.index("Second witness")
+    assert text.index(f"## {NOISE_HEADING}") > text.index("## Second witness")
+
+
+def test_no_noise_section_when_the_controls_are_out_of_range(tmp_path):
+    root = write_results(tmp_path / "r", planted_study(np.random.default_rng(7)), positive=0.1)
+    text = report_text(root)
+    assert NOISE_HEADING not in text and NOISE_HEADING not in (root / "report" / "report.html").read_text()
 
 
 # -- 2. external arms ---------------------------------------------------------------------------

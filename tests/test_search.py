@@ -85,12 +85,14 @@ def test_a_rows_frontier_area_is_the_verdicts_and_reaches_the_study():
     out = {"unlearning": {"score": 0.1, "tied_settings": 0, "n_forget": 20, "n_retain": 40, "grid": grid},
            "sparse_probe": {"columns": {"sparse_probe_mean_k1": 0.75}}}
     row = evaluation_values(out, 1.0)
-    expect = area_select_test(PLANTED["forget_acc_select"], PLANTED["retain_acc_select"], PLANTED["forget_acc_test"])
+    f_sel, r_sel, f_test, r_test = (PLANTED[k] for k in SELECT_TEST_COLUMNS)
+    fold_a, fold_b = area_select_test(f_sel, r_sel, f_test), area_select_test(f_test, r_test, f_sel)
+    assert fold_a != pytest.approx(fold_b)  # the planted folds differ: the row must hold the reported one
+    expect = fold_a  # fold A: chosen on select and read on test
     assert row["frontier_area"] == pytest.approx(expect)
     assert row["frontier_area"] == pytest.approx(grid_metrics(pd.DataFrame(grid))["frontier_area"])
-    f_sel, r_sel, f_test, r_test = (PLANTED[k] for k in SELECT_TEST_COLUMNS)
-    others = (area(PLANTED["forget_acc"], PLANTED["retain_acc"]), area(f_test, r_test), area(f_sel, r_sel),
-              area_select_test(f_test, r_sel, f_test), area_select_test(f_sel, r_test, f_test))
+    others = (fold_b, (fold_a + fold_b) / 2, area(PLANTED["forget_acc"], PLANTED["retain_acc"]), area(f_test, r_test),
+              area(f_sel, r_sel), area_select_test(f_test, r_sel, f_test))
     assert all(abs(o - expect) > 0.02 for o in others)  # the planted grid tells the rules apart
     # The trial's final report (what the searcher reads) carries both, and Optuna is told them.
     report = final_values({"status": "completed", **row}, steps=40)

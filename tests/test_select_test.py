@@ -1,9 +1,10 @@
 """Selection on one part, measurement on another (docs/evaluation.md, "Select and test").
 
-Held-out documents are split into select and test halves. Whatever selects (firing frequencies, control
-directions, the grid setting that meets a retain bar) reads only select documents and questions; every
-reported accuracy is measured on test questions. These tests prove it on the tiny profile's evaluator as
-a sweep builds it, with a spy on the selection step and with test questions poisoned.
+Held-out documents are split into select and test halves. Firing frequencies and control directions read only
+select documents; the grid setting that meets a retain bar is chosen on one part of the questions and its accuracy
+read on the other, both ways round (fold A chooses on select and reads test questions, the reported value;
+fold B the reverse, kept). These tests prove it on the tiny profile's evaluator as a sweep builds it, with a spy on
+the selection step and with each part's questions poisoned in turn.
 """
 
 from dataclasses import replace
@@ -129,12 +130,23 @@ def test_selection_reads_only_select_activations_and_ce_only_test_contexts(world
         assert all(row.numpy().tobytes() in test_contexts for row in data["ids"])
 
 
-def test_no_selection_step_reads_a_test_question(world, monkeypatch):
-    """Poison every test question (a wrong answer key) and spy on the firing frequencies: the features, the
-    select accuracies and the chosen settings do not move; only the reported test accuracies do."""
+FOLD_PARTS = {"A": ("select", "test"), "B": ("test", "select")}  # fold -> (the part it chooses on, scores on)
+
+
+def part_columns(part: str) -> tuple[str, str]:
+    return f"forget_acc_{part}", f"retain_acc_{part}"
+
+
+@pytest.mark.parametrize("poisoned_part", ["test", "select"])
+def test_no_choice_reads_the_questions_that_score_it(world, monkeypatch, poisoned_part):
+    """Poison every question of one part (a wrong answer key) and spy on the firing frequencies. Fold A chooses on
+    select questions and scores on test ones, fold B the reverse: whichever part is poisoned, the features, the other
+    part's accuracies and the setting chosen on it (by the fold that scores on the poisoned part) do not move; only
+    the poisoned part's numbers do."""
     import hsae.evaluation.evaluator as evaluator_module
     from hsae.evaluation.evaluator import Evaluator
     from hsae.results import evaluation_values
+    from hsae.scoring import REPORTED_FOLDS, crossfit
 
     ev, h, _, _ = world
     seen: list[np.ndarray] = []
@@ -145,64 +157,86 @@ def test_no_selection_step_reads_a_test_question(world, monkeypatch):
         return real(encode, x, labels, *args, **kwargs)
 
     monkeypatch.setattr(evaluator_module, "firing_frequencies", spy)
-    is_test = ~ev.bank.is_select()
-    poisoned_answers = [(a + 1) % len(o) if t else a for a, o, t in zip(ev.bank.answer, ev.bank.options, is_test,
+    poison = ev.bank.is_select() == (poisoned_part == "select")
+    poisoned_answers = [(a + 1) % len(o) if t else a for a, o, t in zip(ev.bank.answer, ev.bank.options, poison,
                                                                          strict=True)]
     poisoned = Evaluator(ev.loaded, replace(ev.bank, answer=poisoned_answers), ev.select_x, ev.select_labels,
                          np.zeros((1, 8), dtype=np.int64), np.zeros(1, dtype=np.int64), ev.cfg)
     cfg, state = identity_sae(ev.batches[0]["resid"].shape[-1])
     clean_out, bad_out = ev.unlearning(cfg, state), poisoned.unlearning(cfg, state)
-    assert len(seen) == 2 and all(np.array_equal(s, np.asarray(ev.select_x)) for s in seen)
+    # The poisoned evaluator selected (the clean one may answer from its cache): from select activations only.
+    assert seen and all(np.array_equal(s, np.asarray(ev.select_x)) for s in seen)
     clean, bad = pd.DataFrame(clean_out["grid"]), pd.DataFrame(bad_out["grid"])
-    for column in ("features_selected", "forget_acc_select", "retain_acc_select"):
+    other = "select" if poisoned_part == "test" else "test"
+    for column in ("features_selected", *part_columns(other)):
         pd.testing.assert_series_equal(clean[column], bad[column])
-    assert not np.allclose(clean["forget_acc_test"], bad["forget_acc_test"])  # the poison reached the test numbers
+    assert not np.allclose(clean[f"forget_acc_{poisoned_part}"], bad[f"forget_acc_{poisoned_part}"])  # it reached them
     ids = np.arange(len(clean), dtype=float)
     for bar in (0.99, 0.98, 0.95, 0.5):
-        pick = [matched_retain_select_test(g["forget_acc_select"], g["retain_acc_select"], ids, ids, bar)[0]
+        pick = [matched_retain_select_test(*(g[c] for c in part_columns(other)), ids, ids, bar)[0]
                 for g in (clean, bad)]
         np.testing.assert_equal(pick[0], pick[1])
-    # The rows follow the rule: each value is the test accuracy of the setting chosen on select questions.
+    # The rows follow the rule: each fold's value is the forget accuracy, on its scoring part, of the setting chosen on
+    # its choosing part; the row holds the reported folds' (fold A's).
     for out, g in ((clean_out, clean), (bad_out, bad)):
         values = evaluation_values({"unlearning": out}, 1.0)
-        expect = matched_retain_select_test(g["forget_acc_select"], g["retain_acc_select"], g["forget_acc_test"],
-                                            g["retain_acc_test"], 0.95)[0]
-        assert values["forget_acc_at_retain95"] == (None if np.isnan(expect) else expect)
-    # The positive control's direction and thresholds come from the same select activations.
+        folds = [matched_retain_select_test(*(g[c] for c in (*part_columns(chooses), *part_columns(scores))), 0.95)[0]
+                 for chooses, scores in FOLD_PARTS.values()]
+        expect = crossfit(*(f for f, name in zip(folds, FOLD_PARTS, strict=True) if name in REPORTED_FOLDS))
+        assert values["forget_acc_at_retain95"] == (None if np.isnan(expect) else pytest.approx(expect))
+    # The positive control's direction and thresholds come from select activations, not from any answer key.
     clean_pos, bad_pos = (pd.DataFrame(e.controls()["positive"]["grid"]) for e in (ev, poisoned))
-    pd.testing.assert_series_equal(clean_pos["forget_acc_select"], bad_pos["forget_acc_select"])
-    pd.testing.assert_series_equal(clean_pos["retain_acc_select"], bad_pos["retain_acc_select"])
+    for column in part_columns(other):
+        pd.testing.assert_series_equal(clean_pos[column], bad_pos[column])
 
 
 def test_row_values_recompute_from_grid_and_question_roles(world):
-    """grid.parquet's per-question outcomes and questions.parquet's roles give back every matched-retain value
-    of the trial row (what the report's verdict recomputes), with the setting chosen on select questions."""
+    """grid.parquet's per-question outcomes and probabilities and questions.parquet's roles give back every
+    matched-retain value and frontier area of the trial row (what the report's verdict recomputes), each fold's setting
+    chosen on one part and read on the other; the probability columns recompute exactly from their stored integers."""
     from hsae import schema
     from hsae.results import evaluation_values, grid_rows, typed_frame
+    from hsae.scoring import P_SCALE, area_select_test, decode_p
 
     ev, _, _, _ = world
     cfg, state = identity_sae(ev.batches[0]["resid"].shape[-1])
     out = {"unlearning": ev.unlearning(cfg, state)}
-    grid = typed_frame(grid_rows("t", out), schema.GRID_COLUMNS)
-    grid = grid[grid["control"] == "sae"]
+    frame = typed_frame(grid_rows("t", out), schema.GRID_COLUMNS)
+    grid, baseline = frame[frame["control"] == "sae"], frame[frame["control"] == "baseline"].iloc[0]
     questions = typed_frame(questions_table(ev.bank), schema.QUESTION_COLUMNS)
+
+    def mask(name: str, select: bool) -> np.ndarray:
+        mine = questions[questions["domain"] == name].sort_values("question_id")
+        return (mine["role"] == "select").to_numpy() == select
 
     def accuracies(name: str, select: bool) -> np.ndarray:
         correct = np.array([[c == "1" for c in s] for s in grid[f"{name}_correct"]])
-        mine = questions[questions["domain"] == name].sort_values("question_id")
-        mask = (mine["role"] == "select").to_numpy()
-        return correct[:, mask == select].mean(axis=1)
+        return correct[:, mask(name, select)].mean(axis=1)
+
+    def shares(name: str, select: bool) -> np.ndarray:  # mean p kept, as a share of the unmodified model's
+        q, q0 = decode_p(grid[f"{name}_p_correct"]), decode_p([baseline[f"{name}_p_correct"]])[0]
+        m = mask(name, select)
+        return q[:, m].sum(axis=1) / (P_SCALE * m.sum()) / (q0[m].sum() / (P_SCALE * m.sum()))
 
     accs = [accuracies("forget", True), accuracies("retain", True), accuracies("forget", False),
             accuracies("retain", False)]
+    ps = [shares("forget", True), shares("retain", True), shares("forget", False), shares("retain", False)]
     values = evaluation_values(out, 1.0)
     for bar in (0.99, 0.98, 0.95):
-        expect = matched_retain_select_test(*accs, bar)[0]
-        got = values[f"forget_acc_at_retain{round(bar * 100)}"]
-        assert (got is None and np.isnan(expect)) or got == pytest.approx(expect)
+        for kind, parts in (("acc", accs), ("p", ps)):
+            expect = matched_retain_select_test(*parts, bar)[0]  # fold A: chosen on select, read on test
+            got = values[f"forget_{kind}_at_retain{round(bar * 100)}"]
+            assert (got is None and np.isnan(expect)) or got == pytest.approx(expect)
+    for kind, parts in (("frontier_area", accs), ("frontier_area_p", ps)):
+        expect = area_select_test(parts[0], parts[1], parts[2])
+        assert values[kind] == pytest.approx(expect)
     for name, acc in zip(("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test"), accs,
                          strict=True):
         np.testing.assert_allclose(grid[name].to_numpy(float), acc)  # the row's accuracies, from the outcomes
+    for name, select in (("forget", True), ("retain", True), ("forget", False), ("retain", False)):
+        column = f"{name}_p_{'select' if select else 'test'}"
+        q = decode_p(frame[f"{name}_p_correct"])[:, mask(name, select)]
+        assert (frame[column].to_numpy(float) == q.sum(axis=1) / (P_SCALE * q.shape[1])).all()  # exactly
 
 
 def test_cache_keys_change_with_the_rule(monkeypatch):

@@ -7,6 +7,7 @@ import pytest
 
 from hsae.convergence import MAX_LOG_GAP, TOLERANCE, convergence_verdict, val_mse_rel_change
 from hsae.results import CURVE_COLUMNS, TRIAL_COLUMNS, ResultsStore
+from hsae.scoring import P_SCALE, decode_p
 from hsae.spaces import SpaceError, default_spaces_dir, grid_trials, load_space, parse_space
 from tests.helpers import small_space
 from tune import ablate
@@ -282,9 +283,19 @@ def test_sweep_writes_split_questions_and_grid(sweep):
     role_of = dict(zip(split["doc_id"], split["role"], strict=True))  # each question has its document's role
     assert (questions["role"] == questions["doc_id"].map(role_of)).all()
     assert set(questions["role"]) == {"select", "test"}
-    assert set(grid["control"]) == {"sae", "random", "positive"}
-    assert set(grid[grid.control != "positive"]["trial_id"]) == set(trials["trial_id"])
+    assert set(grid["control"]) == {"sae", "random", "positive", "baseline"}
+    assert set(grid[grid.control.isin(["sae", "random"])]["trial_id"]) == set(trials["trial_id"])
+    # One unmodified-model row per trial and one for the positive control: the reference of every probability share.
+    baseline = grid[grid.control == "baseline"]
+    assert sorted(baseline["trial_id"]) == sorted([*trials["trial_id"], "positive-control"])
     n_forget = int((questions.domain == "forget").sum())
     assert grid["forget_correct"].str.len().eq(n_forget).all()
-    for column in ("forget_acc_at_retain99", "forget_acc_at_retain98", "forget_acc_at_retain95"):
+    # The continuous outcomes: every row (controls and baseline too) carries each question's probability of the
+    # correct option, 4 hex digits each, and its means recompute exactly from those integers.
+    assert grid["forget_p_correct"].str.len().eq(4 * n_forget).all()
+    ints = decode_p(grid["forget_p_correct"])
+    assert (grid["forget_p"].to_numpy() == ints.sum(axis=1) / (P_SCALE * n_forget)).all()
+    for column in ("forget_acc_at_retain99", "forget_acc_at_retain98", "forget_acc_at_retain95", "frontier_area_p"):
         assert column in trials
+    completed = trials[trials.status == "completed"]
+    assert completed["frontier_area_p"].notna().all()

@@ -497,7 +497,7 @@ def test_two_relu_configurations_are_two_arms_in_the_verdict(study):
     assert (v.per_trial["arm"] == "relu").sum() == 3
 
 
-# -- (h) settings chosen on select questions, numbers measured on test questions --------------------
+# -- (h) settings chosen on one part of the questions, numbers measured on the other, both ways ----------
 def test_matched_retain_chooses_on_select_and_reports_test():
     # Three settings. On select questions setting 1 has the lowest forget accuracy at retain >= 0.95;
     # on test questions setting 2 would look best: the rule still reports setting 1's test accuracies.
@@ -517,34 +517,61 @@ def roles_for(n: int, rng: np.random.Generator) -> list[str]:
     return role.tolist()
 
 
-def test_no_selection_step_reads_a_test_question(study):
+FOLD_PARTS = {"A": ("select", "test"), "B": ("test", "select")}  # fold -> (the part it chooses on, scores on)
+
+
+def part_accuracies(o: SC.Outcomes, roles: SC.Roles, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """(forget, retain) accuracy of every setting on the select or the test questions."""
+    f, r = (roles.forget_test, roles.retain_test) if part == "test" else (~roles.forget_test, ~roles.retain_test)
+    return o.forget[:, f].mean(axis=1), o.retain[:, r].mean(axis=1)
+
+
+def scramble_part(sae: pd.DataFrame, roles: SC.Roles, part: str, rng: np.random.Generator) -> pd.DataFrame:
+    """Every outcome of the ``part`` questions (select or test) replaced by a coin flip."""
+    out = sae.copy()
+    for col, test in (("forget_correct", roles.forget_test), ("retain_correct", roles.retain_test)):
+        mask = test if part == "test" else ~test
+        out[col] = ["".join(rng.choice(["0", "1"]) if m else ch for ch, m in zip(bits_, mask, strict=True))
+                    for bits_ in out[col]]
+    return out
+
+
+@pytest.mark.parametrize("part", ["test", "select"])
+def test_no_choice_reads_the_questions_that_score_it(study, part):
+    """Two folds (fold A chooses on select and scores on test questions, fold B the reverse): scramble one part's
+    outcomes. The fold that scores on it keeps its choice and reports that setting's scrambled value; the other fold
+    chooses on the scrambled part and still reads its value on its own, untouched part; the trial's value is the
+    reported fold's (A)."""
     trials, grid = study
     rng = np.random.default_rng(5)
     questions = pd.DataFrame({"question_id": range(N_FORGET + N_RETAIN),
                               "domain": ["forget"] * N_FORGET + ["retain"] * N_RETAIN,
                               "role": roles_for(N_FORGET, rng) + roles_for(N_RETAIN, rng)})
-    v = V.build_verdict(trials, grid, questions=questions, n_boot=20)
-    assert v.boot.select_test
     roles = SC.question_roles(questions, N_FORGET, N_RETAIN)
     sae = grid[grid.control == "sae"]
-    # Scramble every test-question outcome: the chosen settings cannot move, only the reported numbers.
-    scrambled = sae.copy()
-    for col, mask in (("forget_correct", roles.forget_test), ("retain_correct", roles.retain_test)):
-        scrambled[col] = [
-            "".join(rng.choice(["0", "1"]) if m else ch for ch, m in zip(bits_, mask, strict=True))
-            for bits_ in scrambled[col]]
-    v2 = V.build_verdict(trials, pd.concat([scrambled, grid[grid.control != "sae"]]), questions=questions, n_boot=20)
-    for tid in ("relu-42", "fixed_ortho-43"):
+    scrambled = scramble_part(sae, roles, part, rng)
+    v, v2 = (V.build_verdict(trials, pd.concat([g, grid[grid.control != "sae"]]), questions=questions, n_boot=20)
+             for g in (sae, scrambled))
+    assert v.boot.select_test
+    scoring = next(f for f, (_, scores) in FOLD_PARTS.items() if scores == part)
+    moved = 0
+    for tid in ("relu-42", "fixed_ortho-43", "adaptive_ortho-44"):
         o, o2 = (SC.trial_outcomes(g[g.trial_id == tid]) for g in (sae, scrambled))
-        sel = [SC.select_setting(x.forget[:, ~roles.forget_test].mean(1), x.retain[:, ~roles.retain_test].mean(1),
-                                0.95)[0] for x in (o, o2)]
-        assert sel[0] == sel[1]
-        # The verdict's value is the test-question forget accuracy of the setting chosen on select questions.
-        expected = o.forget[int(sel[0]), roles.forget_test].mean()
-        assert v.per_trial.set_index("trial_id").loc[tid, "forget_acc_at_retain95"] == pytest.approx(expected)
-        # With the test answers scrambled the verdict reports the same setting's (now scrambled) test accuracy.
-        scrambled_value = o2.forget[int(sel[0]), roles.forget_test].mean()
-        assert v2.per_trial.set_index("trial_id").loc[tid, "forget_acc_at_retain95"] == pytest.approx(scrambled_value)
+        for fold, (chooses, scores) in FOLD_PARTS.items():
+            picks = [tuple(map(int, SC.select_setting(*part_accuracies(x, roles, chooses), 0.95))) for x in (o, o2)]
+            if fold == scoring:
+                assert picks[0] == picks[1]  # its choice never reads the questions that score it
+            moved += picks[0] != picks[1]
+            for verdict, x, (pick, found) in ((v, o, picks[0]), (v2, o2, picks[1])):
+                # The fold's value: the forget accuracy, on its scoring part, of the setting chosen on the other part.
+                value = verdict.boot.folds[fold].loc[tid, "forget_acc_at_retain95"]
+                expected = part_accuracies(x, roles, scores)[0][pick] if found else math.nan
+                assert value == pytest.approx(expected, nan_ok=True)
+        for verdict in (v, v2):
+            reported = verdict.boot.folds[SC.REPORTED_FOLDS[0]].loc[tid, "forget_acc_at_retain95"]
+            row = verdict.per_trial.set_index("trial_id").loc[tid, "forget_acc_at_retain95"]
+            assert SC.REPORTED_FOLDS == ("A",) and row == pytest.approx(reported, nan_ok=True)
+    assert moved  # the other fold's choice does read the scrambled part: the test can see a choice move
     with pytest.raises(ValueError, match="role must be one of"):
         SC.question_roles(questions.assign(role="train"), N_FORGET, N_RETAIN)
 

@@ -9,10 +9,10 @@ The report leads with the verdict (``hsae/verdict.py``, docs/evaluation.md "The 
 ``tune/report_html.py`` as HTML: a banner when the evaluation's controls are out of range, the forget-vs-retain
 figure, forget accuracy at matched retain per arm with intervals over seeds and questions, the block-design test
 against relu on the declared headline metric (and the secondary metrics), its power, and the settings that select
-nothing or tie; then the second witness (k-sparse probing) with one agreement line per arm, the sparsity frontier
-when the trials span several target L0s, and convergence and health per arm (docs/evaluation.md, "Report
-sections"). External arms are ranked and drawn after the trained ones. Results without grid.parquet get the rest
-of the report only.
+nothing or tie; then the second witness (k-sparse probing) with one agreement line per arm, where each difference's
+noise comes from (question sampling or seed to seed, ``hsae/noise.py``), the sparsity frontier when the trials span
+several target L0s, and convergence and health per arm (docs/evaluation.md, "Report sections"). External arms
+are ranked and drawn after the trained ones. Results without grid.parquet get the rest of the report only.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from tune.report_blocks import (  # noqa: E402
     frontier_blocks,
     header_blocks,
     metric_label,
+    noise_blocks,
     probe_blocks,
     verdict_blocks,
 )
@@ -552,7 +553,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None, n_b
     out.mkdir(parents=True, exist_ok=True)
     done, trials = inp.done, inp.trials
     parts = markdown(header_blocks(inp) + banner_blocks(inp.problems)) + verdict_parts(inp, out)
-    parts += markdown(probe_blocks(inp)) + frontier_parts(inp, out) + convergence_parts(done)
+    parts += markdown(probe_blocks(inp) + noise_blocks(inp)) + frontier_parts(inp, out) + convergence_parts(done)
     parts += markdown(budget_blocks(inp))
     if isinstance(inp.budget, pd.DataFrame):
         with atomic_file(out / "budget_check.csv") as tmp:

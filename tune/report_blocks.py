@@ -1,6 +1,6 @@
 """What report.md (tune/report.py) and report.html (tune/report_html.py) both show, as format-free blocks.
 
-``header_blocks``, ``banner_blocks``, ``controls_blocks``, ``verdict_blocks``, ``probe_blocks``,
+``header_blocks``, ``banner_blocks``, ``controls_blocks``, ``verdict_blocks``, ``probe_blocks``, ``noise_blocks``,
 ``frontier_blocks``, ``ablation_blocks`` and ``budget_blocks`` turn the inputs of ``tune/report_data.py`` (the
 verdict computed once) into headings, paragraphs of styled spans and tables that each rendering writes in its
 own format. Neither rendering is imported here; both import this module (nothing is imported back).
@@ -15,6 +15,7 @@ import pandas as pd
 
 from hsae.ablation import AblationVerdict, arm_summary, level_order
 from hsae.budget import arm_outcomes
+from hsae.noise import SHARE_LEVEL, MetricNoise, NoiseSplit
 from hsae.scoring import BARS, bar_metric, grid_metrics, mean_interval
 from hsae.stats import mean_ci95
 from hsae.verdict import (
@@ -44,6 +45,7 @@ NO_PROBE = "no probe (too few held-out documents)"
 METRIC_LABELS = {
     **{bar_metric(b): f"forget acc at retain ≥ {b}" for b in BARS},
     "frontier_area": "frontier area (retain 0.9–1)",
+    "frontier_area_p": "frontier area on p(correct option) (retain share 0.9–1)",
     "unlearning_score": "SAEBench unlearning score",
     **{f"sparse_probe_mean_k{k}": f"probe accuracy, mean over tasks, k={k}" for k in PROBE_KS},
     **{f"sparse_probe_forget_k{k}": f"probe accuracy, forget task, k={k}" for k in PROBE_KS},
@@ -456,6 +458,122 @@ def probe_blocks(inp: ReportInputs) -> list[Block]:
     elif not inp.probes:
         blocks.append(Paragraph.of(f"Every ranked trial: {NO_PROBE}."))
     return blocks
+
+
+# -- where the noise comes from: question sampling or seed to seed (hsae/noise.py) ----------------------------
+NOISE_HEADING = "Where the noise comes from"
+
+
+def _percent(share: float) -> str:
+    return "–" if not math.isfinite(share) else f"{100 * share:.0f}%"
+
+
+def _number(x: float) -> str:
+    return "–" if not math.isfinite(x) else f"{x:.3g}"
+
+
+def _seeds_cell(s: NoiseSplit, role: str) -> str:
+    if s.decided:
+        return "decided" if role == "headline" else "decided (were it a claim)"
+    return str(s.seeds_needed) if s.seeds_needed else "> 200"
+
+
+def noise_table(m: MetricNoise) -> Table:
+    """One row per tested arm: the difference, the test's s.d. of its mean, the question and seed shares of that
+    variance, the MDE at the arm's seeds (and were question noise gone) and the seeds a decision would take."""
+    header = ["arm", "seeds", f"Δ vs {m.baseline}", "s.d. of the mean Δ (the test's)",
+              f"question share ({SHARE_LEVEL:.0%} interval)", "seed share", "MDE at these seeds",
+              "MDE without question noise", "seeds to decide"]
+    rows = []
+    for s in m.splits:
+        share = _percent(s.question_share)
+        if math.isfinite(s.share_lo):
+            share += f" ({_percent(s.share_lo)}–{_percent(s.share_hi)})"
+        if s.question_exceeds:
+            share += " (exceeds the total)"
+        if m.resampled and 0 < s.resamples < m.n_boot:
+            share += f" ({s.resamples}/{m.n_boot} resamples defined)"
+        floor = "≈ 0" if s.question_exceeds else _number(s.mdd_seed_only)  # the questions explain it all
+        rows.append([s.arm, str(s.n), f"{s.diff + 0.0:+.3g}", _number(s.total_sd), share, _percent(s.seed_share),
+                     _number(s.mdd), floor, _seeds_cell(s, m.role)])
+    return Table(header, rows)
+
+
+def _median(values: list[float]) -> float:
+    return float(pd.Series(values, dtype=float).median()) if values else math.nan
+
+
+def noise_reading(noise: list[MetricNoise]) -> Paragraph:
+    """What the split says: the headline's question share across arms, which part dominates and what would shrink
+    it, the arms whose question variance exceeds the total, the undecided arms' seeds, the secondary metrics."""
+    head = noise[0]
+    label = metric_label(head.metric)
+    shares = head.shares()
+    parts: list[str | Span] = []
+    if not shares:
+        parts.append(f"The headline ({label}) has no question resamples to split its noise by. ")
+    else:
+        pooled = head.pooled_share()
+        span = _percent(min(shares)) if len(shares) == 1 else f"{_percent(min(shares))}–{_percent(max(shares))}"
+        rest = "; seed-to-seed variation is the rest" if pooled <= 1 else ""
+        parts.append(f"On the headline ({label}), question sampling is {_percent(pooled)} of the variance of the "
+                     f"arms' mean differences from {head.baseline}, pooled over the arms (one arm's share: {span})"
+                     f"{rest}. ")
+        over = [s.arm for s in head.splits if s.question_exceeds]
+        if over:
+            parts.append(f"For {', '.join(over)} the question variance exceeds the test's total (seed share read as "
+                         "0): at few seeds the paired s.d. is itself noisy, or question effects common to every seed "
+                         "move the mean difference without moving the paired s.d. ")
+        # What an unlimited bank would buy, over the arms whose split can be read (not flagged).
+        read = [s for s in head.splits if not s.question_exceeds and math.isfinite(s.question_share)]
+        now = _median([s.mdd for s in read if math.isfinite(s.mdd)])
+        floor = _median([s.mdd_seed_only for s in read if math.isfinite(s.mdd_seed_only)])
+        mde = (f"the median MDE at the run's seeds would fall from {_number(now)} to {_number(floor)} with no "
+               f"question noise at all" if math.isfinite(now) and math.isfinite(floor) else "")
+        if pooled >= 0.5:
+            parts += [strong("Question noise dominates"), ": more questions (a larger bank, or per-question outcomes "
+                      "that carry more than right or wrong) would shrink the differences' spread at the same seeds"
+                      + (f" — {mde}" if mde else "") + "; more seeds shrink both parts alike. "]
+        else:
+            parts += [strong("Seed noise dominates"), ": a larger bank would buy little" + (f" ({mde})" if mde else "")
+                      + "; more seeds (", code("--until-decided"), ") are what decides an arm. "]
+    undecided = [s for s in head.splits if not s.decided]
+    if undecided:
+        needs = ", ".join(f"{s.arm} {s.seeds_needed if s.seeds_needed else '> 200'}" for s in undecided)
+        parts.append(f"Seeds a decision would take at the measured difference and spread: {needs}. ")
+    other = [f"{metric_label(m.metric)} {_percent(m.pooled_share())}" for m in noise[1:] if m.shares()]
+    if other:
+        parts.append(f"Secondary metrics, question share pooled over the arms: {'; '.join(other)}.")
+    return Paragraph.of(*parts)
+
+
+def noise_blocks(inp: ReportInputs) -> list[Block]:
+    """The 'Where the noise comes from' section: per tested metric (the headline's first) a table of each arm's
+    noise split (``hsae.noise``), then one paragraph reading it. Nothing without a verdict or with the controls
+    out of range (no power is read from an evaluation that cannot detect removal)."""
+    noise = [m for m in inp.noise if m.splits]
+    if inp.problems or not noise:
+        return []
+    n_boot = max((m.n_boot for m in noise), default=0)
+    blocks: list[Block] = [
+        Heading(2, NOISE_HEADING),
+        Paragraph.of(
+            f"How much of each arm's difference from {noise[0].baseline} is question sampling and how much seed to "
+            "seed. The test's variance of the mean difference over the seeds is the paired s.d.² / n (its s.d. "
+            f"below); the question part is the variance of that same mean difference over the verdict's {n_boot} "
+            "question resamples (one resample for every trial, as every trial answers the same bank; the SAEs held "
+            "fixed); the seed part is the rest (floored at 0). The share's interval comes from the paired s.d.'s "
+            "n − 1 degrees of freedom: at 3 seeds it spans a factor of 60, so read the share pooled over the arms "
+            "(below), not one cell. MDE and seeds to decide are the power table's; "
+            "\"MDE without question noise\" is the MDE at the same seeds from the seed part alone "
+            "(docs/evaluation.md, \"Where the noise comes from\").")]
+    for m in noise:
+        role = {"headline": "headline", "witness": "second witness"}.get(m.role, "secondary, descriptive")
+        blocks += [Heading(3, f"{metric_label(m.metric)} ({role})"), noise_table(m)]
+        if not m.resampled:
+            blocks.append(Paragraph.of("No question resamples: this metric is read from the trial rows, not from the "
+                                       "question bank, so only the test's total is shown."))
+    return blocks + [noise_reading(noise)]
 
 
 # -- the sparsity frontier (SAEBench's form: every metric against held-out L0) ---------------------------

@@ -20,6 +20,7 @@ import pandas as pd
 from hsae.ablation import AblationVerdict, ablation_verdict
 from hsae.budget import budget_check
 from hsae.external import is_external
+from hsae.noise import MetricNoise, noise_split
 from hsae.results import asked_by, load_curves, load_declarations, load_trials
 from hsae.scoring import CANDIDATES, frontier, scored
 from hsae.stats import mean_ci95
@@ -219,6 +220,11 @@ class ReportInputs:
         if self.main.empty and self.ablations:
             return "the spaces run here are ablations, each compared with its own reference in its section below"
         return verdict_of(self.main, self, [*CANDIDATES, *self.probes])  # the headline is left out of secondary
+
+    @cached_property
+    def noise(self) -> list[MetricNoise]:
+        """The verdict's noise split per tested metric, the headline's first (``hsae.noise``); [] without one."""
+        return noise_split(self.verdict) if isinstance(self.verdict, Verdict) else []
 
     @cached_property
     def frontier_rows(self) -> pd.DataFrame:

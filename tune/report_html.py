@@ -3,9 +3,9 @@
 plotly.js is inlined once, in <head>, so the page opens without a network; every figure is a plotly div
 that only calls ``Plotly.newPlot``. The page is the list ``SECTIONS``, in order: the header and the
 verdict (the blocks of tune/report_blocks.py that report.md renders as Markdown, here as HTML; the verdict is
-computed once in tune/report_data.py), the forget-vs-retain figure per arm,
-parallel coordinates of the trials' parameters against their metrics, the training curves and the trial
-table. A section is a function ``Inputs -> str`` (an HTML fragment); one whose data is missing returns
+computed once in tune/report_data.py), the second witness and where the noise comes from, the forget-vs-retain
+figure per arm, parallel coordinates of the trials' parameters against their metrics, the training curves and
+the trial table. A section is a function ``Inputs -> str`` (an HTML fragment); one whose data is missing returns
 one line saying so. To add a section (say, an Optuna study's Pareto front), write such a function and
 append it to ``SECTIONS``.
 """
@@ -40,6 +40,7 @@ from tune.report_blocks import (
     frontier_blocks,
     header_blocks,
     metric_label,
+    noise_blocks,
     probe_blocks,
     verdict_blocks,
 )
@@ -145,6 +146,11 @@ def verdict_section(inp: Inputs) -> str:
 def probe_section(inp: Inputs) -> str:
     """The second witness (k-sparse probing): its table, claims and agreement lines; nothing without columns."""
     return blocks_html(probe_blocks(inp))
+
+
+def noise_section(inp: Inputs) -> str:
+    """Where each difference's noise comes from (question sampling or seed to seed): report.md's tables, as HTML."""
+    return blocks_html(noise_blocks(inp))
 
 
 def frontier_figure(points: pd.DataFrame) -> go.Figure:
@@ -425,8 +431,8 @@ def budget_section(inp: Inputs) -> str:
 
 
 SECTIONS: list[Callable[[Inputs], str]] = [
-    header_section, verdict_section, probe_section, forget_retain_section, frontier_section, ablation_section,
-    parcoords_section, curves_section, budget_section, pareto_section, trials_section,
+    header_section, verdict_section, probe_section, noise_section, forget_retain_section, frontier_section,
+    ablation_section, parcoords_section, curves_section, budget_section, pareto_section, trials_section,
 ]
 
 

@@ -9,7 +9,11 @@ the CE/KL contexts.
 Select and test (docs/evaluation.md): ``select_x`` must come from *select* documents only and the CE/KL
 contexts from *test* documents (the activation server hands them over so); every question carries its
 document's role, and every grid setting records its accuracies on select and on test questions, so a
-matched-retain value chooses on the first and reports the second (``hsae.scoring.matched_retain_select_test``).
+matched-retain value chooses on one part and reports the other (``hsae.scoring``, "folds").
+
+Every answer keeps, beside whether the correct option wins (argmax of the options' scores), the softmax probability
+of the correct option over those same scores, quantised to 16 bits (``hsae.scoring.quantise_p``): the continuous
+outcome every ``*_p`` metric reads, recorded for every setting, both controls and the unmodified model.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from hsae.evaluation.tail import full_log_probs, tail_hidden
 from hsae.evaluation.unlearning import (
     Outcome,
     UnlearningConfig,
+    baseline_point,
     firing_frequencies,
     run_grid,
     select_features,
@@ -39,6 +44,7 @@ from hsae.evaluation.unlearning import (
 from hsae.keys import content_key
 from hsae.models import LoadedModel, stopped_forward
 from hsae.progress import ProgressLine, format_duration
+from hsae.scoring import quantise_p
 from hsae.train import DegenerateRunError
 from hsae.variants import build_sae
 
@@ -98,7 +104,9 @@ class BatchFeatures:
 
 
 # Part of every evaluation's cache key: bump when what an evaluation returns changes for the same inputs.
-EVAL_FORMAT = 2  # 2: accuracies on select and test questions too (matched retain: chosen on select, reported on test)
+# 2: accuracies on select and test questions too (matched retain: chosen on select, reported on test); 3: the
+# probability of the correct option per question too, and the unmodified model's grid point.
+EVAL_FORMAT = 3
 
 
 def eval_cache_key(cfg: dict[str, Any], state: dict[str, np.ndarray], eval_cfg: EvalConfig, extra: Any) -> str:
@@ -175,21 +183,26 @@ class Evaluator:
         # The unmodified model's answers, from the same residuals every setting starts from: the baseline each
         # grid reports, and the answer a question keeps when an intervention leaves its prompt untouched.
         self.baseline_correct = np.zeros(len(bank), dtype=bool)
+        self.baseline_p = np.zeros(len(bank), dtype=np.uint16)  # the correct option's probability, quantised
         for b in self.batches:
-            self.baseline_correct[b["idx"]] = self._answered(b, torch.arange(len(b["idx"])), b["resid"])
+            self.baseline_correct[b["idx"]], self.baseline_p[b["idx"]] = self._answered(
+                b, torch.arange(len(b["idx"])), b["resid"])
 
     @torch.no_grad()
-    def _answered(self, b: dict[str, Any], rows: torch.Tensor, resid: torch.Tensor) -> np.ndarray:
-        """Whether questions ``rows`` of batch ``b`` are answered correctly from these layer-L residuals."""
+    def _answered(self, b: dict[str, Any], rows: torch.Tensor, resid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Whether questions ``rows`` of batch ``b`` are answered correctly from these layer-L residuals (argmax of
+        the options' scores), and the softmax probability of the correct option over those scores (quantised)."""
         hidden = tail_hidden(self.loaded, resid)
         last = hidden[torch.arange(len(rows)), b["last"][rows]]
-        scores = option_scores(self.loaded, last, [b["options"][int(r)] for r in rows])
-        return (scores.argmax(dim=-1).cpu() == b["answer"][rows]).numpy()
+        scores = option_scores(self.loaded, last, [b["options"][int(r)] for r in rows]).cpu()
+        answer = b["answer"][rows]
+        p = torch.softmax(scores.double(), dim=-1).gather(1, answer[:, None])[:, 0]
+        return (scores.argmax(dim=-1) == answer).numpy(), quantise_p(p.numpy())
 
     def _answers(self, b: dict[str, Any], i: int, rows: torch.Tensor, edited: torch.Tensor, intervention: Any,
-                 memo: dict[tuple, bool] | None) -> np.ndarray:
-        """Whether the edited prompts ``rows`` of batch ``b`` (the ``i``-th) are answered correctly; prompts whose
-        edit ``memo`` has seen keep its answer, the rest are re-run."""
+                 memo: dict[tuple, tuple[bool, int]] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Whether the edited prompts ``rows`` of batch ``b`` (the ``i``-th) are answered correctly, and the correct
+        option's quantised probability; prompts whose edit ``memo`` has seen keep its answer, the rest are re-run."""
         if memo is None or not hasattr(intervention, "edit_keys"):
             return self._answered(b, rows, edited[rows])
         keys = [(i, int(r), *k) for r, k in zip(rows, intervention.edit_keys(b["resid"], b["valid"], rows),
@@ -197,17 +210,21 @@ class Evaluator:
         new = [j for j, k in enumerate(keys) if k not in memo]
         if new:
             run = rows[new]
-            for j, answer in zip(new, self._answered(b, run, edited[run]), strict=True):
-                memo[keys[j]] = bool(answer)
-        return np.array([memo[k] for k in keys], dtype=bool)
+            answers, probs = self._answered(b, run, edited[run])
+            for j, answer, p in zip(new, answers, probs, strict=True):
+                memo[keys[j]] = (bool(answer), int(p))
+        return (np.array([memo[k][0] for k in keys], dtype=bool),
+                np.array([memo[k][1] for k in keys], dtype=np.uint16))
 
     @torch.no_grad()
-    def accuracy(self, intervention: Any, memo: dict[tuple, bool] | None = None) -> Outcome:
-        """Which questions stay correct under ``intervention`` (bank order), and how hard it edits.
+    def accuracy(self, intervention: Any, memo: dict[tuple, tuple[bool, int]] | None = None) -> Outcome:
+        """Which questions stay correct under ``intervention`` (bank order), how probable each correct option stays,
+        and how hard it edits.
 
-        Untouched questions keep the unmodified model's answer (``baseline_correct``), so only changed
-        prompts are re-run. With a ``memo`` (one per SAE) and an intervention that names its edits
-        (``edit_keys``), a prompt edited exactly as an earlier setting edited it keeps that setting's answer.
+        Untouched questions keep the unmodified model's answer and probability (``baseline_correct``,
+        ``baseline_p``), so only changed prompts are re-run. With a ``memo`` (one per SAE) and an intervention that
+        names its edits (``edit_keys``), a prompt edited exactly as an earlier setting edited it keeps that setting's
+        answer.
         With ``stop_retain_early``, once retain errors exceed what the retain bar allows the remaining
         retain prompts are skipped: the retain accuracy is then an upper bound (exact = False).
         """
@@ -220,7 +237,7 @@ class Evaluator:
             return all(int((~correct[m]).sum()) > int(np.floor((1 - ucfg.retain_bar) * int(m.sum()) + 1e-9))
                        for m in (retain, select_retain))
 
-        correct = self.baseline_correct.copy()
+        correct, prob = self.baseline_correct.copy(), self.baseline_p.copy()
         touched, ratios = 0, []
         for i, b in enumerate(self.batches):
             edited, changed = intervention.apply(b["resid"], b["valid"])
@@ -231,10 +248,11 @@ class Evaluator:
             rows = torch.nonzero(changed).flatten()
             touched += len(rows)
             ratios.append(edit_ratios(b["resid"][rows], edited[rows]))
-            correct[b["idx"][rows.numpy()]] = self._answers(b, i, rows, edited, intervention, memo)
+            where = b["idx"][rows.numpy()]
+            correct[where], prob[where] = self._answers(b, i, rows, edited, intervention, memo)
         exact = not (ucfg.stop_retain_early and failed(correct))
         ratio = float(torch.cat(ratios).mean()) if ratios and sum(len(r) for r in ratios) else float("nan")
-        return Outcome(correct, touched, exact, ratio)
+        return Outcome(correct, touched, exact, ratio, prob)
 
     # -- unlearning -------------------------------------------------------------------------------
     def unlearning(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -252,7 +270,7 @@ class Evaluator:
         selections = {(s["retain_threshold"], s["n_features"]): select_features(
             forget_freq, retain_freq, s["retain_threshold"], s["n_features"]) for s in settings}
         # One SAE's answers by edit, shared by its grid and its random control.
-        memo: dict[tuple, bool] | None = {} if self.cfg.share_answers else None
+        memo: dict[tuple, tuple[bool, int]] | None = {} if self.cfg.share_answers else None
         result = self._clamp_grid(sae, settings, lambda s: selections[(s["retain_threshold"], s["n_features"])],
                                   memo)
         out = result.as_dict()
@@ -265,7 +283,7 @@ class Evaluator:
         return out
 
     def _clamp_grid(self, sae: Any, settings: list[dict[str, Any]], features_for: Any,
-                    memo: dict[tuple, bool] | None = None) -> Any:
+                    memo: dict[tuple, tuple[bool, int]] | None = None) -> Any:
         """Clamp the features ``features_for(setting)`` names, for every setting; the grid records how many."""
         w_dec = sae.W_dec.detach()
         encode = BatchFeatures(sae.encode)  # every setting clamps the same question batches' features
@@ -283,14 +301,15 @@ class Evaluator:
             return outcomes[key]
 
         result = run_grid(settings, clamp, accuracy, self.domains, self.is_select, self.baseline_correct,
-                          self.cfg.unlearning.retain_bar)
+                          self.cfg.unlearning.retain_bar, self.baseline_p)
         for g in result.grid:
             g["features_selected"] = int(len(features_for(g)))
             g["bank"] = self.bank.key
+        result.extra["baseline"]["bank"] = self.bank.key
         return result
 
     def _random_control(self, sae: Any, settings: list[dict[str, Any]], forget_freq: np.ndarray,
-                        retain_freq: np.ndarray, memo: dict[tuple, bool] | None = None
+                        retain_freq: np.ndarray, memo: dict[tuple, tuple[bool, int]] | None = None
                         ) -> tuple[float, list[dict[str, Any]]]:
         """The negative control: SAEBench's clamps on random live features (retain threshold ignored, so one
         threshold's settings cover it)."""
@@ -333,6 +352,7 @@ class Evaluator:
 
         out: dict[str, Any] = {name: self._control_grid(direction, center, x[labels == RETAIN], settings, counted)
                                for name, direction in (("positive", dom), ("negative", rand / rand.norm()))}
+        out["baseline"] = {"grid": [self.baseline_point()]}  # the unmodified model: every probability share's reference
         out["eval_s"] = time.perf_counter() - t0
         self._say(f"evaluation controls: {n} settings done in {format_duration(out['eval_s'])}")
         self._results["controls"] = out
@@ -349,6 +369,11 @@ class Evaluator:
         for g in res.grid:
             g["bank"] = self.bank.key
         return res.as_dict()
+
+    def baseline_point(self) -> dict[str, Any]:
+        """The unmodified model's grid point: its outcomes and probabilities of the correct option on this bank."""
+        point = baseline_point(self.baseline_correct, self.baseline_p, self.domains, self.is_select)
+        return {**point, "bank": self.bank.key}
 
     # -- CE / KL --------------------------------------------------------------------------------------
     def _prepare_ce(self, tokens: np.ndarray, domains: np.ndarray) -> None:

@@ -60,6 +60,9 @@ class QuestionBank:
     key: str = ""  # the content key it is cached under (grid.parquet and questions.parquet name it)
     # Per question, its document's role: "select" (what selects: never reported) or "test" (what is reported).
     role: list[str] = field(default_factory=list)
+    # What the bank was kept from, per domain name: {"candidates": n, "answered": k} (k answered correctly by the
+    # unmodified model: the most a bank of this generator can hold); empty for banks cached before it was recorded.
+    candidates: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -285,15 +288,31 @@ def answers_correct(loaded: LoadedModel, bank: QuestionBank, batch: int = 64,
 
 
 def keep_answered(bank: QuestionBank, correct: np.ndarray, cfg: BankConfig, group_size: int = 1) -> QuestionBank:
-    """Questions answered correctly (every ordering of a group), capped per domain in a seeded order."""
+    """Questions answered correctly (every ordering of a group), capped per domain in a seeded order; the bank
+    records how many candidates each domain had and how many of them were answered correctly."""
     n_groups = len(bank) // group_size
     ok = correct.reshape(n_groups, group_size).all(axis=1)
     rng = np.random.default_rng(cfg.seed + 1)
     keep: list[int] = []
+    counts = {}
     for domain, cap in ((FORGET, cfg.max_forget), (RETAIN, cfg.max_retain)):
-        groups = [g for g in rng.permutation(n_groups) if ok[g] and bank.domain[g * group_size] == domain][:cap]
+        mine = np.array([bank.domain[g * group_size] == domain for g in range(n_groups)], dtype=bool)
+        counts[DOMAIN_NAMES[domain]] = {"candidates": int(mine.sum()), "answered": int((ok & mine).sum())}
+        groups = [g for g in rng.permutation(n_groups) if ok[g] and mine[g]][:cap]
         keep += [int(g) * group_size for g in sorted(groups)]  # one ordering (the original) per group
-    return bank.select(keep)
+    return replace(bank.select(keep), candidates=counts)
+
+
+def bank_summary(bank: QuestionBank, cfg: BankConfig) -> str:
+    """The bank's size per domain, against what the unmodified model answered of the candidates and the caps."""
+    parts = []
+    for domain, cap in ((FORGET, cfg.max_forget), (RETAIN, cfg.max_retain)):
+        name = DOMAIN_NAMES[domain]
+        c = bank.candidates.get(name)
+        made = (f" of {c['answered']} answered correctly ({c['answered'] / max(c['candidates'], 1):.0%} of "
+                f"{c['candidates']} candidates)") if c else ""
+        parts.append(f"{bank.count(domain)} {name}{made}, cap {cap}")
+    return "; ".join(parts)
 
 
 def build_bank(
@@ -322,8 +341,8 @@ def build_bank(
     correct = answers_correct(loaded, bank, progress=progress)
     kept = replace(keep_answered(bank, correct, cfg, group_size), key=key)
     atomic_write_text(path, kept.to_json())
-    say(f"[hsae] question bank: {kept.count(FORGET)} forget, {kept.count(RETAIN)} retain questions kept "
-        f"(scored in {format_duration(time.perf_counter() - t1)})")
+    say(f"[hsae] question bank: questions kept {bank_summary(kept, cfg)} (scored in "
+        f"{format_duration(time.perf_counter() - t1)})")
     return kept
 
 

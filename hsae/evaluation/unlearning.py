@@ -6,12 +6,14 @@
    forget frequency (descending; ties by index), take the top N.
 3. Clamp those features to -multiplier where they fire, at layer L, and re-answer the questions.
 4. effect = forget accuracy if retain accuracy >= 0.99 else 1; score = 1 - min(effect) over the grid, on
-   all questions (SAEBench's definition). The matched-retain values choose the setting on *select*
-   questions and report its accuracy on *test* questions (``hsae.results.matched_retain``).
+   all questions (SAEBench's definition). The matched-retain values choose the setting on one part of the
+   questions and report its accuracy on the other (fold A; fold B, the reverse, is kept: ``hsae.scoring``).
 
 Besides SAEBench's 16 settings (``grid = "saebench"``) an extended grid (more retain thresholds, feature
 counts scaled to the dictionary) traces each SAE's forget-vs-retain trade-off; every setting keeps its
-per-question outcomes, so every accuracy and interval can be recomputed from grid.parquet.
+per-question outcomes (correct or not, and the probability of the correct option, quantised), and so does the
+unmodified model (the ``baseline`` point), so every accuracy, probability and interval can be recomputed from
+grid.parquet.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from hsae.checks import check_finite_nonneg
+from hsae.scoring import encode_p, mean_p
 
 RETAIN_BAR = 0.99
 
@@ -83,7 +86,7 @@ def select_features(forget_freq: np.ndarray, retain_freq: np.ndarray, retain_thr
 def unlearning_score(grid: Sequence[dict[str, Any]], retain_bar: float = RETAIN_BAR) -> float:
     """SAEBench's score as SAEBench defines it (comparable with the field), on all questions:
     1 - min(forget_acc if retain_acc >= bar else 1). Setting and score share their questions here; the
-    matched-retain values (``hsae.results.matched_retain``) do not."""
+    matched-retain values (``hsae.scoring.fold_metrics``) do not."""
     effects = [g["forget_acc"] if g["retain_acc"] >= retain_bar else 1.0 for g in grid]
     if not effects:
         raise ValueError("an unlearning score needs at least one grid setting")
@@ -98,6 +101,9 @@ class Outcome:
     touched: int  # prompts re-run (the intervention changed them)
     exact: bool  # False when retain questions were skipped (stop_retain_early): retain is an upper bound
     edit_ratio: float  # mean ||edit|| / ||residual|| over edited token positions (NaN: nothing edited)
+    # (n_questions,) uint16, bank order: the softmax probability of the correct option over the options' scores,
+    # quantised (hsae.scoring.quantise_p); None where the caller does not record it.
+    p: np.ndarray | None = None
 
 
 def bits(mask: np.ndarray) -> str:
@@ -125,9 +131,10 @@ class GridResult:
 def grid_point(setting: dict[str, Any], outcome: Outcome, domains: np.ndarray, is_select: np.ndarray
                ) -> dict[str, Any]:
     """One setting's row: accuracies on all questions (``forget_acc``, ``retain_acc``), on select questions
-    (``*_select``: what chooses a setting) and on test questions (``*_test``: what a matched-retain value
-    reports), and the per-question outcomes of each domain in bank order (questions.parquet gives each
-    position's role)."""
+    (``*_select``) and on test questions (``*_test``), the per-question outcomes of each domain in bank order
+    (questions.parquet gives each position's role) and, where the outcome records them, the same for the
+    probability of the correct option: its means (``forget_p``, ``forget_p_select``, ...) computed from the stored
+    quantised values, and those values (``forget_p_correct``, ``hsae.scoring.encode_p``)."""
     correct, sel = outcome.correct, np.asarray(is_select, dtype=bool)
     point = {**setting}
     for name, d in (("forget", 1), ("retain", 0)):
@@ -135,9 +142,27 @@ def grid_point(setting: dict[str, Any], outcome: Outcome, domains: np.ndarray, i
         point[f"{name}_acc"] = float(mine.mean())
         point[f"{name}_acc_select"] = float(mine[mask].mean())
         point[f"{name}_acc_test"] = float(mine[~mask].mean())
-    return {**point, "retain_acc_exact": outcome.exact, "questions_touched": outcome.touched,
-            "edit_ratio": outcome.edit_ratio, "forget_correct": bits(correct[domains == 1]),
-            "retain_correct": bits(correct[domains == 0])}
+    point.update({"retain_acc_exact": outcome.exact, "questions_touched": outcome.touched,
+                  "edit_ratio": outcome.edit_ratio, "forget_correct": bits(correct[domains == 1]),
+                  "retain_correct": bits(correct[domains == 0])})
+    if outcome.p is not None:
+        q = np.asarray(outcome.p, dtype=np.uint16)
+        for name, d in (("forget", 1), ("retain", 0)):
+            mine, mask = q[domains == d], sel[domains == d]
+            point[f"{name}_p"] = float(mean_p(mine))
+            point[f"{name}_p_select"] = float(mean_p(mine[mask]))
+            point[f"{name}_p_test"] = float(mean_p(mine[~mask]))
+            point[f"{name}_p_correct"] = encode_p(mine)
+    return point
+
+
+def baseline_point(baseline_correct: np.ndarray, baseline_p: np.ndarray, domains: np.ndarray, is_select: np.ndarray
+                   ) -> dict[str, Any]:
+    """The unmodified model's grid point (``grid`` "control"): its outcomes and probabilities of the correct option,
+    the reference every probability share divides by."""
+    unmodified = Outcome(np.asarray(baseline_correct, dtype=bool).copy(), 0, True, float("nan"),
+                         np.asarray(baseline_p, dtype=np.uint16).copy())
+    return {"grid": "control", **grid_point({}, unmodified, domains, is_select)}
 
 
 def run_grid(
@@ -148,18 +173,22 @@ def run_grid(
     is_select: np.ndarray,
     baseline_correct: np.ndarray,
     retain_bar: float = RETAIN_BAR,
+    baseline_p: np.ndarray | None = None,
 ) -> GridResult:
     """Score every setting with one accuracy function; the SAEBench score counts only SAEBench settings.
     ``is_select`` (bank order) marks the select questions (the rest are test questions);
-    ``baseline_correct`` (bank order) says which questions the unmodified model answers correctly."""
+    ``baseline_correct`` (bank order) says which questions the unmodified model answers correctly and
+    ``baseline_p`` (quantised) how probable it finds each correct option: with it the result carries the unmodified
+    model's own grid point (``baseline``), the reference of every probability share."""
     grid = [grid_point(s, accuracy(make_intervention(s)), domains, is_select) for s in settings]
     saebench = [g for g in grid if g.get("grid", "saebench") == "saebench"]
     outcomes = [(g["forget_acc"], g["retain_acc"]) for g in saebench]
     ties = len(outcomes) - len(set(outcomes))
     n_forget, n_retain = int((domains == 1).sum()), int((domains == 0).sum())
     baseline_forget, baseline_retain = (float(baseline_correct[domains == d].mean()) for d in (1, 0))
+    extra = {} if baseline_p is None else {"baseline": baseline_point(baseline_correct, baseline_p, domains, is_select)}
     return GridResult(unlearning_score(saebench, retain_bar), grid, n_forget, n_retain, baseline_forget,
-                      baseline_retain, ties)
+                      baseline_retain, ties, extra)
 
 
 def firing_frequencies(encode: Callable[[torch.Tensor], torch.Tensor], x: Any, labels: np.ndarray,
