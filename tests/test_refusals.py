@@ -16,7 +16,8 @@ from tests.test_budget import budget_dirs
 from tests.test_report_sections import set_columns
 from tests.test_verdict import N_FORGET, N_RETAIN, planted_study, write_results
 from tune.report import markdown, verdict_parts
-from tune.report_blocks import budget_blocks, controls_blocks, frontier_blocks
+from tune.report_analyses import budget_blocks, frontier_blocks
+from tune.report_blocks import controls_blocks
 from tune.report_data import ReportInputs
 
 N_BOOT = 20

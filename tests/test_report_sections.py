@@ -11,7 +11,8 @@ import pytest
 
 from tests.test_verdict import CURVES, NOISE, RETAINS, SEEDS, grid_frame, grid_rows, planted_study, write_results
 from tune.report import build_report
-from tune.report_blocks import NO_PROBE, NOISE_HEADING, agreement
+from tune.report_analyses import NOISE_HEADING
+from tune.report_blocks import NO_PROBE, agreement
 from tune.report_data import PROBE_PRIMARY, ReportInputs, ordered, report_variants
 
 N_BOOT = 50

@@ -38,20 +38,17 @@ from hsae.schema import REPORT_METRICS, label  # noqa: E402
 from hsae.scoring import BARS  # noqa: E402
 from hsae.stats import mean_ci95  # noqa: E402
 from hsae.verdict import BASELINE, arm_names  # noqa: E402
+from tune.report_analyses import ablation_section, budget_blocks, frontier_blocks, noise_blocks  # noqa: E402
 from tune.report_blocks import (  # noqa: E402
     Block,
     Heading,
     Paragraph,
     Table,
-    ablation_section,
     banner_blocks,
-    budget_blocks,
     controls_blocks,
     fmt,
-    frontier_blocks,
     header_blocks,
     metric_label,
-    noise_blocks,
     probe_blocks,
     verdict_blocks,
 )

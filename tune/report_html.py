@@ -28,19 +28,21 @@ from hsae.atomic import atomic_write_text
 from hsae.pareto import study_fronts, varying_params
 from hsae.schema import label
 from hsae.scoring import BARS
+from tune.report_analyses import (
+    ablation_blocks,
+    budget_blocks,
+    frontier_blocks,
+    noise_blocks,
+)
 from tune.report_blocks import (
     Block,
     Heading,
     Paragraph,
     Table,
-    ablation_blocks,
     banner_blocks,
-    budget_blocks,
     controls_blocks,
-    frontier_blocks,
     header_blocks,
     metric_label,
-    noise_blocks,
     probe_blocks,
     verdict_blocks,
 )
