@@ -117,3 +117,18 @@ def test_a_staged_run_declares_its_looks_on_every_row_and_the_verdict_spends_alp
     with pytest.raises(ValueError, match="2 values of seed_looks"):
         V.declared(rows.assign(seed_looks=[1] * 10 + [4] * 5), "seed_looks", 1)
     assert math.isclose(V.declared(rows, "equivalence_margin", V.DEFAULT_MARGIN), 0.05)
+
+
+def test_a_run_declaring_another_verdict_restores_another_tune_experiment():
+    """A restored Tune experiment runs its trials with the declarations it started with: --resume must find only an
+    experiment that declared the same margin and looks (the profile's own keep the name they always had)."""
+    from dataclasses import replace
+
+    from tune.search import verdict_suffix
+
+    embedded = PROFILES["embedded"]
+    assert verdict_suffix(embedded) == "" and verdict_suffix(PROFILES["tiny"]) == ""
+    staged, stricter = replace(embedded, seed_looks=2), replace(embedded, equivalence_margin=0.03)
+    names = {verdict_suffix(p) for p in (embedded, staged, stricter, replace(embedded, seed_looks=3))}
+    assert len(names) == 4  # each declaration its own experiment
+    assert verdict_suffix(staged) == verdict_suffix(replace(embedded, seed_looks=2))  # and the same one again

@@ -48,7 +48,7 @@ from tune.interrupt import Interrupts, SweepInterrupted, interrupted_message  # 
 from tune.nodes import SharedStorageError, check_shared_storage  # noqa: E402
 from tune.plan import Plan, preflight, resolve, space_trials  # noqa: E402
 from tune.progress import SweepProgress  # noqa: E402
-from tune.search import OBJECTIVES, SEARCHES, search_setup, tune_name  # noqa: E402
+from tune.search import OBJECTIVES, SEARCHES, search_setup, tune_name, verdict_suffix  # noqa: E402
 from tune.stages import run_stages, stage_verdict  # noqa: E402
 from tune.trackers import TRACKERS, tracker_callbacks  # noqa: E402
 
@@ -269,7 +269,8 @@ def make_tuner(space: Space, trials: list[TrialSpec], pending: list[TrialSpec], 
     from tune.trainable import run_trial
 
     storage = str(Path(args.out).resolve() / "ray_results")
-    name = tune_name(trials) + (f"-stage{stage}" if stage else "")  # a stage's Tune experiment resumes alone
+    # A stage's Tune experiment resumes alone; one that declared another verdict (margin, looks) is another experiment.
+    name = tune_name(trials) + verdict_suffix(plan.profile) + (f"-stage{stage}" if stage else "")
     trainable = tune.with_resources(run_trial, {"cpu": args.plan_layout.threads, "gpu": args.gpus_per_trial})
     path = os.path.join(storage, name)
     if args.resume and tune.Tuner.can_restore(path):

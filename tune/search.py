@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hsae.profiles import Profile
+from hsae.keys import content_key
+from hsae.profiles import PROFILES, VERDICT_FIELDS, Profile
 from hsae.scoring import CANDIDATES, higher_is_better
 from hsae.spaces import Space, SpaceError, TrialSpec
 from hsae.verdict import WITNESS
@@ -89,6 +90,17 @@ def check_search(space: Space, search: str) -> None:
 def tune_name(trials: list[TrialSpec]) -> str:
     """Tune's experiment: one per sweep context, so a resume never mixes models or budgets."""
     return f"{trials[0].experiment}-{trials[0].context[:8]}"
+
+
+def verdict_suffix(profile: Profile) -> str:
+    """The verdict's declarations (margin, staged looks), when they differ from the profile's own, as a suffix of the
+    Tune experiment's name: a restored experiment runs its trials with the declarations it started with, so --resume
+    must restore only one that declared the same (another one starts anew; finished trials are not redone)."""
+    ours = {f: getattr(profile, f) for f in VERDICT_FIELDS}
+    declared = PROFILES.get(profile.name)
+    if declared is not None and ours == {f: getattr(declared, f) for f in VERDICT_FIELDS}:
+        return ""
+    return "-v" + content_key(ours, length=6)
 
 
 def study_name(trials: list[TrialSpec], objectives: list[tuple[str, str]]) -> str:
