@@ -3,6 +3,10 @@ built the way a sweep builds it."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +95,21 @@ def small_space(name: str) -> str:
     """The path of one of the tests' small space files (tests/spaces/<name>.yaml): sweeps that test the machinery
     keep their trial counts whatever the shipped spaces of that name train."""
     return str(Path(__file__).parent / "spaces" / f"{name}.yaml")
+
+
+def killed_after_rows(cmd: list[str], env: dict[str, str], rows: Path, pattern: str, at_least: int,
+                      log_path: Path, cwd: Path) -> dict[str, Any]:
+    """Start the sweep ``cmd`` in its own process group, SIGKILL the group (driver and Ray: an OOM killer or a lost
+    node) once ``at_least`` trial rows match ``pattern`` under ``rows``, and return each row's ``finished_at`` by
+    trial id: what a ``--resume`` must not redo."""
+    import pandas as pd
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while len(list(rows.glob(pattern))) < at_least:
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return {p.stem: pd.read_parquet(p)["finished_at"].iloc[0] for p in rows.glob(pattern)}

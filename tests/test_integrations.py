@@ -4,11 +4,9 @@ SAELens loads it, and output a person can read."""
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -16,6 +14,7 @@ import pandas as pd
 import pytest
 
 from hsae.models import ModelSpec, describe_model
+from tests.helpers import killed_after_rows
 from tune import ablate
 
 pytestmark = pytest.mark.slow
@@ -81,16 +80,7 @@ def test_a_killed_study_resumes_without_redoing_its_finished_trial_and_ends_with
     env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "tune/ablate.py", "--profile", "tiny", "--out", str(out), "--space", str(space),
            "--seeds", "1", "--search", "optuna", "--samples", "3", "--scheduler", "fifo", "--max-concurrent", "1"]
-    log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 400
-        while not list(out.glob("parts/trials/*/*.parquet")):
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    first = {p.stem: pd.read_parquet(p)["finished_at"].iloc[0] for p in out.glob("parts/trials/*/*.parquet")}
+    first = killed_after_rows(cmd, env, out, "parts/trials/*/*.parquet", 1, tmp_path / "first.log", REPO)
     assert 1 <= len(first) < 3
     done = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

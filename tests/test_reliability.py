@@ -2,7 +2,6 @@
 
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pandas as pd
 import pytest
 
 from hsae.results import ResultsStore
-from tests.helpers import small_space
+from tests.helpers import killed_after_rows, small_space
 from tune import ablate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,16 +164,8 @@ def test_killed_driver_then_resume_completes_without_redoing_finished_trials(tmp
     env = {**os.environ, "HSAE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "tune/ablate.py", "--space", "variants", "--profile", "tiny", "--out", str(out),
            "--max-concurrent", "1"]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     parts = out / "parts" / "trials" / "tiny-variants"
-    deadline = time.time() + 400
-    while len(list(parts.glob("*.parquet"))) < 2:
-        assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    first = {p.stem: pd.read_parquet(p)["finished_at"].iloc[0] for p in parts.glob("*.parquet")}
+    first = killed_after_rows(cmd, env, parts, "*.parquet", 2, tmp_path / "first.log", REPO)
     assert 2 <= len(first) < 7
     done = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
