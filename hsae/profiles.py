@@ -299,14 +299,11 @@ def parse_profile_settings(pairs: list[str], profile: Profile) -> dict[str, Any]
         if path in NOT_SETTABLE or name in ("autocast", "precision", "device"):
             reason = NOT_SETTABLE.get(path, NOT_SETTABLE["train.autocast"])
             raise ValueError(f"--set {pair!r}: {reason}")
-        try:
-            old = profile.get(path) if sep else None
-        except AttributeError:
-            old = sep = ""
-        if not sep or dataclasses.is_dataclass(old):
+        valid = settable_paths(profile)
+        if not sep or path not in valid:
             raise ValueError(f"--set {pair!r}: expected PATH=VALUE with PATH a field path, one of "
-                             f"{sorted(settable_paths(profile))}, or a flat name, one of {sorted(FLAT_NAMES)}")
-        value = yaml.safe_load(text)
+                             f"{sorted(valid)}, or a flat name, one of {sorted(FLAT_NAMES)}")
+        old, value = profile.get(path), yaml.safe_load(text)
         if value is None and path in OPTIONAL_FIELDS:
             out[path] = None
             continue
