@@ -4,12 +4,12 @@
     python bench/headline_noise.py RESULTS --bank max_retain=1600,candidates_per_domain=2000   # another bank
 
 For each completed trial of a finished sweep: its grid rows from ``RESULTS/grid.parquet`` when they record the
-probability of the correct option (and the trial's baseline row), else its exported SAE (``saes/<trial_id>``)
-re-evaluated now on the embedded profile's evaluator (unlearning grid only; the question bank and harvest from
-the cache). Then the question bootstrap (``hsae.scoring``): the s.d. over resamples of ``frontier_area`` and
-``frontier_area_p``, fold A alone (the reported value) and both folds averaged, resampling the forget questions
-only, the retain questions only, and both. It measures the question noise of one trial's number; the seed spread
-is the verdict's business.
+probability of the correct option (and the trial's baseline row) and fold B's own grid (a cross-fitted evaluation),
+else its exported SAE (``saes/<trial_id>``) re-evaluated now on the embedded profile's evaluator (unlearning grid
+only; the question bank and harvest from the cache). Then the question bootstrap (``hsae.scoring``): the s.d. over
+resamples of ``frontier_area`` and ``frontier_area_p``, fold A alone and both folds averaged (fold B on its own
+grid: the reported value), resampling the forget questions only, the retain questions only, and both. It measures
+the question noise of one trial's number; the seed spread is the verdict's business.
 ``--bank`` re-evaluates every trial on the embedded profile with those ``BankConfig`` fields changed (a bank of its
 own, built once and cached like any bank) and prints the seconds each evaluation took.
 """
@@ -38,8 +38,9 @@ def trial_grids(results: str, max_trials: int, bank: dict[str, int]) -> tuple[di
     out, server = {}, None
     for tid, path in zip(done["trial_id"], done["sae_path"], strict=True):
         rows = grid[grid["trial_id"] == tid]
-        if not bank and "forget_p_correct" in rows and (rows["control"] == SC.BASELINE_CONTROL).any() \
-                and rows["forget_p_correct"].notna().all():
+        crossfitted = "fold" in rows and (rows["fold"] == "B").any()
+        if not bank and crossfitted and "forget_p_correct" in rows \
+                and (rows["control"] == SC.BASELINE_CONTROL).any() and rows["forget_p_correct"].notna().all():
             out[tid] = rows
             continue
         if server is None:
@@ -52,9 +53,9 @@ def trial_grids(results: str, max_trials: int, bank: dict[str, int]) -> tuple[di
         answer = server.evaluator().unlearning(cfg, state)
         print(f"[bench] re-evaluated {tid} in {time.perf_counter() - t0:.0f} s", flush=True)
         out[tid] = typed_frame(grid_rows(tid, {"unlearning": answer}), schema.GRID_COLUMNS)
-        bank = str(out[tid]["bank"].dropna().iloc[0])
-        if "bank" in questions and bank not in set(questions["bank"].astype(str)):
-            raise SystemExit(f"the re-evaluation's bank {bank[:8]} is not RESULTS' (another bank configuration): "
+        bank_key = str(out[tid]["bank"].dropna().iloc[0])
+        if "bank" in questions and bank_key not in set(questions["bank"].astype(str)):
+            raise SystemExit(f"the re-evaluation's bank {bank_key[:8]} is not RESULTS' (another bank configuration): "
                              "compare like with like")
     return out, questions
 
@@ -82,6 +83,8 @@ def side_counts(roles: SC.Roles, sides: tuple[str, ...], n_boot: int, rng: np.ra
     """Resample counts per part: the ``sides`` (forget, retain) resampled, the others fixed at one draw each."""
     counts = {}
     for name, test in (("forget", roles.forget_test), ("retain", roles.retain_test)):
+        n = len(test)  # all questions of the side: what the SAEBench score reads
+        counts[f"{name}_all"] = SC.resample_counts(n, n_boot, rng) if name in sides else np.ones((n_boot, n))
         for part in ("select", "test"):
             n = int((test if part == "test" else ~test).sum())
             counts[f"{name}_{part}"] = SC.resample_counts(n, n_boot, rng) if name in sides else np.ones((n_boot, n))
@@ -107,10 +110,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         o = outcomes[tid]
         roles = SC.question_roles(questions, o.forget.shape[1], o.retain.shape[1], bank=str(rows["bank"].iloc[0]))
-        point = SC.scored_metrics(o.forget.mean(1), o.retain.mean(1), o.saebench, *SC.part_values(o, roles, None))[0]
+        point = SC.trial_metrics(o, roles, None, SC.reported_folds(o.crossfit is not None))[0]
         rng = np.random.default_rng(0)
         for sides in (("forget",), ("retain",), ("forget", "retain")):
-            folds = SC.fold_metrics(*SC.part_values(o, roles, side_counts(roles, sides, args.n_boot, rng)))
+            counts = side_counts(roles, sides, args.n_boot, rng)
+            folds = SC.trial_metrics(o, roles, counts, SC.reported_folds(o.crossfit is not None))[1]
             for metric in ("frontier_area", "frontier_area_p"):
                 a, b = folds["A"][metric], folds["B"][metric]
                 print(f"| {tid[:8]} | {metric} | {point[metric]:.3f} | {' + '.join(sides)} | {np.std(a):.4f} | "

@@ -179,8 +179,9 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
        "settings", group=_EVAL),
     _c("forget_acc_at_retain99", "float64", "forget accuracy of the setting (SAEBench + extended grid) with the lowest "
        "forget accuracy among those with retain accuracy >= 0.99, chosen on one part of the questions and read on the "
-       "other: fold A, chosen on select and read on test questions (hsae.scoring.REPORTED_FOLDS); null if no "
-       "setting meets the bar on the select questions", "fraction",
+       "other: the mean of fold A (features and setting chosen on select documents and questions, read on test "
+       "questions) and, where the grid is cross-fitted, fold B (the reverse; hsae.scoring.reported_folds); null if no "
+       "setting meets the bar where any fold chooses", "fraction",
        "lower", "forget@retain≥.99", _EVAL),
     _c("forget_acc_at_retain98", "float64", "the same at retain accuracy >= 0.98", "fraction", "lower",
        "forget@retain≥.98", _EVAL),
@@ -303,6 +304,9 @@ GRID_COLUMNS: tuple[Column, ...] = (
     _c("grid", "string", "saebench (SAEBench's 16 settings) | extended (more thresholds and feature counts) | "
        "control", group=_ID),
     _c("bank", "string", "content key of the question bank the outcomes index (questions.parquet)", group=_ID),
+    _c("fold", "string", "A: the setting's features were chosen on select documents' activations | B: on test "
+       "documents' (a cross-fitted evaluation, EvalConfig.crossfit); null for controls, the unmodified model and "
+       "grids before folds had their own features (docs/evaluation.md, 'Folds')", group=_ID),
     _c("retain_threshold", "float64", "features firing on more than this fraction of retain tokens are not "
        "selected", "fraction", group=_EVAL),
     _c("n_features", "Int64", "how many features the setting asks for", "features", group=_EVAL),

@@ -9,8 +9,11 @@ Pure numpy/pandas (no torch, no Ray); ``docs/evaluation.md``, "The verdict":
 * **frontier area**: removal averaged over retain levels on a fixed grid in [lo, 1], each level's setting
   chosen by the same rule;
 * **folds**: every such choice is made twice, fold A choosing on select and scoring on test questions, fold B
-  choosing on test and scoring on select questions (``fold_metrics``), each fold's value kept (``Bootstrap.folds``);
-  a trial's value is the mean over ``REPORTED_FOLDS`` (``crossfit``), today fold A alone (why: ``REPORTED_FOLDS``);
+  choosing on test and scoring on select questions (``fold_metrics``), each fold's value kept (``Bootstrap.folds``).
+  A cross-fitted evaluation gives each fold its own grid (grid.parquet's ``fold``): fold A's features chosen on
+  select documents' activations, fold B's on test documents'. A trial's value is then the mean of both folds
+  (``crossfit``); a grid without fold B's own rows reports fold A alone (``reported_folds``: fold B read from fold
+  A's grid scores select questions whose documents chose the features);
 * **continuous outcomes**: the same metrics on the probability of the correct option (``*_p``), as the share
   of the unmodified model's mean probability a setting keeps; grid.parquet stores each question's
   probability quantised to 16 bits (``P_SCALE``), and every mean is computed from those integers;
@@ -48,11 +51,18 @@ SCORED: tuple[str, ...] = (*CANDIDATES, *P_BARS)
 # The metrics that choose a setting on one part of the questions and score it on the other (both folds computed).
 CROSSFIT: tuple[str, ...] = tuple(m for m in SCORED if m != "unlearning_score")
 FOLDS = ("A", "B")  # A: choose on select questions, score on test ones; B: choose on test, score on select
-# The folds a reported value averages. Fold B scores on select questions, whose documents also chose the SAE's
-# features and the positive control's direction (the server selects on select-document activations): until those
-# choices are made per fold too, fold B is not held out, so it is kept for inspection (Bootstrap.folds) and never
-# reported (docs/evaluation.md, "Folds").
-REPORTED_FOLDS: tuple[str, ...] = ("A",)
+# The folds a grid without fold B's own rows reports: fold B computed from fold A's grid scores on select questions,
+# whose documents chose that grid's features, so it is kept for inspection (Bootstrap.folds) and never reported
+# (docs/evaluation.md, "Folds"). A cross-fitted grid reports both (``reported_folds``).
+FOLD_A_ONLY: tuple[str, ...] = ("A",)
+
+
+def reported_folds(crossfitted: bool) -> tuple[str, ...]:
+    """The folds a trial's value averages: both where fold B has its own grid (features chosen on test documents),
+    fold A alone otherwise."""
+    return FOLDS if crossfitted else FOLD_A_ONLY
+
+
 HIGHER_IS_BETTER: dict[str, bool] = {"unlearning_score": True, "frontier_area": True, "frontier_area_p": True,
                                      **{bar_metric(b, k): False for b in BARS for k in KINDS}}
 # Metric families whose direction follows from the name (the second witness's probe accuracies).
@@ -238,12 +248,13 @@ def _nan_like(value: Any) -> Any:
     return float(v) if v.ndim == 0 else v
 
 
-def fold_metrics(split: tuple[Any, ...], p_split: tuple[Any, ...] | None = None) -> dict[str, dict[str, Any]]:
-    """Every select/test metric (``CROSSFIT``) of each fold: accuracies ``split`` and the shares of the correct
-    option's probability ``p_split`` (None: not recorded, NaN), both (forget select, retain select, forget test,
-    retain test)."""
+def fold_metrics(split: tuple[Any, ...], p_split: tuple[Any, ...] | None = None,
+                 folds: tuple[str, ...] = FOLDS) -> dict[str, dict[str, Any]]:
+    """Every select/test metric (``CROSSFIT``) of each of ``folds``: accuracies ``split`` and the shares of the
+    correct option's probability ``p_split`` (None: not recorded, NaN), both (forget select, retain select, forget
+    test, retain test)."""
     out = {}
-    for fold in FOLDS:
+    for fold in folds:
         values = choice_metrics(fold_parts(split, fold), "acc")
         if p_split is not None:
             values.update(choice_metrics(fold_parts(p_split, fold), "p"))
@@ -275,26 +286,42 @@ def p_shares(rows: pd.DataFrame, baseline: Any, split: bool) -> tuple[np.ndarray
 
 def grid_metrics(rows: pd.DataFrame, baseline: Any = None) -> dict[str, float]:
     """Every scored metric (``SCORED``) of one trial's (or control's) grid rows, from their accuracy columns (the
-    select/test ones when every row has them: fold A) and, given the unmodified model's row ``baseline``, their
-    mean probabilities of the correct option (else those metrics are NaN)."""
+    select/test ones when every row has them) and, given the unmodified model's row ``baseline``, their mean
+    probabilities of the correct option (else those metrics are NaN). Rows of fold B's own grid (``fold`` "B")
+    give fold B's values, averaged with fold A's (``reported_folds``)."""
+    fold_b = (rows["fold"] == "B").fillna(False).to_numpy(bool) if "fold" in rows else np.zeros(len(rows), bool)
+    values, a_folds, a_split = _grid_fold_metrics(rows[~fold_b], baseline, FOLDS)
+    if fold_b.any() and a_split:
+        _, b_folds, b_split = _grid_fold_metrics(rows[fold_b], baseline, ("B",))
+        if b_split:
+            values.update({m: crossfit(a_folds["A"][m], b_folds["B"][m]) for m in CROSSFIT})
+    return {k: float(v) for k, v in values.items()}
+
+
+def _grid_fold_metrics(rows: pd.DataFrame, baseline: Any, folds: tuple[str, ...]
+                       ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], bool]:
+    """``scored_metrics`` of one grid's rows, and whether they had select/test accuracies."""
     f, r = rows["forget_acc"].to_numpy(float), rows["retain_acc"].to_numpy(float)
     sb = (rows["grid"] == "saebench").to_numpy() if "grid" in rows else np.ones(len(rows), bool)
     has_split = all(c in rows for c in SELECT_TEST_COLUMNS) and rows[list(SELECT_TEST_COLUMNS)].notna().all().all()
     split = tuple(rows[c].to_numpy(float) for c in SELECT_TEST_COLUMNS) if has_split and len(rows) else None
     p_split = p_shares(rows, baseline, split is not None) if len(rows) else None
-    return {k: float(v) for k, v in metrics(f, r, sb, split, p_split).items()}
+    values, by_fold = scored_metrics(f, r, sb, split, p_split, folds)
+    return values, by_fold, split is not None
 
 
 def scored_metrics(forget_acc: np.ndarray, retain_acc: np.ndarray, saebench: np.ndarray,
-                   split: tuple[np.ndarray, ...] | None = None, p_split: tuple[np.ndarray, ...] | None = None
-                   ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Every scored metric, and each fold's value of the select/test ones (``metrics``)."""
+                   split: tuple[np.ndarray, ...] | None = None, p_split: tuple[np.ndarray, ...] | None = None,
+                   folds: tuple[str, ...] = FOLDS) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Every scored metric of one grid, and each of ``folds``' value of the select/test ones (``metrics``); the
+    select/test ones are fold A's where it is among ``folds`` (a grid's own reported fold), else the first's."""
     split = split if split is not None else (forget_acc, retain_acc, forget_acc, retain_acc)
-    folds = fold_metrics(split, p_split)
-    out: dict[str, Any] = {m: crossfit(*(folds[f][m] for f in REPORTED_FOLDS)) for m in CROSSFIT}
+    by_fold = fold_metrics(split, p_split, folds)
+    own = "A" if "A" in folds else folds[0]
+    out: dict[str, Any] = {m: by_fold[own][m] for m in CROSSFIT}
     best = forget_at_retain(forget_acc[saebench], retain_acc[saebench], 0.99)
     out["unlearning_score"] = 1.0 - np.nan_to_num(best, nan=1.0) if saebench.any() else np.nan * best
-    return {m: out[m] for m in SCORED}, folds
+    return {m: out[m] for m in SCORED}, by_fold
 
 
 def metrics(forget_acc: np.ndarray, retain_acc: np.ndarray, saebench: np.ndarray,
@@ -303,9 +330,9 @@ def metrics(forget_acc: np.ndarray, retain_acc: np.ndarray, saebench: np.ndarray
     """Every scored metric from settings' accuracies on all questions ((settings,) or (settings, R)).
 
     ``split``: (forget, retain) accuracies on select questions, then on test questions, when questions have
-    roles: matched retain and frontier area are chosen on one part and scored on the other (fold A chooses on the
-    first pair and scores the second, fold B the reverse; the value is ``REPORTED_FOLDS``'). Without it both folds
-    choose and score on all questions.
+    roles: matched retain and frontier area are chosen on the first pair and scored on the second (fold A, the
+    value of one grid; ``trial_metrics`` adds fold B's own grid). Without it they choose and score on all
+    questions.
     ``p_split``: the same four as shares of the unmodified model's mean probability of the correct option
     (``p_shares``; without roles the all-question pair twice); None: the ``*_p`` metrics are NaN. The SAEBench
     score keeps SAEBench's own rule on SAEBench's settings and all questions: 1 - min(forget if retain >= 0.99
@@ -343,6 +370,8 @@ class Outcomes:
     retain_p: np.ndarray | None = None
     baseline_forget_p: np.ndarray | None = None  # (forget questions,) the unmodified model's
     baseline_retain_p: np.ndarray | None = None
+    # Fold B's own grid (features chosen on test documents' activations), where the evaluation was cross-fitted.
+    crossfit: Outcomes | None = None
 
     @property
     def has_p(self) -> bool:
@@ -352,7 +381,19 @@ class Outcomes:
 
 def trial_outcomes(rows: pd.DataFrame, baseline: Any = None) -> Outcomes:
     """Decoded outcomes of one trial's rows; with its ``baseline`` row (the unmodified model's) and probability
-    strings on every row, the probabilities too (else they are None)."""
+    strings on every row, the probabilities too (else they are None). Rows of fold B's own grid (``fold`` "B") are
+    decoded apart, as ``crossfit``."""
+    fold_b = (rows["fold"] == "B").fillna(False).to_numpy(bool) if "fold" in rows else np.zeros(len(rows), bool)
+    out = _decoded(rows[~fold_b], baseline)
+    if fold_b.any():
+        out.crossfit = _decoded(rows[fold_b], baseline)
+        if out.crossfit.forget.shape[1:] != out.forget.shape[1:] or out.crossfit.has_p != out.has_p:
+            raise ValueError("fold B's grid and fold A's differ in questions or in what they record")
+    return out
+
+
+def _decoded(rows: pd.DataFrame, baseline: Any) -> Outcomes:
+    """One grid's outcomes (``trial_outcomes``)."""
     grid = rows["grid"].fillna("saebench") if "grid" in rows else pd.Series("saebench", index=rows.index)
     forget, retain = decode(rows["forget_correct"]), decode(rows["retain_correct"])
     if forget.shape[0] != retain.shape[0]:
@@ -418,8 +459,10 @@ class Bootstrap:
     n_forget: int = 0
     n_retain: int = 0
     select_test: bool = False  # settings chosen on one part of the questions, scored on the other (two folds)
-    # fold ("A", "B") -> index trial_id, columns CROSSFIT: each fold's point value (``point`` holds their mean)
+    # fold ("A", "B") -> index trial_id, columns CROSSFIT: each fold's point value (``point`` holds the mean of
+    # ``reported``)
     folds: dict[str, pd.DataFrame] | None = None
+    reported: tuple[str, ...] = FOLD_A_ONLY  # the folds every value averages (``reported_folds``)
 
     def rows(self, trial_ids: Any) -> list[int]:
         index = {t: i for i, t in enumerate(self.trial_ids)}
@@ -488,16 +531,39 @@ def part_values(o: Outcomes, roles: Roles | None, counts: dict[str, np.ndarray] 
     return acc, tuple(shares)
 
 
+def trial_metrics(o: Outcomes, roles: Roles | None, counts: dict[str, np.ndarray] | None = None,
+                  folds: tuple[str, ...] = FOLD_A_ONLY) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Every scored metric of one trial, point values (or (R,) under resample ``counts``), and each fold's value of
+    the select/test ones; those are the mean of ``folds``: fold B from its own grid (``o.crossfit``) when
+    ``folds`` holds it, else (inspection only) from fold A's."""
+    def one(out: Outcomes, which: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        if counts is None:
+            f, r = out.forget.mean(axis=1), out.retain.mean(axis=1)
+        else:
+            f, r = accuracies(out.forget, counts["forget_all"]), accuracies(out.retain, counts["retain_all"])
+        return scored_metrics(f, r, out.saebench, *part_values(out, roles, counts), which)
+
+    own_b = "B" in folds and o.crossfit is not None and roles is not None
+    values, by_fold = one(o, FOLD_A_ONLY if own_b else FOLDS)
+    if own_b:
+        assert o.crossfit is not None
+        by_fold["B"] = one(o.crossfit, ("B",))[1]["B"]
+    values.update({m: crossfit(*(by_fold[f][m] for f in folds)) for m in CROSSFIT})
+    return values, by_fold
+
+
 def bootstrap(outcomes: dict[str, Outcomes], n_boot: int = 1000, seed: int = 0,
               roles: Roles | None = None) -> Bootstrap:
     """Resample forget and retain questions independently (the same resamples for every trial; with roles,
     select and test questions each within their part) and recompute every scored metric (accuracies and the
-    probability of the correct option, resampled together)."""
+    probability of the correct option, resampled together). Both folds are reported where every trial's grid is
+    cross-fitted, fold A alone otherwise (one rule for every trial of a comparison: ``reported_folds``)."""
     ids = list(outcomes)
     sizes = {(o.forget.shape[1], o.retain.shape[1]) for o in outcomes.values()}
     if len(sizes) > 1:
         raise ValueError(f"trials do not share one question bank (forget, retain sizes {sorted(sizes)})")
     n_f, n_r = sizes.pop() if sizes else (0, 0)
+    folds = reported_folds(bool(ids) and roles is not None and all(o.crossfit is not None for o in outcomes.values()))
     rng = np.random.default_rng(seed)
     cf, cr = resample_counts(n_f, n_boot, rng), resample_counts(n_r, n_boot, rng)
     counts = {"forget_all": cf, "retain_all": cr}
@@ -506,21 +572,17 @@ def bootstrap(outcomes: dict[str, Outcomes], n_boot: int = 1000, seed: int = 0,
                        for name, mask in (("forget", roles.forget_test), ("retain", roles.retain_test))
                        for part in ("select", "test")})
     samples = {m: np.full((len(ids), n_boot), np.nan) for m in SCORED}
-    point, folds = {}, {f: {} for f in FOLDS}
+    point, by_fold = {}, {f: {} for f in FOLDS}
     for i, tid in enumerate(ids):
-        o = outcomes[tid]
-        f, r = o.forget.mean(axis=1), o.retain.mean(axis=1)
-        values, by_fold = scored_metrics(f, r, o.saebench, *part_values(o, roles, None))
+        values, mine = trial_metrics(outcomes[tid], roles, None, folds)
         point[tid] = {m: float(v) for m, v in values.items()}
         for fold in FOLDS:
-            folds[fold][tid] = {m: float(v) for m, v in by_fold[fold].items()}
-        resampled = metrics(accuracies(o.forget, cf), accuracies(o.retain, cr), o.saebench,
-                            *part_values(o, roles, counts))
-        for m, v in resampled.items():
+            by_fold[fold][tid] = {m: float(v) for m, v in mine[fold].items()}
+        for m, v in trial_metrics(outcomes[tid], roles, counts, folds)[0].items():
             samples[m][i] = v
     frame = pd.DataFrame.from_dict(point, orient="index", columns=list(SCORED))
-    fold_frames = {f: pd.DataFrame.from_dict(folds[f], orient="index", columns=list(CROSSFIT)) for f in FOLDS}
-    return Bootstrap(ids, frame, samples, n_f, n_r, roles is not None, fold_frames)
+    fold_frames = {f: pd.DataFrame.from_dict(by_fold[f], orient="index", columns=list(CROSSFIT)) for f in FOLDS}
+    return Bootstrap(ids, frame, samples, n_f, n_r, roles is not None, fold_frames, folds)
 
 
 def nanmean(a: np.ndarray, axis: int) -> np.ndarray:

@@ -23,7 +23,15 @@ import ray
 from hsae.activations import SPLITS, Harvest, HarvestConfig, Harvester
 from hsae.corpora import corpus_identity, heldout_roles, load_corpus, split_table
 from hsae.evaluation.evaluator import EvalConfig, Evaluator, sae_from_weights
-from hsae.evaluation.questions import BankConfig, bank_identity, bank_source, build_bank, questions_table
+from hsae.evaluation.questions import (
+    BankConfig,
+    QuestionBank,
+    bank_cache_identity,
+    bank_source,
+    build_bank,
+    cached_bank,
+    questions_table,
+)
 from hsae.evaluation.sparse_probe import (
     CorpusDocuments,
     HeldoutDocuments,
@@ -53,6 +61,25 @@ EVAL_GROUP = "eval"
 # Handles of the servers this driver created. A non-detached actor dies when its last handle goes, so
 # keeping one here makes a server live as long as its driver process, across several sweeps in it.
 _HANDLES: dict[str, Any] = {}
+
+
+def evaluation_spec(harvest_model: ModelSpec, eval_model: str | None) -> ModelSpec:
+    """The model that answers the questions: the eval twin or the harvest's model, at the dtype "auto" resolves to."""
+    return replace(harvest_model, source=eval_model or harvest_model.source, dtype="auto")
+
+
+def bank_identity_of(harvest: HarvestConfig, spec: ModelSpec, bank_cfg: BankConfig) -> dict[str, Any]:
+    """The question bank's cache identity: the answering model ``spec``, the harvest's corpus and split."""
+    return bank_cache_identity(spec_identity(spec), corpus_identity(harvest.corpus), harvest.holdout_fraction,
+                               harvest.seed, bank_cfg)
+
+
+def planned_bank(harvest: HarvestConfig, eval_model: str | None, bank_cfg: BankConfig,
+                 root: str | Path | None = None) -> QuestionBank | None:
+    """The bank a sweep's server would evaluate with, when it is already built (cached); None when the first
+    evaluation will build it."""
+    spec = evaluation_spec(harvest.model, eval_model)
+    return cached_bank(bank_cfg, bank_identity_of(harvest, spec, bank_cfg), Path(root) if root else None)
 
 
 @dataclass(frozen=True)
@@ -150,14 +177,14 @@ class ActivationServer:
             loaded, spec = self._evaluation_model()
             cfg = self.cfg
             source = bank_source(loaded, cfg.corpus, self.bank_cfg, cfg.holdout_fraction, cfg.seed)
-            identity = {"model": spec_identity(spec), "corpus": corpus_identity(cfg.corpus),
-                        "split": {"holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed},
-                        **bank_identity(self.bank_cfg)}
             say = self.harvester.progress  # the server's one progress callback (print)
-            bank = build_bank(loaded, self.bank_cfg, source, identity, progress=say, root=self.cache_root)
-            x, labels = self.select_content_rows()
+            bank = build_bank(loaded, self.bank_cfg, source, bank_identity_of(cfg, spec, self.bank_cfg), progress=say,
+                              root=self.cache_root)
+            x, labels = self.heldout_content_rows("select")
+            test_x, test_labels = self.heldout_content_rows("test") if self.eval_cfg.crossfit else (None, None)
             tokens, domains = self.test_contexts()
-            self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg, progress=say)
+            self._evaluator = Evaluator(loaded, bank, x, labels, tokens, domains, self.eval_cfg, progress=say,
+                                        test_x=test_x, test_labels=test_labels)
             self._timings["banks"] = time.perf_counter() - t0
         return self._evaluator
 
@@ -167,20 +194,21 @@ class ActivationServer:
         harvest's dtype still reaches: every activation row it wrote, the held-out ones included (feature selection,
         control directions, the sparse probe, each row's EV and L0)."""
         harvest = self.cfg.model
-        spec = replace(harvest, source=self.eval_model or harvest.source, dtype="auto")
+        spec = evaluation_spec(harvest, self.eval_model)
         device = resolve_device(harvest.device)
         if spec.source == harvest.source and resolve_dtype(harvest.dtype, device) == resolve_dtype("auto", device):
             return self.harvester.loaded, spec
         return load_model(spec), spec
 
-    def select_content_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    def heldout_content_rows(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         """What selects (firing frequencies, control directions): held-out activations and labels of content
-        tokens of contexts packed from *select* documents only; BOS, EOS and padding never count."""
+        tokens of contexts packed from documents of ``role`` only (*select*; *test* for the cross-fitted fold B);
+        BOS, EOS and padding never count."""
         info = self.prepare().model  # read once, in prepare
         assert self._harvest is not None
         x, labels = self._harvest.arrays("eval")
         special = [t for t in (info.bos_id, info.eos_id) if t is not None]  # packed contexts have no padding
-        keep = ~np.isin(self._harvest.token_ids("eval"), special) & (self._harvest.row_roles("eval") == "select")
+        keep = ~np.isin(self._harvest.token_ids("eval"), special) & (self._harvest.row_roles("eval") == role)
         return x[keep], labels[keep]
 
     def test_contexts(self) -> tuple[np.ndarray, np.ndarray]:

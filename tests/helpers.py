@@ -74,7 +74,8 @@ def served(profile: str, root: Path, **overrides: Any) -> Any:
 
 def assert_evaluation_held_out(evaluator: Any, profile: str, root: Path, **overrides: Any) -> None:
     """Nothing ``evaluator`` measures with comes from a document SAEs train on: every question's document is
-    held out, and every activation row it selects features and fits controls on is a held-out (eval) row."""
+    held out, and every activation row it selects features and fits controls on (both folds') is a held-out (eval)
+    row."""
     from hsae.activations import harvest
     from hsae.corpora import load_corpus, split_table
     from hsae.profiles import get_profile
@@ -86,9 +87,11 @@ def assert_evaluation_held_out(evaluator: Any, profile: str, root: Path, **overr
     assert not trained_on, f"questions from training documents: {sorted(trained_on)[:5]}"
     eval_x, _ = harvest(cfg, root=root, progress=None).arrays("eval")
     eval_rows = {np.asarray(row).tobytes() for row in eval_x[np.arange(len(eval_x))]}
-    select_x = np.asarray(evaluator.select_x[np.arange(len(evaluator.select_labels))])
-    outside = sum(row.tobytes() not in eval_rows for row in select_x)
-    assert len(select_x) > 0 and outside == 0, f"{outside} of {len(select_x)} selection rows are not held-out rows"
+    for name, x, labels in (("select", evaluator.select_x, evaluator.select_labels),
+                            ("test", evaluator.test_x, evaluator.test_labels)):  # fold A's and fold B's
+        rows = np.asarray(x[np.arange(len(labels))])
+        outside = sum(row.tobytes() not in eval_rows for row in rows)
+        assert len(rows) > 0 and outside == 0, f"{outside} of {len(rows)} {name} selection rows are not held out"
 
 
 def small_space(name: str) -> str:

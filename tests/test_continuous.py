@@ -97,7 +97,7 @@ def by_hand_area(shares: dict[str, np.ndarray]) -> float:
             best = min(ok, key=lambda k: (shares[f"forget_{choose}"][k], -shares[f"retain_{choose}"][k], k))
             removal.append(1.0 - shares[f"forget_{score}"][best])
         folds.append(sum(removal) / len(removal))
-    return folds[0]  # the reported fold: A (hsae.scoring.REPORTED_FOLDS)
+    return folds[0]  # the reported fold of a grid without fold B's own rows: A (hsae.scoring.reported_folds)
 
 
 def planted_shares(bank, out: dict) -> dict[str, np.ndarray]:
@@ -252,3 +252,84 @@ def test_a_choice_reading_its_own_scoring_questions_fails_the_no_peeking_check(m
 
     monkeypatch.setattr(SC, "fold_parts", peeking)
     assert not choices_stay_when_scoring_questions_are_scrambled(outcomes, roles, rng)
+
+
+# -- cross-fitted grids: fold B's features chosen on test documents, its own grid rows ------------------------
+# Fold B's grid: Y replaced by a setting that removes less of what fold B scores (select forget 0.6).
+SPECS_B = [*SPECS[:Y], dict(zip(PARTS, ((0.6, 0.6), (0.6, 0.6), (0.2, 0.3), (1.0, 1.0)), strict=True))]
+def planted_crossfit(bank, rng: np.random.Generator) -> dict:
+    """A cross-fitted evaluation's answer: fold A's grid (SPECS) and fold B's own grid (SPECS_B: other features, so
+    other outcomes), every row naming its fold, as ``Evaluator.unlearning`` returns them."""
+    fold_a = planted_trial(bank, SPECS, rng)["unlearning"]
+    fold_b = planted_trial(bank, SPECS_B, rng)["unlearning"]
+    grid = [{**g, "fold": "A"} for g in fold_a["grid"]] + [{**g, "fold": "B"} for g in fold_b["grid"]]
+    return {"unlearning": {**fold_a, "grid": grid}}
+
+
+def fold_value(bank, out: dict, fold: str, metric: str) -> float:
+    """One fold's value from that fold's own rows alone, as the rule defines it."""
+    domains, is_select, _ = bank
+    rows = pd.DataFrame([g for g in out["unlearning"]["grid"] if g["fold"] == fold])
+    split = tuple(rows[c].to_numpy(float) for c in SC.SELECT_TEST_COLUMNS)
+    return SC.choice_metrics(SC.fold_parts(split, fold), "acc")[metric]
+
+
+def test_a_cross_fitted_trial_reports_the_mean_of_each_folds_own_grid(tmp_path):
+    rng = np.random.default_rng(4)
+    bank = planted_bank(rng)
+    out = planted_crossfit(bank, rng)
+    row = write_results(tmp_path, bank, out).iloc[0]
+    grid, questions = pd.read_parquet(tmp_path / "grid.parquet"), pd.read_parquet(tmp_path / "questions.parquet")
+    assert sorted(grid.loc[grid["control"] == "sae", "fold"].unique()) == ["A", "B"]
+    boot, excluded, _ = SC.scored(pd.DataFrame({"trial_id": ["t"]}), grid, questions, n_boot=20)
+    assert excluded == {} and boot.reported == ("A", "B")
+    for metric in ("frontier_area", "forget_acc_at_retain95"):
+        a, b = fold_value(bank, out, "A", metric), fold_value(bank, out, "B", metric)
+        assert a != b  # two grids, two values: the mean below is not one of them twice
+        assert boot.folds["A"].loc["t", metric] == a and boot.folds["B"].loc["t", metric] == b
+        assert boot.point.loc["t", metric] == row[metric] == pytest.approx((a + b) / 2)
+    for metric in ("frontier_area_p", "frontier_area"):  # the resamples average both folds too
+        assert np.isfinite(boot.samples[metric]).all()
+
+
+@pytest.mark.parametrize("fold", ["A", "B"])
+def test_scrambling_one_folds_own_grid_changes_only_that_folds_value(fold):
+    """Redraw, in one fold's own grid rows only, the outcomes on the questions that fold scores on: that fold's value
+    moves, the other fold's stays bit for bit, and the trial's value stays their mean."""
+    rng = np.random.default_rng(5)
+    bank = planted_bank(rng)
+    out = planted_crossfit(bank, rng)
+    domains, is_select, _ = bank
+    roles = SC.Roles(~is_select[domains == 1], ~is_select[domains == 0])
+    clean = typed_frame(grid_rows("t", out), schema.GRID_COLUMNS)
+    dirty = clean.copy()
+    part_mask = is_select[domains == 1] == (SCORES_ON[fold] == "select")
+    for i in dirty.index[(dirty["control"] == "sae") & (dirty["fold"] == fold)]:
+        bits = np.array(list(dirty.at[i, "forget_correct"]))
+        bits[part_mask] = rng.choice(["0", "1"], int(part_mask.sum()))
+        dirty.at[i, "forget_correct"] = "".join(bits)
+    boots = [SC.bootstrap(SC.outcomes_by_trial(g, ["t"])[0], n_boot=2, roles=roles) for g in (clean, dirty)]
+    other = "B" if fold == "A" else "A"
+    assert boots[0].folds[fold].loc["t", "frontier_area"] != boots[1].folds[fold].loc["t", "frontier_area"]
+    assert boots[0].folds[other].loc["t", "frontier_area"] == boots[1].folds[other].loc["t", "frontier_area"]
+    for b in boots:
+        assert b.point.loc["t", "frontier_area"] == pytest.approx(
+            (b.folds["A"].loc["t", "frontier_area"] + b.folds["B"].loc["t", "frontier_area"]) / 2)
+
+
+def test_a_comparison_mixing_cross_fitted_and_older_grids_reports_fold_a_for_every_trial():
+    rng = np.random.default_rng(6)
+    bank = planted_bank(rng)
+    domains, is_select, _ = bank
+    roles = SC.Roles(~is_select[domains == 1], ~is_select[domains == 0])
+    new = typed_frame(grid_rows("new", planted_crossfit(bank, rng)), schema.GRID_COLUMNS)
+    old = typed_frame(grid_rows("old", planted_trial(bank, SPECS, rng)), schema.GRID_COLUMNS)
+    outcomes, _ = SC.outcomes_by_trial(pd.concat([new, old]), ["new", "old"])
+    assert outcomes["new"].crossfit is not None and outcomes["old"].crossfit is None
+    boot = SC.bootstrap(outcomes, n_boot=2, roles=roles)
+    assert boot.reported == ("A",)  # one rule for every trial of a comparison: the one every grid supports
+    for tid in ("new", "old"):
+        assert boot.point.loc[tid, "frontier_area"] == boot.folds["A"].loc[tid, "frontier_area"]
+    alone = SC.bootstrap({"new": outcomes["new"]}, n_boot=2, roles=roles)
+    assert alone.reported == ("A", "B") and alone.point.loc["new", "frontier_area"] != boot.point.loc[
+        "new", "frontier_area"]

@@ -41,6 +41,24 @@ def test_question_bank_is_cached_on_disk(tiny_world, tiny_root, capsys):
     assert "question bank" not in printed and "scoring" not in printed  # read back, not rebuilt
 
 
+def test_the_plan_prints_the_banks_size_and_answered_share_once_it_is_built(tiny_world, tiny_root, tmp_path,
+                                                                             monkeypatch, capsys):
+    from tune import ablate
+
+    _, bank, _ = tiny_world
+    monkeypatch.setenv("HSAE_CACHE", str(tmp_path / "empty"))
+    args = ["--profile", "tiny", "--space", "ortho", "--dry-run", "--precision", "fp32", "--out", str(tmp_path / "r")]
+    assert ablate.main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("questions"))
+    assert "not built yet" in line and "caps 1000 forget / 1000 retain" in line
+    monkeypatch.setenv("HSAE_CACHE", str(tiny_root))  # the cache where tiny_world's server built the bank
+    assert ablate.main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("questions"))
+    forget = bank.candidates["forget"]
+    assert bank.key[:8] in line and f"{bank.count(FORGET)} forget of {forget['answered']} answered correctly (" \
+        f"{forget['answered'] / forget['candidates']:.0%} of {forget['candidates']} candidates)" in line
+
+
 def identity_sae(d=64):
     """A ReLU SAE that reconstructs exactly: features +x and -x."""
     eye = torch.eye(d)
@@ -168,11 +186,16 @@ def test_unlearning_returns_grid_counts_baselines_and_controls(tiny_world):
     _, bank, ev = tiny_world
     cfg, state = identity_sae()
     out = ev.unlearning(cfg, state)
-    saebench = [g for g in out["grid"] if g["grid"] == "saebench"]
-    # 16 SAEBench settings; the extended grid adds thresholds 0.003 and 0.03 and, for 128 features, the count 4:
-    # 8 new (threshold, count) pairs at 2 multipliers.
-    assert len(saebench) == 16 and len(out["grid"]) == 16 + 8 * 2
-    assert len(out["random_feature_grid"]) == 8  # SAEBench's settings; thresholds don't apply to random features
+    # Cross-fitted: each fold's own grid (features chosen on select, then on test documents), rows naming their fold.
+    for fold in ("A", "B"):
+        mine = [g for g in out["grid"] if g["fold"] == fold]
+        saebench = [g for g in mine if g["grid"] == "saebench"]
+        # 16 SAEBench settings; the extended grid adds thresholds 0.003 and 0.03 and, for 128 features, the count 4:
+        # 8 new (threshold, count) pairs at 2 multipliers.
+        assert len(saebench) == 16 and len(mine) == 16 + 8 * 2
+        # SAEBench's settings; thresholds don't apply to random features
+        assert len([g for g in out["random_feature_grid"] if g["fold"] == fold]) == 8
+    assert len(out["grid"]) == 2 * (16 + 8 * 2) and len(out["random_feature_grid"]) == 2 * 8
     assert out["n_forget"] == bank.count(FORGET) and out["n_retain"] == bank.count(RETAIN)
     assert out["baseline_forget_acc"] == 1.0 and out["baseline_retain_acc"] == 1.0
     assert 0.0 <= out["score"] <= 1.0
@@ -267,7 +290,8 @@ def test_server_evaluates_sae_by_value(ray_session, tiny_harvest_cfg, tmp_path):
                                       eval_cfg=SMALL, bank_cfg=BankConfig(max_forget=1000, max_retain=1000))
     cfg, state = identity_sae()
     out = ray.get(server.evaluate.remote(cfg, state))
-    assert len([g for g in out["unlearning"]["grid"] if g["grid"] == "saebench"]) == 16
+    saebench = [g for g in out["unlearning"]["grid"] if g["grid"] == "saebench"]
+    assert len(saebench) == 2 * 16 and {g["fold"] for g in saebench} == {"A", "B"}  # cross-fitted by default
     assert out["ce"]["ce_score_retain"] == pytest.approx(1.0, abs=1e-4)
     ray.kill(server)
 

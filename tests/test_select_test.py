@@ -1,13 +1,15 @@
 """Selection on one part, measurement on another (docs/evaluation.md, "Select and test").
 
-Held-out documents are split into select and test halves. Firing frequencies and control directions read only
-select documents; the grid setting that meets a retain bar is chosen on one part of the questions and its accuracy
-read on the other, both ways round (fold A chooses on select and reads test questions, the reported value;
-fold B the reverse, kept). These tests prove it on the tiny profile's evaluator as a sweep builds it, with a spy on
-the selection step and with each part's questions poisoned in turn.
+Held-out documents are split into select and test halves. Fold A's features and the control directions read only
+select documents' activations, fold B's features only test documents'; the grid setting that meets a retain bar is
+chosen on one part of the questions and its accuracy read on the other, both ways round (fold A chooses among its
+own grid's settings on select questions and reads test questions, fold B the reverse), and a trial's value is the
+mean of both. These tests prove it on the tiny profile's evaluator as a sweep builds it, with a spy on the selection
+step and with each part's questions poisoned in turn.
 """
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -114,15 +116,18 @@ def test_questions_and_contexts_carry_their_documents_role(world):
     assert set(h.row_roles("eval")) == {"select", "test"}
 
 
-def test_selection_reads_only_select_activations_and_ce_only_test_contexts(world):
+def test_each_folds_selection_reads_only_its_documents_activations_and_ce_only_test_contexts(world):
     ev, h, cfg, _ = world
     x, labels = h.arrays("eval")
     content = ~np.isin(h.token_ids("eval"), [t for t in (ev.loaded.info.bos_id, ev.loaded.info.eos_id)
                                              if t is not None])
     select = content & (h.row_roles("eval") == "select")
-    assert 0 < select.sum() < content.sum()  # test rows exist, and none of them is handed to selection
+    assert 0 < select.sum() < content.sum()  # test rows exist, and none of them is handed to fold A's selection
     np.testing.assert_array_equal(np.asarray(ev.select_x), x[select])
     np.testing.assert_array_equal(ev.select_labels, labels[select])
+    test = content & (h.row_roles("eval") == "test")  # fold B's selection: the test documents' rows, and only them
+    np.testing.assert_array_equal(np.asarray(ev.test_x), x[test])
+    np.testing.assert_array_equal(ev.test_labels, labels[test])
     tokens = np.load(h.dir / "tokens_eval.npy")
     roles = np.asarray(["select", "test"], dtype=object)[np.load(h.dir / "roles_eval.npy") - 1]
     test_contexts = {t.tobytes() for t in tokens[roles == "test"]}
@@ -139,14 +144,14 @@ def part_columns(part: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("poisoned_part", ["test", "select"])
 def test_no_choice_reads_the_questions_that_score_it(world, monkeypatch, poisoned_part):
-    """Poison every question of one part (a wrong answer key) and spy on the firing frequencies. Fold A chooses on
-    select questions and scores on test ones, fold B the reverse: whichever part is poisoned, the features, the other
-    part's accuracies and the setting chosen on it (by the fold that scores on the poisoned part) do not move; only
-    the poisoned part's numbers do."""
+    """Poison every question of one part (a wrong answer key) and spy on the firing frequencies. Fold A chooses its
+    features on select documents and its setting on select questions and scores on test ones, fold B the reverse:
+    whichever part is poisoned, the features, the other part's accuracies and the setting chosen on it (by the fold
+    that scores on the poisoned part) do not move; only the poisoned part's numbers do."""
     import hsae.evaluation.evaluator as evaluator_module
     from hsae.evaluation.evaluator import Evaluator
     from hsae.results import evaluation_values
-    from hsae.scoring import REPORTED_FOLDS, crossfit
+    from hsae.scoring import crossfit
 
     ev, h, _, _ = world
     seen: list[np.ndarray] = []
@@ -161,28 +166,36 @@ def test_no_choice_reads_the_questions_that_score_it(world, monkeypatch, poisone
     poisoned_answers = [(a + 1) % len(o) if t else a for a, o, t in zip(ev.bank.answer, ev.bank.options, poison,
                                                                          strict=True)]
     poisoned = Evaluator(ev.loaded, replace(ev.bank, answer=poisoned_answers), ev.select_x, ev.select_labels,
-                         np.zeros((1, 8), dtype=np.int64), np.zeros(1, dtype=np.int64), ev.cfg)
+                         np.zeros((1, 8), dtype=np.int64), np.zeros(1, dtype=np.int64), ev.cfg,
+                         test_x=ev.test_x, test_labels=ev.test_labels)
     cfg, state = identity_sae(ev.batches[0]["resid"].shape[-1])
     clean_out, bad_out = ev.unlearning(cfg, state), poisoned.unlearning(cfg, state)
-    # The poisoned evaluator selected (the clean one may answer from its cache): from select activations only.
-    assert seen and all(np.array_equal(s, np.asarray(ev.select_x)) for s in seen)
+    # Each evaluator that selected (the clean one may answer from its cache) chose fold A's features from select
+    # documents' activations and fold B's from test documents', never from anything else.
+    assert seen and len(seen) % 2 == 0
+    for fold_a, fold_b in zip(seen[::2], seen[1::2], strict=True):
+        assert np.array_equal(fold_a, np.asarray(ev.select_x)) and np.array_equal(fold_b, np.asarray(ev.test_x))
+    assert not np.array_equal(np.asarray(ev.select_x), np.asarray(ev.test_x))
     clean, bad = pd.DataFrame(clean_out["grid"]), pd.DataFrame(bad_out["grid"])
+    assert sorted(set(clean["fold"])) == ["A", "B"]
     other = "select" if poisoned_part == "test" else "test"
-    for column in ("features_selected", *part_columns(other)):
+    for column in ("fold", "features_selected", *part_columns(other)):
         pd.testing.assert_series_equal(clean[column], bad[column])
     assert not np.allclose(clean[f"forget_acc_{poisoned_part}"], bad[f"forget_acc_{poisoned_part}"])  # it reached them
-    ids = np.arange(len(clean), dtype=float)
-    for bar in (0.99, 0.98, 0.95, 0.5):
-        pick = [matched_retain_select_test(*(g[c] for c in part_columns(other)), ids, ids, bar)[0]
-                for g in (clean, bad)]
-        np.testing.assert_equal(pick[0], pick[1])
-    # The rows follow the rule: each fold's value is the forget accuracy, on its scoring part, of the setting chosen on
-    # its choosing part; the row holds the reported folds' (fold A's).
+    for fold in ("A", "B"):
+        mine = [g[g["fold"] == fold] for g in (clean, bad)]
+        ids = np.arange(len(mine[0]), dtype=float)
+        for bar in (0.99, 0.98, 0.95, 0.5):
+            pick = [matched_retain_select_test(*(g[c] for c in part_columns(other)), ids, ids, bar)[0] for g in mine]
+            np.testing.assert_equal(pick[0], pick[1])
+    # The rows follow the rule: each fold's value is the forget accuracy, on its scoring part, of the setting chosen
+    # (among its own grid's settings) on its choosing part; the row holds the mean of both folds.
     for out, g in ((clean_out, clean), (bad_out, bad)):
         values = evaluation_values({"unlearning": out}, 1.0)
-        folds = [matched_retain_select_test(*(g[c] for c in (*part_columns(chooses), *part_columns(scores))), 0.95)[0]
-                 for chooses, scores in FOLD_PARTS.values()]
-        expect = crossfit(*(f for f, name in zip(folds, FOLD_PARTS, strict=True) if name in REPORTED_FOLDS))
+        folds = [matched_retain_select_test(*(g.loc[g["fold"] == fold, c] for c in (*part_columns(chooses),
+                                                                                   *part_columns(scores))), 0.95)[0]
+                 for fold, (chooses, scores) in FOLD_PARTS.items()]
+        expect = crossfit(*folds)
         assert values["forget_acc_at_retain95"] == (None if np.isnan(expect) else pytest.approx(expect))
     # The positive control's direction and thresholds come from select activations, not from any answer key.
     clean_pos, bad_pos = (pd.DataFrame(e.controls()["positive"]["grid"]) for e in (ev, poisoned))
@@ -196,7 +209,7 @@ def test_row_values_recompute_from_grid_and_question_roles(world):
     chosen on one part and read on the other; the probability columns recompute exactly from their stored integers."""
     from hsae import schema
     from hsae.results import evaluation_values, grid_rows, typed_frame
-    from hsae.scoring import P_SCALE, area_select_test, decode_p
+    from hsae.scoring import P_SCALE, area_select_test, crossfit, decode_p
 
     ev, _, _, _ = world
     cfg, state = identity_sae(ev.batches[0]["resid"].shape[-1])
@@ -209,30 +222,35 @@ def test_row_values_recompute_from_grid_and_question_roles(world):
         mine = questions[questions["domain"] == name].sort_values("question_id")
         return (mine["role"] == "select").to_numpy() == select
 
-    def accuracies(name: str, select: bool) -> np.ndarray:
-        correct = np.array([[c == "1" for c in s] for s in grid[f"{name}_correct"]])
+    def accuracies(rows: pd.DataFrame, name: str, select: bool) -> np.ndarray:
+        correct = np.array([[c == "1" for c in s] for s in rows[f"{name}_correct"]])
         return correct[:, mask(name, select)].mean(axis=1)
 
-    def shares(name: str, select: bool) -> np.ndarray:  # mean p kept, as a share of the unmodified model's
-        q, q0 = decode_p(grid[f"{name}_p_correct"]), decode_p([baseline[f"{name}_p_correct"]])[0]
+    def shares(rows: pd.DataFrame, name: str, select: bool) -> np.ndarray:  # mean p kept, as the unmodified model's
+        q, q0 = decode_p(rows[f"{name}_p_correct"]), decode_p([baseline[f"{name}_p_correct"]])[0]
         m = mask(name, select)
         return q[:, m].sum(axis=1) / (P_SCALE * m.sum()) / (q0[m].sum() / (P_SCALE * m.sum()))
 
-    accs = [accuracies("forget", True), accuracies("retain", True), accuracies("forget", False),
-            accuracies("retain", False)]
-    ps = [shares("forget", True), shares("retain", True), shares("forget", False), shares("retain", False)]
+    def parts(fold: str, of: Any) -> list[np.ndarray]:
+        """(choose forget, choose retain, score forget, score retain) of the fold's own grid rows."""
+        rows, chooses = grid[grid["fold"] == fold], fold == "A"  # A chooses on select questions, B on test ones
+        return [of(rows, "forget", chooses), of(rows, "retain", chooses), of(rows, "forget", not chooses),
+                of(rows, "retain", not chooses)]
+
+    assert sorted(set(grid["fold"])) == ["A", "B"]
     values = evaluation_values(out, 1.0)
-    for bar in (0.99, 0.98, 0.95):
-        for kind, parts in (("acc", accs), ("p", ps)):
-            expect = matched_retain_select_test(*parts, bar)[0]  # fold A: chosen on select, read on test
+    for kind, of in (("acc", accuracies), ("p", shares)):
+        by_fold = {fold: parts(fold, of) for fold in ("A", "B")}
+        for bar in (0.99, 0.98, 0.95):
+            expect = crossfit(*(matched_retain_select_test(*p, bar)[0] for p in by_fold.values()))
             got = values[f"forget_{kind}_at_retain{round(bar * 100)}"]
             assert (got is None and np.isnan(expect)) or got == pytest.approx(expect)
-    for kind, parts in (("frontier_area", accs), ("frontier_area_p", ps)):
-        expect = area_select_test(parts[0], parts[1], parts[2])
-        assert values[kind] == pytest.approx(expect)
-    for name, acc in zip(("forget_acc_select", "retain_acc_select", "forget_acc_test", "retain_acc_test"), accs,
-                         strict=True):
-        np.testing.assert_allclose(grid[name].to_numpy(float), acc)  # the row's accuracies, from the outcomes
+        expect = crossfit(*(area_select_test(p[0], p[1], p[2]) for p in by_fold.values()))
+        assert values["frontier_area" if kind == "acc" else "frontier_area_p"] == pytest.approx(expect)
+    for select in (True, False):
+        for name in ("forget", "retain"):  # the row's accuracies, from the outcomes
+            column = f"{name}_acc_{'select' if select else 'test'}"
+            np.testing.assert_allclose(grid[column].to_numpy(float), accuracies(grid, name, select))
     for name, select in (("forget", True), ("retain", True), ("forget", False), ("retain", False)):
         column = f"{name}_p_{'select' if select else 'test'}"
         q = decode_p(frame[f"{name}_p_correct"])[:, mask(name, select)]
@@ -254,3 +272,29 @@ def test_cache_keys_change_with_the_rule(monkeypatch):
     key = harvest_key(harvest_cfg)
     monkeypatch.setattr(activations, "FORMAT_VERSION", activations.FORMAT_VERSION - 1)
     assert harvest_key(harvest_cfg) != key
+
+
+def test_each_folds_features_come_from_its_own_documents_activations(world):
+    """Cross-fitting at the evaluator: scrambling the test documents' activation labels (what chooses fold B's
+    features) changes fold B's grid and leaves fold A's row for row; an evaluator without test activations (or with
+    EvalConfig.crossfit off) builds fold A's grid alone."""
+    from hsae.evaluation.evaluator import Evaluator
+
+    ev, _, _, _ = world
+    rng = np.random.default_rng(0)
+    scrambled = Evaluator(ev.loaded, ev.bank, ev.select_x, ev.select_labels, np.zeros((1, 8), dtype=np.int64),
+                          np.zeros(1, dtype=np.int64), ev.cfg, test_x=ev.test_x,
+                          test_labels=rng.permutation(ev.test_labels))
+    cfg, state = identity_sae(ev.batches[0]["resid"].shape[-1])
+    clean, dirty = (pd.DataFrame(e.unlearning(cfg, state)["grid"]) for e in (ev, scrambled))
+    a, b = (clean["fold"] == "A").to_numpy(), (clean["fold"] == "B").to_numpy()
+    assert a.sum() == b.sum() > 0
+    kept = ["features_selected", *part_columns("select"), *part_columns("test"), "forget_correct", "retain_correct"]
+    pd.testing.assert_frame_equal(clean.loc[a, kept], dirty.loc[a, kept])
+    assert not clean.loc[b, kept].equals(dirty.loc[b, kept])
+    single = Evaluator(ev.loaded, ev.bank, ev.select_x, ev.select_labels, np.zeros((1, 8), dtype=np.int64),
+                       np.zeros(1, dtype=np.int64), replace(ev.cfg, crossfit=False), test_x=ev.test_x,
+                       test_labels=ev.test_labels)
+    only_a = pd.DataFrame(single.unlearning(cfg, state)["grid"])
+    assert set(only_a["fold"]) == {"A"}
+    pd.testing.assert_frame_equal(only_a[kept], clean.loc[a, kept].reset_index(drop=True))

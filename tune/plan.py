@@ -15,6 +15,7 @@ from fractions import Fraction
 import torch
 
 from hsae.activations import HarvestConfig, cache_dir, harvest_key
+from hsae.evaluation.questions import bank_summary
 from hsae.external import check_trials as check_external_trials
 from hsae.external import is_external
 from hsae.machine import Layout, PrecisionChoice, RunSettings, default_layout, machine_cores, resolve_precision
@@ -22,6 +23,7 @@ from hsae.models import ModelInfo, ModelSpec, cache_root, describe_model, model_
 from hsae.preflight import Sizes, check_plan, describe_sizes, plan_sizes
 from hsae.profiles import Profile, get_profile, override, parse_profile_settings
 from hsae.results import ResultsStore
+from hsae.server import planned_bank
 from hsae.spaces import Space, TrialSpec, all_spaces, grid_trials, load_space, sweep_context, validate_trials
 from hsae.verdict import ALPHA
 from tune.search import check_search, check_storage_url, default_scheduler, parse_objectives, storage_url
@@ -196,6 +198,8 @@ def preflight(plan: Plan, args: argparse.Namespace) -> None:
         print(format_plan(plan, args, concurrent))
     else:
         print(f"[hsae] training: {format_budget(plan.profile)}")
+        if plan.profile.evaluate:
+            print(f"[hsae] questions: {describe_bank(plan.profile)}")
     print(format_machine(plan), flush=True)
     complete = (cache_dir(harvest_key(plan.harvest)) / "manifest.json").is_file()
     check_plan(plan.sizes, cache_root(), complete, concurrent, args.gpus_per_trial)
@@ -210,8 +214,9 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
              + ("" if p.evaluate else " (evaluation off)"),
              f"corpus             {corpus.name}" + (f": forget {corpus.forget}, retain {corpus.retain}"
                                                      if corpus.name == "wmdp" else ""),
-             f"questions          {p.bank.kind}" + (f": {p.bank.wmdp}, {p.bank.mmlu}"
-                                                      if p.bank.kind == "letter" else ""),
+             f"questions          {p.bank.kind}" + (f" ({p.bank.wmdp}, {p.bank.mmlu})"
+                                                      if p.bank.kind == "letter" else "")
+             + (f": {describe_bank(p)}" if p.evaluate else ""),
              f"server             1 actor, {'1 GPU' if args.address else 'this machine'}; trials: "
              f"{plan.layout.threads} CPU + {args.gpus_per_trial} GPU each, up to {concurrent} at once",
              f"training           {p.train.steps} steps x {p.train.batch_size}, d_sae {p.d_sae}, lr {p.train.lr}; "
@@ -235,6 +240,21 @@ def format_plan(plan: Plan, args: argparse.Namespace, concurrent: int) -> str:
                      f"once): {len(distinct) * p.train.steps:,} SAE steps, up to {len(distinct) * most:,} with "
                      f"extensions")
     return "\n".join(lines + describe_sizes(plan.sizes))
+
+
+def describe_bank(profile: Profile) -> str:
+    """The question bank's size per domain and the share of its candidates the unmodified model answers, read from the
+    cache where it is built; else its caps, and when it will be built."""
+    bank, cfg = planned_bank(profile.harvest, profile.eval_model, profile.bank), profile.bank
+    if bank is not None:
+        unknown = "" if bank.candidates else (
+            "; how many candidates the unmodified model answered was not recorded when this bank was built (removing "
+            "the cached bank rebuilds it, same questions, and records it)")
+        return f"{bank_summary(bank, cfg)} (bank {bank.key[:8]}, cached){unknown}"
+    candidates = f" of up to {cfg.candidates_per_domain:,} candidates per domain" if cfg.kind == "cloze" else ""
+    return (f"caps {cfg.max_forget} forget / {cfg.max_retain} retain{candidates}; not built yet: the first evaluation "
+            "builds it (the unmodified model answers every candidate once; what it answers correctly is kept) and "
+            "prints its size and answered share")
 
 
 def format_budget(profile: Profile) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from hsae.scoring import BARS, bar_metric, grid_metrics, mean_interval
+from hsae.scoring import BARS, FOLDS, bar_metric, grid_metrics, mean_interval
 from hsae.stats import mean_ci95
 from hsae.verdict import (
     ALPHA,
@@ -299,10 +299,13 @@ def _upper_bounds(v: Verdict, grid: pd.DataFrame) -> str:
 
 def bank_paragraph(v: Verdict, questions: pd.DataFrame | None, grid: pd.DataFrame) -> Paragraph:
     n_boot = next(iter(v.boot.samples.values())).shape[1]
-    rule = ("Matched retain and frontier area choose each setting on select questions and report it on test "
-            "questions. " if v.boot.select_test else
-            "Questions carry no select/test role: settings are chosen and scored on the same questions "
-            "(optimistic). ")
+    rule = ("Questions carry no select/test role: settings are chosen and scored on the same questions "
+            "(optimistic). " if not v.boot.select_test else
+            "Matched retain and frontier area are cross-fitted: fold A chooses its features on select documents and "
+            "its setting on select questions and is scored on test questions, fold B the reverse, and each value is "
+            "the mean of both. " if v.boot.reported == FOLDS else
+            "Matched retain and frontier area choose each setting on select questions and report it on test "
+            "questions (fold A alone: some trial's grid has no fold B of its own, evaluated before cross-fitting). ")
     parts: list[str | Span] = [
         f"Cells: mean ± 95% CI over seeds; in brackets the 95% interval of that mean over {n_boot} bootstrap "
         f"resamples of the {v.boot.n_forget} forget and {v.boot.n_retain} retain questions (question noise "

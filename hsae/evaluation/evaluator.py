@@ -9,7 +9,10 @@ the CE/KL contexts.
 Select and test (docs/evaluation.md): ``select_x`` must come from *select* documents only and the CE/KL
 contexts from *test* documents (the activation server hands them over so); every question carries its
 document's role, and every grid setting records its accuracies on select and on test questions, so a
-matched-retain value chooses on one part and reports the other (``hsae.scoring``, "folds").
+matched-retain value chooses on one part and reports the other (``hsae.scoring``, "folds"). Cross-fitted
+(``test_x`` given): each SAE's grid is built twice, fold A's features chosen on select documents' activations
+(its settings are then chosen on select questions and scored on test ones), fold B's on test documents'
+activations (chosen on test questions, scored on select ones); every grid row names its fold.
 
 Every answer keeps, beside whether the correct option wins (argmax of the options' scores), the softmax probability
 of the correct option over those same scores, quantised to 16 bits (``hsae.scoring.quantise_p``): the continuous
@@ -61,6 +64,10 @@ class EvalConfig:
     # Settings of one SAE that edit a prompt identically share its answer (``Evaluator.accuracy``'s memo); False
     # re-runs every setting's prompts (the former path: bench/evaluation.py compares the two).
     share_answers: bool = True
+    # Cross-fitting: a second grid per SAE whose features (and random control) are chosen on the *test* documents'
+    # activations (fold B), so that fold B's scores on select questions are held out too and both folds are
+    # reported (hsae.scoring, "folds"). False: fold A alone, about half the evaluation.
+    crossfit: bool = True
 
 
 def sae_from_weights(cfg: dict[str, Any], state: dict[str, np.ndarray]) -> Any:
@@ -105,8 +112,9 @@ class BatchFeatures:
 
 # Part of every evaluation's cache key: bump when what an evaluation returns changes for the same inputs.
 # 2: accuracies on select and test questions too (matched retain: chosen on select, reported on test); 3: the
-# probability of the correct option per question too, and the unmodified model's grid point.
-EVAL_FORMAT = 3
+# probability of the correct option per question too, and the unmodified model's grid point; 4: every grid row names
+# its fold, and a cross-fitted evaluation adds fold B's grid (features chosen on test documents).
+EVAL_FORMAT = 4
 
 
 def eval_cache_key(cfg: dict[str, Any], state: dict[str, np.ndarray], eval_cfg: EvalConfig, extra: Any) -> str:
@@ -126,6 +134,8 @@ class Evaluator:
         eval_domains: np.ndarray,
         cfg: EvalConfig | None = None,
         progress: Callable[[str], None] | None = None,
+        test_x: Any = None,
+        test_labels: np.ndarray | None = None,
     ) -> None:
         self.loaded = loaded
         self.cfg = cfg or EvalConfig()
@@ -137,6 +147,11 @@ class Evaluator:
         # Held-out content activations (no BOS/EOS/pad) for firing frequencies and control directions.
         self.select_x = select_x
         self.select_labels = np.asarray(select_labels)
+        # The same from *test* documents: what chooses fold B's features (None: fold A alone).
+        self.test_x = test_x if self.cfg.crossfit else None
+        self.test_labels = None if self.test_x is None or test_labels is None else np.asarray(test_labels)
+        if self.test_x is not None and self.test_labels is None:
+            raise ValueError("test_x needs its test_labels (forget/retain of every row)")
         self.domains = np.asarray(bank.domain)
         self.is_select = bank.is_select()  # select questions choose settings; test questions are reported
         self.n_forget, self.n_retain = bank.count(FORGET), bank.count(RETAIN)
@@ -257,20 +272,35 @@ class Evaluator:
     # -- unlearning -------------------------------------------------------------------------------
     def unlearning(self, sae_cfg: dict[str, Any], state: dict[str, np.ndarray]) -> dict[str, Any]:
         """SAEBench unlearning grid, the extended grid and the random-feature control of one SAE given by
-        value (folded weights, raw activations)."""
+        value (folded weights, raw activations): fold A's, features chosen on select documents' activations, and
+        when cross-fitted fold B's too, chosen on test documents' (every grid row names its fold). The SAEBench
+        score and the counts are fold A's."""
         key = eval_cache_key(sae_cfg, state, self.cfg, "unlearning")
         if key in self._results:
             return self._results[key]
         t0 = time.perf_counter()
         sae = sae_from_weights(sae_cfg, state)
-        forget_freq, retain_freq = firing_frequencies(sae.encode, self.select_x, self.select_labels)
+        # One SAE's answers by edit, shared by both folds' grids and random controls.
+        memo: dict[tuple, tuple[bool, int]] | None = {} if self.cfg.share_answers else None
+        out = self._fold_grid(sae, "A", self.select_x, self.select_labels, memo)
+        if self.test_x is not None:
+            fold_b = self._fold_grid(sae, "B", self.test_x, self.test_labels, memo)
+            for name in ("grid", "random_feature_grid"):
+                if name in fold_b:
+                    out[name] = out[name] + fold_b[name]
+        out["eval_s"] = time.perf_counter() - t0
+        self._results[key] = out
+        return out
+
+    def _fold_grid(self, sae: Any, fold: str, x: Any, labels: np.ndarray,
+                   memo: dict[tuple, tuple[bool, int]] | None) -> dict[str, Any]:
+        """One fold's grid (and random control), its features chosen on the firing frequencies of ``x``."""
+        forget_freq, retain_freq = firing_frequencies(sae.encode, x, labels)
         if forget_freq.max() <= 0 and retain_freq.max() <= 0:
             raise DegenerateRunError("no SAE feature fires on forget or retain text: nothing to select, no score")
-        settings = self.cfg.unlearning.settings(sae.cfg.d_sae)
+        settings = [{**s, "fold": fold} for s in self.cfg.unlearning.settings(sae.cfg.d_sae)]
         selections = {(s["retain_threshold"], s["n_features"]): select_features(
             forget_freq, retain_freq, s["retain_threshold"], s["n_features"]) for s in settings}
-        # One SAE's answers by edit, shared by its grid and its random control.
-        memo: dict[tuple, tuple[bool, int]] | None = {} if self.cfg.share_answers else None
         result = self._clamp_grid(sae, settings, lambda s: selections[(s["retain_threshold"], s["n_features"])],
                                   memo)
         out = result.as_dict()
@@ -278,8 +308,6 @@ class Evaluator:
             out["random_feature_score"], out["random_feature_grid"] = self._random_control(
                 sae, settings, forget_freq, retain_freq, memo)
         out["forget_freq_max"] = float(forget_freq.max())
-        out["eval_s"] = time.perf_counter() - t0
-        self._results[key] = out
         return out
 
     def _clamp_grid(self, sae: Any, settings: list[dict[str, Any]], features_for: Any,

@@ -324,13 +324,10 @@ def build_bank(
     root: Path | None = None,
 ) -> QuestionBank:
     """Generate candidates, keep what the model answers correctly, cache by content hash."""
-    key = content_key({"model": identity, "bank": asdict(cfg), "generator": GENERATOR_VERSION})
-    path = (root or cache_root()) / "banks" / f"{key}.json"
-    if path.is_file():
-        try:
-            return replace(QuestionBank.from_json(path.read_text()), key=key)
-        except (ValueError, TypeError):
-            path.unlink()
+    key, path = bank_cache_path(cfg, identity, root)
+    cached = cached_bank(cfg, identity, root)
+    if cached is not None:
+        return cached
     say = progress or (lambda _: None)
     t0 = time.perf_counter()
     say(f"[hsae] question bank: building the {cfg.kind} bank once (cached at {path})")
@@ -344,6 +341,33 @@ def build_bank(
     say(f"[hsae] question bank: questions kept {bank_summary(kept, cfg)} (scored in "
         f"{format_duration(time.perf_counter() - t1)})")
     return kept
+
+
+def bank_cache_path(cfg: BankConfig, identity: dict[str, Any], root: Path | None = None) -> tuple[str, Path]:
+    """The bank's content key and its cache file: what asks the questions (``identity``), the bank's config and the
+    generator's version."""
+    key = content_key({"model": identity, "bank": asdict(cfg), "generator": GENERATOR_VERSION})
+    return key, (root or cache_root()) / "banks" / f"{key}.json"
+
+
+def cached_bank(cfg: BankConfig, identity: dict[str, Any], root: Path | None = None) -> QuestionBank | None:
+    """The bank built earlier for this config and identity, or None (not built yet, or unreadable: building it
+    again replaces the file)."""
+    key, path = bank_cache_path(cfg, identity, root)
+    if not path.is_file():
+        return None
+    try:
+        return replace(QuestionBank.from_json(path.read_text()), key=key)
+    except (ValueError, TypeError):
+        return None
+
+
+def bank_cache_identity(model: dict[str, Any], corpus: dict[str, Any], holdout_fraction: float, split_seed: int,
+                        cfg: BankConfig) -> dict[str, Any]:
+    """What a bank's questions depend on besides its config: the model that answers them (``spec_identity``), the
+    corpus and document split they come from (``corpus_identity``), the question sets of a letter bank."""
+    return {"model": model, "corpus": corpus, "split": {"holdout_fraction": holdout_fraction, "seed": split_seed},
+            **bank_identity(cfg)}
 
 
 def questions_table(bank: QuestionBank) -> list[dict[str, Any]]:
