@@ -14,7 +14,6 @@ the verdict's 0.05. The second witness and the other metrics are shown beside it
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +21,7 @@ import pandas as pd
 
 from hsae import stats
 from hsae.scoring import higher_is_better
-from hsae.spaces import Reference
+from hsae.spaces import Reference, same_value
 from hsae.verdict import (
     ARM_COLUMN,
     BASELINE,
@@ -74,7 +73,7 @@ def reference_arm(trials: pd.DataFrame, names: pd.Series, ref: Reference) -> str
         column = trials.get(f"cfg_{name}")
         if column is None:
             raise ValueError(f"reference parameter {name!r}: no trial records it (no column cfg_{name})")
-        match &= column.map(lambda v, value=value: _equal(v, value))
+        match &= column.map(lambda v, value=value: same_value(v, value))
     found = sorted(set(names[match]))
     if len(found) > 1 and ref.variant in found and not ref.arm:
         found = [ref.variant]  # the configuration at the variant's defaults keeps the bare name: the exact match
@@ -82,13 +81,6 @@ def reference_arm(trials: pd.DataFrame, names: pd.Series, ref: Reference) -> str
         raise ValueError(f"the declared reference {ref.as_dict()} is {len(found)} arm(s) among the compared trials "
                          f"({', '.join(found) or 'none'}): it must be exactly one")
     return found[0]
-
-
-def _equal(cell: Any, value: Any) -> bool:
-    try:
-        return math.isclose(float(cell), float(value), rel_tol=1e-9, abs_tol=1e-12)
-    except (TypeError, ValueError):
-        return str(cell) == str(value)
 
 
 def arm_levels(trials: pd.DataFrame, names: pd.Series, parameter: str) -> dict[str, float]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from hsae.config import SAEConfig
@@ -101,15 +102,21 @@ class Reference:
 
     def matches(self, variant: str, params: dict[str, Any], arm: str | None) -> bool:
         return (variant == self.variant and (arm or "") == self.arm
-                and all(k in params and _same_value(params[k], v) for k, v in self.params.items()))
+                and all(k in params and same_value(params[k], v) for k, v in self.params.items()))
 
     def as_dict(self) -> dict[str, Any]:
         return {"variant": self.variant, "params": dict(self.params), "arm": self.arm}
 
 
-def _same_value(a: Any, b: Any) -> bool:
-    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
-    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) if numbers else a == b
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two parameter values are one: numbers within float round-off (a value read back from a row is a
+    float), anything else (booleans included) by its text."""
+    if not any(isinstance(x, (bool, np.bool_)) for x in (a, b)):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+        except (TypeError, ValueError):
+            pass
+    return str(a) == str(b)
 
 
 @dataclass(frozen=True)
