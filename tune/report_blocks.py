@@ -305,7 +305,8 @@ def bank_paragraph(v: Verdict, questions: pd.DataFrame | None, grid: pd.DataFram
             "its setting on select questions and is scored on test questions, fold B the reverse, and each value is "
             "the mean of both. " if v.boot.reported == FOLDS else
             "Matched retain and frontier area choose each setting on select questions and report it on test "
-            "questions (fold A alone: some trial's grid has no fold B of its own, evaluated before cross-fitting). ")
+            "questions (fold A alone: not every trial's grid has a fold B of its own; such grids were evaluated before "
+            "cross-fitting). ")
     parts: list[str | Span] = [
         f"Cells: mean ± 95% CI over seeds; in brackets the 95% interval of that mean over {n_boot} bootstrap "
         f"resamples of the {v.boot.n_forget} forget and {v.boot.n_retain} retain questions (question noise "
