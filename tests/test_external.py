@@ -338,11 +338,12 @@ def test_an_external_arm_runs_through_a_tiny_sweep_and_is_tested_against_relu_on
     grid, questions = pd.read_parquet(out / "grid.parquet"), pd.read_parquet(out / "questions.parquet")
     v = build_verdict(trials, grid, questions=questions, n_boot=20)
     assert v.boot.select_test and v.mismatches == [] and v.excluded == {}
+    assert v.boot.reported == ("A", "B")  # the external arm's grid is cross-fitted like a trained arm's
     tested = v.main.by_arm()["external:aa_relu"]
     assert v.main.baseline == "relu" and tested.n == 2 and tuple(tested.seeds) == (42, 43)
 
     # The report's verdict over the same rows (on this random tiny model the controls are out of range, so it is
     # headed "Diagnostics"): both arms with their 2 seeds, and no row that disagrees with grid.parquet.
     text = build_report(out, n_boot=50, exploratory=True).read_text()
-    assert "| external:aa_relu | 2 |" in text and "choose each setting on select questions" in text
+    assert "| external:aa_relu | 2 |" in text and "Matched retain and frontier area are cross-fitted" in text
     assert "Mismatch" not in text
