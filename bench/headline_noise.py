@@ -38,7 +38,7 @@ def trial_grids(results: str, max_trials: int, bank: dict[str, int]) -> tuple[di
     out, server = {}, None
     for tid, path in zip(done["trial_id"], done["sae_path"], strict=True):
         rows = grid[grid["trial_id"] == tid]
-        crossfitted = "fold" in rows and (rows["fold"] == "B").any()
+        crossfitted = SC.fold_b_rows(rows).any()
         if not bank and crossfitted and "forget_p_correct" in rows \
                 and (rows["control"] == SC.BASELINE_CONTROL).any() and rows["forget_p_correct"].notna().all():
             out[tid] = rows

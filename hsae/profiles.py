@@ -293,13 +293,13 @@ def parse_profile_settings(pairs: list[str], profile: Profile) -> dict[str, Any]
     """``--set PATH=VALUE`` pairs as typed overrides {path: value} of ``profile``'s fields (values read as YAML;
     ``PATH`` a field path such as ``train.lr`` or a flat name such as ``lr``)."""
     out: dict[str, Any] = {}
+    valid = settable_paths(profile)
     for pair in pairs:
         name, sep, text = pair.partition("=")
         path = FLAT_NAMES.get(name, name)
         if path in NOT_SETTABLE or name in ("autocast", "precision", "device"):
             reason = NOT_SETTABLE.get(path, NOT_SETTABLE["train.autocast"])
             raise ValueError(f"--set {pair!r}: {reason}")
-        valid = settable_paths(profile)
         if not sep or path not in valid:
             raise ValueError(f"--set {pair!r}: expected PATH=VALUE with PATH a field path, one of "
                              f"{sorted(valid)}, or a flat name, one of {sorted(FLAT_NAMES)}")

@@ -284,12 +284,17 @@ def p_shares(rows: pd.DataFrame, baseline: Any, split: bool) -> tuple[np.ndarray
     return tuple(rows[c].to_numpy(float) / float(b) for c, b in zip(names, base, strict=True))
 
 
+def fold_b_rows(rows: pd.DataFrame) -> np.ndarray:
+    """Which grid rows belong to fold B's own grid (``fold`` "B"; none in grids from before folds had one)."""
+    return (rows["fold"] == "B").fillna(False).to_numpy(bool) if "fold" in rows else np.zeros(len(rows), bool)
+
+
 def grid_metrics(rows: pd.DataFrame, baseline: Any = None) -> dict[str, float]:
     """Every scored metric (``SCORED``) of one trial's (or control's) grid rows, from their accuracy columns (the
     select/test ones when every row has them) and, given the unmodified model's row ``baseline``, their mean
     probabilities of the correct option (else those metrics are NaN). Rows of fold B's own grid (``fold`` "B")
     give fold B's values, averaged with fold A's (``reported_folds``)."""
-    fold_b = (rows["fold"] == "B").fillna(False).to_numpy(bool) if "fold" in rows else np.zeros(len(rows), bool)
+    fold_b = fold_b_rows(rows)
     values, a_folds, a_split = _grid_fold_metrics(rows[~fold_b], baseline, FOLDS)
     if fold_b.any() and a_split:
         _, b_folds, b_split = _grid_fold_metrics(rows[fold_b], baseline, ("B",))
@@ -383,7 +388,7 @@ def trial_outcomes(rows: pd.DataFrame, baseline: Any = None) -> Outcomes:
     """Decoded outcomes of one trial's rows; with its ``baseline`` row (the unmodified model's) and probability
     strings on every row, the probabilities too (else they are None). Rows of fold B's own grid (``fold`` "B") are
     decoded apart, as ``crossfit``."""
-    fold_b = (rows["fold"] == "B").fillna(False).to_numpy(bool) if "fold" in rows else np.zeros(len(rows), bool)
+    fold_b = fold_b_rows(rows)
     out = _decoded(rows[~fold_b], baseline)
     if fold_b.any():
         out.crossfit = _decoded(rows[fold_b], baseline)

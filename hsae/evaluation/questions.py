@@ -325,7 +325,7 @@ def build_bank(
 ) -> QuestionBank:
     """Generate candidates, keep what the model answers correctly, cache by content hash."""
     key, path = bank_cache_path(cfg, identity, root)
-    cached = cached_bank(cfg, identity, root)
+    cached = read_bank(key, path)
     if cached is not None:
         return cached
     say = progress or (lambda _: None)
@@ -353,7 +353,11 @@ def bank_cache_path(cfg: BankConfig, identity: dict[str, Any], root: Path | None
 def cached_bank(cfg: BankConfig, identity: dict[str, Any], root: Path | None = None) -> QuestionBank | None:
     """The bank built earlier for this config and identity, or None (not built yet, or unreadable: building it
     again replaces the file)."""
-    key, path = bank_cache_path(cfg, identity, root)
+    return read_bank(*bank_cache_path(cfg, identity, root))
+
+
+def read_bank(key: str, path: Path) -> QuestionBank | None:
+    """The bank cached at ``path`` under ``key``, or None (no file, or unreadable: building it again replaces it)."""
     if not path.is_file():
         return None
     try:
