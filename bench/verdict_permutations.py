@@ -1,13 +1,15 @@
 """The claims' false-claim rate on a real job's own numbers: arm labels permuted within each seed.
 
-    python bench/verdict_permutations.py results [--permutations 300]
+    python bench/verdict_permutations.py results [--permutations 300] [--n-boot 300]
 
 Under a within-seed permutation no arm differs from another (every label is exchangeable within a block), so any
 claim the report words as one is false. The verdict is computed once from the results (``build_verdict``, the
 report's own call); each permutation relabels the per-trial values within each seed and reruns ``arm_tests``
-with the rows' declared margin and looks. Prints, per family worded as a claim (the headline; the second
-witness when its gate opens) and for all of them together, the share of permutations with any claim, and the
-same for the families the report shows as descriptive (what each would claim were it worded as a claim).
+with the rows' declared margin and looks, and with the question resamples (the trials keep theirs, so each
+comparison's variance shared by the seeds follows the labels, as in the report). Prints, per family worded as
+a claim (the headline; the second witness when its gate opens) and for all of them together, the share of
+permutations with any claim, and the same for the families the report shows as descriptive (what each would
+claim were it worded as a claim).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results")
     p.add_argument("--permutations", type=int, default=300)
+    p.add_argument("--n-boot", type=int, default=300, help="question resamples behind each shared variance")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    inputs = ReportInputs.load(args.results, n_boot=20)
+    inputs = ReportInputs.load(args.results, n_boot=args.n_boot)
     v = inputs.verdict
     if not isinstance(v, V.Verdict):
         raise SystemExit(f"no verdict: {v}")
@@ -53,7 +56,8 @@ def main() -> None:
     counts: dict[str, int] = {}
     any_claim = 0
     for _ in range(args.permutations):
-        tests = V.arm_tests(permuted(v.per_trial, rng), v.headline, secondary, margin=margin, looks=looks)
+        tests = V.arm_tests(permuted(v.per_trial, rng), v.headline, secondary, margin=margin, looks=looks,
+                            boot=v.boot)
         said = claims(tests)
         for k, hit in said.items():
             counts[k] = counts.get(k, 0) + hit

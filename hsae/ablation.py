@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from hsae import stats
-from hsae.scoring import higher_is_better
+from hsae.scoring import Bootstrap, higher_is_better
 from hsae.spaces import Reference, same_value
 from hsae.verdict import (
     ARM_COLUMN,
@@ -30,6 +31,7 @@ from hsae.verdict import (
     arm_names,
     arm_test,
     build_verdict,
+    resampled_seed_table,
     seed_table,
 )
 
@@ -100,10 +102,15 @@ def arm_levels(trials: pd.DataFrame, names: pd.Series, parameter: str) -> dict[s
 
 
 def trend(per_trial: pd.DataFrame, metric: str, parameter: str, levels: dict[str, float], alpha: float,
-          family: int) -> Trend:
-    """``stats.trend_test`` of ``metric`` along ``levels`` on the arms' seed table."""
+          family: int, boot: Bootstrap | None = None) -> Trend:
+    """``stats.trend_test`` of ``metric`` along ``levels`` on the arms' seed table (with the slope's variance
+    that the seeds share through the bank's questions, from ``boot``'s resamples)."""
     table = seed_table(per_trial, metric).reindex(list(levels))
-    res = stats.trend_test(table.to_numpy(float), list(levels.values()), alpha, family)
+    complete = [s for s in table.columns if table[s].notna().all()]  # the seeds that give a slope
+    resampled = resampled_seed_table(per_trial, boot, metric, list(levels), complete)
+    shared = None if resampled is None else np.nan_to_num(
+        stats.shared_variance(stats.slopes(resampled, list(levels.values()))), nan=0.0)
+    res = stats.trend_test(table.to_numpy(float), list(levels.values()), alpha, family, shared)
     slope, lo, hi, n = (float(x[0]) for x in (res.diff, res.lo, res.hi, res.n))
     return Trend(parameter, dict(levels), slope, lo, hi, float(res.p_adj[0]), int(n),
                  trend_claim(lo, hi, int(n), higher_is_better(metric), parameter))
@@ -140,8 +147,8 @@ def ablation_verdict(trials: pd.DataFrame, grid: pd.DataFrame, declaration: dict
                       witness=None, family=family)
     head = v.main
     versus_relu = (arm_test(v.per_trial, v.headline, "headline", BASELINE, head.alpha, margin=head.margin,
-                            family=family) if with_relu else None)
-    trends = [trend(v.per_trial, v.headline, p, lv, head.alpha, family) for p, lv in levels.items()]
+                            family=family, boot=v.boot) if with_relu else None)
+    trends = [trend(v.per_trial, v.headline, p, lv, head.alpha, family, v.boot) for p, lv in levels.items()]
     return AblationVerdict(str(declaration.get("name", "")), reference, v, versus_relu, trends, family)
 
 

@@ -16,8 +16,8 @@ import pandas as pd
 import scipy.stats as sps
 
 from hsae import stats
-from hsae.scoring import Bootstrap, nanmean
-from hsae.verdict import DECIDED_WORDS, DESCRIPTIVE, ArmResult, MetricTest, Verdict, claim
+from hsae.scoring import Bootstrap
+from hsae.verdict import DECIDED_WORDS, DESCRIPTIVE, ArmResult, MetricTest, Verdict, claim, resampled_seed_table
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class NoiseSplit:
     metric: str
     n: int  # seeds behind the difference (the pairs the test uses)
     diff: float  # mean over those seeds of (arm - baseline)
-    total_var: float  # the test's variance of that mean: (s.d. of the paired differences)^2 / n
+    total_var: float  # the test's variance of that mean: (s.d. of the paired differences)^2 / n + shared
     question_var: float  # its variance over the question resamples (seeds held fixed)
     seed_var: float  # total - question, floored at 0
     question_share: float  # question / total; above 1 when ``question_exceeds``
@@ -111,21 +111,12 @@ def share_interval(share: float, n: int, level: float = SHARE_LEVEL) -> tuple[fl
 
 def resampled_differences(per_trial: pd.DataFrame, boot: Bootstrap, metric: str, arm: str, baseline: str,
                           seeds: tuple | list) -> np.ndarray:
-    """(n_boot,) the mean over ``seeds`` of (arm - baseline) on each question resample: each trial's resampled
-    value from ``boot.samples[metric]`` (trials sharing an arm and seed averaged, as ``verdict.seed_table``
-    averages their point values). NaN where a seed's difference is undefined on that resample."""
-    samples = boot.samples[metric]
-    per_seed = []
-    for s in seeds:
-        values = []
-        for who in (arm, baseline):
-            ids = per_trial.loc[(per_trial["arm"] == who) & (per_trial["seed"] == s), "trial_id"]
-            rows = boot.rows(ids)
-            values.append(nanmean(samples[rows], axis=0) if rows else np.full(samples.shape[1], np.nan))
-        per_seed.append(values[0] - values[1])
-    if not per_seed:
-        return np.full(samples.shape[1], np.nan)
-    return np.mean(per_seed, axis=0)  # NaN where any seed's difference is NaN: the mean is not the test's
+    """(n_boot,) the mean over ``seeds`` of (arm - baseline) on each question resample
+    (``verdict.resampled_seed_table``). NaN where a seed's difference is undefined on that resample."""
+    table = resampled_seed_table(per_trial, boot, metric, [arm, baseline], seeds)
+    if table is None or not len(seeds):
+        return np.full(boot.samples[metric].shape[1] if metric in boot.samples else 0, np.nan)
+    return np.mean(table[0] - table[1], axis=0)  # NaN where any seed's difference is NaN: the mean is not the test's
 
 
 def question_variance(resampled: np.ndarray) -> tuple[float, int]:
@@ -146,11 +137,12 @@ def arm_noise(result: ArmResult, test: MetricTest, per_trial: pd.DataFrame, boot
     part of Var(d̄) due to which questions were drawn -- on the very statistic the test uses: question effects the
     arm and relu share within a seed cancel in d_s as they do in the test, and the question noise of different
     seeds' differences averages over the seeds as it does in d̄ (a per-trial or per-seed bootstrap variance would
-    miss the first and not divide by n). What remains of s_d² / n is seed-to-seed. Two readings of a question
-    variance above the total (flagged, seed part 0): s_d² has n - 1 degrees of freedom and is itself noisy at
-    few seeds; or question effects common to every seed's difference, which move d̄ but cancel in d_s - d̄, so
-    the bootstrap sees them and the paired s.d. cannot."""
-    total = result.sd ** 2 / result.n if result.n >= 1 and math.isfinite(result.sd) else math.nan
+    miss the first and not divide by n). The test's variance is s_d² / n plus the part the seeds share
+    (``ArmResult.shared_var``: question effects common to every seed's difference move d̄ but cancel in
+    d_s - d̄, so the paired s.d. cannot see them); what the questions do not explain is seed-to-seed. A question
+    variance above the total (flagged, seed part 0) is s_d²'s own noise: it has n - 1 degrees of freedom."""
+    total = (result.sd ** 2 / result.n + result.shared_var if result.n >= 1 and math.isfinite(result.sd)
+             else math.nan)
     if boot is not None and test.metric in boot.samples:
         qvar, used = question_variance(resampled_differences(per_trial, boot, test.metric, result.arm,
                                                              test.baseline, result.seeds))

@@ -15,6 +15,7 @@ Everything is vectorised over leading axes, so a calibration simulation runs tho
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -190,6 +191,12 @@ def noncentrality_for_power(crit: float, df: int, power: float) -> float:
 # shared data order cancels, and the variance is that difference's own, whatever the other arms do. Each t
 # is Student's t with n - 1 df under normal seed effects, and Bonferroni over the family holds for any
 # dependence between the comparisons, so the family-wise rate is <= alpha by construction.
+# One part of the variance the paired differences cannot see: every seed is scored on the same bank of
+# questions, so the questions' effect on (arm - control) that the seeds share moves every d_s alike and
+# cancels in d_s - mean. ``shared`` adds it (``shared_variance``, from the question bootstrap): the claim is
+# then about questions like the bank's, not about this bank. The df stay n - 1 (the added part is not
+# counted as more information: Satterthwaite's df, which would count it, claims 13.5% under the main job's
+# within-seed permutations; docs/evaluation.md, "Questions every seed shares").
 BETTER_UP, BETTER_DOWN, EQUIVALENT, UNDECIDED = 1, -1, 2, 0  # decision codes: above 0, below 0, within ±margin
 
 
@@ -200,6 +207,7 @@ class PairedManyToOne:
     diff: np.ndarray  # mean over the shared seeds of (arm - control)
     sd: np.ndarray  # s.d. of those paired differences: the comparison's own spread
     n: np.ndarray  # seeds the arm shares with the control
+    shared: np.ndarray  # variance of the mean difference that every seed shares (the bank's draw); 0: none known
     t: np.ndarray
     p_adj: np.ndarray  # Bonferroni-adjusted two-sided p, min(1, family * p)
     lo: np.ndarray  # simultaneous (1 - alpha) interval: each at 1 - alpha / family, two-sided
@@ -210,10 +218,13 @@ class PairedManyToOne:
     family: int  # comparisons the family-wise rate is kept over
 
 
-def paired_many_to_one(y: Any, alpha: float = 0.05, family: int | None = None) -> PairedManyToOne:
+def paired_many_to_one(y: Any, alpha: float = 0.05, family: int | None = None,
+                       shared: Any = None) -> PairedManyToOne:
     """Each row of a (..., arms, seeds) table against row 0 (the control), by the paired differences at the
     seeds where both have a value (NaN: no trial there). ``family``: comparisons the correction covers
-    (default arms - 1; a staged run passes its whole family, also when fewer arms are still tested)."""
+    (default arms - 1; a staged run passes its whole family, also when fewer arms are still tested);
+    ``shared``: (..., arms - 1) variance of each mean difference that the seeds share (``shared_variance``),
+    added to s_d² / n (None or NaN: 0)."""
     y = np.asarray(y, dtype=float)
     if y.ndim < 2 or y.shape[-2] < 2:
         raise ValueError(f"need a (..., arms, seeds) table with >= 2 arms, got shape {y.shape}")
@@ -225,17 +236,40 @@ def paired_many_to_one(y: Any, alpha: float = 0.05, family: int | None = None) -
     d = y[..., 1:, :] - y[..., :1, :]
     ok = np.isfinite(d)
     n = ok.sum(axis=-1)
+    shared = np.zeros(d.shape[:-1]) if shared is None else np.broadcast_to(
+        np.nan_to_num(np.asarray(shared, dtype=float), nan=0.0), d.shape[:-1])
+    if (shared < 0).any():
+        raise ValueError("a shared variance cannot be negative")
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = np.where(ok, d, 0.0).sum(axis=-1) / n
         sd = np.sqrt(np.where(ok, (d - diff[..., None]) ** 2, 0.0).sum(axis=-1) / (n - 1))
-        se = sd / np.sqrt(n)
+        se = np.sqrt(sd ** 2 / n + shared)
         t = np.where(se > 0, diff / np.where(se > 0, se, 1.0), np.where(diff == 0, 0.0, np.inf * np.sign(diff)))
     df = np.where(n >= 2, n - 1, np.nan)
     c_two = sps.t.ppf(1 - alpha / (2 * family), df)
     c_one = sps.t.ppf(1 - alpha / family, df)
     p_adj = np.clip(family * 2 * sps.t.sf(np.abs(t), df), 0.0, 1.0)
-    return PairedManyToOne(diff, sd, n, t, p_adj, diff - c_two * se, diff + c_two * se, diff - c_one * se,
-                           diff + c_one * se, float(alpha), family)
+    return PairedManyToOne(diff, sd, n, np.array(shared), t, p_adj, diff - c_two * se, diff + c_two * se,
+                           diff - c_one * se, diff + c_one * se, float(alpha), family)
+
+
+def shared_variance(resampled: Any) -> np.ndarray:
+    """(...,) the variance of a mean over seeds that every seed shares, from (..., seeds, resamples) per-seed
+    values (e.g. arm - control) recomputed on question resamples that every seed shares: the resamples'
+    covariance between two different seeds' values, averaged over the pairs, (n² Var(mean) - Σ Var_s) /
+    (n (n - 1)), floored at 0. Question noise of one seed alone is already in s_d; what two seeds' values
+    share is not. Resamples where any seed's value is undefined are left out; NaN with fewer than 2 seeds or
+    2 usable resamples."""
+    r = np.asarray(resampled, dtype=float)
+    n = r.shape[-2]
+    if n < 2:
+        return np.full(r.shape[:-2], np.nan)
+    r = np.where(np.isfinite(r).all(axis=-2, keepdims=True), r, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a comparison with < 2 usable resamples: NaN
+        of_mean = np.nanvar(r.mean(axis=-2), axis=-1, ddof=1)
+        per_seed = np.nanvar(r, axis=-1, ddof=1).sum(axis=-1)
+    return np.maximum((n * n * of_mean - per_seed) / (n * (n - 1)), 0.0)
 
 
 def decisions(res: PairedManyToOne, margin: float | None = None) -> np.ndarray:
@@ -266,24 +300,32 @@ def _paired_unit_mdd(n: int, family: int, alpha: float, power: float) -> float:
     return noncentrality_for_power(crit, n - 1, power) / math.sqrt(n)
 
 
-def paired_mdd(sd: float, n: int, family: int, alpha: float = 0.05, power: float = 0.8) -> float:
+def paired_mdd(sd: float, n: int, family: int, alpha: float = 0.05, power: float = 0.8,
+               shared: float = 0.0) -> float:
     """The smallest true difference one comparison of ``paired_many_to_one`` detects with probability
-    ``power`` at n seeds, for a paired-difference s.d. ``sd`` (NaN when it cannot be computed)."""
+    ``power`` at n seeds, for a paired-difference s.d. ``sd`` and a ``shared`` variance of the mean that more
+    seeds do not shrink (NaN when it cannot be computed)."""
     if n < 2 or not (math.isfinite(sd) and sd > 0):
         return math.nan
-    return sd * _paired_unit_mdd(int(n), int(family), float(alpha), float(power))
+    return math.sqrt(sd ** 2 + n * _shared(shared)) * _paired_unit_mdd(int(n), int(family), float(alpha),
+                                                                       float(power))
+
+
+def _shared(shared: float) -> float:
+    return float(shared) if math.isfinite(shared) and shared > 0 else 0.0
 
 
 def decision_probability(truth: float, sd: float, n: Any, family: int, alpha: float = 0.05,
-                         margin: float | None = None) -> np.ndarray:
+                         margin: float | None = None, shared: float = 0.0) -> np.ndarray:
     """P(a comparison is decided) at n seeds (vectorised over n) if the true difference were ``truth`` with
-    paired s.d. ``sd``: the larger of the directional claim's power and the equivalence claim's (two one-sided
-    tests; the usual approximation P(t1 > c) + P(t2 > c) - 1). NaN where n < 2 or nothing was measured."""
+    paired s.d. ``sd`` and ``shared`` variance of the mean: the larger of the directional claim's power and
+    the equivalence claim's (two one-sided tests; the usual approximation P(t1 > c) + P(t2 > c) - 1). NaN
+    where n < 2 or nothing was measured."""
     n = np.asarray(n, dtype=float)
     if not (math.isfinite(sd) and sd > 0 and math.isfinite(truth)):
         return np.full(n.shape, np.nan)
     df = np.where(n >= 2, n - 1, np.nan)
-    scale = np.sqrt(n) / sd
+    scale = 1.0 / np.sqrt(sd ** 2 / n + _shared(shared))
     crit = sps.t.ppf(1 - alpha / (2 * family), df)
     ncp = abs(truth) * scale  # the far tail (the wrong sign) is ~0; scipy's cdf there may say NaN
     directional = sps.nct(df, ncp).sf(crit) + np.nan_to_num(sps.nct(df, -ncp).sf(crit))
@@ -295,13 +337,14 @@ def decision_probability(truth: float, sd: float, n: Any, family: int, alpha: fl
 
 
 def seeds_to_decide(truth: float, sd: float, family: int, alpha: float = 0.05, margin: float | None = None,
-                    power: float = 0.8, max_seeds: int = 200) -> int | None:
+                    power: float = 0.8, max_seeds: int = 200, shared: float = 0.0) -> int | None:
     """The fewest seeds at which the comparison would be decided with probability ``power`` if its difference
-    and spread were as measured; None beyond ``max_seeds`` (or when nothing was measured)."""
+    and spreads were as measured (the ``shared`` variance stays whatever the seeds: only a larger bank shrinks
+    it); None beyond ``max_seeds`` (or when nothing was measured)."""
     if not (math.isfinite(sd) and sd > 0 and math.isfinite(truth)):
         return None
     n = np.arange(2, max_seeds + 1)
-    reached = np.flatnonzero(decision_probability(truth, sd, n, family, alpha, margin) >= power)
+    reached = np.flatnonzero(decision_probability(truth, sd, n, family, alpha, margin, shared) >= power)
     return int(n[reached[0]]) if len(reached) else None
 
 
@@ -356,13 +399,21 @@ def slope_weights(ranks: Any) -> np.ndarray:
     return centred / (centred ** 2).sum()
 
 
-def trend_test(y: Any, levels: Any, alpha: float = 0.05, family: int = 1) -> PairedManyToOne:
+def trend_test(y: Any, levels: Any, alpha: float = 0.05, family: int = 1, shared: Any = None) -> PairedManyToOne:
     """The slope of a (..., arms, seeds) table along the arms' ``levels``, per seed, tested as one comparison
-    of a family of ``family`` (Bonferroni, as ``paired_many_to_one``): its ``diff`` is the mean slope per grid
-    step. A seed where an arm has no value gives no slope."""
+    of a family of ``family`` (Bonferroni, as ``paired_many_to_one``, ``shared`` the slope's shared variance as
+    there, from ``slopes`` of the resampled tables): its ``diff`` is the mean slope per grid step. A seed where
+    an arm has no value gives no slope."""
     y = np.asarray(y, dtype=float)
     w = slope_weights(level_ranks(levels))
     if y.shape[-2] != len(w):
         raise ValueError(f"the table has {y.shape[-2]} arms but {len(w)} levels")
     slopes = np.einsum("...as,a->...s", y, w)  # NaN wherever an arm lacks that seed
-    return paired_many_to_one(np.stack([np.zeros_like(slopes), slopes], axis=-2), alpha, family)
+    shared = None if shared is None else np.asarray(shared, dtype=float)[..., None]
+    return paired_many_to_one(np.stack([np.zeros_like(slopes), slopes], axis=-2), alpha, family, shared)
+
+
+def slopes(resampled: Any, levels: Any) -> np.ndarray:
+    """(..., seeds, resamples) per-seed slopes along ``levels`` of (..., arms, seeds, resamples) resampled
+    tables (``trend_test``'s slope on each resample, for ``shared_variance``)."""
+    return np.einsum("...asb,a->...sb", np.asarray(resampled, dtype=float), slope_weights(level_ranks(levels)))

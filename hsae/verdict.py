@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hsae import stats
-from hsae.scoring import CANDIDATES, Bootstrap, higher_is_better, scored
+from hsae.scoring import CANDIDATES, Bootstrap, higher_is_better, nanmean, scored
 
 POSITIVE_MIN, NEGATIVE_MAX = 0.2, 0.05  # the controls' range (docs/evaluation.md, "Controls")
 BASELINE = "relu"
@@ -111,6 +111,7 @@ class ArmResult:
     mdd: float = math.nan  # minimal detectable difference at these seeds and this spread (power 0.8)
     mdd_by_seeds: dict[int, float] = field(default_factory=dict)  # the same at other seed counts
     seeds_needed: int | None = None  # seeds that would decide it, were its difference and spread as measured
+    shared_var: float = 0.0  # variance of the difference every seed shares (the bank's questions; 0: not known)
 
     @property
     def decided(self) -> bool:
@@ -174,13 +175,42 @@ def seed_table(per_trial: pd.DataFrame, metric: str) -> pd.DataFrame:
     return values.groupby(["arm", "seed"])["_v"].mean().unstack("seed")
 
 
+def resampled_seed_table(per_trial: pd.DataFrame, boot: Bootstrap | None, metric: str, arms: list | tuple,
+                         seeds: list | tuple) -> np.ndarray | None:
+    """(arms, seeds, n_boot): each arm's value at each seed on every question resample (``boot.samples``;
+    trials sharing an arm and seed averaged, as ``seed_table`` averages their point values; NaN: no trial).
+    None when the metric has no resamples (e.g. a column read from the trial rows)."""
+    if boot is None or metric not in boot.samples:
+        return None
+    samples = boot.samples[metric]
+    trial_ids = per_trial.groupby(["arm", "seed"])["trial_id"].agg(list).to_dict()
+    out = np.full((len(arms), len(seeds), samples.shape[1]), np.nan)
+    for i, arm in enumerate(arms):
+        for j, s in enumerate(seeds):
+            rows = boot.rows(trial_ids.get((arm, s), []))
+            if rows:
+                out[i, j] = nanmean(samples[rows], axis=0)
+    return out
+
+
+def shared_question_variance(per_trial: pd.DataFrame, boot: Bootstrap | None, metric: str, arm: str,
+                             baseline: str, seeds: tuple) -> float:
+    """The variance of arm - baseline's seed mean that the bank's questions give every seed alike
+    (``stats.shared_variance`` on the resampled differences); 0 when the metric has no resamples."""
+    table = resampled_seed_table(per_trial, boot, metric, [arm, baseline], seeds)
+    if table is None:
+        return 0.0
+    return float(np.nan_to_num(stats.shared_variance(table[0] - table[1]), nan=0.0))
+
+
 def arm_test(per_trial: pd.DataFrame, metric: str, role: str = "headline", baseline: str = BASELINE,
              alpha: float = ALPHA, directions: dict[str, bool] | None = None, margin: float | None = None,
-             family: int | None = None, claimed: bool = True) -> MetricTest:
+             family: int | None = None, claimed: bool = True, boot: Bootstrap | None = None) -> MetricTest:
     """Every arm against ``baseline`` on ``metric``, each by its paired differences at the baseline's seeds it
     has (``stats.paired_many_to_one``): an arm with fewer than 2 such seeds is left out (said why).
     ``margin``: the equivalence margin (headline only); ``family``: the comparisons the correction covers
-    (default: the arms here); ``claimed`` False: the decisions are computed but shown as descriptive."""
+    (default: the arms here); ``claimed`` False: the decisions are computed but shown as descriptive;
+    ``boot``: the question resamples, whose variance shared by the seeds joins each comparison's."""
     better = higher_is_better(metric, directions)
     if metric not in per_trial:
         return MetricTest(metric, role, better, baseline, (), alpha=alpha, note=f"no column {metric!r}")
@@ -197,7 +227,9 @@ def arm_test(per_trial: pd.DataFrame, metric: str, role: str = "headline", basel
         why = f"{len(seeds)} {baseline} seed(s)" if len(seeds) < 2 else "no arm shares 2 seeds with the baseline"
         return MetricTest(metric, role, better, baseline, (), seeds, alpha, family, _margin(margin), claimed,
                           untested, why)
-    res = stats.paired_many_to_one(table.loc[[baseline, *tested], list(seeds)].to_numpy(float), alpha, family)
+    bank_var = [shared_question_variance(per_trial, boot, metric, a, baseline, shared[a]) for a in tested]
+    res = stats.paired_many_to_one(table.loc[[baseline, *tested], list(seeds)].to_numpy(float), alpha, family,
+                                   bank_var)
     arms = tuple(_arm_result(a, metric, res, i, shared[a], better, baseline, margin, claimed)
                  for i, a in enumerate(tested))
     return MetricTest(metric, role, better, baseline, arms, seeds, alpha, family, _margin(margin), claimed, untested)
@@ -210,14 +242,14 @@ def _margin(margin: float | None) -> float:
 def _arm_result(arm: str, metric: str, res: stats.PairedManyToOne, i: int, seeds: tuple, better: bool,
                 baseline: str, margin: float | None, claimed: bool) -> ArmResult:
     """One comparison's row: the difference, its intervals, the claim, and what more seeds would buy."""
-    n, sd, diff = int(res.n[i]), float(res.sd[i]), _round(res.diff[i])
+    n, sd, diff, shared = int(res.n[i]), float(res.sd[i]), _round(res.diff[i]), float(res.shared[i])
     lo, hi, eq_lo, eq_hi = (_round(x[i]) for x in (res.lo, res.hi, res.eq_lo, res.eq_hi))
     said = claim(lo, hi, better, n, baseline, eq_lo=eq_lo, eq_hi=eq_hi, margin=margin)
-    mdd = {k: stats.paired_mdd(sd, k, res.family, res.alpha) for k in sorted({*POWER_SEEDS, n})}
+    mdd = {k: stats.paired_mdd(sd, k, res.family, res.alpha, shared=shared) for k in sorted({*POWER_SEEDS, n})}
     needed = None if said.startswith(DECIDED_WORDS) else stats.seeds_to_decide(diff, sd, res.family, res.alpha,
-                                                                                 margin)
+                                                                                 margin, shared=shared)
     return ArmResult(arm, metric, n, diff, lo, hi, float(res.p_adj[i]), said if claimed else DESCRIPTIVE, seeds,
-                     sd, eq_lo, eq_hi, mdd[n], mdd, needed)
+                     sd, eq_lo, eq_hi, mdd[n], mdd, needed, shared)
 
 
 def _round(x: float) -> float:
@@ -228,23 +260,23 @@ def _round(x: float) -> float:
 def arm_tests(per_trial: pd.DataFrame, headline: str, secondary: list[str] | tuple[str, ...] = (),
               baseline: str = BASELINE, alpha: float = ALPHA, directions: dict[str, bool] | None = None,
               margin: float | None = None, witness: str | None = None, looks: int = 1,
-              family: int | None = None) -> list[MetricTest]:
+              family: int | None = None, boot: Bootstrap | None = None) -> list[MetricTest]:
     """The headline and each secondary metric through the same test, in that order (docs/evaluation.md,
     "Which numbers are claims"). Only the headline is worded as a claim, at the family-wise rate ``alpha``
     (split evenly over a staged run's ``looks``), with equivalence within ``margin``; the second ``witness``'s
     metric is worded as a claim only when the headline decided every arm better or worse (serial gatekeeping:
     a false witness claim then needs a false headline claim first); every other metric is descriptive.
     ``family``: the comparisons one metric's correction covers (default: the arms here; an ablation section
-    passes its comparisons with the reference, with relu and its trends)."""
+    passes its comparisons with the reference, with relu and its trends); ``boot``: as ``arm_test``'s."""
     rate = alpha / looks
-    head = arm_test(per_trial, headline, "headline", baseline, rate, directions, margin, family)
+    head = arm_test(per_trial, headline, "headline", baseline, rate, directions, margin, family, boot=boot)
     out = [head]
     for m in dict.fromkeys(secondary):
         if m == headline:
             continue
         gate = m == witness and head.decided_all_directions()
         out.append(arm_test(per_trial, m, "witness" if m == witness else "secondary", baseline, rate, directions,
-                            family=family, claimed=gate))
+                            family=family, claimed=gate, boot=boot))
     return out
 
 
@@ -405,7 +437,8 @@ def build_verdict(trials: pd.DataFrame, grid: pd.DataFrame, headline: str | None
     per_trial = ids.merge(boot.point, left_on="trial_id", right_index=True).reset_index(drop=True)
     margin = float(declared(done, "equivalence_margin", DEFAULT_MARGIN))
     looks = int(declared(done, "seed_looks", 1))
-    tests = arm_tests(per_trial, headline, secondary, baseline, alpha, directions, margin, witness, looks, family)
+    tests = arm_tests(per_trial, headline, secondary, baseline, alpha, directions, margin, witness, looks, family,
+                      boot)
     counts = setting_counts(grid[grid["trial_id"].isin(per_trial["trial_id"])])
     return Verdict(per_trial, boot, stability(per_trial), headline, tests, int(per_trial["seed"].nunique()),
                    counts, baseline, excluded, crosscheck(done, per_trial), bank)

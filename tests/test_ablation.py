@@ -127,6 +127,23 @@ def test_the_trend_test_finds_a_planted_dose_response_and_its_slope():
     assert np.allclose(spaced.diff, res.diff)
 
 
+def test_the_trends_shared_variance_comes_from_the_slope_on_each_question_resample():
+    """``stats.slopes`` is the trend's per-seed slope on each resample, and its shared variance widens the
+    trend's interval exactly as it widens a comparison's."""
+    rng = np.random.default_rng(4)
+    resampled = rng.normal(size=(5, 3, 200)) + rng.normal(size=(5, 1, 200))  # a bank effect every seed shares
+    per_seed = S.slopes(resampled, ALPHAS)
+    assert per_seed.shape == (3, 200)
+    direct = S.trend_test(resampled[..., 7], ALPHAS)  # the slope of one resample's table, seed by seed
+    assert np.allclose(per_seed[:, 7].mean(), direct.diff[0])
+    shared = float(S.shared_variance(per_seed))
+    assert shared > 0
+    y = resampled.mean(axis=-1)
+    plain, widened = S.trend_test(y, ALPHAS), S.trend_test(y, ALPHAS, shared=shared)
+    assert widened.hi[0] - widened.lo[0] == pytest.approx(
+        (plain.hi[0] - plain.lo[0]) * math.sqrt(1 + shared / (plain.sd[0] ** 2 / 3)))
+
+
 def test_a_trend_needs_three_levels_and_a_level_per_arm():
     with pytest.raises(ValueError, match=">= 3 distinct levels"):
         S.level_ranks([0.0, 0.1, 0.1])

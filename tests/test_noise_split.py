@@ -143,7 +143,7 @@ def small_test():
             rows.append({"trial_id": tid, "arm": arm, "seed": s})
     boot = SC.bootstrap(outcomes, n_boot=200, seed=0)
     per_trial = pd.DataFrame(rows).merge(boot.point, left_on="trial_id", right_index=True)
-    return V.arm_test(per_trial, METRIC, margin=0.05), per_trial, boot
+    return V.arm_test(per_trial, METRIC, margin=0.05, boot=boot), per_trial, boot
 
 
 def test_the_mde_and_the_seeds_to_decide_are_the_verdicts_own(small_test):
@@ -153,7 +153,7 @@ def test_the_mde_and_the_seeds_to_decide_are_the_verdicts_own(small_test):
     for r in test.arms:
         s = noise.by_arm()[r.arm]
         assert (s.mdd, s.seeds_needed, s.diff, s.n) == (r.mdd, r.seeds_needed, r.diff, r.n)
-        assert s.total_var == pytest.approx(r.sd ** 2 / r.n) and s.decided == r.decided
+        assert s.total_var == pytest.approx(r.sd ** 2 / r.n + r.shared_var) and s.decided == r.decided
         assert s.mdd_seed_only == pytest.approx(S.paired_mdd(math.sqrt(s.seed_var * r.n), r.n, test.family,
                                                              test.alpha), nan_ok=True)
         if s.seed_var > 0:

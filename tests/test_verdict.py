@@ -311,6 +311,46 @@ def test_one_comparison_is_exactly_scipys_paired_t_test_and_the_family_multiplie
         S.paired_many_to_one(y, family=1)
 
 
+def test_a_shared_variance_widens_the_interval_by_the_standard_error_it_adds():
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(3, 4))
+    plain, none = S.paired_many_to_one(y, family=2), S.paired_many_to_one(y, family=2, shared=[0.0, np.nan])
+    assert np.array_equal(plain.lo, none.lo) and np.array_equal(plain.shared, [0.0, 0.0])
+    res = S.paired_many_to_one(y, family=2, shared=[0.3, 0.0])
+    se = math.sqrt(plain.sd[0] ** 2 / 4 + 0.3)
+    half = float(sps.t.ppf(1 - 0.05 / 4, 3)) * se  # the df stay n - 1
+    assert (res.lo[0], res.hi[0]) == pytest.approx((plain.diff[0] - half, plain.diff[0] + half), rel=1e-12)
+    assert (res.lo[1], res.hi[1]) == (plain.lo[1], plain.hi[1]) and res.t[0] == pytest.approx(plain.diff[0] / se)
+    with pytest.raises(ValueError, match="negative"):
+        S.paired_many_to_one(y, shared=[-0.1, 0.0])
+    # The power numbers carry it, and more seeds do not shrink it: the MDE stops falling at its floor.
+    assert S.paired_mdd(0.1, 5, 6, shared=0.01) > S.paired_mdd(0.1, 5, 6)
+    assert S.paired_mdd(0.1, 200, 6, shared=0.01) > 2.8 * 0.1  # >= z-power's 2.8 s.e. of sqrt(0.01)
+    assert S.seeds_to_decide(0.2, 0.1, 6, shared=0.01) is None and S.seeds_to_decide(0.2, 0.1, 6) is not None
+
+
+def test_the_shared_variance_is_the_bootstrap_covariance_between_seeds():
+    """Per-question differences d_sq = b_q + e_sq over Q questions that every seed shares: the question
+    bootstrap's covariance between two seeds' mean differences is the questions' covariance / Q (their shared
+    b), and each seed's own e adds nothing to it. shared_variance recovers it from resamples."""
+    rng = np.random.default_rng(3)
+    n, q, boots = 3, 400, 4000
+    d = rng.normal(0, 0.5, q)[None, :] + rng.normal(0, 0.5, (n, q))
+    idx = rng.integers(0, q, (boots, q))
+    resampled = d[:, idx].mean(axis=-1)  # (seeds, resamples)
+    c = np.cov(d, bias=True)
+    exact = c[~np.eye(n, dtype=bool)].mean() / q
+    assert float(S.shared_variance(resampled)) == pytest.approx(exact, rel=0.15)
+    independent = rng.normal(0, 0.5, (n, q))  # no shared part: each seed's questions its own
+    assert float(S.shared_variance(independent[:, idx].mean(axis=-1))) < 0.2 * exact
+    with_gap = resampled.copy()
+    with_gap[1, :10] = np.nan  # resamples where a seed's value is undefined are left out, not the seed
+    assert float(S.shared_variance(with_gap)) == pytest.approx(float(S.shared_variance(resampled[:, 10:])))
+    assert math.isnan(float(S.shared_variance(resampled[:1])))
+
+
 def test_the_pooled_block_test_agrees_with_an_independent_anova_and_with_scipy():
     """The pooled test is kept as the comparison the robust one is measured against (bench/verdict_power.py):
     its residual s.d. is statsmodels-free ANOVA arithmetic done here by hand, its p values Dunnett's."""
@@ -363,7 +403,9 @@ def test_verdict_reports_each_arms_power_from_its_own_paired_spread(verdict):
     for r in test.arms:
         d = (table[r.arm] - table["relu"]).dropna()
         assert r.sd == pytest.approx(float(np.std(d, ddof=1)), rel=1e-9) and r.n == len(d)
-        assert r.mdd == pytest.approx(S.paired_mdd(r.sd, r.n, test.family))
+        resampled = V.resampled_seed_table(verdict.per_trial, verdict.boot, test.metric, [r.arm, "relu"], r.seeds)
+        assert r.shared_var == pytest.approx(float(S.shared_variance(resampled[0] - resampled[1])))
+        assert r.mdd == pytest.approx(S.paired_mdd(r.sd, r.n, test.family, shared=r.shared_var))
         assert r.mdd_by_seeds[10] < r.mdd_by_seeds[5] < r.mdd
 
 

@@ -95,8 +95,7 @@ def noise_reading(noise: list[MetricNoise]) -> Paragraph:
         over = [s.arm for s in head.splits if s.question_exceeds]
         if over:
             parts.append(f"For {', '.join(over)} the question variance exceeds the test's total (seed share read as "
-                         "0): at few seeds the paired s.d. is itself noisy, or question effects common to every seed "
-                         "move the mean difference without moving the paired s.d. ")
+                         "0): at few seeds the paired s.d. is itself noisy. ")
         # What an unlimited bank would buy, over the arms whose split can be read (not flagged).
         read = [s for s in head.splits if not s.question_exceeds and math.isfinite(s.question_share)]
         now = _median([s.mdd for s in read if math.isfinite(s.mdd)])
@@ -106,7 +105,8 @@ def noise_reading(noise: list[MetricNoise]) -> Paragraph:
         if pooled >= 0.5:
             parts += [strong("Question noise dominates"), ": more questions (a larger bank, or per-question outcomes "
                       "that carry more than right or wrong) would shrink the differences' spread at the same seeds"
-                      + (f" — {mde}" if mde else "") + "; more seeds shrink both parts alike. "]
+                      + (f" — {mde}" if mde else "") + "; more seeds shrink the seed part and each seed's own "
+                      "question noise, not the part every seed shares. "]
         else:
             parts += [strong("Seed noise dominates"), ": a larger bank would buy little" + (f" ({mde})" if mde else "")
                       + "; more seeds (", code("--until-decided"), ") are what decides an arm. "]
@@ -132,8 +132,9 @@ def noise_blocks(inp: ReportInputs) -> list[Block]:
         Heading(2, NOISE_HEADING),
         Paragraph.of(
             f"How much of each arm's difference from {noise[0].baseline} is question sampling and how much seed to "
-            "seed. The test's variance of the mean difference over the seeds is the paired s.d.² / n (its s.d. "
-            f"below); the question part is the variance of that same mean difference over the verdict's {n_boot} "
+            "seed. The test's variance of the mean difference over the seeds is the paired s.d.² / n plus the part "
+            "the seeds share through the one bank of questions (its s.d. below); the question part is the variance "
+            f"of that same mean difference over the verdict's {n_boot} "
             "question resamples (one resample for every trial, as every trial answers the same bank; the SAEs held "
             "fixed); the seed part is the rest (floored at 0). The share's interval comes from the paired s.d.'s "
             "n − 1 degrees of freedom: at 3 seeds it spans a factor of 60, so read the share pooled over the arms "
@@ -279,8 +280,9 @@ def ablation_claims_paragraph(av: AblationVerdict) -> Paragraph:
         + (f" and against {BASELINE}" if av.versus_relu is not None else "")
         + (f", and {len(av.trends)} trend(s)" if av.trends else "")
         + f", {av.family} comparisons in one family at the family-wise 0.05 (Bonferroni: each at "
-          f"{head.alpha / av.family:.2g}), each by its own paired differences over the seeds; equivalence within "
-          f"±{head.margin:g}. The second witness is shown beside it, descriptive. "]
+          f"{head.alpha / av.family:.2g}), each by its own paired differences over the seeds and the variance "
+          f"the seeds share through the bank; equivalence within ±{head.margin:g}. The second witness is shown "
+          "beside it, descriptive. "]
     tests = [head] + ([av.versus_relu] if av.versus_relu is not None else [])
     needed = [f"{a.arm} vs {t.baseline} ({a.seeds_needed} seeds)" if a.seeds_needed else f"{a.arm} vs {t.baseline}"
               for t in tests for a in t.arms if not a.decided]

@@ -340,7 +340,9 @@ def verdict_blocks(v: Verdict, main: pd.DataFrame, grid: pd.DataFrame, questions
     if claims:
         blocks += [Paragraph.of(strong(f"Headline metric (declared before the run): {metric_label(v.headline)}"),
                                 f". Claims: each arm against {v.baseline} by its own paired differences over the "
-                                f"seeds (a seed is a block), Bonferroni over the {v.main.family} comparisons "
+                                f"seeds (a seed is a block) and the variance the seeds share through the one bank "
+                                f"of questions (from the question resamples), Bonferroni over the {v.main.family} "
+                                f"comparisons "
                                 f"(family-wise α = {v.main.alpha:.3g}{_looks_text(v)}); equivalent when the "
                                 f"two-one-sided-tests interval lies within the declared margin ±{v.main.margin:g} "
                                 f"(profile field ", code("equivalence_margin"), "; docs/evaluation.md)."),
