@@ -2,6 +2,7 @@
 
     python bench/train_step.py [--steps 5] [--sizes 640x640,640x5120,2304x2304] [--threads 1]
     python bench/train_step.py --embedded [--autocast bf16]   # the main job's shape: 640x1280, batch 1024
+    python bench/train_step.py --together [--embedded]        # each variant alone vs all of them on one stream
 
 For each (variant, d, n) at batch 2048 (``--batch``), fp32 on the CPU (``--autocast bf16``: the Trainer's
 bfloat16 autocast, and the floor's GEMMs in bfloat16), it prints the time of one training step of
@@ -10,7 +11,9 @@ the same step's dense matmuls alone (encoder forward, decoder forward, and their
 timed in the same run, and the step as a multiple of relu's at the same size. ``--l0 L`` first sets each
 SAE's encoder bias so that about L latents fire per token, as in a trained SAE (at initialisation about
 half of them fire, which no trained SAE does; costs that scale with the active latents show only then).
-Then our `relu` step against an independent plain-PyTorch SAE step written
+``--together``: the same variants trained alone and then together (``hsae.train.train_together``: each batch
+fetched once for all of them), each SAE's own seconds per step from its own clock (its steps, logs and its share
+of the fetch) against the floor. Then our `relu` step against an independent plain-PyTorch SAE step written
 here as simply as possible, and against SAELens' own training step for its standard SAE when
 `sae-lens` is installed (`pip install -e ".[bench]"`). Ratios, not absolute times, are the result:
 this machine is noisy.
@@ -26,7 +29,7 @@ import torch
 
 from hsae.config import SAEConfig, TrainConfig
 from hsae.synthetic import sparse_dictionary_data
-from hsae.train import ArrayBatches, Trainer
+from hsae.train import ArrayBatches, Trainer, train_together
 from hsae.variants import VARIANTS
 
 BATCH = 2048
@@ -79,6 +82,44 @@ def our_step_seconds(variant: str, d: int, n: int, data, steps: int, batch: int 
     trainer.fit(source, guard=False)
     walls = [r["wall_s"] for r in records]
     return (walls[-1] - walls[warm - 1]) / steps, statistics.mean(r["l0"] for r in records[warm:])
+
+
+def together_step_seconds(variants: list[str], d: int, n: int, data, steps: int, batch: int = BATCH,
+                          autocast: str = "none", l0: float = 0.0) -> dict[str, float]:
+    """Per variant, seconds per step of its own work (its clock: steps, logs, its share of each batch's fetch)
+    when every variant trains together on one source, as ``our_step_seconds`` times one alone."""
+    warm = 2
+    records: dict[str, list] = {v: [] for v in variants}
+    trainers = [Trainer(SAEConfig(v, d, n, bench_params(v, n)),
+                        TrainConfig(steps=warm + steps, batch_size=batch, log_every=1, autocast=autocast),
+                        on_progress=lambda p, v=v: records[v].append(p.record)) for v in variants]
+    source = ArrayBatches(data.x, data.labels, batch, 0)
+    if l0:
+        for trainer in trainers:
+            trainer._initialise_from(source.batch_at(0))
+            trainer.set_active_latents(source.batch_at(0).x, l0)
+    train_together(trainers, source, guard=False)
+    return {v: (r[-1]["wall_s"] - r[warm - 1]["wall_s"]) / steps for v, r in records.items()}
+
+
+def together_table(sizes: list[tuple[int, int]], variants: list[str], args: argparse.Namespace) -> None:
+    """Each variant's step alone and trained together with the others, both against the five-GEMM floor."""
+    dtype = torch.bfloat16 if args.autocast == "bf16" else torch.float32
+    print(f"alone vs together ({len(variants)} SAEs on one stream); batch {args.batch}, autocast {args.autocast}, "
+          f"{args.threads} thread(s), mean of {args.steps} steps")
+    print(f"{'variant':22s} {'d':>5s} {'n':>5s} {'alone_ms':>8s} {'togeth_ms':>9s} {'floor_ms':>8s} "
+          f"{'alone_x':>7s} {'togeth_x':>8s} {'ratio':>6s}")
+    for d, n in sizes:
+        data = sparse_dictionary_data(args.batch * 4, d=d, n_atoms=4 * d, seed=0)
+        floor = floor_seconds(d, n, args.steps, args.batch, dtype)
+        alone = {v: our_step_seconds(v, d, n, data, args.steps, args.batch, args.autocast, args.l0)[0]
+                 for v in variants}
+        together = together_step_seconds(variants, d, n, data, args.steps, args.batch, args.autocast, args.l0)
+        for v in variants + ["(all, summed)"]:
+            a, t = (sum(x.values()) if v.startswith("(") else x[v] for x in (alone, together))
+            f = floor * (len(variants) if v.startswith("(") else 1)
+            print(f"{v:22s} {d:5d} {n:5d} {a * 1e3:8.1f} {t * 1e3:9.1f} {f * 1e3:8.1f} {a / f:7.2f} {t / f:8.2f} "
+                  f"{t / a:6.2f}", flush=True)
 
 
 def plain_step_seconds(d: int, n: int, data, steps: int) -> float:
@@ -192,6 +233,7 @@ def main() -> None:
     ap.add_argument("--embedded", action="store_true",
                     help="the main job's shape only (640x1280, batch 1024, L0 ~ 50); no comparison to other SAEs")
     ap.add_argument("--compile", action="store_true", help="only measure torch.compile of the loss vs eager")
+    ap.add_argument("--together", action="store_true", help="each variant alone vs all of them on one stream")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.embedded:
@@ -205,6 +247,9 @@ def main() -> None:
                 eager, comp, compile_s = compile_ratio(variant, d, n, data, args.steps)
                 print(f"{variant:22s} {d:5d} {n:5d} {eager * 1e3:8.1f} {comp * 1e3:8.1f} {comp / eager:6.2f} "
                       f"{compile_s:9.1f}", flush=True)
+        return
+    if args.together:
+        together_table(sizes, args.variants.split(","), args)
         return
     step_table(sizes, args.variants.split(","), args)
     if args.embedded:

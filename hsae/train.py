@@ -8,7 +8,7 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -238,6 +238,7 @@ class Trainer:
         self.controller = self._make_controller()
         self.revived_total = 0
         self.revived_since_log = 0
+        self._val_batch: Batch | None = None  # the validation rows of the run in progress (``begin``)
 
     def _make_controller(self) -> L0Controller | None:
         """The L0 controller when the SAE has a ``target_l0`` and a sparsity coefficient to calibrate."""
@@ -318,28 +319,53 @@ class Trainer:
         """Train to ``cfg.steps`` (resuming from ``checkpoint_dir`` if asked) and score on ``eval_batch``.
 
         A fixed sample of ``VALIDATION_ROWS`` of ``eval_batch`` (held-out rows) gives the validation MSE
-        (``val_mse``) and mechanism curves of every log step; the final metrics use all of it.
+        (``val_mse``) and mechanism curves of every log step; the final metrics use all of it. The same steps
+        as ``train_together`` with one trainer: ``begin``, ``advance`` while ``wants_step``, ``finish``.
         """
         source = as_source(data)
+        self.begin(source, eval_batch, resume)
+        while self.wants_step():
+            started = time.perf_counter()
+            batch = source.batch_at(self.step)
+            self.advance(batch, fetch_s=time.perf_counter() - started)
+        return self.finish(source, eval_batch, guard)
+
+    def begin(self, source: BatchSource, eval_batch: Batch | None = None, resume: bool = True) -> None:
+        """Ready to step: resumed from ``checkpoint_dir`` if asked, the scale and b_dec from the step-0 batch, the
+        validation rows drawn from ``eval_batch``."""
         if resume and self.checkpoint_dir is not None:
             latest = latest_checkpoint(self.checkpoint_dir)
             if latest is not None:
                 self.load_checkpoint(latest)
         if self.scale is None:
             self._initialise_from(source.batch_at(0))
-        t_start = time.perf_counter() - self.wall_s
-        val_batch = None if eval_batch is None else uniform_rows(eval_batch, VALIDATION_ROWS)
+        self._val_batch = None if eval_batch is None else uniform_rows(eval_batch, VALIDATION_ROWS)
         self.sae.train()
-        while True:
-            while self.step < self.cfg.steps:
-                out, batch_size = self._train_step(source.batch_at(self.step))
-                if self._is_log_step():
-                    self.wall_s = time.perf_counter() - t_start
-                    self._log(out, batch_size, val_batch)
-            if val_batch is None or self.extensions >= self.cfg.max_extensions or self.convergence()["converged"]:
-                break
-            self._extend(self.extensions + 1)
-        self.wall_s = time.perf_counter() - t_start
+
+    def wants_step(self) -> bool:
+        """Whether a step is due: within the schedule, or at its end with the validation curve unconverged and an
+        extension left (which is then scheduled)."""
+        if self.step < self.cfg.steps:
+            return True
+        if self._val_batch is None or self.extensions >= self.cfg.max_extensions or self.convergence()["converged"]:
+            return False
+        self._extend(self.extensions + 1)
+        return True
+
+    def advance(self, batch: Batch, fetch_s: float = 0.0) -> None:
+        """One step on ``batch`` (the source's batch at ``self.step``), logged when due. ``wall_s`` counts this
+        trainer's own time: its steps and logs, and ``fetch_s``, its share of fetching the batch."""
+        started = time.perf_counter()
+        out, batch_size = self._train_step(batch)
+        self.wall_s += time.perf_counter() - started + fetch_s
+        if self._is_log_step():
+            started = time.perf_counter()
+            self._log(out, batch_size, self._val_batch)
+            self.wall_s += time.perf_counter() - started
+
+    def finish(self, source: BatchSource, eval_batch: Batch | None = None, guard: bool = True) -> TrainResult:
+        """The final metrics on ``eval_batch`` (else the step-0 batch); with ``guard``, a DegenerateRunError if
+        the SAE did not train."""
         return self._result(eval_batch if eval_batch is not None else source.batch_at(0), guard)
 
     def convergence(self) -> dict[str, Any]:
@@ -492,6 +518,32 @@ class Trainer:
             self.controller.load(meta["controller"])
         self.revived_total, self.revived_since_log = (int(v) for v in meta.get("revived", (0, 0)))
         self._extend(int(meta.get("extensions", 0)))
+
+
+def train_together(trainers: Sequence[Trainer], data: Any, eval_batch: Batch | None = None, resume: bool = True,
+                   guard: bool = True) -> list[TrainResult]:
+    """Train several SAEs on one batch source, each batch fetched once for every trainer at its step: the arms of
+    one seed read one data order, so each step's batch serves them all (dictionary_learning trains a list of
+    trainers on one buffer the same way). Each trainer keeps its own schedule, checkpoints, convergence verdict
+    and extensions (an arm that converged stops; one still extending goes on alone); a trainer resumed at
+    another step than the others gets its own batches until it catches up. Every trainer steps exactly as its
+    own ``fit`` would (nothing in a step draws from a shared random state), so the SAEs are the same.
+
+    A fetched batch's time is shared evenly by the trainers that step on it (each one's ``wall_s``)."""
+    source = as_source(data)
+    for trainer in trainers:
+        trainer.begin(source, eval_batch, resume)
+    active = [t for t in trainers if t.wants_step()]
+    while active:
+        step = min(t.step for t in active)
+        due = [t for t in active if t.step == step]
+        started = time.perf_counter()
+        batch = source.batch_at(step)
+        fetch_s = (time.perf_counter() - started) / len(due)
+        for trainer in due:
+            trainer.advance(batch, fetch_s)
+        active = [t for t in active if t not in due or t.wants_step()]
+    return [t.finish(source, eval_batch, guard) for t in trainers]
 
 
 def step_seconds(sae_cfg: SAEConfig, train_cfg: TrainConfig, steps: int = 3, l0: float | None = None) -> float:
