@@ -148,6 +148,30 @@ def test_a_trial_finished_before_is_counted_done_but_never_times_the_eta(tmp_pat
     assert progress.status_line([old, new]).startswith("[hsae] 1/3 trials done, 1 running: relu arm relu_aa1 seed 43")
 
 
+def test_trials_a_resume_restored_as_finished_are_counted_done_once(tmp_path, capsys):
+    """Tune does not run a trial it restored as TERMINATED again, so no callback reports it: the status line and
+    the ETA must still count it (a resumed sweep said "0/18 done, 18 to go" with 6 finished)."""
+    progress = SweepProgress(str(tmp_path), total=4, steps=100, every_s=0)
+    done_a, done_b, running = fake_trial("a"), fake_trial("b", seed=43), fake_trial("c", seed=44)
+    done_a.status = done_b.status = "TERMINATED"
+    running.status = "RUNNING"
+    trials = [done_a, done_b, running]
+    progress.on_trial_start(0, trials, running)
+    progress.on_trial_result(0, trials, running, {"step": 10})
+    progress.on_step_end(0, trials)
+    late = fake_trial("d", seed=45)
+    late.status = "TERMINATED"  # a trial seen finished after the first step is on_trial_complete's to count
+    progress.on_step_end(0, [*trials, late])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("[hsae] 2 trial(s) finished before the resume; 2/4 done; 2 to go")
+    assert lines[2].startswith("[hsae] 2/4 trials done, 1 running") and "2 to go" in lines[2]
+    assert not any("finished before" in line for line in lines[3:])
+    running.status = "TERMINATED"
+    progress.on_trial_complete(0, trials, running)  # reported by Tune: counted by the callback, not again
+    progress.on_step_end(0, trials)
+    assert progress.done == 3
+
+
 def test_the_status_line_names_a_trial_past_its_budget_as_extended(tmp_path):
     trials = [fake_trial("a"), fake_trial("b", seed=43), fake_trial("c", seed=44)]
     for extensions, at_budget in ((2, "evaluating or extending"), (0, "evaluating")):

@@ -47,6 +47,9 @@ def row_numbers(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+FINISHED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
+
+
 class SweepProgress(Callback):
     """One line per finished trial with its key numbers and the sweep's ETA; a status line every ``every_s``."""
 
@@ -89,6 +92,7 @@ class SweepProgress(Callback):
                   f"{self.peak_running} at once{self.eta()}", flush=True)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._count_restored(trials)
         # Every loop of Tune's controller, results or not: evaluating trials report nothing for minutes.
         if self.started and time.monotonic() - self.last_status >= self.every_s:
             self.last_status = time.monotonic()
@@ -106,9 +110,34 @@ class SweepProgress(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finished(trial, self._spec(trial), "FAILED (listed at the end)")
 
+    def _count_restored(self, trials: list) -> None:
+        """Trials that a resumed experiment restored as finished run no more, so no callback reports them: count
+        them done, and say so (they time nothing). Only at the controller's first step, where they all are: a trial
+        finishing later is reported by ``on_trial_complete``."""
+        if getattr(self, "restored_counted", False):
+            return
+        self.restored_counted = True
+        counted = self._counted()
+        restored = [t for t in trials if getattr(t, "status", None) in FINISHED and t.trial_id not in counted
+                    and t.trial_id not in self.started]
+        if restored:
+            counted.update(t.trial_id for t in restored)
+            self.done += len(restored)
+            print(f"[hsae] {len(restored)} trial(s) finished before the resume; {self.done}/{self.total} done"
+                  f"{self.eta()}", flush=True)
+
+    def _counted(self) -> set[str]:
+        """The trials counted done (a callback pickled before this set existed starts with none)."""
+        if not hasattr(self, "counted"):
+            self.counted: set[str] = set()
+        return self.counted
+
     def _finished(self, trial: Any, spec: TrialSpec | None, what: str) -> None:
         took = time.monotonic() - self.started.pop(trial.trial_id, time.monotonic())
         self.reported.pop(trial.trial_id, None)
+        if trial.trial_id in self._counted():
+            return
+        self._counted().add(trial.trial_id)
         self.done += 1
         label = trial_label(spec) if spec else trial.trial_id
         if trial.trial_id in self.skipped:
