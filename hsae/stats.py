@@ -408,9 +408,9 @@ def trend_test(y: Any, levels: Any, alpha: float = 0.05, family: int = 1, shared
     w = slope_weights(level_ranks(levels))
     if y.shape[-2] != len(w):
         raise ValueError(f"the table has {y.shape[-2]} arms but {len(w)} levels")
-    slopes = np.einsum("...as,a->...s", y, w)  # NaN wherever an arm lacks that seed
+    per_seed = np.einsum("...as,a->...s", y, w)  # NaN wherever an arm lacks that seed
     shared = None if shared is None else np.asarray(shared, dtype=float)[..., None]
-    return paired_many_to_one(np.stack([np.zeros_like(slopes), slopes], axis=-2), alpha, family, shared)
+    return paired_many_to_one(np.stack([np.zeros_like(per_seed), per_seed], axis=-2), alpha, family, shared)
 
 
 def slopes(resampled: Any, levels: Any) -> np.ndarray:
