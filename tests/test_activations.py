@@ -144,6 +144,7 @@ def test_server_serves_refs_and_second_server_reads_disk_only(ray_session, tiny_
     ray.kill(again)
 
 
+@pytest.mark.slow  # an end-to-end fault run (≈ 15 s): in the full suite, out of the fast loop
 def test_two_concurrent_consumers_get_identical_data(ray_session, tiny_harvest_cfg, tmp_path):
     ray = ray_session
     server = create_activation_server(tiny_harvest_cfg, name="test-acts-3", cache_root=str(tmp_path), num_cpus=0)

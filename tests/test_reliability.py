@@ -66,6 +66,7 @@ def test_killed_trial_resumes_from_checkpoint_to_the_same_numbers(tiny, tmp_path
         assert calls == first + retry
 
 
+@pytest.mark.slow  # an end-to-end fault run (≈ 15 s): in the full suite, out of the fast loop
 def test_nan_trial_ends_degenerate_with_reason_and_the_sweep_goes_on(tiny, tmp_path, capsys):
     space = tmp_path / "blowup.yaml"
     space.write_text("reference: relu\ntrials:\n  - variant: relu\n"
@@ -78,6 +79,7 @@ def test_nan_trial_ends_degenerate_with_reason_and_the_sweep_goes_on(tiny, tmp_p
     assert "degenerate (no scores)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end fault run (≈ 15 s): in the full suite, out of the fast loop
 def test_restarted_server_serves_from_disk_with_zero_forwards(ray_session, tiny_harvest_cfg, tmp_path):
     import numpy as np
 

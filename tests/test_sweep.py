@@ -147,6 +147,7 @@ def test_steps_30_plans_and_trains_at_most_the_stated_maximum(sweep, tmp_path, c
     assert rows["extensions"].max() >= 1  # 30 steps do not converge here: the extensions were trained
 
 
+@pytest.mark.slow  # an end-to-end fault run (≈ 15 s): in the full suite, out of the fast loop
 def test_failing_trial_is_recorded_as_failed_and_exit_is_nonzero(sweep, capsys):
     run, out = sweep
     assert run("--space", small_space("groups"), hooks=["tests.faults:raise_in_adaptive_ortho"]) == 1
@@ -253,6 +254,7 @@ def test_optuna_search_samples_the_space(sweep, tmp_path):
     assert trials["cfg_alpha"].between(0.0, 0.4).all() and set(trials["cfg_n_groups"]) <= {4, 8}
 
 
+@pytest.mark.slow  # an end-to-end run of the controls gate (≈ 15 s; test_verdict checks the rule itself)
 def test_controls_out_of_range_stop_the_verdict(sweep, monkeypatch, capsys):
     """A positive control that cannot reach its bar: rows carry controls_ok = false, exit code 3."""
     from dataclasses import replace
