@@ -66,40 +66,46 @@ def bench_params(variant: str, n: int) -> dict:
     return {"topk": {"k": 64}, "matryoshka_batchtopk": {"k": 64}}.get(variant, {})
 
 
+WARM = 2  # logged steps before the timed ones
+
+
+def timed_trainer(variant: str, d: int, n: int, source: ArrayBatches, steps: int, batch: int, autocast: str,
+                  l0: float, records: list) -> Trainer:
+    """A Trainer of ``WARM + steps`` steps that logs every step into ``records`` (with ``l0``: its encoder bias
+    first set so that about that many latents fire)."""
+    trainer = Trainer(SAEConfig(variant, d, n, bench_params(variant, n)),
+                      TrainConfig(steps=WARM + steps, batch_size=batch, log_every=1, autocast=autocast),
+                      on_progress=lambda p: records.append(p.record))
+    if l0:
+        trainer._initialise_from(source.batch_at(0))
+        trainer.set_active_latents(source.batch_at(0).x, l0)
+    return trainer
+
+
+def seconds_per_step(records: list, steps: int) -> float:
+    """The timed steps' mean seconds from the trainer's own clock (its steps, logs and share of each fetch)."""
+    return (records[-1]["wall_s"] - records[WARM - 1]["wall_s"]) / steps
+
+
 def our_step_seconds(variant: str, d: int, n: int, data, steps: int, batch: int = BATCH,
                      autocast: str = "none", l0: float = 0.0) -> tuple[float, float]:
     """Seconds per step of the real Trainer loop, from its own step clock (evaluation excluded), and the
     mean L0 of the timed steps."""
-    cfg = SAEConfig(variant, d, n, bench_params(variant, n))
-    warm = 2
-    records = []
-    trainer = Trainer(cfg, TrainConfig(steps=warm + steps, batch_size=batch, log_every=1, autocast=autocast),
-                      on_progress=lambda p: records.append(p.record))
+    records: list = []
     source = ArrayBatches(data.x, data.labels, batch, 0)
-    if l0:
-        trainer._initialise_from(source.batch_at(0))
-        trainer.set_active_latents(source.batch_at(0).x, l0)
-    trainer.fit(source, guard=False)
-    walls = [r["wall_s"] for r in records]
-    return (walls[-1] - walls[warm - 1]) / steps, statistics.mean(r["l0"] for r in records[warm:])
+    timed_trainer(variant, d, n, source, steps, batch, autocast, l0, records).fit(source, guard=False)
+    return seconds_per_step(records, steps), statistics.mean(r["l0"] for r in records[WARM:])
 
 
 def together_step_seconds(variants: list[str], d: int, n: int, data, steps: int, batch: int = BATCH,
                           autocast: str = "none", l0: float = 0.0) -> dict[str, float]:
-    """Per variant, seconds per step of its own work (its clock: steps, logs, its share of each batch's fetch)
-    when every variant trains together on one source, as ``our_step_seconds`` times one alone."""
-    warm = 2
+    """Per variant, seconds per step of its own work when every variant trains together on one source
+    (``train_together``), as ``our_step_seconds`` times one alone."""
     records: dict[str, list] = {v: [] for v in variants}
-    trainers = [Trainer(SAEConfig(v, d, n, bench_params(v, n)),
-                        TrainConfig(steps=warm + steps, batch_size=batch, log_every=1, autocast=autocast),
-                        on_progress=lambda p, v=v: records[v].append(p.record)) for v in variants]
     source = ArrayBatches(data.x, data.labels, batch, 0)
-    if l0:
-        for trainer in trainers:
-            trainer._initialise_from(source.batch_at(0))
-            trainer.set_active_latents(source.batch_at(0).x, l0)
+    trainers = [timed_trainer(v, d, n, source, steps, batch, autocast, l0, records[v]) for v in variants]
     train_together(trainers, source, guard=False)
-    return {v: (r[-1]["wall_s"] - r[warm - 1]["wall_s"]) / steps for v, r in records.items()}
+    return {v: seconds_per_step(r, steps) for v, r in records.items()}
 
 
 def together_table(sizes: list[tuple[int, int]], variants: list[str], args: argparse.Namespace) -> None:
@@ -115,11 +121,11 @@ def together_table(sizes: list[tuple[int, int]], variants: list[str], args: argp
         alone = {v: our_step_seconds(v, d, n, data, args.steps, args.batch, args.autocast, args.l0)[0]
                  for v in variants}
         together = together_step_seconds(variants, d, n, data, args.steps, args.batch, args.autocast, args.l0)
-        for v in variants + ["(all, summed)"]:
-            a, t = (sum(x.values()) if v.startswith("(") else x[v] for x in (alone, together))
-            f = floor * (len(variants) if v.startswith("(") else 1)
-            print(f"{v:22s} {d:5d} {n:5d} {a * 1e3:8.1f} {t * 1e3:9.1f} {f * 1e3:8.1f} {a / f:7.2f} {t / f:8.2f} "
-                  f"{t / a:6.2f}", flush=True)
+        rows = [(v, alone[v], together[v], floor) for v in variants]
+        rows.append(("(all, summed)", sum(alone.values()), sum(together.values()), floor * len(variants)))
+        for label, a, t, f in rows:
+            print(f"{label:22s} {d:5d} {n:5d} {a * 1e3:8.1f} {t * 1e3:9.1f} {f * 1e3:8.1f} {a / f:7.2f} "
+                  f"{t / f:8.2f} {t / a:6.2f}", flush=True)
 
 
 def plain_step_seconds(d: int, n: int, data, steps: int) -> float:

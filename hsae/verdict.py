@@ -193,14 +193,14 @@ def resampled_seed_table(per_trial: pd.DataFrame, boot: Bootstrap | None, metric
     return out
 
 
-def shared_question_variance(per_trial: pd.DataFrame, boot: Bootstrap | None, metric: str, arm: str,
-                             baseline: str, seeds: tuple) -> float:
-    """The variance of arm - baseline's seed mean that the bank's questions give every seed alike
-    (``stats.shared_variance`` on the resampled differences); 0 when the metric has no resamples."""
-    table = resampled_seed_table(per_trial, boot, metric, [arm, baseline], seeds)
-    if table is None:
+def shared_question_variance(resampled: np.ndarray | None, row: int, columns: list[int]) -> float:
+    """The variance of (row - row 0)'s mean over the seeds ``columns`` of a ``resampled_seed_table`` that the
+    bank's questions give every seed alike (``stats.shared_variance`` on the resampled differences); 0 when the
+    metric has no resamples (``resampled`` None)."""
+    if resampled is None:
         return 0.0
-    return float(np.nan_to_num(stats.shared_variance(table[0] - table[1]), nan=0.0))
+    differences = resampled[row, columns] - resampled[0, columns]
+    return float(np.nan_to_num(stats.shared_variance(differences), nan=0.0))
 
 
 def arm_test(per_trial: pd.DataFrame, metric: str, role: str = "headline", baseline: str = BASELINE,
@@ -227,7 +227,9 @@ def arm_test(per_trial: pd.DataFrame, metric: str, role: str = "headline", basel
         why = f"{len(seeds)} {baseline} seed(s)" if len(seeds) < 2 else "no arm shares 2 seeds with the baseline"
         return MetricTest(metric, role, better, baseline, (), seeds, alpha, family, _margin(margin), claimed,
                           untested, why)
-    bank_var = [shared_question_variance(per_trial, boot, metric, a, baseline, shared[a]) for a in tested]
+    resampled = resampled_seed_table(per_trial, boot, metric, [baseline, *tested], seeds)  # once for every arm
+    bank_var = [shared_question_variance(resampled, i + 1, [seeds.index(s) for s in shared[a]])
+                for i, a in enumerate(tested)]
     res = stats.paired_many_to_one(table.loc[[baseline, *tested], list(seeds)].to_numpy(float), alpha, family,
                                    bank_var)
     arms = tuple(_arm_result(a, metric, res, i, shared[a], better, baseline, margin, claimed)
